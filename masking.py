@@ -1,0 +1,55 @@
+"""
+Which patches stay visible. Every function returns index tensors of a static shape (B, k), with k fixed
+by the ratio, so torch.compile sees the same shapes at every step.
+"""
+import torch
+
+
+def num_keep(num_patches, mask_ratio):
+    """Visible patches at a mask ratio: k = round(N * (1 - ratio)), at least one."""
+    if not 0.0 <= mask_ratio < 1.0:
+        raise ValueError(f'mask ratio must be in [0, 1), got {mask_ratio}')
+    return max(1, round(num_patches * (1.0 - mask_ratio)))
+
+
+def gather(x, keep):
+    """x (B, N, D), keep (B, k) -> the kept rows (B, k, D)."""
+    return torch.gather(x, 1, keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def random_masking(batch_size, num_patches, mask_ratio, device=None):
+    """Unstructured random masking as MAE: per-sample uniform noise, argsort, keep the k smallest.
+    Returns keep (B, k) indices and mask (B, N) with 1 = masked, 0 = visible."""
+    k = num_keep(num_patches, mask_ratio)
+    noise = torch.rand(batch_size, num_patches, device=device)  # (B, N)
+    keep = noise.argsort(dim=1)[:, :k]  # (B, k)
+    mask = torch.ones(batch_size, num_patches, device=device).scatter_(1, keep, 0.0)
+    return keep, mask
+
+
+def guided_keep(priority, mask_ratio):
+    """TG-DP's distinct guided mask: keep the k patches of highest teacher priority. priority (B, N)."""
+    return priority.topk(num_keep(priority.shape[1], mask_ratio), dim=1).indices
+
+
+def gumbel_keep(priority, mask_ratio):
+    """Sample k patches without replacement with probability ~ priority: Gumbel-top-k on log-priorities."""
+    gumbel = -torch.log(-torch.log(torch.rand_like(priority).clamp_(1e-20, 1.0)))
+    return (priority.clamp_min(1e-20).log() + gumbel).topk(num_keep(priority.shape[1], mask_ratio), dim=1).indices
+
+
+def contrastive_keep(method, priority, mask_ratio):
+    """Visible patches (B, k) of the contrastive view: 'guided' (top-k), 'gumbel' or 'random'."""
+    if method == 'guided':
+        return guided_keep(priority, mask_ratio)
+    if method == 'gumbel':
+        return gumbel_keep(priority, mask_ratio)
+    if method == 'random':
+        return random_masking(priority.shape[0], priority.shape[1], mask_ratio, priority.device)[0]
+    raise ValueError(f"contrastive masking must be 'guided', 'gumbel' or 'random', got {method!r}")
+
+
+def mask_ratio_schedule(progress, rho1, rho2):
+    """DiffMAViL curriculum: the mask ratio moves linearly from rho1 (progress 0) to rho2 (progress 1)."""
+    progress = min(max(progress, 0.0), 1.0)
+    return rho1 + (rho2 - rho1) * progress

@@ -1,0 +1,443 @@
+"""
+The CAV-MAE Sync backbone with every pass TG-DP needs (SPEC sections 3-5).
+
+Two ViT encoders (audio, visual) with a learned global token and register tokens, one shared joint
+layer run three ways (audio-only, visual-only, fused), and a joint MAE decoder. Parameter names
+follow the official release so that its checkpoints load with a rename-free conversion.
+
+Passes (each does only the work it needs):
+  forward_reconstruction  random masking -> encoders -> fused joint pass -> decoder -> MSE
+  forward_contrastive     caller's visible patches -> encoders -> audio/visual joint passes -> g_a, g_v
+  forward_teacher         full inputs -> g_a, g_v and patch priorities from the joint attention
+  forward_sync            one masked encoding feeding both the decoder and the global passes
+  forward_features        unmasked inference: g_a, g_v and the patch tokens of the same passes
+"""
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import masking
+from losses import mae_loss
+
+
+@dataclass
+class ModelConfig:
+    audio_length: int = 416        # fbank frames per segment (4.16 s)
+    num_mel_bins: int = 128
+    img_size: int = 224
+    patch_size: int = 16
+    embed_dim: int = 768
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    modality_depth: int = 11       # blocks per modality encoder
+    joint_depth: int = 1           # shared joint blocks
+    decoder_embed_dim: int = 512
+    decoder_depth: int = 8
+    decoder_num_heads: int = 16
+    num_registers: int = 8         # per modality
+    global_token: bool = True      # False: CAV-MAE style, mean-pooled patch tokens are the embedding
+    norm_pix_loss: bool = False    # per-patch normalised reconstruction targets
+
+    def __post_init__(self):
+        p = self.patch_size
+        for name in ('audio_length', 'num_mel_bins', 'img_size'):
+            if getattr(self, name) % p:
+                raise ValueError(f'ModelConfig.{name}={getattr(self, name)} is not a multiple of patch_size={p}')
+        if self.embed_dim % self.num_heads or self.decoder_embed_dim % self.decoder_num_heads:
+            raise ValueError('embed_dim / decoder_embed_dim must be divisible by their number of heads')
+        if self.embed_dim % 4 or self.decoder_embed_dim % 4:
+            raise ValueError('embed dims must be multiples of 4 for the 2-D sin-cos positional embedding')
+
+
+# -----------------------------------------------------------------------------
+# building blocks
+
+def sincos_pos_embed_2d(dim, grid_h, grid_w):
+    """Fixed 2-D sin-cos embedding (grid_h * grid_w, dim), row-major, as in MAE / CAV-MAE:
+    the first half of the channels encodes the column index, the second half the row index."""
+    def sincos_1d(d, pos):  # (M,) -> (M, d)
+        omega = 1.0 / 10000 ** (torch.arange(d // 2, dtype=torch.float64) / (d / 2))
+        out = pos.double()[:, None] * omega[None]  # (M, d/2)
+        return torch.cat([out.sin(), out.cos()], dim=1)
+    rows, cols = torch.meshgrid(torch.arange(grid_h), torch.arange(grid_w), indexing='ij')
+    emb = torch.cat([sincos_1d(dim // 2, cols.flatten()), sincos_1d(dim // 2, rows.flatten())], dim=1)
+    return emb.float()
+
+
+class Attention(nn.Module):
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, return_attn=False):
+        B, N, D = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)  # 3x (B, H, N, hd)
+        if return_attn:  # explicit weights: only the teacher's joint layer needs them
+            attn = (q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).softmax(dim=-1)  # (B, H, N, N)
+            x = attn @ v
+        else:
+            attn = None
+            x = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(x.transpose(1, 2).reshape(B, N, D)), attn
+
+
+class MLP(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm ViT block. The joint block has three LayerNorm pairs: norm1/norm2 for the fused pass,
+    norm*_a for the audio pass and norm*_v for the visual pass, around shared attention and MLP."""
+
+    def __init__(self, dim, num_heads, mlp_ratio, joint=False):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = MLP(dim, int(dim * mlp_ratio))
+        if joint:
+            self.norm1_a, self.norm2_a = nn.LayerNorm(dim, eps=1e-6), nn.LayerNorm(dim, eps=1e-6)
+            self.norm1_v, self.norm2_v = nn.LayerNorm(dim, eps=1e-6), nn.LayerNorm(dim, eps=1e-6)
+
+    def forward(self, x, modality='av', return_attn=False):
+        suffix = {'av': '', 'a': '_a', 'v': '_v'}[modality]  # which LayerNorm pair
+        h, attn = self.attn(getattr(self, 'norm1' + suffix)(x), return_attn)
+        x = x + h
+        x = x + self.mlp(getattr(self, 'norm2' + suffix)(x))
+        return x, attn
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, in_chans, dim, patch_size):
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x):  # (B, C, H, W) -> (B, H/p * W/p, D), row-major
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+# -----------------------------------------------------------------------------
+# the model
+
+class CAVMAESync(nn.Module):
+
+    def __init__(self, config, decoder=True):
+        """decoder=False builds the encoder-only model used as the EMA teacher."""
+        super().__init__()
+        self.config = c = config
+        p, D, Dd = c.patch_size, c.embed_dim, c.decoder_embed_dim
+        self.grid_a = (c.num_mel_bins // p, c.audio_length // p)  # (freq, time)
+        self.grid_v = (c.img_size // p, c.img_size // p)
+        self.num_patches_a = self.grid_a[0] * self.grid_a[1]
+        self.num_patches_v = self.grid_v[0] * self.grid_v[1]
+
+        self.patch_embed_a = PatchEmbed(1, D, p)
+        self.patch_embed_v = PatchEmbed(3, D, p)
+        self.register_buffer('pos_embed_a', sincos_pos_embed_2d(D, *self.grid_a)[None])  # (1, Na, D), fixed
+        self.register_buffer('pos_embed_v', sincos_pos_embed_2d(D, *self.grid_v)[None])  # (1, Nv, D), fixed
+        self.modality_a = nn.Parameter(torch.zeros(1, 1, D))
+        self.modality_v = nn.Parameter(torch.zeros(1, 1, D))
+        if c.global_token:  # the official name for the global token is cls_token
+            self.cls_token_a = nn.Parameter(torch.zeros(1, 1, D))
+            self.cls_token_v = nn.Parameter(torch.zeros(1, 1, D))
+        if c.num_registers:
+            self.register_tokens = nn.Parameter(torch.zeros(2 * c.num_registers, D))  # first audio, then visual
+        self.blocks_a = nn.ModuleList([Block(D, c.num_heads, c.mlp_ratio) for _ in range(c.modality_depth)])
+        self.blocks_v = nn.ModuleList([Block(D, c.num_heads, c.mlp_ratio) for _ in range(c.modality_depth)])
+        self.blocks_u = nn.ModuleList([Block(D, c.num_heads, c.mlp_ratio, joint=True) for _ in range(c.joint_depth)])
+        self.norm_a = nn.LayerNorm(D, eps=1e-6)
+        self.norm_v = nn.LayerNorm(D, eps=1e-6)
+        self.norm = nn.LayerNorm(D, eps=1e-6)
+
+        self.has_decoder = decoder
+        if decoder:
+            self.decoder_embed = nn.Linear(D, Dd)
+            self.mask_token = nn.Parameter(torch.zeros(1, 1, Dd))
+            self.register_buffer('decoder_pos_embed_a', sincos_pos_embed_2d(Dd, *self.grid_a)[None])
+            self.register_buffer('decoder_pos_embed_v', sincos_pos_embed_2d(Dd, *self.grid_v)[None])
+            self.decoder_modality_a = nn.Parameter(torch.zeros(1, 1, Dd))
+            self.decoder_modality_v = nn.Parameter(torch.zeros(1, 1, Dd))
+            self.decoder_blocks = nn.ModuleList([Block(Dd, c.decoder_num_heads, c.mlp_ratio) for _ in range(c.decoder_depth)])
+            self.decoder_norm = nn.LayerNorm(Dd, eps=1e-6)
+            self.decoder_pred_a = nn.Linear(Dd, p * p)
+            self.decoder_pred_v = nn.Linear(Dd, p * p * 3)
+        self._init_weights()
+
+    def _init_weights(self):  # as MAE: xavier for linear layers and patch filters, N(0, 0.02) for tokens
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        for embed in (self.patch_embed_a, self.patch_embed_v):
+            nn.init.xavier_uniform_(embed.proj.weight.view(embed.proj.weight.shape[0], -1))
+        for name, param in self.named_parameters():
+            if 'token' in name or 'modality' in name:  # global, register, mask and modality embeddings
+                nn.init.normal_(param, std=0.02)
+
+    # --- inputs ---------------------------------------------------------------
+
+    def patchify_audio(self, audio):  # (B, L, F) -> (B, Na, p*p), row-major over (freq, time)
+        p = self.config.patch_size
+        x = audio.transpose(1, 2)  # (B, F, L)
+        B, Fb, L = x.shape
+        x = x.reshape(B, Fb // p, p, L // p, p).permute(0, 1, 3, 2, 4)  # (B, f, t, p, p)
+        return x.reshape(B, self.num_patches_a, p * p)
+
+    def unpatchify_audio(self, x):  # (B, Na, p*p) -> (B, L, F)
+        p, (f, t) = self.config.patch_size, self.grid_a
+        x = x.reshape(-1, f, t, p, p).permute(0, 1, 3, 2, 4).reshape(-1, f * p, t * p)  # (B, F, L)
+        return x.transpose(1, 2)
+
+    def patchify_image(self, image):  # (B, 3, H, W) -> (B, Nv, p*p*3), patch pixels ordered (row, col, channel)
+        p, (h, w) = self.config.patch_size, self.grid_v
+        x = image.reshape(-1, 3, h, p, w, p).permute(0, 2, 4, 3, 5, 1)  # (B, h, w, p, p, 3)
+        return x.reshape(-1, h * w, p * p * 3)
+
+    def unpatchify_image(self, x):  # (B, Nv, p*p*3) -> (B, 3, H, W)
+        p, (h, w) = self.config.patch_size, self.grid_v
+        x = x.reshape(-1, h, w, p, p, 3).permute(0, 5, 1, 3, 2, 4)  # (B, 3, h, p, w, p)
+        return x.reshape(-1, 3, h * p, w * p)
+
+    def embed_audio(self, audio):  # (B, L, F) -> (B, Na, D): patches + fixed position + modality
+        x = self.patch_embed_a(audio.transpose(1, 2).unsqueeze(1))  # input (B, 1, F, L)
+        return x + self.pos_embed_a + self.modality_a
+
+    def embed_image(self, image):  # (B, 3, H, W) -> (B, Nv, D)
+        return self.patch_embed_v(image) + self.pos_embed_v + self.modality_v
+
+    # --- encoder pieces --------------------------------------------------------
+
+    def encode(self, x, modality):
+        """Modality encoder on (visible) patch embeddings x (B, k, D) -> (B, [1 +] k, D), global token
+        first when configured; the registers are appended for the encoder and dropped after it."""
+        B, R = x.shape[0], self.config.num_registers
+        if self.config.global_token:
+            x = torch.cat([getattr(self, 'cls_token_' + modality).expand(B, -1, -1), x], dim=1)
+        if R:
+            registers = self.register_tokens[:R] if modality == 'a' else self.register_tokens[R:]
+            x = torch.cat([x, registers.expand(B, -1, -1)], dim=1)
+        for blk in (self.blocks_a if modality == 'a' else self.blocks_v):
+            x, _ = blk(x)
+        return x[:, :x.shape[1] - R]
+
+    def joint(self, x, modality, return_attn=False):
+        """Joint layer, single-modality pass with the modality's LayerNorms, then norm_a / norm_v.
+        x (B, [1 +] k, D) -> (embedding (B, D), patch tokens (B, k, D), last joint attention or None)."""
+        for blk in self.blocks_u:
+            x, attn = blk(x, modality, return_attn)
+        x = (self.norm_a if modality == 'a' else self.norm_v)(x)
+        if self.config.global_token:
+            return x[:, 0], x[:, 1:], attn
+        return x.mean(dim=1), x, attn  # CAV-MAE style: mean-pooled patch tokens
+
+    def global_embeddings(self, enc_a, enc_v):
+        g_a, _, _ = self.joint(enc_a, 'a')
+        g_v, _, _ = self.joint(enc_v, 'v')
+        return g_a, g_v
+
+    def patch_tokens(self, enc):  # encoder output -> its patch tokens only (no global token)
+        return enc[:, 1:] if self.config.global_token else enc
+
+    # --- decoder -----------------------------------------------------------------
+
+    def fused_decode(self, enc_a, enc_v, keep_a, keep_v):
+        """Fused joint pass over the visible patches of both modalities, then the decoder.
+        enc_a (B, [1 +] ka, D), keep_a (B, ka) -> predictions (B, Na, p*p), (B, Nv, p*p*3)."""
+        xa, xv = self.patch_tokens(enc_a), self.patch_tokens(enc_v)
+        ka = xa.shape[1]
+        x = torch.cat([xa, xv], dim=1)  # (B, ka + kv, D)
+        for blk in self.blocks_u:
+            x, _ = blk(x, 'av')
+        x = self.decoder_embed(self.norm(x))  # (B, ka + kv, Dd)
+        B, _, Dd = x.shape
+
+        def place(vis, keep, n):  # visible latents to their positions, mask token everywhere else
+            full = self.mask_token.to(vis.dtype).expand(B, n, Dd).clone()  # (B, N, Dd)
+            return full.scatter(1, keep.unsqueeze(-1).expand(-1, -1, Dd), vis)
+        a = place(x[:, :ka], keep_a, self.num_patches_a) + self.decoder_pos_embed_a + self.decoder_modality_a
+        v = place(x[:, ka:], keep_v, self.num_patches_v) + self.decoder_pos_embed_v + self.decoder_modality_v
+        x = torch.cat([a, v], dim=1)  # (B, Na + Nv, Dd)
+        for blk in self.decoder_blocks:
+            x, _ = blk(x)
+        x = self.decoder_norm(x)
+        return self.decoder_pred_a(x[:, :self.num_patches_a]), self.decoder_pred_v(x[:, self.num_patches_a:])
+
+    def reconstruction_loss(self, audio, image, pred_a, pred_v, mask_a, mask_v):
+        loss_a = mae_loss(pred_a, self.patchify_audio(audio), mask_a, self.config.norm_pix_loss)
+        loss_v = mae_loss(pred_v, self.patchify_image(image), mask_v, self.config.norm_pix_loss)
+        return dict(loss=loss_a + loss_v, loss_a=loss_a, loss_v=loss_v, pred_a=pred_a, pred_v=pred_v,
+                    mask_a=mask_a, mask_v=mask_v)
+
+    # --- the passes ------------------------------------------------------------------
+
+    def _masked_encode(self, audio, image, mask_ratio_a, mask_ratio_v):
+        B, device = audio.shape[0], audio.device
+        keep_a, mask_a = masking.random_masking(B, self.num_patches_a, mask_ratio_a, device)
+        keep_v, mask_v = masking.random_masking(B, self.num_patches_v, mask_ratio_v, device)
+        enc_a = self.encode(masking.gather(self.embed_audio(audio), keep_a), 'a')
+        enc_v = self.encode(masking.gather(self.embed_image(image), keep_v), 'v')
+        return enc_a, enc_v, keep_a, keep_v, mask_a, mask_v
+
+    def forward_reconstruction(self, audio, image, mask_ratio_a=0.75, mask_ratio_v=0.75):
+        """Random masking -> encoders -> fused joint pass -> decoder -> per-modality MSE on masked patches.
+        audio (B, L, F), image (B, 3, H, W). No global-token passes."""
+        enc_a, enc_v, keep_a, keep_v, mask_a, mask_v = self._masked_encode(audio, image, mask_ratio_a, mask_ratio_v)
+        pred_a, pred_v = self.fused_decode(enc_a, enc_v, keep_a, keep_v)
+        return self.reconstruction_loss(audio, image, pred_a, pred_v, mask_a, mask_v)
+
+    def forward_contrastive(self, audio, image, keep_a, keep_v):
+        """Caller-chosen visible patches keep_a (B, ka), keep_v (B, kv) -> encoders -> audio and visual
+        joint passes -> (g_a, g_v) each (B, D). No fused pass, no decoder."""
+        enc_a = self.encode(masking.gather(self.embed_audio(audio), keep_a), 'a')
+        enc_v = self.encode(masking.gather(self.embed_image(image), keep_v), 'v')
+        return self.global_embeddings(enc_a, enc_v)
+
+    def forward_sync(self, audio, image, mask_ratio_a=0.75, mask_ratio_v=0.75):
+        """CAV-MAE Sync's single pass: one masked encoding feeds both the fused decoder path and the
+        global-token passes. Returns the reconstruction dict plus g_a, g_v."""
+        enc_a, enc_v, keep_a, keep_v, mask_a, mask_v = self._masked_encode(audio, image, mask_ratio_a, mask_ratio_v)
+        pred_a, pred_v = self.fused_decode(enc_a, enc_v, keep_a, keep_v)
+        out = self.reconstruction_loss(audio, image, pred_a, pred_v, mask_a, mask_v)
+        out['g_a'], out['g_v'] = self.global_embeddings(enc_a, enc_v)
+        return out
+
+    def forward_features(self, audio, image):
+        """Unmasked inference -> (g_a (B, D), g_v (B, D), tokens_a (B, Na, D), tokens_v (B, Nv, D)),
+        embeddings and patch tokens after norm_a / norm_v."""
+        g_a, tokens_a, _ = self.joint(self.encode(self.embed_audio(audio), 'a'), 'a')
+        g_v, tokens_v, _ = self.joint(self.encode(self.embed_image(image), 'v'), 'v')
+        return g_a, g_v, tokens_a, tokens_v
+
+    @torch.no_grad()
+    def forward_teacher(self, audio, image):
+        """Full, unmasked, unshuffled inputs -> (g_a, g_v, priority_a (B, Na), priority_v (B, Nv)).
+        Priority of patch i = head-averaged attention of patch query i to the global key in the last
+        joint layer's audio / visual pass, normalised over patches (SPEC section 5, step 1)."""
+        if not self.config.global_token:
+            raise ValueError('teacher-guided masking needs global_token=True (priorities are attention to the global token)')
+        out = []
+        for modality, x in (('a', self.embed_audio(audio)), ('v', self.embed_image(image))):
+            g, _, attn = self.joint(self.encode(x, modality), modality, return_attn=True)
+            priority = attn[:, :, 1:, 0].float().mean(dim=1)  # (B, N): patch queries -> global key
+            out.append((g, priority / priority.sum(dim=1, keepdim=True)))
+        (g_a, p_a), (g_v, p_v) = out
+        return g_a, g_v, p_a, p_v
+
+    def forward(self, audio, image, mask_ratio=0.75, keep_a=None, keep_v=None):
+        """The student's work for one training step in one call, so DDP sees a single forward.
+        With keep_a/keep_v: two passes (TG-DP, dual pass) = reconstruction at mask_ratio + contrastive
+        pass on the given visible patches. Without: the single CAV-MAE Sync pass."""
+        if keep_a is None:
+            return self.forward_sync(audio, image, mask_ratio, mask_ratio)
+        out = self.forward_reconstruction(audio, image, mask_ratio, mask_ratio)
+        out['g_a'], out['g_v'] = self.forward_contrastive(audio, image, keep_a, keep_v)
+        return out
+
+
+# -----------------------------------------------------------------------------
+# teacher
+
+def make_teacher(student):
+    """Encoder-only EMA copy of the student: no decoder, no gradients, never in the optimiser."""
+    teacher = CAVMAESync(student.config, decoder=False).to(next(student.parameters()).device)
+    teacher.load_state_dict({k: v for k, v in student.state_dict().items() if k in teacher.state_dict()})
+    teacher.requires_grad_(False)
+    return teacher.eval()
+
+
+@torch.no_grad()
+def ema_update(teacher, student, momentum):
+    """teacher <- momentum * teacher + (1 - momentum) * student, over the teacher's parameters."""
+    student_params = dict(student.named_parameters())
+    t_params = [p for _, p in teacher.named_parameters()]
+    s_params = [student_params[name].detach() for name, _ in teacher.named_parameters()]
+    torch._foreach_lerp_(t_params, s_params, 1.0 - momentum)  # one fused kernel over all tensors
+
+
+# -----------------------------------------------------------------------------
+# loading weights from elsewhere
+
+_UNUSED_NORM = re.compile(r'^(blocks_a|blocks_v|decoder_blocks)\.\d+\.norm[12]_[av]\.(weight|bias)$')
+
+
+def convert_official_state_dict(sd, config=None):
+    """Official CAV-MAE Sync / TG-DP checkpoint -> state dict for CAVMAESync(config or ModelConfig()).
+    Keys may carry DataParallel's 'module.' prefix. The audio/visual LayerNorm pairs exist in every
+    official block but only the joint blocks use them: those are dropped. Anything else unknown, or
+    anything missing, is an error naming the key."""
+    with torch.device('meta'):
+        expected = CAVMAESync(config or ModelConfig()).state_dict()
+    out = {}
+    for key, value in sd.items():
+        name = key[len('module.'):] if key.startswith('module.') else key
+        if _UNUSED_NORM.match(name):
+            continue
+        if name not in expected:
+            raise KeyError(f'official checkpoint key {key!r} has no place in CAVMAESync')
+        if tuple(value.shape) != tuple(expected[name].shape):
+            raise ValueError(f'official checkpoint key {key!r} has shape {tuple(value.shape)}, expected {tuple(expected[name].shape)}')
+        out[name] = value
+    missing = sorted(set(expected) - set(out))
+    if missing:
+        raise KeyError(f'official checkpoint lacks {len(missing)} keys, e.g. {missing[:5]}')
+    return out
+
+
+def load_mae_weights(model, sd):
+    """ImageNet MAE ViT-B weights (the public mae_pretrain_vit_base.pth layout, optionally under 'model')
+    into the encoders: blocks 0..modality_depth-1 into both modality encoders, the next joint_depth
+    blocks into the joint layer (its norm pair copied to all three pairs), the RGB patch filter to the
+    visual embedding and its channel mean to the audio one, norm to norm / norm_a / norm_v, cls_token to
+    both global tokens. Returns (loaded target keys, unused source keys); prints a summary."""
+    sd = sd.get('model', sd)
+    c, target = model.config, model.state_dict()
+    mapping = {}  # target key -> tensor
+    for key, value in sd.items():
+        m = re.match(r'blocks\.(\d+)\.(.*)$', key)
+        if m:
+            i, rest = int(m.group(1)), m.group(2)
+            if i < c.modality_depth:
+                mapping[f'blocks_a.{i}.{rest}'] = mapping[f'blocks_v.{i}.{rest}'] = value
+            elif i < c.modality_depth + c.joint_depth:
+                j = i - c.modality_depth
+                names = [rest]
+                if rest.startswith(('norm1.', 'norm2.')):
+                    names += [rest.replace('.', '_a.', 1), rest.replace('.', '_v.', 1)]
+                for name in names:
+                    mapping[f'blocks_u.{j}.{name}'] = value
+        elif key == 'patch_embed.proj.weight':
+            mapping['patch_embed_v.proj.weight'] = value
+            mapping['patch_embed_a.proj.weight'] = value.mean(dim=1, keepdim=True)
+        elif key == 'patch_embed.proj.bias':
+            mapping['patch_embed_v.proj.bias'] = mapping['patch_embed_a.proj.bias'] = value
+        elif key in ('norm.weight', 'norm.bias'):
+            for name in ('norm', 'norm_a', 'norm_v'):
+                mapping[key.replace('norm', name, 1)] = value
+        elif key == 'cls_token' and c.global_token:
+            mapping['cls_token_a'] = mapping['cls_token_v'] = value
+    for name, value in mapping.items():
+        if name not in target or target[name].shape != value.shape:
+            raise ValueError(f'MAE weight for {name} has shape {tuple(value.shape)}, the model expects '
+                             f'{tuple(target[name].shape) if name in target else "no such key"}')
+    model.load_state_dict(mapping, strict=False)
+    used_sources = {k for k in sd if re.match(r'blocks\.(\d+)\.', k) and int(k.split('.')[1]) < c.modality_depth + c.joint_depth}
+    used_sources |= {k for k in ('patch_embed.proj.weight', 'patch_embed.proj.bias', 'norm.weight', 'norm.bias') if k in sd}
+    if c.global_token and 'cls_token' in sd:
+        used_sources.add('cls_token')
+    unused = sorted(set(sd) - used_sources)
+    not_loaded = sorted(set(target) - set(mapping))
+    print(f'MAE weights: loaded {len(mapping)} tensors; source keys not used: {unused or "none"}; '
+          f'model keys left at init: {len(not_loaded)} ({", ".join(not_loaded[:6])}{", ..." if len(not_loaded) > 6 else ""})')
+    return sorted(mapping), unused
