@@ -17,11 +17,13 @@ def gather(x, keep):
     return torch.gather(x, 1, keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
-def random_masking(batch_size, num_patches, mask_ratio, device=None):
-    """Unstructured random masking as MAE: per-sample uniform noise, argsort, keep the k smallest.
-    Returns keep (B, k) indices and mask (B, N) with 1 = masked, 0 = visible."""
+def random_masking(batch_size, num_patches, mask_ratio, device=None, noise=None):
+    """Unstructured random masking as MAE: per-sample uniform noise (B, N), argsort, keep the k smallest.
+    noise: optional, drawn by the caller (train.py draws it for the global batch so that masks do not
+    depend on how the batch is split across ranks). Returns keep (B, k) and mask (B, N), 1 = masked."""
     k = num_keep(num_patches, mask_ratio)
-    noise = torch.rand(batch_size, num_patches, device=device)  # (B, N)
+    if noise is None:
+        noise = torch.rand(batch_size, num_patches, device=device)
     keep = noise.argsort(dim=1)[:, :k]  # (B, k)
     mask = torch.ones(batch_size, num_patches, device=device).scatter_(1, keep, 0.0)
     return keep, mask
@@ -32,20 +34,23 @@ def guided_keep(priority, mask_ratio):
     return priority.topk(num_keep(priority.shape[1], mask_ratio), dim=1).indices
 
 
-def gumbel_keep(priority, mask_ratio):
-    """Sample k patches without replacement with probability ~ priority: Gumbel-top-k on log-priorities."""
-    gumbel = -torch.log(-torch.log(torch.rand_like(priority).clamp_(1e-20, 1.0)))
+def gumbel_keep(priority, mask_ratio, noise=None):
+    """Sample k patches without replacement with probability ~ priority: Gumbel-top-k on log-priorities.
+    noise: optional uniform (B, N) noise from the caller."""
+    noise = torch.rand_like(priority) if noise is None else noise
+    gumbel = -torch.log(-torch.log(noise.clamp(1e-20, 1.0)))
     return (priority.clamp_min(1e-20).log() + gumbel).topk(num_keep(priority.shape[1], mask_ratio), dim=1).indices
 
 
-def contrastive_keep(method, priority, mask_ratio):
-    """Visible patches (B, k) of the contrastive view: 'guided' (top-k), 'gumbel' or 'random'."""
+def contrastive_keep(method, priority, mask_ratio, noise=None):
+    """Visible patches (B, k) of the contrastive view: 'guided' (top-k), 'gumbel' or 'random'.
+    priority (B, N) from the teacher; noise: optional uniform (B, N) for the random choices."""
     if method == 'guided':
         return guided_keep(priority, mask_ratio)
     if method == 'gumbel':
-        return gumbel_keep(priority, mask_ratio)
+        return gumbel_keep(priority, mask_ratio, noise)
     if method == 'random':
-        return random_masking(priority.shape[0], priority.shape[1], mask_ratio, priority.device)[0]
+        return random_masking(priority.shape[0], priority.shape[1], mask_ratio, priority.device, noise)[0]
     raise ValueError(f"contrastive masking must be 'guided', 'gumbel' or 'random', got {method!r}")
 
 

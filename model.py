@@ -282,18 +282,18 @@ class CAVMAESync(nn.Module):
 
     # --- the passes ------------------------------------------------------------------
 
-    def _masked_encode(self, audio, image, mask_ratio_a, mask_ratio_v):
+    def _masked_encode(self, audio, image, mask_ratio_a, mask_ratio_v, noise_a=None, noise_v=None):
         B, device = audio.shape[0], audio.device
-        keep_a, mask_a = masking.random_masking(B, self.num_patches_a, mask_ratio_a, device)
-        keep_v, mask_v = masking.random_masking(B, self.num_patches_v, mask_ratio_v, device)
+        keep_a, mask_a = masking.random_masking(B, self.num_patches_a, mask_ratio_a, device, noise_a)
+        keep_v, mask_v = masking.random_masking(B, self.num_patches_v, mask_ratio_v, device, noise_v)
         enc_a = self.encode(masking.gather(self.embed_audio(audio), keep_a), 'a')
         enc_v = self.encode(masking.gather(self.embed_image(image), keep_v), 'v')
         return enc_a, enc_v, keep_a, keep_v, mask_a, mask_v
 
-    def forward_reconstruction(self, audio, image, mask_ratio_a=0.75, mask_ratio_v=0.75):
+    def forward_reconstruction(self, audio, image, mask_ratio_a=0.75, mask_ratio_v=0.75, noise_a=None, noise_v=None):
         """Random masking -> encoders -> fused joint pass -> decoder -> per-modality MSE on masked patches.
-        audio (B, L, F), image (B, 3, H, W). No global-token passes."""
-        enc_a, enc_v, keep_a, keep_v, mask_a, mask_v = self._masked_encode(audio, image, mask_ratio_a, mask_ratio_v)
+        audio (B, L, F), image (B, 3, H, W); optional masking noise (B, Na), (B, Nv). No global-token passes."""
+        enc_a, enc_v, keep_a, keep_v, mask_a, mask_v = self._masked_encode(audio, image, mask_ratio_a, mask_ratio_v, noise_a, noise_v)
         pred_a, pred_v = self.fused_decode(enc_a, enc_v, keep_a, keep_v)
         return self.reconstruction_loss(audio, image, pred_a, pred_v, mask_a, mask_v)
 
@@ -304,10 +304,10 @@ class CAVMAESync(nn.Module):
         enc_v = self.encode(masking.gather(self.embed_image(image), keep_v), 'v')
         return self.global_embeddings(enc_a, enc_v)
 
-    def forward_sync(self, audio, image, mask_ratio_a=0.75, mask_ratio_v=0.75):
+    def forward_sync(self, audio, image, mask_ratio_a=0.75, mask_ratio_v=0.75, noise_a=None, noise_v=None):
         """CAV-MAE Sync's single pass: one masked encoding feeds both the fused decoder path and the
         global-token passes. Returns the reconstruction dict plus g_a, g_v."""
-        enc_a, enc_v, keep_a, keep_v, mask_a, mask_v = self._masked_encode(audio, image, mask_ratio_a, mask_ratio_v)
+        enc_a, enc_v, keep_a, keep_v, mask_a, mask_v = self._masked_encode(audio, image, mask_ratio_a, mask_ratio_v, noise_a, noise_v)
         pred_a, pred_v = self.fused_decode(enc_a, enc_v, keep_a, keep_v)
         out = self.reconstruction_loss(audio, image, pred_a, pred_v, mask_a, mask_v)
         out['g_a'], out['g_v'] = self.global_embeddings(enc_a, enc_v)
@@ -335,15 +335,43 @@ class CAVMAESync(nn.Module):
         (g_a, p_a), (g_v, p_v) = out
         return g_a, g_v, p_a, p_v
 
-    def forward(self, audio, image, mask_ratio=0.75, keep_a=None, keep_v=None):
+    def forward(self, audio, image, mask_ratio=0.75, keep_a=None, keep_v=None, noise_a=None, noise_v=None):
         """The student's work for one training step in one call, so DDP sees a single forward.
         With keep_a/keep_v: two passes (TG-DP, dual pass) = reconstruction at mask_ratio + contrastive
-        pass on the given visible patches. Without: the single CAV-MAE Sync pass."""
+        pass on the given visible patches. Without: the single CAV-MAE Sync pass. noise_a/noise_v:
+        optional uniform noise for the random reconstruction masks."""
         if keep_a is None:
-            return self.forward_sync(audio, image, mask_ratio, mask_ratio)
-        out = self.forward_reconstruction(audio, image, mask_ratio, mask_ratio)
+            return self.forward_sync(audio, image, mask_ratio, mask_ratio, noise_a, noise_v)
+        out = self.forward_reconstruction(audio, image, mask_ratio, mask_ratio, noise_a, noise_v)
         out['g_a'], out['g_v'] = self.forward_contrastive(audio, image, keep_a, keep_v)
         return out
+
+
+# -----------------------------------------------------------------------------
+# analytic FLOP count (matmuls only; they are > 99% of the work)
+
+def block_flops(n, dim, mlp_ratio):
+    """Forward FLOPs of one ViT block on n tokens: qkv + proj + MLP (2*n*dim*(4 + 2r)*dim) + attention (4*n^2*dim)."""
+    return 2 * n * dim * dim * (4 + 2 * mlp_ratio) + 4 * n * n * dim
+
+
+def forward_flops(c, mask_ratio, passes):
+    """Forward FLOPs per clip of each module for the given passes.
+    passes: 'reconstruction' (masked encoders, fused joint, decoder), 'sync' (the same plus the joint
+    audio/visual passes on the same encoding), 'contrastive' (masked encoders, joint audio/visual passes),
+    'full' (unmasked encoders and joint audio/visual passes: the teacher, forward_features)."""
+    p, D, Dd, r = c.patch_size, c.embed_dim, c.decoder_embed_dim, c.mlp_ratio
+    Na, Nv = (c.num_mel_bins // p) * (c.audio_length // p), (c.img_size // p) ** 2
+    ka, kv = (Na, Nv) if passes == 'full' else (masking.num_keep(Na, mask_ratio), masking.num_keep(Nv, mask_ratio))
+    G, R = int(c.global_token), c.num_registers
+    out = {'patch_embed': 2 * (Na * p * p + Nv * 3 * p * p) * D}  # every patch is embedded, then gathered
+    out['encoders'] = c.modality_depth * (block_flops(G + ka + R, D, r) + block_flops(G + kv + R, D, r))
+    if passes in ('reconstruction', 'sync'):
+        out['joint_fused'] = c.joint_depth * block_flops(ka + kv, D, r)
+        out['decoder'] = 2 * (ka + kv) * D * Dd + c.decoder_depth * block_flops(Na + Nv, Dd, r) + 2 * (Na * p * p + Nv * 3 * p * p) * Dd
+    if passes in ('sync', 'contrastive', 'full'):
+        out['joint_global'] = c.joint_depth * (block_flops(G + ka, D, r) + block_flops(G + kv, D, r))
+    return out
 
 
 # -----------------------------------------------------------------------------
@@ -393,6 +421,20 @@ def convert_official_state_dict(sd, config=None):
     if missing:
         raise KeyError(f'official checkpoint lacks {len(missing)} keys, e.g. {missing[:5]}')
     return out
+
+
+def checkpoint_kind(ckpt):
+    """What a loaded checkpoint file holds: 'train' (written by train.py), 'official' (a CAV-MAE Sync /
+    TG-DP release state dict) or 'mae' (ImageNet MAE ViT weights); anything else is an error."""
+    if isinstance(ckpt, dict) and 'model_args' in ckpt and 'model' in ckpt:
+        return 'train'
+    sd = ckpt.get('model', ckpt) if isinstance(ckpt, dict) else None
+    if isinstance(sd, dict) and any(k.startswith(('blocks_u.', 'module.blocks_u.')) for k in sd):
+        return 'official'
+    if isinstance(sd, dict) and any(k.startswith('blocks.') for k in sd) and 'patch_embed.proj.weight' in sd:
+        return 'mae'
+    raise ValueError('checkpoint is neither a train.py checkpoint (no model_args), an official CAV-MAE Sync / '
+                     'TG-DP state dict (no blocks_u.* keys) nor ImageNet MAE weights (no blocks.* / patch_embed keys)')
 
 
 def load_mae_weights(model, sd):

@@ -1,0 +1,12 @@
+# The CAV-MAE Sync baseline on AudioSet-2M: one pass at 75% masking, 25 epochs, 2.5 warmup.
+# torchrun --standalone --nproc_per_node=8 train.py config/sync_as2m.py
+out_dir = 'out/sync_as2m'
+train_json = 'data/audioset_2m/train.json'
+eval_json = 'data/audioset_eval/retrieval.json'
+label_csv = 'data/class_labels_indices_as.csv'
+init_from = 'checkpoints/mae_pretrain_vit_base.pth'
+method = 'sync'
+batch_size = 64
+epochs = 25.0
+warmup_epochs = 2.5
+eval_interval = 5000

@@ -1,0 +1,12 @@
+# TG-DP on AudioSet-2M, the paper setting (SPEC section 6): 8 GPUs x 64 clips, 35 epochs, 3.5 warmup.
+# torchrun --standalone --nproc_per_node=8 train.py config/tgdp_as2m.py
+out_dir = 'out/tgdp_as2m'
+train_json = 'data/audioset_2m/train.json'
+eval_json = 'data/audioset_eval/retrieval.json'
+label_csv = 'data/class_labels_indices_as.csv'
+init_from = 'checkpoints/mae_pretrain_vit_base.pth'  # ImageNet MAE ViT-B
+method = 'tgdp'
+batch_size = 64
+epochs = 35.0
+warmup_epochs = 3.5
+eval_interval = 5000

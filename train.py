@@ -1,0 +1,460 @@
+"""
+TG-DP pretraining (SPEC sections 5-6), and the CAV-MAE Sync / dual-pass / CAV-MAE baselines.
+
+A debug run on one CPU or GPU:
+$ python data.py synth --out data_synth && python train.py config/demo.py
+One node with 8 GPUs:
+$ torchrun --standalone --nproc_per_node=8 train.py config/tgdp_as2m.py
+Several nodes (run on each; rank 0's address as master):
+$ torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=10.0.0.1 --master_port=29500 train.py config/tgdp_as2m.py
+Settings are the globals below, overridden by config files and --key=value, in that order.
+"""
+import ast
+import json
+import math
+import os
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, fields
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm import tqdm
+
+import masking
+from losses import distill_loss, info_nce
+from model import (CAVMAESync, ModelConfig, checkpoint_kind, convert_official_state_dict, ema_update,
+                   forward_flops, load_mae_weights, make_teacher)
+
+# -----------------------------------------------------------------------------
+# default config: the TG-DP paper setting
+# I/O
+out_dir = 'out'
+train_json = ''                # CAV-MAE layout JSON (data.py prepare / data.py synth)
+eval_json = ''                 # held-out clips for the periodic retrieval evaluation ('' = none)
+label_csv = ''                 # optional: labels are not needed for pretraining
+eval_interval = 2000           # iterations between retrieval evaluation + checkpoint
+log_interval = 20
+init_from = 'scratch'          # 'scratch', 'resume' (out_dir/ckpt.pt) or a path: ImageNet MAE / official / train.py weights
+# data
+batch_size = 64                # clips per rank per micro-step
+gradient_accumulation_steps = 1
+num_workers = 8
+num_frames = 16
+time_shift = True              # random time shift of the waveform (pretraining augmentation)
+# model (ModelConfig; the global token is on except for method='cavmae')
+audio_length = 416
+num_mel_bins = 128
+img_size = 224
+patch_size = 16
+embed_dim = 768
+num_heads = 12
+mlp_ratio = 4.0
+modality_depth = 11
+joint_depth = 1
+decoder_embed_dim = 512
+decoder_depth = 8
+decoder_num_heads = 16
+num_registers = 8
+norm_pix_loss = False
+# method
+method = 'tgdp'                # 'tgdp' | 'sync' (CAV-MAE Sync) | 'dualpass' (two random passes, no teacher) | 'cavmae'
+mask_ratio = 0.75              # reconstruction pass (and the single pass of sync / cavmae)
+contrastive_mask_ratio = 0.5   # contrastive pass of tgdp / dualpass
+contrastive_masking = 'guided' # tgdp: 'guided' | 'random' | 'gumbel' (dualpass is always random)
+rec_weight = 1.0
+con_weight = 0.1
+dis_weight = 1.0               # tgdp distillation; 0 turns it off
+temperature = 0.05
+ema_momentum = 0.996           # teacher EMA momentum, cosine ramp to ema_momentum_end
+ema_momentum_end = 1.0
+# optimiser
+learning_rate = 2e-4
+min_lr = 0.0
+weight_decay = 5e-7
+beta1 = 0.95
+beta2 = 0.999
+grad_clip = 0.0                # 0 = off
+epochs = 35.0
+warmup_epochs = 3.5
+max_iters = 0                  # 0 = derived from epochs
+# system
+device = 'cuda'
+dtype = 'bfloat16'             # 'float32' | 'bfloat16' | 'float16' (autocast)
+compile = True
+backend = 'nccl'               # 'nccl' on GPU, 'gloo' on CPU
+seed = 1337
+peak_tflops = 989.0            # per device, for MFU (H100 SXM dense bf16)
+bench = False                  # time steps on random tensors, no data (config/bench.py)
+bench_iters = 20
+bench_warmup = 5
+# -----------------------------------------------------------------------------
+config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
+
+
+def apply_overrides(argv):
+    """Config files (python, executed) then --key=value; unknown keys and wrong types are errors."""
+    for arg in argv:
+        if arg.startswith('--'):
+            key, sep, text = arg[2:].partition('=')
+            if not sep:
+                sys.exit(f'error: {arg!r} must be --key=value')
+            try:
+                value = ast.literal_eval(text)
+            except (SyntaxError, ValueError):
+                value = text  # a bare string
+            updates, source = {key: value}, arg
+        else:
+            if not os.path.isfile(arg):
+                sys.exit(f'error: config file {arg!r} not found')
+            updates, source = {}, arg
+            exec(open(arg).read(), {}, updates)
+            updates = {k: v for k, v in updates.items() if not k.startswith('_')}
+        for key, value in updates.items():
+            if key not in config_keys:
+                sys.exit(f'error: unknown setting {key!r} (from {source})')
+            default = globals()[key]
+            if isinstance(default, float) and type(value) is int:
+                value = float(value)
+            if type(value) is not type(default):
+                sys.exit(f'error: setting {key} must be {type(default).__name__}, got {value!r} (from {source})')
+            globals()[key] = value
+
+
+apply_overrides(sys.argv[1:])
+config = {k: globals()[k] for k in config_keys}
+if method not in ('tgdp', 'sync', 'dualpass', 'cavmae'):
+    sys.exit(f"error: method must be 'tgdp', 'sync', 'dualpass' or 'cavmae', got {method!r}")
+if contrastive_masking not in ('guided', 'random', 'gumbel'):
+    sys.exit(f"error: contrastive_masking must be 'guided', 'random' or 'gumbel', got {contrastive_masking!r}")
+if dtype not in ('float32', 'bfloat16', 'float16'):
+    sys.exit(f"error: dtype must be 'float32', 'bfloat16' or 'float16', got {dtype!r}")
+
+# -----------------------------------------------------------------------------
+# processes and devices
+ddp = int(os.environ.get('RANK', -1)) != -1
+if ddp:
+    if backend == 'nccl' and not torch.cuda.is_available():
+        sys.exit("error: backend='nccl' needs CUDA; on CPU run with --device=cpu --backend=gloo")
+    dist.init_process_group(backend=backend)
+    rank, local_rank, world_size = dist.get_rank(), int(os.environ['LOCAL_RANK']), dist.get_world_size()
+    if device.startswith('cuda'):
+        device = f'cuda:{local_rank}'
+        torch.cuda.set_device(device)
+else:
+    rank, local_rank, world_size = 0, 0, 1
+master = rank == 0
+device_type = 'cuda' if device.startswith('cuda') else 'cpu'
+if device_type == 'cuda' and not torch.cuda.is_available():
+    sys.exit("error: device='cuda' but no GPU is visible; run with --device=cpu (and --dtype=float32 --compile=False for speed)")
+torch.manual_seed(seed)
+if device_type == 'cuda':
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+autocast = nullcontext() if dtype == 'float32' else torch.autocast(device_type, dtype=getattr(torch, dtype))
+if master:
+    os.makedirs(out_dir, exist_ok=True)
+    print('config:\n' + '\n'.join(f'  {k:24s} = {v!r}' for k, v in config.items()))
+    print(f'{world_size} process(es), device {device}')
+
+# -----------------------------------------------------------------------------
+# data
+micro_batches_per_iter = gradient_accumulation_steps
+if bench:
+    dataset = None
+    iters_per_epoch = max_iters = bench_warmup + bench_iters
+else:
+    from data import AVDataset, collate
+    for key in ('train_json',) + (('eval_json',) if eval_json else ()):
+        path = globals()[key]
+        if not path or not os.path.isfile(path):
+            sys.exit(f'error: {key}={path!r} is not a file. For a demo on built-in synthetic clips run\n'
+                     f'  python data.py synth --out data_synth && python train.py config/demo.py\n'
+                     f'for real videos see `python data.py prepare --help` and the README.')
+    data_args = dict(audio_length=audio_length, num_mel_bins=num_mel_bins, img_size=img_size, num_frames=num_frames)
+    dataset = AVDataset(train_json, label_csv or None, mode='train', time_shift=time_shift, seed=seed, **data_args)
+    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
+    iters_per_epoch = len(sampler) // (batch_size * gradient_accumulation_steps)
+    if iters_per_epoch == 0:
+        sys.exit(f'error: {len(dataset)} clips are fewer than one step ({batch_size} x {gradient_accumulation_steps} '
+                 f'x {world_size} ranks); lower batch_size')
+    max_iters = max_iters or round(epochs * iters_per_epoch)
+warmup_iters = round(warmup_epochs * iters_per_epoch)
+
+
+def ignore_sigterm(_):  # workers: the main process handles pre-emption and shuts them down itself
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def epoch_batches(epoch, skip):
+    """This rank's micro-batches of one epoch, after skipping the first `skip` (exact mid-epoch resume)."""
+    sampler.set_epoch(epoch)
+    dataset.set_epoch(epoch)
+    indices = list(sampler)[skip * batch_size:]
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=indices, num_workers=num_workers, drop_last=True,
+                        pin_memory=device_type == 'cuda', collate_fn=collate, worker_init_fn=ignore_sigterm,
+                        persistent_workers=False)
+    for batch in loader:
+        yield batch['audio'].to(device, non_blocking=True), batch['image'].to(device, non_blocking=True)
+
+
+# -----------------------------------------------------------------------------
+# model, teacher, optimiser
+model_args = dict(audio_length=audio_length, num_mel_bins=num_mel_bins, img_size=img_size, patch_size=patch_size,
+                  embed_dim=embed_dim, num_heads=num_heads, mlp_ratio=mlp_ratio, modality_depth=modality_depth, joint_depth=joint_depth,
+                  decoder_embed_dim=decoder_embed_dim, decoder_depth=decoder_depth, decoder_num_heads=decoder_num_heads,
+                  num_registers=num_registers, global_token=method != 'cavmae', norm_pix_loss=norm_pix_loss)
+assert set(model_args) == {f.name for f in fields(ModelConfig)}
+iter_num, ckpt = 0, None
+ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+if init_from == 'resume':
+    if not os.path.isfile(ckpt_path):
+        sys.exit(f"error: init_from='resume' but {ckpt_path} does not exist")
+    ckpt = torch.load(ckpt_path, map_location='cpu', weights_only=False)
+    changed = {k: (v, model_args[k]) for k, v in ckpt['model_args'].items() if model_args[k] != v}
+    if changed:
+        sys.exit(f'error: the model settings differ from the checkpoint {ckpt_path}: {changed}')
+    iter_num = ckpt['iter_num']
+model = CAVMAESync(ModelConfig(**model_args))
+if ckpt is not None:
+    model.load_state_dict(ckpt['model'])
+elif init_from != 'scratch':
+    if not os.path.isfile(init_from):
+        sys.exit(f"error: init_from must be 'scratch', 'resume' or a checkpoint file; {init_from!r} is none of these")
+    source = torch.load(init_from, map_location='cpu', weights_only=False)
+    kind = checkpoint_kind(source)
+    if kind == 'mae':
+        load_mae_weights(model, source)
+    elif kind == 'official':
+        model.load_state_dict(convert_official_state_dict(source, model.config))
+    else:
+        model.load_state_dict(source['model'])
+    if master:
+        print(f'initialised from {kind} weights in {init_from}')
+model.to(device)
+raw_model = model  # unwrapped: EMA source, checkpoints, evaluation
+teacher = make_teacher(model) if method == 'tgdp' else None
+if teacher is not None and ckpt is not None:
+    teacher.load_state_dict(ckpt['teacher'])
+optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate, betas=(beta1, beta2), weight_decay=weight_decay,
+                             fused=device_type == 'cuda')
+scaler = torch.amp.GradScaler(device_type, enabled=dtype == 'float16')
+if ckpt is not None:
+    optimizer.load_state_dict(ckpt['optimizer'])
+    scaler.load_state_dict(ckpt['scaler'])
+if master:
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f'model: {n_params / 1e6:.2f} M trainable parameters; {iters_per_epoch} iterations per epoch, {max_iters} in all')
+teacher_forward = teacher.forward_teacher if teacher is not None else None
+if compile:
+    model = torch.compile(model)
+    if teacher is not None:
+        teacher_forward = torch.compile(teacher.forward_teacher)
+if ddp:
+    model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None)
+
+
+def get_lr(it):  # linear warmup, then cosine decay to min_lr over the remaining iterations
+    if it < warmup_iters:
+        return learning_rate * (it + 1) / warmup_iters
+    progress = (it - warmup_iters) / max(1, max_iters - warmup_iters)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0))) * (learning_rate - min_lr)
+
+
+def get_momentum(it):  # EMA momentum: cosine ramp from ema_momentum to ema_momentum_end
+    return ema_momentum_end - (ema_momentum_end - ema_momentum) * 0.5 * (1.0 + math.cos(math.pi * it / max(1, max_iters)))
+
+
+def train_flops_per_clip():
+    """Analytic training FLOPs per clip: 3x forward for the student (forward + backward), 1x for the teacher."""
+    c = raw_model.config
+    if method in ('sync', 'cavmae'):
+        return 3 * sum(forward_flops(c, mask_ratio, 'sync').values())
+    student = sum(forward_flops(c, mask_ratio, 'reconstruction').values()) + sum(forward_flops(c, contrastive_mask_ratio, 'contrastive').values())
+    return 3 * student + (sum(forward_flops(c, 0.0, 'full').values()) if method == 'tgdp' else 0)
+
+
+# Every random choice of a step (masks, Gumbel noise) comes from one generator with the same state on all
+# ranks: each draws the noise of the whole global batch and keeps its own rows. The rows follow
+# DistributedSampler's interleaving (global row i * world_size + rank), so a run computes the same masks
+# for the same clips whatever the number of ranks, and the state is one tensor to checkpoint.
+noise_gen = torch.Generator(device=device).manual_seed(seed)
+
+
+def noise(n):  # (batch_size, n) uniform noise: this rank's rows of the global batch's
+    return torch.rand(world_size * batch_size, n, generator=noise_gen, device=device)[rank::world_size]
+
+
+def losses_for(audio, image):
+    """One micro-batch of the selected method -> (total loss, dict of detached terms)."""
+    terms = {}
+    keep_a = keep_v = None
+    Na, Nv = raw_model.num_patches_a, raw_model.num_patches_v
+    if method == 'tgdp':
+        t_a, t_v, p_a, p_v = teacher_forward(audio, image)
+        keep_a = masking.contrastive_keep(contrastive_masking, p_a, contrastive_mask_ratio, noise(Na))
+        keep_v = masking.contrastive_keep(contrastive_masking, p_v, contrastive_mask_ratio, noise(Nv))
+    elif method == 'dualpass':
+        keep_a = masking.random_masking(batch_size, Na, contrastive_mask_ratio, noise=noise(Na))[0]
+        keep_v = masking.random_masking(batch_size, Nv, contrastive_mask_ratio, noise=noise(Nv))[0]
+    out = model(audio, image, mask_ratio, keep_a, keep_v, noise(Na), noise(Nv))
+    loss_con, terms['con_acc'] = info_nce(out['g_a'], out['g_v'], temperature)
+    loss = rec_weight * out['loss'] + con_weight * loss_con
+    terms.update(rec=out['loss'], rec_a=out['loss_a'], rec_v=out['loss_v'], con=loss_con)
+    if method == 'tgdp' and dis_weight > 0:
+        terms['dis'] = distill_loss(out['g_a'], out['g_v'], t_a, t_v)
+        loss = loss + dis_weight * terms['dis']
+    terms['loss'] = loss
+    return loss, {k: v.detach() for k, v in terms.items()}
+
+
+def train_step(micro_batches):
+    """One optimiser step over gradient_accumulation_steps micro-batches. Returns (terms, stop flags):
+    flags[0] = some rank saw a non-finite loss (the update is skipped), flags[1] = some rank got SIGTERM."""
+    terms_sum = {}
+    for micro_step in range(gradient_accumulation_steps):
+        audio, image = next(micro_batches)
+        sync_grads = not ddp or micro_step == gradient_accumulation_steps - 1  # all-reduce only on the last
+        with (nullcontext() if sync_grads else model.no_sync()):
+            with autocast:
+                loss, terms = losses_for(audio, image)
+            scaler.scale(loss / gradient_accumulation_steps).backward()
+        for k, v in terms.items():
+            terms_sum[k] = terms_sum.get(k, 0.0) + v / gradient_accumulation_steps
+    flags = torch.tensor([float(not torch.isfinite(terms_sum['loss'])), float(stop_requested)], device=device)
+    if ddp:
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    if flags[0] == 0:
+        if grad_clip > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return terms_sum, flags
+
+
+def save_checkpoint():
+    """Rank 0 writes a temporary file and renames it."""
+    if master:
+        state = dict(model=raw_model.state_dict(), teacher=teacher.state_dict() if teacher is not None else None,
+                     optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), iter_num=iter_num,
+                     epoch=iter_num // iters_per_epoch, model_args=model_args, config=config,
+                     noise_gen=noise_gen.get_state())
+        torch.save(state, ckpt_path + '.tmp')
+        os.replace(ckpt_path + '.tmp', ckpt_path)  # atomic: a crash never leaves a half-written ckpt.pt
+
+
+def evaluate_retrieval():
+    """Held-out clip retrieval (diagonal mean over frames) with the evaluate.py functions, rank 0 only."""
+    from evaluate import extract_features, retrieval_metrics, similarity
+    raw_model.eval()
+    feats = extract_features(raw_model, eval_dataset, batch_size=batch_size, device=device, progress=False)
+    raw_model.train()
+    results = {}
+    for name, query, cand in (('V->A', feats['g_v'], feats['g_a']), ('A->V', feats['g_a'], feats['g_v'])):
+        results[name] = retrieval_metrics(similarity(query, cand, 'diag_mean'))
+    return results
+
+
+def log(record):
+    with open(os.path.join(out_dir, 'log.jsonl'), 'a') as f:
+        f.write(json.dumps(record) + '\n')
+
+
+# -----------------------------------------------------------------------------
+# the loop
+stop_requested = False
+
+
+def on_sigterm(signum, frame):  # cluster pre-emption: finish the current step, save, exit
+    global stop_requested
+    stop_requested = True
+
+
+signal.signal(signal.SIGTERM, on_sigterm)
+if ckpt is not None:
+    noise_gen.set_state(ckpt['noise_gen'])
+    del ckpt
+eval_dataset = AVDataset(eval_json, label_csv or None, mode='eval', **data_args) if (eval_json and not bench) else None
+flops_per_clip = train_flops_per_clip()
+clips_per_iter = batch_size * gradient_accumulation_steps * world_size
+model.train()
+
+
+def bench_batches():
+    audio = torch.randn(batch_size, audio_length, num_mel_bins, device=device)
+    image = torch.randn(batch_size, 3, img_size, img_size, device=device)
+    while True:
+        yield audio, image
+
+
+def sync_device():
+    if device_type == 'cuda':
+        torch.cuda.synchronize()
+
+
+bar = tqdm(total=max_iters, initial=iter_num, disable=not master or bench, dynamic_ncols=True)
+t_log, iters_since_log = time.time(), 0
+while iter_num < max_iters:
+    epoch, start = divmod(iter_num, iters_per_epoch)
+    micro_batches = bench_batches() if bench else epoch_batches(epoch, start * gradient_accumulation_steps)
+    for _ in range(start, iters_per_epoch):
+        if bench and iter_num == bench_warmup:
+            sync_device()
+            t_bench = time.time()
+        lr = get_lr(iter_num)
+        for group in optimizer.param_groups:
+            group['lr'] = lr
+        terms, flags = train_step(micro_batches)
+        if flags[0]:
+            if master:
+                bar.close()
+                print(f'error: non-finite loss at iteration {iter_num} ({ {k: float(v) for k, v in terms.items()} }); '
+                      f'stopping. The last good checkpoint {ckpt_path} is untouched.', file=sys.stderr)
+            sys.exit(1)
+        if teacher is not None:
+            ema_update(teacher, raw_model, get_momentum(iter_num))
+        iter_num += 1
+        iters_since_log += 1
+        bar.update(1)
+        if master and not bench and (iter_num % log_interval == 0 or iter_num == max_iters):
+            dt = time.time() - t_log
+            clips_s = clips_per_iter * iters_since_log / dt
+            mfu = flops_per_clip * clips_s / world_size / (peak_tflops * 1e12) if device_type == 'cuda' else float('nan')
+            record = {'iter': iter_num, 'epoch': iter_num / iters_per_epoch, 'lr': lr, 'clips_s': clips_s, 'mfu': mfu,
+                      **{k: float(v) for k, v in terms.items()}}
+            log(record)
+            bar.write(f"iter {iter_num}: loss {record['loss']:.4f} rec {record['rec']:.4f} con {record['con']:.4f}"
+                      + (f" dis {record['dis']:.4f}" if 'dis' in record else '')
+                      + f" acc {record['con_acc']:.3f} lr {lr:.2e} {clips_s:.1f} clips/s mfu {100 * mfu:.1f}%")
+            t_log, iters_since_log = time.time(), 0
+        if not bench and (iter_num % eval_interval == 0 or iter_num == max_iters or flags[1]):
+            if master and eval_dataset is not None and not flags[1]:
+                results = evaluate_retrieval()
+                log({'iter': iter_num, 'retrieval': results})
+                bar.write(f'iter {iter_num}: retrieval R@1/5/10 ' + '  '.join(
+                    f"{d} {r['R@1']:.1f}/{r['R@5']:.1f}/{r['R@10']:.1f}" for d, r in results.items()))
+            save_checkpoint()
+        if flags[1]:
+            if master:
+                print(f'SIGTERM: saved {ckpt_path} at iteration {iter_num}; exiting', file=sys.stderr)
+            sys.exit(0)
+        if iter_num >= max_iters:
+            break
+bar.close()
+if bench:
+    sync_device()
+    dt = time.time() - t_bench
+    clips_s = batch_size * gradient_accumulation_steps * bench_iters / dt
+    tflops = flops_per_clip * clips_s / 1e12
+    mem = f'{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB' if device_type == 'cuda' else 'n/a'
+    mfu = f'{100 * tflops / peak_tflops:.1f}%' if device_type == 'cuda' else 'n/a'
+    print(f'| method | batch | s/iter | clips/s | GFLOP/clip | TFLOP/s | MFU | peak mem |\n|---|---|---|---|---|---|---|---|\n'
+          f'| {method} | {batch_size} | {dt / bench_iters:.3f} | {clips_s:.1f} | {flops_per_clip / 1e9:.1f} | {tflops:.2f} | {mfu} | {mem} |')
+if ddp:
+    dist.destroy_process_group()
