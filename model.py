@@ -99,17 +99,18 @@ class MLP(nn.Module):
 
 class Block(nn.Module):
     """Pre-norm ViT block. The joint block has three LayerNorm pairs: norm1/norm2 for the fused pass,
-    norm*_a for the audio pass and norm*_v for the visual pass, around shared attention and MLP."""
+    norm*_a for the audio pass and norm*_v for the visual pass, around shared attention and MLP.
+    LayerNorm eps is PyTorch's default 1e-5, as in the release (MAE itself uses 1e-6)."""
 
     def __init__(self, dim, num_heads, mlp_ratio, joint=False):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.norm1 = nn.LayerNorm(dim)
         self.attn = Attention(dim, num_heads)
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.norm2 = nn.LayerNorm(dim)
         self.mlp = MLP(dim, int(dim * mlp_ratio))
         if joint:
-            self.norm1_a, self.norm2_a = nn.LayerNorm(dim, eps=1e-6), nn.LayerNorm(dim, eps=1e-6)
-            self.norm1_v, self.norm2_v = nn.LayerNorm(dim, eps=1e-6), nn.LayerNorm(dim, eps=1e-6)
+            self.norm1_a, self.norm2_a = nn.LayerNorm(dim), nn.LayerNorm(dim)
+            self.norm1_v, self.norm2_v = nn.LayerNorm(dim), nn.LayerNorm(dim)
 
     def forward(self, x, modality='av', return_attn=False):
         suffix = {'av': '', 'a': '_a', 'v': '_v'}[modality]  # which LayerNorm pair
@@ -157,9 +158,9 @@ class CAVMAESync(nn.Module):
         self.blocks_a = nn.ModuleList([Block(D, c.num_heads, c.mlp_ratio) for _ in range(c.modality_depth)])
         self.blocks_v = nn.ModuleList([Block(D, c.num_heads, c.mlp_ratio) for _ in range(c.modality_depth)])
         self.blocks_u = nn.ModuleList([Block(D, c.num_heads, c.mlp_ratio, joint=True) for _ in range(c.joint_depth)])
-        self.norm_a = nn.LayerNorm(D, eps=1e-6)
-        self.norm_v = nn.LayerNorm(D, eps=1e-6)
-        self.norm = nn.LayerNorm(D, eps=1e-6)
+        self.norm_a = nn.LayerNorm(D)
+        self.norm_v = nn.LayerNorm(D)
+        self.norm = nn.LayerNorm(D)
 
         self.has_decoder = decoder
         if decoder:
@@ -170,7 +171,7 @@ class CAVMAESync(nn.Module):
             self.decoder_modality_a = nn.Parameter(torch.zeros(1, 1, Dd))
             self.decoder_modality_v = nn.Parameter(torch.zeros(1, 1, Dd))
             self.decoder_blocks = nn.ModuleList([Block(Dd, c.decoder_num_heads, c.mlp_ratio) for _ in range(c.decoder_depth)])
-            self.decoder_norm = nn.LayerNorm(Dd, eps=1e-6)
+            self.decoder_norm = nn.LayerNorm(Dd)
             self.decoder_pred_a = nn.Linear(Dd, p * p)
             self.decoder_pred_v = nn.Linear(Dd, p * p * 3)
         self._init_weights()

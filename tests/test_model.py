@@ -342,7 +342,7 @@ def reference_official_features(sd, cfg, audio, image):
     p, H, R = cfg.patch_size, cfg.num_heads, cfg.num_registers
 
     def ln(x, name):
-        return F.layer_norm(x, x.shape[-1:], sd[name + '.weight'], sd[name + '.bias'], eps=1e-6)
+        return F.layer_norm(x, x.shape[-1:], sd[name + '.weight'], sd[name + '.bias'], eps=1e-5)  # nn.LayerNorm's default, as released
 
     def block(x, pre, sfx=''):
         h = ln(x, f'{pre}.norm1{sfx}')
