@@ -1,0 +1,736 @@
+"""
+Evaluation with the papers' protocols (SPEC section 8), so results compare with SPEC section 9.
+
+  retrieval    zero-shot clip-to-clip retrieval, V->A and A->V: R@1/5/10 (percent) and median rank
+  probe        frozen encoders, attention probe (CLS + 2 transformer layers) on the T per-frame
+               [g_a; g_v] vectors: mAP (multi-label) or top-1 (single-label); --modality a|v: unimodal
+  localize     sound-prompted localisation: cos(g_a, visual patch tokens) over the frame, one PNG per clip
+  reconstruct  original / masked / reconstructed spectrogram and frame for a few clips, one PNG
+  embed        PCA of clip-level audio (circles) and visual (triangles) embeddings coloured by class
+
+Examples:
+  python evaluate.py retrieval --ckpt out/ckpt.pt --data vgg_retrieval.json --strategy diag_mean block_max --out r.json
+  python evaluate.py probe --ckpt out/ckpt.pt --train as20k.json --eval as_eval.json --label_csv labels.csv --cache feats
+  python evaluate.py localize --ckpt out/ckpt.pt --data eval.json --out loc/
+  python evaluate.py reconstruct --ckpt out/ckpt.pt --data eval.json --out rec/
+  python evaluate.py embed --ckpt out/ckpt.pt --data eval.json --label_csv labels.csv --out embed.png
+
+--ckpt takes a train.py checkpoint (--weights teacher picks its EMA teacher) or an official CAV-MAE Sync /
+TG-DP release. Features of a (checkpoint, dataset) pair are extracted once (clips x frames batched into one
+forward) and, with --cache DIR, stored so that re-running with another strategy or probe costs nothing.
+Functions for other scripts: load_model, extract_features, similarity, retrieval_metrics, retrieval,
+mean_average_precision, train_probe.
+"""
+import argparse
+import contextlib
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
+from torch.utils.data import DataLoader, Subset
+from tqdm import tqdm
+
+import data
+from model import CAVMAESync, ModelConfig, convert_official_state_dict
+
+STRATEGIES = ('diag_mean', 'block_mean', 'diag_max', 'block_max')
+
+
+# -----------------------------------------------------------------------------
+# loading
+
+def load_model(ckpt_path, device='cpu', weights='model'):
+    """A train.py checkpoint (dict with 'model', 'teacher', 'model_args') or an official CAV-MAE Sync /
+    TG-DP state dict -> CAVMAESync in eval mode on device. weights='teacher' picks the EMA teacher
+    (encoder only: the model is built without a decoder, so the load stays strict)."""
+    if weights not in ('model', 'teacher'):
+        raise ValueError(f"weights must be 'model' or 'teacher', got {weights!r}")
+    if not os.path.isfile(ckpt_path):
+        raise FileNotFoundError(f'checkpoint {ckpt_path} does not exist')
+    try:  # tensors and plain containers only: an official release is a file from the internet
+        ckpt = torch.load(ckpt_path, map_location='cpu', weights_only=True)
+    except Exception as e:
+        raise ValueError(f'{ckpt_path}: cannot be read as a checkpoint of tensors ({type(e).__name__}: {e})') from e
+
+    if isinstance(ckpt, dict) and 'model' in ckpt and 'model_args' in ckpt:  # train.py
+        config = ModelConfig(**ckpt['model_args'])
+        sd = ckpt[weights]
+        if sd is None:
+            raise ValueError(f'{ckpt_path}: --weights {weights} asked, but this run kept no {weights} weights')
+        sd = {k.removeprefix('_orig_mod.'): v for k, v in sd.items()}  # torch.compile'd module names
+        model = CAVMAESync(config, decoder=(weights == 'model'))
+        model.load_state_dict(sd)
+        source = f'train.py checkpoint, {weights} weights' + (f', iter {ckpt["iter_num"]}' if 'iter_num' in ckpt else '')
+    elif isinstance(ckpt, dict) and ckpt and all(torch.is_tensor(v) for v in ckpt.values()) \
+            and any(k.removeprefix('module.').startswith(('blocks_u.', 'cls_token_a', 'patch_embed_a.')) for k in ckpt):
+        if weights != 'model':
+            raise ValueError(f'{ckpt_path}: an official release has no teacher weights; drop --weights teacher')
+        model = CAVMAESync(ModelConfig())
+        model.load_state_dict(convert_official_state_dict(ckpt))
+        source = 'official CAV-MAE Sync / TG-DP release'
+    else:
+        keys = list(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise ValueError(f"{ckpt_path}: neither a train.py checkpoint (a dict with 'model' and 'model_args') nor an "
+                         f"official CAV-MAE Sync / TG-DP state dict (keys like 'module.blocks_u.0.norm1_a.weight'); "
+                         f'it holds {keys}')
+    print(f'loaded {ckpt_path} ({source}): {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters')
+    return model.to(device).eval()
+
+
+def make_dataset(data_json, label_csv, config, num_frames=16):
+    """Eval-mode dataset (all T frames and their aligned segments) at the model's input sizes."""
+    return data.AVDataset(data_json, label_csv=label_csv, mode='eval', audio_length=config.audio_length,
+                          num_mel_bins=config.num_mel_bins, img_size=config.img_size, num_frames=num_frames)
+
+
+def autocast(device):
+    """bf16 autocast on GPU, full precision elsewhere."""
+    device = torch.device(device)
+    if device.type == 'cuda':
+        return torch.autocast('cuda', dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+# -----------------------------------------------------------------------------
+# features
+
+@torch.no_grad()
+def extract_features(model, dataset, batch_size=8, device='cpu', num_workers=0):
+    """Per-frame global embeddings of every clip. Each batch of clips x frames goes through one
+    forward_features call. batch_size counts clips (a forward sees batch_size * T frames).
+    Returns dict(g_a, g_v (N, T, D) float32 on CPU, labels (N, C), ids [N], class_names [C])."""
+    was_training = model.training
+    model.eval()
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        collate_fn=data.collate, pin_memory=torch.device(device).type == 'cuda')
+    g_a, g_v, labels, ids = [], [], [], []
+    for batch in tqdm(loader, desc='features', unit='batch', leave=False):
+        audio = batch['audio'].to(device, non_blocking=True)  # (B, T, L, F)
+        image = batch['image'].to(device, non_blocking=True)  # (B, T, 3, H, W)
+        B, T = audio.shape[:2]
+        with autocast(device):
+            a, v, _, _ = model.forward_features(audio.flatten(0, 1), image.flatten(0, 1))  # (B*T, D) each
+        g_a.append(a.float().view(B, T, -1).cpu())
+        g_v.append(v.float().view(B, T, -1).cpu())
+        labels.append(batch['label'])
+        ids += list(batch['id'])
+    model.train(was_training)
+    return dict(g_a=torch.cat(g_a), g_v=torch.cat(g_v), labels=torch.cat(labels).float(), ids=ids,
+                class_names=list(getattr(dataset, 'class_names', None) or []))
+
+
+def _file_stamp(path):
+    st = os.stat(path)
+    return [os.path.abspath(path), st.st_size, st.st_mtime_ns]
+
+
+def features_for(args, data_json, label_csv=None):
+    """extract_features for (args.ckpt, data_json), through the --cache directory when given: the
+    model is only loaded when the features are not cached. Adds 'model_args' to the dict."""
+    stamps = [_file_stamp(args.ckpt), args.weights, _file_stamp(data_json),
+              _file_stamp(label_csv) if label_csv else None, args.num_frames]
+    path = None
+    if args.cache:
+        key = hashlib.sha1(json.dumps(stamps).encode()).hexdigest()[:16]
+        path = os.path.join(args.cache, f'{os.path.splitext(os.path.basename(data_json))[0]}-{key}.pt')
+        if os.path.exists(path):
+            print(f'features of {data_json}: cached in {path}')
+            return torch.load(path, weights_only=True)
+    if getattr(args, 'model', None) is None:  # loaded once, for the first split that is not cached
+        args.model = load_model(args.ckpt, args.device, args.weights)
+    model = args.model
+    dataset = make_dataset(data_json, label_csv, model.config, args.num_frames)
+    t0 = time.time()
+    feats = extract_features(model, dataset, args.batch_size, args.device, args.num_workers)
+    feats['model_args'] = dataclasses.asdict(model.config)
+    N, T, _ = feats['g_a'].shape
+    print(f'features of {data_json}: {N} clips x {T} frames in {time.time() - t0:.1f} s')
+    if path:
+        os.makedirs(args.cache, exist_ok=True)
+        torch.save(feats, path)
+        print(f'features cached in {path}')
+    return feats
+
+
+# -----------------------------------------------------------------------------
+# retrieval
+
+def similarity(query, candidates, strategy='diag_mean', max_elements=2 ** 26):
+    """Clip-to-clip scores (N, M) from per-frame embeddings query (N, T, D) and candidates (M, T, D),
+    frame t of one clip aligned with frame t of the other. With cos the cosine of two frames:
+      diag_mean   mean_t   cos(q_t, c_t)     (the papers' default)
+      block_mean  mean_t,s cos(q_t, c_s)
+      diag_max    max_t    cos(q_t, c_t)
+      block_max   max_t,s  cos(q_t, c_s)
+    All four are symmetric: similarity(a, b).T == similarity(b, a) (up to rounding). The max strategies are computed
+    in chunks of queries holding at most max_elements frame-pair scores."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f'unknown strategy {strategy!r}; choose from {STRATEGIES}')
+    if query.dim() != 3 or candidates.dim() != 3 or query.shape[1:] != candidates.shape[1:]:
+        raise ValueError(f'expected (N, T, D) and (M, T, D), got {tuple(query.shape)} and {tuple(candidates.shape)}')
+    q = F.normalize(query.float(), dim=-1)  # (N, T, D): dot products are now cosines
+    c = F.normalize(candidates.float(), dim=-1)  # (M, T, D)
+    N, T, D = q.shape
+    M = c.shape[0]
+    if strategy == 'diag_mean':  # sum_t <q_t, c_t> is one dot product of the flattened clips
+        return (q.reshape(N, T * D) @ c.reshape(M, T * D).T).div_(T)
+    if strategy == 'block_mean':  # mean_t,s <q_t, c_s> = <mean_t q_t, mean_s c_s>
+        return q.mean(dim=1) @ c.mean(dim=1).T
+    out = torch.empty(N, M, device=q.device)
+    if strategy == 'diag_max':
+        c_t = c.permute(1, 2, 0).contiguous()  # (T, D, M)
+        step = max(1, max_elements // (T * M))
+        for i in range(0, N, step):
+            out[i:i + step] = torch.bmm(q[i:i + step].transpose(0, 1), c_t).amax(dim=0)  # (T, n, M) -> (n, M)
+        return out
+    c_flat = c.reshape(M * T, D).T  # (D, M*T)  block_max: every frame against every frame
+    step = max(1, max_elements // (T * M * T))
+    for i in range(0, N, step):
+        n = q[i:i + step].shape[0]
+        out[i:i + step] = (q[i:i + step].reshape(n * T, D) @ c_flat).view(n, T, M, T).amax(dim=(1, 3))
+    return out
+
+
+def retrieval_metrics(sim):
+    """sim (N, N): row i scores query i against every candidate; its true match is candidate i.
+    The rank of the true match is 1 + the number of other candidates scoring at least as high, so a
+    tie counts against the model. Returns R@1, R@5, R@10 (percent of queries) and the median rank."""
+    if sim.dim() != 2 or sim.shape[0] != sim.shape[1]:
+        raise ValueError(f'sim must be square (query i matches candidate i), got {tuple(sim.shape)}')
+    if not torch.isfinite(sim).all():
+        raise ValueError('sim has NaN or infinite scores')
+    ranks = (sim >= sim.diagonal()[:, None]).sum(dim=1)  # (N,), the true match counts itself: 1-based
+    metrics = {f'R@{k}': 100.0 * (ranks <= k).double().mean().item() for k in (1, 5, 10)}
+    metrics['MedR'] = ranks.double().quantile(0.5).item()  # the mean of the two middle ranks when N is even
+    return metrics
+
+
+def retrieval(features, strategies=('diag_mean',), device='cpu'):
+    """{strategy: {'V->A': metrics, 'A->V': metrics}} from extract_features' g_a, g_v (N, T, D), scored
+    on device. V->A: visual queries against audio candidates. Every strategy is symmetric, so A->V
+    uses the transpose."""
+    g_a, g_v = features['g_a'].to(device), features['g_v'].to(device)
+    results = {}
+    for strategy in strategies:
+        sim_va = similarity(g_v, g_a, strategy)  # (N, N) rows: visual queries
+        results[strategy] = {'V->A': retrieval_metrics(sim_va), 'A->V': retrieval_metrics(sim_va.T)}
+    return results
+
+
+def print_table(header, rows, left=1):
+    """Rows of strings and numbers as an aligned table: floats with one decimal, the first `left`
+    columns aligned left, the others right."""
+    cells = [[f'{x:.1f}' if isinstance(x, float) else str(x) for x in row] for row in [header] + rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    for j, row in enumerate(cells):
+        print('  '.join(c.rjust(w) if i >= left else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))))
+        if j == 0:
+            print('  '.join('-' * w for w in widths))
+
+
+# -----------------------------------------------------------------------------
+# attention probe
+
+def mean_average_precision(scores, targets):
+    """Macro average precision in percent over the classes with at least one positive.
+    scores, targets (N, C); a target > 0 is a positive. AP of a class = mean over its positives of
+    the precision among clips scoring at least as high as that positive (tied clips share one
+    threshold, as in sklearn's average_precision_score)."""
+    scores, positive = scores.double(), targets > 0
+    if scores.shape != positive.shape or scores.dim() != 2:
+        raise ValueError(f'scores and targets must both be (N, C), got {tuple(scores.shape)} and {tuple(targets.shape)}')
+    has_pos = positive.any(dim=0)  # (C,)
+    if not has_pos.any():
+        raise ValueError('no class has a positive: mAP is undefined')
+    N = scores.shape[0]
+    s, order = scores.sort(dim=0, descending=True)  # (N, C) per class, best first
+    pos = positive.gather(0, order).double()  # (N, C)
+    true_pos = pos.cumsum(dim=0)  # (N, C) positives among the first i+1
+    # last index of each run of tied scores: a tied clip's precision is taken after the whole run
+    idx = torch.arange(N, device=s.device)[:, None].expand_as(s)
+    run_end = torch.where(torch.cat([s[1:] != s[:-1], torch.ones_like(s[:1], dtype=torch.bool)]), idx, N)
+    run_end = run_end.flip(0).cummin(dim=0).values.flip(0)  # (N, C) next run end at or after i
+    precision = true_pos.gather(0, run_end) / (run_end + 1)  # (N, C)
+    ap = (precision * pos).sum(dim=0)[has_pos] / pos.sum(dim=0)[has_pos]
+    return 100.0 * ap.mean().item()
+
+
+class AttentionProbe(nn.Module):
+    """The CAV-MAE Sync probe: a learned CLS token prepended to the T frame vectors (no positional
+    embedding), 2 pre-norm transformer layers, LayerNorm, linear head on the CLS output."""
+
+    def __init__(self, dim, num_classes, num_heads=12, depth=2, mlp_ratio=4.0):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f'probe width {dim} is not divisible by num_heads={num_heads}')
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.blocks = nn.ModuleList([
+            nn.TransformerEncoderLayer(dim, num_heads, int(dim * mlp_ratio), dropout=0.0, activation='gelu',
+                                       batch_first=True, norm_first=True) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+        nn.init.normal_(self.cls_token, std=0.02)
+
+    def forward(self, x):  # (B, T, dim) -> logits (B, num_classes)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # (B, 1 + T, dim)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.head(self.norm(x[:, 0]))
+
+
+def probe_inputs(features, modality='av'):
+    """Per-clip sequence of frame vectors: [g_a; g_v] (N, T, 2D), or g_a / g_v (N, T, D)."""
+    if modality == 'av':
+        return torch.cat([features['g_a'], features['g_v']], dim=-1)
+    if modality in ('a', 'v'):
+        return features['g_' + modality]
+    raise ValueError(f"modality must be 'av', 'a' or 'v', got {modality!r}")
+
+
+@torch.no_grad()
+def _probe_scores(probe, x, device, batch_size=256):
+    probe.eval()
+    return torch.cat([probe(x[i:i + batch_size].to(device)).float().cpu() for i in range(0, len(x), batch_size)])
+
+
+def probe_metric(logits, targets, multilabel):
+    """mAP (percent) of sigmoid scores for multi-label data, else top-1 accuracy (percent)."""
+    if multilabel:
+        return mean_average_precision(logits.sigmoid(), targets)
+    return 100.0 * (logits.argmax(dim=1) == targets.argmax(dim=1)).double().mean().item()
+
+
+def train_probe(train_x, train_y, eval_x, eval_y, multilabel, lr, epochs, batch_size=48, num_heads=12,
+                mixup=0.5, wa_start=3, warmup_frac=0.02, weight_decay=5e-7, device='cpu', seed=0):
+    """Train an AttentionProbe on frozen features x (N, T, dim), targets y (N, C) multi-hot; report on
+    eval_x / eval_y. Adam (0.95, 0.999), linear warmup over warmup_frac of the steps then cosine to
+    lr / 10 (as the release's probe schedule), mixup with probability `mixup` and lambda ~ Beta(10, 10)
+    (as CAV-MAE), weights averaged over the ends of epochs wa_start..epochs (1-based).
+    Loss: BCE for multi-label data, cross-entropy otherwise. Returns a dict with per-epoch history,
+    the metric of the last weights ('last') and of the averaged weights ('final')."""
+    if not 1 <= wa_start <= epochs:
+        raise ValueError(f'wa_start={wa_start} must lie in 1..epochs={epochs}')
+    if not multilabel and (train_y.sum(dim=1) == 0).any():
+        raise ValueError('single-label probing needs one label per training clip; some clips have none')
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    train_x, train_y = train_x.to(device), train_y.float().to(device)  # frozen features: moved once
+    N, T, dim = train_x.shape
+    probe = AttentionProbe(dim, train_y.shape[1], num_heads).to(device)
+    optimizer = torch.optim.Adam(probe.parameters(), lr=lr, betas=(0.95, 0.999), weight_decay=weight_decay)
+    steps_per_epoch = math.ceil(N / batch_size)
+    total = epochs * steps_per_epoch
+    warmup = max(1, round(warmup_frac * total))
+
+    def lr_at(step):  # linear warmup, then cosine from lr down to lr / 10
+        if step < warmup:
+            return lr * (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+    beta = torch.distributions.Beta(torch.tensor(10.0), torch.tensor(10.0))
+    metric_name = 'mAP' if multilabel else 'top-1'
+    history, wa_sum, wa_count, step = [], None, 0, 0
+    for epoch in tqdm(range(1, epochs + 1), desc='probe', unit='epoch', leave=False):
+        probe.train()
+        order, total_loss = torch.randperm(N, generator=gen), 0.0
+        for i in range(0, N, batch_size):
+            idx = order[i:i + batch_size]
+            x, y = train_x[idx], train_y[idx]  # (B, T, dim), (B, C)
+            B = len(idx)
+            if mixup > 0:  # each clip is mixed, with probability `mixup`, with another clip of the batch
+                lam = torch.where(torch.rand(B, generator=gen) < mixup, beta.sample((B,)), torch.ones(B)).to(device)
+                partner = torch.randperm(B, generator=gen).to(device)
+                x = lam[:, None, None] * x + (1 - lam[:, None, None]) * x[partner]
+                y = lam[:, None] * y + (1 - lam[:, None]) * y[partner]
+            for group in optimizer.param_groups:
+                group['lr'] = lr_at(step)
+            logits = probe(x)
+            loss = F.binary_cross_entropy_with_logits(logits, y) if multilabel else F.cross_entropy(logits, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total_loss += loss.item() * B
+            step += 1
+        metric = probe_metric(_probe_scores(probe, eval_x, device), eval_y, multilabel)
+        history.append(dict(epoch=epoch, lr=lr_at(step - 1), loss=total_loss / N, **{metric_name: metric}))
+        if epoch >= wa_start:  # running sum of end-of-epoch weights
+            sd = {k: v.detach().clone().float() for k, v in probe.state_dict().items()}
+            wa_sum = sd if wa_sum is None else {k: wa_sum[k] + sd[k] for k in sd}
+            wa_count += 1
+    last = history[-1][metric_name]
+    probe.load_state_dict({k: v / wa_count for k, v in wa_sum.items()})
+    final = probe_metric(_probe_scores(probe, eval_x, device), eval_y, multilabel)
+    return dict(metric=metric_name, multilabel=multilabel, history=history, last=last, final=final,
+                wa_epochs=[wa_start, epochs], probe=probe)
+
+
+# -----------------------------------------------------------------------------
+# pictures (Pillow only)
+
+# anchor colours of two perceptual colour maps, linearly interpolated
+TURBO = [(48, 18, 59), (70, 134, 251), (27, 229, 181), (164, 252, 60), (251, 185, 56), (228, 70, 10), (122, 4, 3)]
+MAGMA = [(0, 0, 4), (59, 15, 112), (140, 41, 129), (222, 73, 104), (254, 159, 109), (252, 253, 191)]
+PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
+           (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]  # tab10
+PAD, HEADER = 4, 16  # reconstruct grid: pixels between cells, height of the column titles
+MASK_GREY = 128
+
+
+def colormap(x, anchors):
+    """x (H, W) in [0, 1] -> (H, W, 3) uint8 numpy array."""
+    lut = torch.tensor(anchors, dtype=torch.float32)  # (K, 3)
+    pos = x.float().clamp(0, 1) * (len(anchors) - 1)
+    lo = pos.floor().long().clamp(max=len(anchors) - 2)
+    frac = (pos - lo)[..., None]
+    return ((1 - frac) * lut[lo] + frac * lut[lo + 1]).round().byte().numpy()
+
+
+def _unit_range(x, lo=None, hi=None):  # min-max scale to [0, 1] (a constant input maps to 0)
+    lo = x.min() if lo is None else lo
+    hi = x.max() if hi is None else hi
+    return (x - lo) / (hi - lo).clamp(min=1e-12)
+
+
+def frame_to_rgb(image):
+    """Normalised frame (3, H, W) -> (H, W, 3) uint8, undoing data.py's ImageNet normalisation."""
+    mean = torch.tensor(data.IMAGE_MEAN, dtype=torch.float32)[:, None, None]
+    std = torch.tensor(data.IMAGE_STD, dtype=torch.float32)[:, None, None]
+    rgb = (image.float().cpu() * std + mean).clamp(0, 1)
+    return (rgb.permute(1, 2, 0) * 255).round().byte().numpy()
+
+
+def spectrogram_to_rgb(audio, lo=None, hi=None):
+    """Segment (L, F) -> (F, L, 3) uint8: time left to right, low frequencies at the bottom."""
+    x = audio.float().cpu().T.flip(0)  # (F, L)
+    return colormap(_unit_range(x, lo, hi), MAGMA)
+
+
+def _loader(dataset, num_clips, batch_size, num_workers):
+    subset = Subset(dataset, range(min(num_clips, len(dataset))))
+    return DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=data.collate)
+
+
+def _safe_name(clip_id):
+    return ''.join(ch if ch.isalnum() or ch in '-_.' else '_' for ch in str(clip_id))
+
+
+@torch.no_grad()
+def localize(model, dataset, out_dir, frame=None, num_clips=16, batch_size=8, device='cpu', num_workers=0, alpha=0.5):
+    """Sound-prompted localisation: for frame t (middle by default) of each clip, the cosine between
+    g_a of segment t and every visual patch token of frame t, bilinearly upsampled to the frame,
+    min-max scaled per frame (red = most similar) and overlaid on it. Writes out_dir/<id>.png =
+    [frame | heat map overlay], (2W, H). Returns the paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    paths = []
+    for batch in tqdm(_loader(dataset, num_clips, batch_size, num_workers), desc='localize', leave=False):
+        T = batch['audio'].shape[1]
+        t = T // 2 if frame is None else frame
+        if not 0 <= t < T:
+            raise ValueError(f'--frame {t} is outside 0..{T - 1}')
+        audio, image = batch['audio'][:, t].to(device), batch['image'][:, t].to(device)  # (B, L, F), (B, 3, H, W)
+        with autocast(device):
+            g_a, _, _, tokens_v = model.forward_features(audio, image)
+        cos = F.cosine_similarity(g_a.float()[:, None], tokens_v.float(), dim=-1)  # (B, Nv)
+        H, W = image.shape[-2:]
+        heat = F.interpolate(cos.view(-1, 1, *model.grid_v), size=(H, W), mode='bilinear', align_corners=False)[:, 0]
+        for b, clip_id in enumerate(batch['id']):
+            rgb = frame_to_rgb(image[b])  # (H, W, 3)
+            hot = colormap(_unit_range(heat[b].cpu()), TURBO)
+            overlay = (rgb * (1 - alpha) + hot * alpha).round().astype(np.uint8)
+            canvas = Image.new('RGB', (2 * W, H))
+            canvas.paste(Image.fromarray(rgb), (0, 0))
+            canvas.paste(Image.fromarray(overlay), (W, 0))
+            paths.append(os.path.join(out_dir, _safe_name(clip_id) + '.png'))
+            canvas.save(paths[-1])
+    return paths
+
+
+def reconstruct_size(config, num_clips):
+    """(width, height) of the reconstruct grid: 3 columns; per clip a spectrogram row and a frame row."""
+    cell_w = max(config.audio_length, config.img_size)
+    return 3 * cell_w + 4 * PAD, HEADER + num_clips * (config.num_mel_bins + config.img_size + 2 * PAD) + PAD
+
+
+@torch.no_grad()
+def reconstruct(model, dataset, out_path, frame=None, num_clips=4, mask_ratio=0.75, device='cpu', seed=0):
+    """MAE-style figure for the first num_clips clips (frame t, middle by default): columns original /
+    masked (masked patches grey) / reconstruction (predicted masked patches + visible ones), a
+    spectrogram row and a frame row per clip. Writes one PNG of reconstruct_size(config, n)."""
+    if not getattr(model, 'has_decoder', True):
+        raise ValueError('reconstruct needs the decoder: use --weights model (the teacher has none)')
+    items = [dataset[i] for i in range(min(num_clips, len(dataset)))]
+    batch = data.collate(items)
+    T = batch['audio'].shape[1]
+    t = T // 2 if frame is None else frame
+    if not 0 <= t < T:
+        raise ValueError(f'--frame {t} is outside 0..{T - 1}')
+    audio, image = batch['audio'][:, t].to(device), batch['image'][:, t].to(device)
+    torch.manual_seed(seed)  # the random masks
+    with autocast(device):
+        out = model.forward_reconstruction(audio, image, mask_ratio, mask_ratio)
+    columns = []
+    for x, pred, mask, patchify, unpatchify in (
+            (audio, out['pred_a'], out['mask_a'], model.patchify_audio, model.unpatchify_audio),
+            (image, out['pred_v'], out['mask_v'], model.patchify_image, model.unpatchify_image)):
+        target, pred, mask = patchify(x.float()), pred.float(), mask.float()[..., None]  # (B, N, P), (B, N, 1)
+        if model.config.norm_pix_loss:  # predictions are per-patch normalised: back to input units
+            mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
+            pred = pred * (var + 1e-6) ** 0.5 + mean
+        columns.append((x.float(), unpatchify(target * (1 - mask)), unpatchify(pred * mask + target * (1 - mask)),
+                        unpatchify(mask.expand_as(target)) > 0.5))
+    (a_orig, a_masked, a_rec, a_hole), (v_orig, v_masked, v_rec, v_hole) = columns
+
+    W, H = reconstruct_size(model.config, len(items))
+    cell_w = max(model.config.audio_length, model.config.img_size)
+    canvas = Image.new('RGB', (W, H), 'white')
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default()
+    for j, title in enumerate(('original', f'masked {mask_ratio:.0%}', 'reconstruction + visible')):
+        draw.text((PAD + j * (cell_w + PAD) + 2, 2), title, fill='black', font=font)
+    y = HEADER
+    for b in range(len(items)):
+        lo, hi = a_orig[b].min(), a_orig[b].max()  # one colour scale for the three spectrograms
+        for j, (spec, hole) in enumerate(((a_orig[b], None), (a_masked[b], a_hole[b]), (a_rec[b], None))):
+            rgb = spectrogram_to_rgb(spec, lo, hi)
+            if hole is not None:
+                rgb[hole.cpu().T.flip(0).numpy()] = MASK_GREY
+            canvas.paste(Image.fromarray(rgb), (PAD + j * (cell_w + PAD), y))
+        y += model.config.num_mel_bins + PAD
+        for j, (img, hole) in enumerate(((v_orig[b], None), (v_masked[b], v_hole[b]), (v_rec[b], None))):
+            rgb = frame_to_rgb(img)
+            if hole is not None:
+                rgb[hole[0].cpu().numpy()] = MASK_GREY
+            canvas.paste(Image.fromarray(rgb), (PAD + j * (cell_w + PAD), y))
+        y += model.config.img_size + PAD
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    canvas.save(out_path)
+    return out_path
+
+
+def clip_embeddings(g):
+    """(N, T, D) per-frame embeddings -> (N, D) clip embeddings: mean of the L2-normalised frames."""
+    return F.normalize(F.normalize(g.float(), dim=-1).mean(dim=1), dim=-1)
+
+
+def class_colour(k):
+    if k < len(PALETTE):
+        return PALETTE[k]
+    h = (k * 0.618033988749895) % 1.0  # golden-ratio hues beyond the ten fixed colours
+    i, f = int(h * 6), h * 6 - int(h * 6)
+    p, q, t = 0.25, 0.9 - 0.65 * f, 0.25 + 0.65 * f
+    r, g, b = [(0.9, t, p), (q, 0.9, p), (p, 0.9, t), (p, q, 0.9), (t, p, 0.9), (0.9, p, q)][i]
+    return int(r * 255), int(g * 255), int(b * 255)
+
+
+def embed_plot(features, out_path, size=800):
+    """PCA (fit jointly) of the clip-level audio and visual embeddings, audio as circles and video as
+    triangles, coloured by class (the first label of each clip; grey for unlabelled clips), with a
+    legend. Writes a (size, size) PNG."""
+    a, v = clip_embeddings(features['g_a']), clip_embeddings(features['g_v'])  # (N, D) each
+    N = a.shape[0]
+    X = torch.cat([a, v]).double()  # (2N, D)
+    X = X - X.mean(dim=0)
+    _, S, Vh = torch.linalg.svd(X, full_matrices=False)
+    xy = X @ Vh[:2].T  # (2N, 2)
+    explained = (S[:2] ** 2 / (S ** 2).sum()).tolist()
+    labels = features['labels']
+    cls = labels.argmax(dim=1).tolist() if labels.numel() else [-1] * N
+    cls = [c if labels.numel() and labels[i, c] > 0 else -1 for i, c in enumerate(cls)]
+    names = features.get('class_names') or []
+
+    canvas = Image.new('RGB', (size, size), 'white')
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default()
+    legend_w, m = size * 2 // 7, size // 20
+    box = (m, m, size - legend_w - m // 2, size - m)  # plot area (left, top, right, bottom)
+    draw.rectangle(box, outline=(160, 160, 160))
+    draw.text((m, m // 4), f'PCA of clip embeddings: {N} clips', fill='black', font=font)
+    draw.text((m, size - m + 4), f'PC1 ({explained[0]:.0%} var)', fill='black', font=font)
+    draw.text((2, m - 14), f'PC2 ({explained[1]:.0%})', fill='black', font=font)
+    lo, hi = xy.min(dim=0).values, xy.max(dim=0).values
+    span = (hi - lo).clamp(min=1e-12)
+    inner = 0.92  # keep markers off the frame
+    scale = inner * min((box[2] - box[0]) / span[0].item(), (box[3] - box[1]) / span[1].item())  # equal aspect
+    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+    mid = (lo + hi) / 2
+    r = max(2, size // 160)
+
+    def marker(x, y, shape, colour):
+        outline = tuple(int(c * 0.6) for c in colour)
+        if shape == 'circle':
+            draw.ellipse((x - r, y - r, x + r, y + r), fill=colour, outline=outline)
+        else:
+            draw.polygon([(x, y - 1.2 * r), (x - 1.1 * r, y + 0.8 * r), (x + 1.1 * r, y + 0.8 * r)], fill=colour, outline=outline)
+
+    for i in torch.randperm(2 * N, generator=torch.Generator().manual_seed(0)).tolist():  # no class drawn last on top
+        px = cx + scale * (xy[i, 0] - mid[0]).item()
+        py = cy - scale * (xy[i, 1] - mid[1]).item()
+        c = cls[i % N]
+        marker(px, py, 'circle' if i < N else 'triangle', class_colour(c) if c >= 0 else (150, 150, 150))
+
+    lx, ly, line = size - legend_w, m, 16
+    for shape, text in (('circle', 'audio'), ('triangle', 'video')):
+        marker(lx + r, ly + 6, shape, (90, 90, 90))
+        draw.text((lx + 3 * r + 4, ly), text, fill='black', font=font)
+        ly += line
+    ly += line // 2
+    present = sorted(set(c for c in cls if c >= 0))
+    room = (size - m - ly) // line
+    for k, c in enumerate(present):
+        if k == room - 1 and len(present) > room:
+            draw.text((lx, ly), f'... {len(present) - k} more classes', fill='black', font=font)
+            break
+        draw.rectangle((lx, ly + 2, lx + 10, ly + 12), fill=class_colour(c))
+        name = names[c] if c < len(names) else f'class {c}'
+        max_chars = (legend_w - 20) // 6  # about 6 px per character of the default font
+        draw.text((lx + 16, ly), name if len(name) <= max_chars else name[:max_chars - 3] + '...', fill='black', font=font)
+        ly += line
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    canvas.save(out_path)
+    return out_path
+
+
+# -----------------------------------------------------------------------------
+# command line
+
+def cmd_retrieval(args):
+    feats = features_for(args, args.data, args.label_csv)
+    N, T, D = feats['g_a'].shape
+    t0 = time.time()
+    results = retrieval(feats, args.strategy, args.device)
+    print(f'\nzero-shot retrieval, {N} clips x {T} frames, scored in {time.time() - t0:.2f} s')
+    rows = [[s, d, m['R@1'], m['R@5'], m['R@10'], m['MedR']] for s, r in results.items() for d, m in r.items()]
+    print_table(['strategy', 'direction', 'R@1', 'R@5', 'R@10', 'MedR'], rows, left=2)
+    if args.out:
+        with open(args.out, 'w') as f:
+            json.dump(dict(ckpt=args.ckpt, weights=args.weights, data=args.data, num_clips=N, num_frames=T,
+                           results=results), f, indent=2)
+        print(f'wrote {args.out}')
+
+
+def cmd_probe(args):
+    train = features_for(args, args.train, args.label_csv)
+    test = features_for(args, args.eval, args.label_csv)
+    if train['labels'].shape[1] == 0 or train['labels'].shape[1] != test['labels'].shape[1]:
+        raise ValueError(f'--train and --eval need labels from the same --label_csv {args.label_csv}')
+    multilabel = bool((train['labels'].sum(1) > 1).any() or (test['labels'].sum(1) > 1).any())
+    # SPEC section 8: AS-20K (multi-label) lr 5e-2, 15 epochs; VGGSound (single-label) lr 1e-3, 10 epochs
+    lr = args.lr if args.lr is not None else (5e-2 if multilabel else 1e-3)
+    epochs = args.epochs if args.epochs is not None else (15 if multilabel else 10)
+    num_heads = args.probe_heads or train['model_args']['num_heads']
+    x_train, x_eval = probe_inputs(train, args.modality), probe_inputs(test, args.modality)
+    print(f"probe: modality {args.modality}, {x_train.shape[0]} train / {x_eval.shape[0]} eval clips x "
+          f"{x_train.shape[1]} frames x {x_train.shape[2]}-d, {train['labels'].shape[1]} classes, "
+          f"{'multi-label: BCE, mAP' if multilabel else 'single-label: cross-entropy, top-1'}, "
+          f'lr {lr:g}, {epochs} epochs, batch {args.probe_batch_size}, {num_heads} heads')
+    out = train_probe(x_train, train['labels'], x_eval, test['labels'], multilabel, lr, epochs,
+                      batch_size=args.probe_batch_size, num_heads=num_heads, mixup=args.mixup,
+                      wa_start=args.wa_start, device=args.device, seed=args.seed)
+    metric = out['metric']
+    print()
+    print_table(['epoch', 'lr', 'train loss', metric],
+                [[h['epoch'], f"{h['lr']:.2e}", f"{h['loss']:.4f}", h[metric]] for h in out['history']], left=0)
+    print(f"\n{metric}: {out['final']:.1f} with weights averaged over epochs {out['wa_epochs'][0]}-{out['wa_epochs'][1]} "
+          f"({out['last']:.1f} with the last weights)")
+    if args.out:
+        with open(args.out, 'w') as f:
+            json.dump(dict(ckpt=args.ckpt, weights=args.weights, train=args.train, eval=args.eval,
+                           modality=args.modality, lr=lr, epochs=epochs, metric=metric, final=out['final'],
+                           last=out['last'], history=out['history']), f, indent=2)
+        print(f'wrote {args.out}')
+
+
+def cmd_localize(args):
+    model = load_model(args.ckpt, args.device, args.weights)
+    dataset = make_dataset(args.data, None, model.config, args.num_frames)
+    paths = localize(model, dataset, args.out, args.frame, args.num_clips, args.batch_size, args.device, args.num_workers)
+    print(f'wrote {len(paths)} heat maps to {args.out}')
+
+
+def cmd_reconstruct(args):
+    model = load_model(args.ckpt, args.device, args.weights)
+    dataset = make_dataset(args.data, None, model.config, args.num_frames)
+    out = args.out if args.out.endswith('.png') else os.path.join(args.out, 'reconstruction.png')
+    reconstruct(model, dataset, out, args.frame, args.num_clips, args.mask_ratio, args.device, args.seed)
+    print(f'wrote {out}')
+
+
+def cmd_embed(args):
+    feats = features_for(args, args.data, args.label_csv)
+    embed_plot(feats, args.out, args.size)
+    print(f'wrote {args.out}')
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest='command', required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument('--ckpt', required=True, help='train.py checkpoint or official CAV-MAE Sync / TG-DP release')
+    common.add_argument('--weights', choices=('model', 'teacher'), default='model', help='train.py checkpoints: student or EMA teacher')
+    common.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    common.add_argument('--batch_size', type=int, default=8, help='clips per forward (each with all its frames)')
+    common.add_argument('--num_workers', type=int, default=4, help='data loading processes')
+    common.add_argument('--num_frames', type=int, default=16, help='frames (and aligned segments) per clip')
+    cached = argparse.ArgumentParser(add_help=False)
+    cached.add_argument('--cache', help='directory for extracted features, reused across runs')
+
+    p = sub.add_parser('retrieval', parents=[common, cached], help='zero-shot V->A and A->V retrieval')
+    p.add_argument('--data', required=True, help='dataset JSON')
+    p.add_argument('--label_csv', help='only stored with the features')
+    p.add_argument('--strategy', nargs='+', choices=STRATEGIES, default=['diag_mean'], help='clip-to-clip scoring')
+    p.add_argument('--out', help='results JSON')
+    p.set_defaults(run=cmd_retrieval)
+
+    p = sub.add_parser('probe', parents=[common, cached], help='attention probe on frozen features')
+    p.add_argument('--train', required=True, help='training dataset JSON')
+    p.add_argument('--eval', required=True, help='evaluation dataset JSON')
+    p.add_argument('--label_csv', required=True)
+    p.add_argument('--modality', choices=('av', 'a', 'v'), default='av')
+    p.add_argument('--lr', type=float, help='default: 5e-2 multi-label (AS-20K), 1e-3 single-label (VGGSound)')
+    p.add_argument('--epochs', type=int, help='default: 15 multi-label, 10 single-label')
+    p.add_argument('--probe_batch_size', type=int, default=48)
+    p.add_argument('--probe_heads', type=int, help="default: the encoder's number of heads")
+    p.add_argument('--mixup', type=float, default=0.5, help='probability that a clip is mixed with another')
+    p.add_argument('--wa_start', type=int, default=3, help='first epoch (1-based) in the weight average')
+    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--out', help='results JSON')
+    p.set_defaults(run=cmd_probe)
+
+    p = sub.add_parser('localize', parents=[common], help='sound-prompted localisation heat maps')
+    p.add_argument('--data', required=True)
+    p.add_argument('--out', required=True, help='output directory, one PNG per clip')
+    p.add_argument('--num_clips', type=int, default=16)
+    p.add_argument('--frame', type=int, help='frame index (default: the middle one)')
+    p.set_defaults(run=cmd_localize)
+
+    p = sub.add_parser('reconstruct', parents=[common], help='original / masked / reconstructed grid')
+    p.add_argument('--data', required=True)
+    p.add_argument('--out', required=True, help='output directory or .png path')
+    p.add_argument('--num_clips', type=int, default=4)
+    p.add_argument('--frame', type=int, help='frame index (default: the middle one)')
+    p.add_argument('--mask_ratio', type=float, default=0.75)
+    p.add_argument('--seed', type=int, default=0)
+    p.set_defaults(run=cmd_reconstruct)
+
+    p = sub.add_parser('embed', parents=[common, cached], help='PCA of clip embeddings coloured by class')
+    p.add_argument('--data', required=True)
+    p.add_argument('--label_csv', required=True)
+    p.add_argument('--out', required=True, help='output .png')
+    p.add_argument('--size', type=int, default=800, help='image side in pixels')
+    p.set_defaults(run=cmd_embed)
+
+    args = parser.parse_args(argv)
+    args.run(args)
+
+
+if __name__ == '__main__':
+    main()

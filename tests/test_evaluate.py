@@ -1,0 +1,366 @@
+"""evaluate.py: retrieval scoring and metrics against slow references, mAP, the probe, checkpoint
+loading, feature extraction and caching, and the three picture commands on a tiny synthetic set."""
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import time
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import data
+import evaluate
+from evaluate import (STRATEGIES, extract_features, load_model, mean_average_precision, retrieval,
+                      retrieval_metrics, similarity, train_probe)
+from model import CAVMAESync, ModelConfig, make_teacher
+
+TINY = dict(audio_length=64, img_size=32, embed_dim=64, num_heads=4, modality_depth=1, decoder_embed_dim=32,
+            decoder_depth=1, decoder_num_heads=4, num_registers=2)
+NUM_CLASSES = 5
+ALL_THREADS = torch.get_num_threads()  # the benchmark uses them all; the other tests one
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small ops on a shared 2-core machine run several times faster on one thread."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope='module')
+def synth(tmp_path_factory):
+    """100 synthetic clips of 5 classes (80 train, 20 eval), frames already at the tiny model's size."""
+    out = str(tmp_path_factory.mktemp('synth'))
+    data.make_synthetic(out, num_clips=100, seed=0, num_classes=NUM_CLASSES, frame_size=32)
+    return dict(train=os.path.join(out, 'train.json'), eval=os.path.join(out, 'eval.json'),
+                labels=os.path.join(out, 'labels.csv'))
+
+
+@pytest.fixture(scope='module')
+def ckpt(tmp_path_factory):
+    """A train.py-style checkpoint of a tiny random model (student and EMA teacher)."""
+    torch.manual_seed(0)
+    config = ModelConfig(**TINY)
+    model = CAVMAESync(config)
+    path = str(tmp_path_factory.mktemp('ckpt') / 'ckpt.pt')
+    torch.save(dict(model=model.state_dict(), teacher=make_teacher(model).state_dict(),
+                    model_args=dataclasses.asdict(config), config=dict(batch_size=2), iter_num=7, epoch=0), path)
+    return path
+
+
+def cli_args(ckpt, cache=None):
+    return argparse.Namespace(ckpt=ckpt, weights='model', device='cpu', batch_size=8, num_workers=0,
+                              num_frames=16, cache=cache)
+
+
+@pytest.fixture(scope='module')
+def features(synth, ckpt, tmp_path_factory):
+    """Features of both splits, extracted once and cached on disk for the CLI tests."""
+    torch.set_num_threads(1)
+    cache = str(tmp_path_factory.mktemp('cache'))
+    args = cli_args(ckpt, cache)
+    return dict(cache=cache, train=evaluate.features_for(args, synth['train'], synth['labels']),
+                eval=evaluate.features_for(args, synth['eval'], synth['labels']))
+
+
+# --- retrieval ------------------------------------------------------------------------------
+
+def loop_similarity(query, candidates, strategy):
+    """The straightforward version: a double loop over clip pairs, frame cosines per pair."""
+    out = torch.empty(len(query), len(candidates), dtype=query.dtype)
+    for i in range(len(query)):
+        for j in range(len(candidates)):
+            if strategy.startswith('diag'):
+                cos = F.cosine_similarity(query[i], candidates[j], dim=-1)  # (T,)
+            else:
+                cos = F.cosine_similarity(query[i][:, None], candidates[j][None], dim=-1)  # (T, T)
+            out[i, j] = cos.mean() if strategy.endswith('mean') else cos.max()
+    return out
+
+
+@pytest.mark.parametrize('strategy', STRATEGIES)
+def test_similarity_matches_double_loop(strategy):
+    g = torch.Generator().manual_seed(1)
+    q, c = torch.randn(7, 4, 8, generator=g) * 3, torch.randn(5, 4, 8, generator=g)  # not normalised
+    expected = loop_similarity(q.double(), c.double(), strategy)
+    assert torch.allclose(similarity(q, c, strategy).double(), expected, atol=1e-5)
+    # chunked over queries (the max strategies), and symmetric
+    assert torch.allclose(similarity(q, c, strategy, max_elements=40).double(), expected, atol=1e-5)
+    assert torch.allclose(similarity(c, q, strategy).T, similarity(q, c, strategy), atol=1e-6)
+
+
+def brute_force_metrics(sim):
+    """Per query: sort candidates by score, ties broken against the true match; rank = its position."""
+    n, ranks = len(sim), []
+    for i in range(n):
+        order = sorted(range(n), key=lambda j: (-sim[i][j], j == i))
+        ranks.append(order.index(i) + 1)
+    out = {f'R@{k}': 100.0 * sum(r <= k for r in ranks) / n for k in (1, 5, 10)}
+    out['MedR'] = statistics.median(ranks)
+    return out
+
+
+@pytest.mark.parametrize('kind', ['random', 'tied', 'odd'])
+def test_retrieval_metrics_match_brute_force(kind):
+    g = torch.Generator().manual_seed(2)
+    n = 41 if kind == 'odd' else 40
+    sim = torch.randn(n, n, generator=g)
+    if kind == 'tied':  # few distinct scores: many queries tie with their true match
+        sim = torch.randint(0, 3, (n, n), generator=g).float()
+        sim[:5, :] = 1.0  # whole rows tied: the true match ranks last
+    sim += 2.0 * torch.eye(n) * (torch.rand(n, generator=g) < 0.3)[:, None] * (kind != 'tied')
+    got, expected = retrieval_metrics(sim), brute_force_metrics(sim.tolist())
+    assert got == pytest.approx(expected)
+    if kind == 'tied':
+        assert retrieval_metrics(torch.ones(n, n)) == {'R@1': 0.0, 'R@5': 0.0, 'R@10': 0.0, 'MedR': n}
+
+
+def test_retrieval_perfect_and_chance():
+    g = torch.Generator().manual_seed(3)
+    emb = torch.randn(300, 4, 32, generator=g)
+    perfect = retrieval(dict(g_a=emb, g_v=emb + 0.01 * torch.randn(emb.shape, generator=g)), STRATEGIES)
+    for strategy in STRATEGIES:
+        for direction in ('V->A', 'A->V'):
+            assert perfect[strategy][direction]['R@1'] == 100.0 and perfect[strategy][direction]['MedR'] == 1
+    n = 1000
+    chance = retrieval(dict(g_a=torch.randn(n, 4, 32, generator=g), g_v=torch.randn(n, 4, 32, generator=g)))
+    for m in chance['diag_mean'].values():  # chance: R@k = k/n, median rank n/2
+        assert m['R@1'] < 1.0 and m['R@10'] < 3.0 and 0.4 * n < m['MedR'] < 0.6 * n
+
+
+def test_retrieval_metrics_rejects_bad_input():
+    with pytest.raises(ValueError, match='square'):
+        retrieval_metrics(torch.zeros(3, 4))
+    with pytest.raises(ValueError, match='NaN'):
+        retrieval_metrics(torch.full((3, 3), float('nan')))
+    with pytest.raises(ValueError, match='unknown strategy'):
+        similarity(torch.zeros(2, 3, 4), torch.zeros(2, 3, 4), 'mean')
+
+
+def test_scoring_benchmark_vs_double_loop(capsys):
+    """Prints the time to score the VGGSound retrieval split's size against a double loop."""
+    torch.set_num_threads(ALL_THREADS)
+    N, T, D, n_loop = 1545, 16, 768, 100
+    g = torch.Generator().manual_seed(4)
+    q, c = torch.randn(N, T, D, generator=g), torch.randn(N, T, D, generator=g)
+    similarity(q[:64], c[:64])  # warm-up
+
+    def best_of(fn, repeats=3):
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    t_fast = best_of(lambda: similarity(q, c, 'diag_mean'))
+    a, b = q.reshape(N, T * D), c.reshape(N, T * D)
+    t_matmul = best_of(lambda: a @ b.T)
+    t_loop = best_of(lambda: loop_similarity(q[:n_loop], c[:n_loop], 'diag_mean'), repeats=1)
+    per_pair_fast, per_pair_loop = t_fast / N ** 2, t_loop / n_loop ** 2
+    with capsys.disabled():
+        print(f'\n[benchmark] diag_mean scoring, {N} clips x {T} frames x {D}-d, CPU, {torch.get_num_threads()} threads: '
+              f'{t_fast:.3f} s; one ({N} x {T * D}) @ ({T * D} x {N}) matmul: {t_matmul:.3f} s '
+              f'(ratio {t_fast / t_matmul:.2f})')
+        print(f'[benchmark] double loop over pairs, {n_loop}-clip subset: {t_loop:.3f} s = '
+              f'{per_pair_loop * 1e6:.1f} us/pair vs {per_pair_fast * 1e6:.3f} us/pair batched: '
+              f'{per_pair_loop / per_pair_fast:.0f}x faster per pair '
+              f'(the loop would need ~{per_pair_loop * N ** 2:.0f} s for all {N} clips)')
+    assert per_pair_loop / per_pair_fast > 10
+
+
+# --- mAP and the probe ------------------------------------------------------------------------
+
+def slow_ap_walk(scores, targets):
+    """Sort by score, walk down the list: precision at each positive, averaged (float64)."""
+    order = sorted(range(len(scores)), key=lambda i: -scores[i])
+    hits, precisions = 0, []
+    for rank, i in enumerate(order, start=1):
+        if targets[i]:
+            hits += 1
+            precisions.append(hits / rank)
+    return sum(precisions) / len(precisions)
+
+
+def slow_ap_threshold(scores, targets):
+    """Precision among everything scoring >= each positive's score, averaged (handles ties)."""
+    precisions = []
+    for i, s in enumerate(scores):
+        if targets[i]:
+            above = [j for j in range(len(scores)) if scores[j] >= s]
+            precisions.append(sum(targets[j] for j in above) / len(above))
+    return sum(precisions) / len(precisions)
+
+
+@pytest.mark.parametrize('tied', [False, True])
+def test_mean_average_precision_matches_slow_reference(tied):
+    g = torch.Generator().manual_seed(5)
+    scores = torch.rand(60, 7, generator=g, dtype=torch.float64)
+    if tied:
+        scores = (scores * 4).floor()
+    targets = (torch.rand(60, 7, generator=g) < 0.3).float()
+    targets[:, 2] = 0  # classes without positives do not count
+    targets[:, 5] = 0
+    reference = slow_ap_threshold if tied else slow_ap_walk
+    aps = [reference(scores[:, k].tolist(), targets[:, k].tolist()) for k in range(7) if targets[:, k].any()]
+    assert mean_average_precision(scores, targets) == pytest.approx(100 * sum(aps) / len(aps), abs=1e-9)
+    with pytest.raises(ValueError, match='no class'):
+        mean_average_precision(scores, torch.zeros_like(scores))
+
+
+def prototype_features(n, num_classes, multilabel, g, T=4, dim=16):
+    """Frame vectors = sum of the clip's class prototypes + noise."""
+    protos = torch.randn(num_classes, dim, generator=g)
+    if multilabel:
+        y = (torch.rand(n, num_classes, generator=g) < 0.3).float()
+    else:
+        y = F.one_hot(torch.randint(0, num_classes, (n,), generator=g), num_classes).float()
+    x = (y @ protos)[:, None] + 1.0 * torch.randn(n, T, dim, generator=g)
+    return x, y
+
+
+@pytest.mark.parametrize('multilabel', [False, True])
+def test_probe_learns_separable_features(multilabel):
+    g = torch.Generator().manual_seed(6)
+    x, y = prototype_features(240, 6, multilabel, g)
+    out = train_probe(x[:160], y[:160], x[160:], y[160:], multilabel, lr=1e-3, epochs=15, batch_size=16,
+                      num_heads=4, wa_start=8)
+    chance = 100 / 6 if not multilabel else mean_average_precision(torch.rand(80, 6, generator=g), y[160:])
+    print(f"probe on prototypes: {out['metric']} {out['final']:.1f} (chance {chance:.1f})")
+    assert out['metric'] == ('mAP' if multilabel else 'top-1')
+    assert out['final'] > chance + 40
+    assert len(out['history']) == 15
+
+
+# --- loading, features, cache ---------------------------------------------------------------
+
+def test_load_model_train_checkpoint(ckpt, tmp_path):
+    saved = torch.load(ckpt, weights_only=True)
+    model = load_model(ckpt)
+    assert not model.training and model.has_decoder
+    assert all(torch.equal(v, saved['model'][k]) for k, v in model.state_dict().items())
+    teacher = load_model(ckpt, weights='teacher')
+    assert not teacher.has_decoder
+    assert all(torch.equal(v, saved['teacher'][k]) for k, v in teacher.state_dict().items())
+
+    no_teacher = str(tmp_path / 'no_teacher.pt')
+    torch.save({**saved, 'teacher': None}, no_teacher)
+    with pytest.raises(ValueError, match='no teacher'):
+        load_model(no_teacher, weights='teacher')
+    for name, content in (('other.pt', {'foo': torch.zeros(1)}), ('list.pt', [torch.zeros(1)])):
+        path = str(tmp_path / name)
+        torch.save(content, path)
+        with pytest.raises(ValueError, match=name):
+            load_model(path)
+
+
+def test_load_model_official_release_layout(shared_dir, tmp_path):
+    """A state dict with the official keys and shapes (DataParallel 'module.' prefix) loads as the
+    paper-size model, values in place."""
+    sd = {}
+    for line in open(os.path.join(shared_dir, 'reference', 'official_state_dict_keys.tsv')):
+        key, shape = line.rstrip('\n').split('\t')
+        sd['module.' + key] = torch.zeros(eval(shape))
+    sd['module.cls_token_a'] = torch.randn(1, 1, 768)
+    path = str(tmp_path / 'official.pth')
+    torch.save(sd, path)
+    del sd
+    model = load_model(path)
+    assert model.config == ModelConfig()
+    assert torch.equal(model.cls_token_a, torch.load(path, weights_only=True)['module.cls_token_a'])
+    with pytest.raises(ValueError, match='no teacher'):
+        load_model(path, weights='teacher')
+
+
+def test_extract_features_matches_per_frame_forward(synth, ckpt):
+    model = load_model(ckpt)
+    dataset = evaluate.make_dataset(synth['eval'], synth['labels'], model.config)
+    subset = torch.utils.data.Subset(dataset, range(3))
+    feats = extract_features(model, subset, batch_size=2)  # batches of 2 clips x 16 frames
+    assert feats['g_a'].shape == (3, 16, 64) and feats['labels'].shape == (3, NUM_CLASSES)
+    with torch.no_grad():
+        for i in range(3):
+            item = dataset[i]
+            assert feats['ids'][i] == item['id'] and torch.equal(feats['labels'][i], item['label'])
+            for t in (0, 7, 15):
+                g_a, g_v, _, _ = model.forward_features(item['audio'][t:t + 1], item['image'][t:t + 1])
+                assert torch.allclose(feats['g_a'][i, t], g_a[0], atol=1e-5)
+                assert torch.allclose(feats['g_v'][i, t], g_v[0], atol=1e-5)
+
+
+def test_retrieval_cli_uses_cached_features(synth, ckpt, features, tmp_path, monkeypatch):
+    def no_model(*args, **kwargs):
+        raise AssertionError('features were cached: the model must not be loaded')
+    monkeypatch.setattr(evaluate, 'load_model', no_model)
+    out = str(tmp_path / 'results.json')
+    evaluate.main(['retrieval', '--ckpt', ckpt, '--data', synth['eval'], '--label_csv', synth['labels'],
+                   '--cache', features['cache'], '--strategy', 'diag_mean', 'block_max', '--out', out])
+    results = json.load(open(out))
+    assert results['num_clips'] == 20 and results['num_frames'] == 16
+    expected = retrieval(features['eval'], ('diag_mean', 'block_max'))
+    for strategy in ('diag_mean', 'block_max'):
+        for direction in ('V->A', 'A->V'):
+            assert results['results'][strategy][direction] == pytest.approx(expected[strategy][direction])
+
+
+def test_probe_cli_beats_chance_on_synthetic_clips(synth, ckpt, features, tmp_path):
+    """Tiny random encoder, 80 training clips of 5 classes: clearly better than chance (20%)."""
+    finals = {}
+    for modality in ('av', 'a', 'v'):
+        out = str(tmp_path / f'probe_{modality}.json')
+        evaluate.main(['probe', '--ckpt', ckpt, '--train', synth['train'], '--eval', synth['eval'],
+                       '--label_csv', synth['labels'], '--cache', features['cache'], '--modality', modality,
+                       '--epochs', '30', '--probe_batch_size', '16', '--out', out])
+        result = json.load(open(out))
+        assert result['metric'] == 'top-1' and len(result['history']) == 30
+        finals[modality] = result['final']
+    print(f'probe top-1 on synthetic clips: {finals}')
+    assert finals['av'] >= 50 and finals['a'] >= 50 and finals['v'] >= 30  # the 32-px frames give 4 patches
+
+
+# --- pictures ---------------------------------------------------------------------------------
+
+def assert_png(path, size):
+    with Image.open(path) as img:
+        assert img.format == 'PNG' and img.size == size
+        pixels = np.asarray(img.convert('RGB'))
+    assert pixels.std() > 5, f'{path} is (nearly) constant'
+    return pixels
+
+
+def test_localize_writes_heat_maps(synth, ckpt, tmp_path):
+    out = str(tmp_path / 'loc')
+    evaluate.main(['localize', '--ckpt', ckpt, '--data', synth['eval'], '--out', out, '--num_clips', '3',
+                   '--num_workers', '0', '--batch_size', '2'])
+    files = sorted(os.listdir(out))
+    assert len(files) == 3
+    for name in files:
+        pixels = assert_png(os.path.join(out, name), (2 * 32, 32))
+        assert np.abs(pixels[:, :32].astype(int) - pixels[:, 32:]).mean() > 5  # the overlay changed the frame
+
+
+def test_reconstruct_writes_grid(synth, ckpt, tmp_path):
+    out = str(tmp_path / 'rec')
+    evaluate.main(['reconstruct', '--ckpt', ckpt, '--data', synth['eval'], '--out', out, '--num_clips', '2',
+                   '--num_workers', '0'])
+    pixels = assert_png(os.path.join(out, 'reconstruction.png'), evaluate.reconstruct_size(ModelConfig(**TINY), 2))
+    assert (pixels == evaluate.MASK_GREY).all(axis=-1).any()  # masked patches are drawn grey
+    with pytest.raises(ValueError, match='decoder'):
+        evaluate.main(['reconstruct', '--ckpt', ckpt, '--weights', 'teacher', '--data', synth['eval'],
+                       '--out', out, '--num_workers', '0'])
+
+
+def test_embed_writes_pca_plot(synth, ckpt, features, tmp_path):
+    out = str(tmp_path / 'embed.png')
+    evaluate.main(['embed', '--ckpt', ckpt, '--data', synth['eval'], '--label_csv', synth['labels'],
+                   '--cache', features['cache'], '--out', out, '--size', '400'])
+    pixels = assert_png(out, (400, 400))
+    for k in range(NUM_CLASSES):  # every class colour is drawn
+        assert (pixels == evaluate.class_colour(k)).all(axis=-1).any()
