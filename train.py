@@ -351,14 +351,9 @@ def save_checkpoint():
 
 def evaluate_retrieval():
     """Held-out clip retrieval (diagonal mean over frames) with the evaluate.py functions, rank 0 only."""
-    from evaluate import extract_features, retrieval_metrics, similarity
-    raw_model.eval()
-    feats = extract_features(raw_model, eval_dataset, batch_size=batch_size, device=device, progress=False)
-    raw_model.train()
-    results = {}
-    for name, query, cand in (('V->A', feats['g_v'], feats['g_a']), ('A->V', feats['g_a'], feats['g_v'])):
-        results[name] = retrieval_metrics(similarity(query, cand, 'diag_mean'))
-    return results
+    from evaluate import extract_features, retrieval
+    feats = extract_features(raw_model, eval_dataset, batch_size=max(1, batch_size // num_frames), device=device)
+    return retrieval(feats, ('diag_mean',), device=device)['diag_mean']
 
 
 def log(record):
@@ -403,49 +398,56 @@ t_log, iters_since_log = time.time(), 0
 while iter_num < max_iters:
     epoch, start = divmod(iter_num, iters_per_epoch)
     micro_batches = bench_batches() if bench else epoch_batches(epoch, start * gradient_accumulation_steps)
-    for _ in range(start, iters_per_epoch):
-        if bench and iter_num == bench_warmup:
-            sync_device()
-            t_bench = time.time()
-        lr = get_lr(iter_num)
-        for group in optimizer.param_groups:
-            group['lr'] = lr
-        terms, flags = train_step(micro_batches)
-        if flags[0]:
-            if master:
-                bar.close()
-                print(f'error: non-finite loss at iteration {iter_num} ({ {k: float(v) for k, v in terms.items()} }); '
-                      f'stopping. The last good checkpoint {ckpt_path} is untouched.', file=sys.stderr)
-            sys.exit(1)
-        if teacher is not None:
-            ema_update(teacher, raw_model, get_momentum(iter_num))
-        iter_num += 1
-        iters_since_log += 1
-        bar.update(1)
-        if master and not bench and (iter_num % log_interval == 0 or iter_num == max_iters):
-            dt = time.time() - t_log
-            clips_s = clips_per_iter * iters_since_log / dt
-            mfu = flops_per_clip * clips_s / world_size / (peak_tflops * 1e12) if device_type == 'cuda' else float('nan')
-            record = {'iter': iter_num, 'epoch': iter_num / iters_per_epoch, 'lr': lr, 'clips_s': clips_s, 'mfu': mfu,
-                      **{k: float(v) for k, v in terms.items()}}
-            log(record)
-            bar.write(f"iter {iter_num}: loss {record['loss']:.4f} rec {record['rec']:.4f} con {record['con']:.4f}"
-                      + (f" dis {record['dis']:.4f}" if 'dis' in record else '')
-                      + f" acc {record['con_acc']:.3f} lr {lr:.2e} {clips_s:.1f} clips/s mfu {100 * mfu:.1f}%")
-            t_log, iters_since_log = time.time(), 0
-        if not bench and (iter_num % eval_interval == 0 or iter_num == max_iters or flags[1]):
-            if master and eval_dataset is not None and not flags[1]:
-                results = evaluate_retrieval()
-                log({'iter': iter_num, 'retrieval': results})
-                bar.write(f'iter {iter_num}: retrieval R@1/5/10 ' + '  '.join(
-                    f"{d} {r['R@1']:.1f}/{r['R@5']:.1f}/{r['R@10']:.1f}" for d, r in results.items()))
-            save_checkpoint()
-        if flags[1]:
-            if master:
-                print(f'SIGTERM: saved {ckpt_path} at iteration {iter_num}; exiting', file=sys.stderr)
-            sys.exit(0)
-        if iter_num >= max_iters:
-            break
+    try:
+        for _ in range(start, iters_per_epoch):
+            if bench and iter_num == bench_warmup:
+                sync_device()
+                t_bench = time.time()
+            lr = get_lr(iter_num)
+            for group in optimizer.param_groups:
+                group['lr'] = lr
+            terms, flags = train_step(micro_batches)
+            if flags[0]:
+                if master:
+                    bar.close()
+                    print(f'error: non-finite loss at iteration {iter_num} ({ {k: float(v) for k, v in terms.items()} }); '
+                          f'stopping. The last good checkpoint {ckpt_path} is untouched.', file=sys.stderr)
+                sys.exit(1)
+            if teacher is not None:
+                ema_update(teacher, raw_model, get_momentum(iter_num))
+            iter_num += 1
+            iters_since_log += 1
+            bar.update(1)
+            if not bench and (iter_num % log_interval == 0 or iter_num == max_iters):
+                values = torch.stack(list(terms.values())).float()
+                if ddp:  # every rank joins: the logged terms are means over the global batch
+                    dist.all_reduce(values, op=dist.ReduceOp.AVG)
+                if master:
+                    clips_s = clips_per_iter * iters_since_log / (time.time() - t_log)
+                    mfu = flops_per_clip * clips_s / world_size / (peak_tflops * 1e12) if device_type == 'cuda' else float('nan')
+                    record = {'iter': iter_num, 'epoch': iter_num / iters_per_epoch, 'lr': lr, 'clips_s': clips_s, 'mfu': mfu,
+                              **dict(zip(terms, values.tolist()))}
+                    log(record)
+                    bar.write(f"iter {iter_num}: loss {record['loss']:.4f} rec {record['rec']:.4f} con {record['con']:.4f}"
+                              + (f" dis {record['dis']:.4f}" if 'dis' in record else '')
+                              + f" acc {record['con_acc']:.3f} lr {lr:.2e} {clips_s:.1f} clips/s mfu {100 * mfu:.1f}%")
+                t_log, iters_since_log = time.time(), 0
+            if not bench and (iter_num % eval_interval == 0 or iter_num == max_iters or flags[1]):
+                if master and eval_dataset is not None and not flags[1]:
+                    results = evaluate_retrieval()
+                    log({'iter': iter_num, 'retrieval': results})
+                    bar.write(f'iter {iter_num}: retrieval R@1/5/10 ' + '  '.join(
+                        f"{d} {r['R@1']:.1f}/{r['R@5']:.1f}/{r['R@10']:.1f}" for d, r in results.items()))
+                save_checkpoint()
+            if flags[1]:
+                if master:
+                    print(f'SIGTERM: saved {ckpt_path} at iteration {iter_num}; exiting', file=sys.stderr)
+                sys.exit(0)
+            if iter_num >= max_iters:
+                break
+    finally:  # shut the loader workers down now: they ignore SIGTERM, so exit-time cleanup would hang
+        micro_batches.close()
+
 bar.close()
 if bench:
     sync_device()
