@@ -11,6 +11,10 @@ Passes (each does only the work it needs):
   forward_teacher         full inputs -> g_a, g_v and patch priorities from the joint attention
   forward_sync            one masked encoding feeding both the decoder and the global passes
   forward_features        unmasked inference: g_a, g_v and the patch tokens of the same passes
+
+DiffMAViL's decoder options (SPEC section 7), off by default so the official layout is unchanged:
+diffused_mask_tokens (noised masked patches instead of the mask token) and decoder_attention='cross'
+(masked-position queries attend only to the visible latents).
 """
 import math
 import re
@@ -41,6 +45,8 @@ class ModelConfig:
     num_registers: int = 8         # per modality
     global_token: bool = True      # False: CAV-MAE style, mean-pooled patch tokens are the embedding
     norm_pix_loss: bool = False    # per-patch normalised reconstruction targets
+    diffused_mask_tokens: bool = False  # DiffMAViL: masked positions get projected, DDPM-noised patches instead of the mask token
+    decoder_attention: str = 'self'     # 'self': joint self-attention decoder; 'cross': masked queries attend to visible latents
 
     def __post_init__(self):
         p = self.patch_size
@@ -51,6 +57,8 @@ class ModelConfig:
             raise ValueError('embed_dim / decoder_embed_dim must be divisible by their number of heads')
         if self.embed_dim % 4 or self.decoder_embed_dim % 4:
             raise ValueError('embed dims must be multiples of 4 for the 2-D sin-cos positional embedding')
+        if self.decoder_attention not in ('self', 'cross'):
+            raise ValueError(f"ModelConfig.decoder_attention must be 'self' or 'cross', got {self.decoder_attention!r}")
 
 
 # -----------------------------------------------------------------------------
@@ -120,6 +128,43 @@ class Block(nn.Module):
         return x, attn
 
 
+class CrossBlock(nn.Module):
+    """Pre-norm cross-attention block of DiffMAViL's decoder: queries x (B, Nq, D) attend to latents (B, Nk, D)
+    (never to each other), then an MLP on the queries. Separate q and kv projections: the latents are only keys/values."""
+
+    def __init__(self, dim, num_heads, mlp_ratio):
+        super().__init__()
+        self.num_heads = num_heads
+        self.norm_q = nn.LayerNorm(dim)
+        self.norm_kv = nn.LayerNorm(dim)
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, dim * 2)
+        self.proj = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = MLP(dim, int(dim * mlp_ratio))
+
+    def forward(self, x, latents):
+        (B, Nq, D), Nk, H = x.shape, latents.shape[1], self.num_heads
+        q = self.q(self.norm_q(x)).view(B, Nq, H, D // H).transpose(1, 2)  # (B, H, Nq, hd)
+        k, v = self.kv(self.norm_kv(latents)).view(B, Nk, 2, H, D // H).permute(2, 0, 3, 1, 4)  # 2x (B, H, Nk, hd)
+        h = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, Nq, D)
+        x = x + self.proj(h)
+        return x + self.mlp(self.norm2(x))
+
+
+def diffusion_alpha_bar(num_steps=1000):
+    """DiffMAViL's DDPM schedule (SPEC section 7): betas linear from 1e-4 to 0.02 raised to the power 0.8;
+    returns abar (num_steps,) with abar[t - 1] = prod_{s <= t} (1 - beta_s), t = 1..num_steps."""
+    betas = torch.linspace(1e-4, 0.02, num_steps, dtype=torch.float64) ** 0.8
+    return torch.cumprod(1.0 - betas, dim=0).float()
+
+
+def masked_indices(keep, num_patches):
+    """The complement of keep (B, k): masked patch indices (B, N - k), ascending."""
+    mask = torch.ones(keep.shape[0], num_patches, device=keep.device).scatter(1, keep, 0.0)  # (B, N), 1 = masked
+    return mask.argsort(dim=1, stable=True)[:, keep.shape[1]:]  # stable: the k zeros first, then the masked in order
+
+
 class PatchEmbed(nn.Module):
     def __init__(self, in_chans, dim, patch_size):
         super().__init__()
@@ -170,7 +215,12 @@ class CAVMAESync(nn.Module):
             self.register_buffer('decoder_pos_embed_v', sincos_pos_embed_2d(Dd, *self.grid_v)[None])
             self.decoder_modality_a = nn.Parameter(torch.zeros(1, 1, Dd))
             self.decoder_modality_v = nn.Parameter(torch.zeros(1, 1, Dd))
-            self.decoder_blocks = nn.ModuleList([Block(Dd, c.decoder_num_heads, c.mlp_ratio) for _ in range(c.decoder_depth)])
+            block = CrossBlock if c.decoder_attention == 'cross' else Block
+            self.decoder_blocks = nn.ModuleList([block(Dd, c.decoder_num_heads, c.mlp_ratio) for _ in range(c.decoder_depth)])
+            if c.diffused_mask_tokens:  # created only when on: the default state dict stays the official one
+                self.decoder_noise_embed_a = nn.Linear(p * p, Dd)
+                self.decoder_noise_embed_v = nn.Linear(p * p * 3, Dd)
+                self.register_buffer('alpha_bar', diffusion_alpha_bar(), persistent=False)  # (T,), not in the state dict
             self.decoder_norm = nn.LayerNorm(Dd)
             self.decoder_pred_a = nn.Linear(Dd, p * p)
             self.decoder_pred_v = nn.Linear(Dd, p * p * 3)
@@ -253,9 +303,19 @@ class CAVMAESync(nn.Module):
 
     # --- decoder -----------------------------------------------------------------
 
-    def fused_decode(self, enc_a, enc_v, keep_a, keep_v):
+    def diffuse(self, x0, t, eps=None):
+        """DDPM forward process: x0 (B, N, P), timesteps t (B,) in 1..T -> x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps."""
+        eps = torch.randn_like(x0) if eps is None else eps
+        abar = self.alpha_bar[t - 1].view(-1, 1, 1)  # (B, 1, 1)
+        return abar.sqrt() * x0 + (1.0 - abar).sqrt() * eps
+
+    def fused_decode(self, enc_a, enc_v, keep_a, keep_v, patches_a=None, patches_v=None):
         """Fused joint pass over the visible patches of both modalities, then the decoder.
-        enc_a (B, [1 +] ka, D), keep_a (B, ka) -> predictions (B, Na, p*p), (B, Nv, p*p*3)."""
+        enc_a (B, [1 +] ka, D), keep_a (B, ka) -> predictions (B, Na, p*p), (B, Nv, p*p*3).
+        patches_a (B, Na, p*p), patches_v (B, Nv, p*p*3): the raw input patches, needed only with
+        diffused_mask_tokens (noise from torch's RNG). With decoder_attention='cross' only the masked
+        positions are predicted; the visible ones are zeros (the loss averages masked patches only)."""
+        c = self.config
         xa, xv = self.patch_tokens(enc_a), self.patch_tokens(enc_v)
         ka = xa.shape[1]
         x = torch.cat([xa, xv], dim=1)  # (B, ka + kv, D)
@@ -264,20 +324,44 @@ class CAVMAESync(nn.Module):
         x = self.decoder_embed(self.norm(x))  # (B, ka + kv, Dd)
         B, _, Dd = x.shape
 
-        def place(vis, keep, n):  # visible latents to their positions, mask token everywhere else
-            full = self.mask_token.to(vis.dtype).expand(B, n, Dd).clone()  # (B, N, Dd)
-            return full.scatter(1, keep.unsqueeze(-1).expand(-1, -1, Dd), vis)
-        a = place(x[:, :ka], keep_a, self.num_patches_a) + self.decoder_pos_embed_a + self.decoder_modality_a
-        v = place(x[:, ka:], keep_v, self.num_patches_v) + self.decoder_pos_embed_v + self.decoder_modality_v
+        if c.diffused_mask_tokens:
+            if patches_a is None or patches_v is None:
+                raise ValueError('diffused_mask_tokens needs the raw input patches: pass patches_a and patches_v')
+            # decision: one timestep per clip, shared by all its patches and both modalities (DiffMAViL draws t per sample).
+            # Every patch is noised and projected (simpler than gathering the masked ones); the visible ones are overwritten.
+            t = torch.randint(1, self.alpha_bar.shape[0] + 1, (B,), device=x.device)
+            base_a = self.decoder_noise_embed_a(self.diffuse(patches_a, t))  # (B, Na, Dd)
+            base_v = self.decoder_noise_embed_v(self.diffuse(patches_v, t))  # (B, Nv, Dd)
+        else:
+            base_a = self.mask_token.expand(B, self.num_patches_a, Dd)
+            base_v = self.mask_token.expand(B, self.num_patches_v, Dd)
+
+        def place(vis, keep, base):  # visible latents to their positions, base tokens (mask or diffused) everywhere else
+            return base.to(vis.dtype).scatter(1, keep.unsqueeze(-1).expand(-1, -1, Dd), vis)  # (B, N, Dd)
+        a = place(x[:, :ka], keep_a, base_a) + self.decoder_pos_embed_a + self.decoder_modality_a
+        v = place(x[:, ka:], keep_v, base_v) + self.decoder_pos_embed_v + self.decoder_modality_v
+        if c.decoder_attention == 'cross':  # per modality: its masked positions query its visible latents
+            return self.cross_decode(a, keep_a, self.decoder_pred_a), self.cross_decode(v, keep_v, self.decoder_pred_v)
         x = torch.cat([a, v], dim=1)  # (B, Na + Nv, Dd)
         for blk in self.decoder_blocks:
             x, _ = blk(x)
         x = self.decoder_norm(x)
         return self.decoder_pred_a(x[:, :self.num_patches_a]), self.decoder_pred_v(x[:, self.num_patches_a:])
 
-    def reconstruction_loss(self, audio, image, pred_a, pred_v, mask_a, mask_v):
-        loss_a = mae_loss(pred_a, self.patchify_audio(audio), mask_a, self.config.norm_pix_loss)
-        loss_v = mae_loss(pred_v, self.patchify_image(image), mask_v, self.config.norm_pix_loss)
+    def cross_decode(self, x, keep, pred):
+        """DiffMAViL's cross-attention decoder on one modality's decoder input x (B, N, Dd) (positions and
+        modality added): the masked positions are the queries, the visible ones the keys/values.
+        -> predictions (B, N, P) at the masked positions, zeros at the visible ones."""
+        masked = masked_indices(keep, x.shape[1])  # (B, N - k)
+        q, latents = masking.gather(x, masked), masking.gather(x, keep)  # (B, N - k, Dd), (B, k, Dd)
+        for blk in self.decoder_blocks:
+            q = blk(q, latents)  # the visible latents stay fixed: the same keys/values in every block
+        q = pred(self.decoder_norm(q))  # (B, N - k, P)
+        return q.new_zeros(*x.shape[:2], q.shape[-1]).scatter(1, masked.unsqueeze(-1).expand(-1, -1, q.shape[-1]), q)
+
+    def reconstruction_loss(self, patches_a, patches_v, pred_a, pred_v, mask_a, mask_v):
+        loss_a = mae_loss(pred_a, patches_a, mask_a, self.config.norm_pix_loss)
+        loss_v = mae_loss(pred_v, patches_v, mask_v, self.config.norm_pix_loss)
         return dict(loss=loss_a + loss_v, loss_a=loss_a, loss_v=loss_v, pred_a=pred_a, pred_v=pred_v,
                     mask_a=mask_a, mask_v=mask_v)
 
@@ -295,8 +379,9 @@ class CAVMAESync(nn.Module):
         """Random masking -> encoders -> fused joint pass -> decoder -> per-modality MSE on masked patches.
         audio (B, L, F), image (B, 3, H, W); optional masking noise (B, Na), (B, Nv). No global-token passes."""
         enc_a, enc_v, keep_a, keep_v, mask_a, mask_v = self._masked_encode(audio, image, mask_ratio_a, mask_ratio_v, noise_a, noise_v)
-        pred_a, pred_v = self.fused_decode(enc_a, enc_v, keep_a, keep_v)
-        return self.reconstruction_loss(audio, image, pred_a, pred_v, mask_a, mask_v)
+        patches_a, patches_v = self.patchify_audio(audio), self.patchify_image(image)  # the targets
+        pred_a, pred_v = self.fused_decode(enc_a, enc_v, keep_a, keep_v, patches_a, patches_v)
+        return self.reconstruction_loss(patches_a, patches_v, pred_a, pred_v, mask_a, mask_v)
 
     def forward_contrastive(self, audio, image, keep_a, keep_v):
         """Caller-chosen visible patches keep_a (B, ka), keep_v (B, kv) -> encoders -> audio and visual
@@ -309,8 +394,9 @@ class CAVMAESync(nn.Module):
         """CAV-MAE Sync's single pass: one masked encoding feeds both the fused decoder path and the
         global-token passes. Returns the reconstruction dict plus g_a, g_v."""
         enc_a, enc_v, keep_a, keep_v, mask_a, mask_v = self._masked_encode(audio, image, mask_ratio_a, mask_ratio_v, noise_a, noise_v)
-        pred_a, pred_v = self.fused_decode(enc_a, enc_v, keep_a, keep_v)
-        out = self.reconstruction_loss(audio, image, pred_a, pred_v, mask_a, mask_v)
+        patches_a, patches_v = self.patchify_audio(audio), self.patchify_image(image)  # the targets
+        pred_a, pred_v = self.fused_decode(enc_a, enc_v, keep_a, keep_v, patches_a, patches_v)
+        out = self.reconstruction_loss(patches_a, patches_v, pred_a, pred_v, mask_a, mask_v)
         out['g_a'], out['g_v'] = self.global_embeddings(enc_a, enc_v)
         return out
 
@@ -356,11 +442,21 @@ def block_flops(n, dim, mlp_ratio):
     return 2 * n * dim * dim * (4 + 2 * mlp_ratio) + 4 * n * n * dim
 
 
+def cross_block_flops(nq, nk, dim, mlp_ratio):
+    """Forward FLOPs of one CrossBlock, nq queries on nk latents: q + proj + MLP on the queries
+    (2*nq*dim*(2 + 2r)*dim), k/v on the latents (4*nk*dim^2), attention (4*nq*nk*dim)."""
+    return 2 * nq * dim * dim * (2 + 2 * mlp_ratio) + 4 * nk * dim * dim + 4 * nq * nk * dim
+
+
 def forward_flops(c, mask_ratio, passes):
     """Forward FLOPs per clip of each module for the given passes.
     passes: 'reconstruction' (masked encoders, fused joint, decoder), 'sync' (the same plus the joint
     audio/visual passes on the same encoding), 'contrastive' (masked encoders, joint audio/visual passes),
-    'full' (unmasked encoders and joint audio/visual passes: the teacher, forward_features)."""
+    'full' (unmasked encoders and joint audio/visual passes: the teacher, forward_features).
+    The 'decoder' entry follows the decoder options: the self decoder runs its blocks and prediction heads
+    on all Na + Nv positions; the cross decoder runs, per modality, its blocks with the masked positions as
+    queries and the visible ones as keys/values and predicts the masked positions only; diffused mask
+    tokens add the projection of every patch (all are noised and projected, see fused_decode)."""
     p, D, Dd, r = c.patch_size, c.embed_dim, c.decoder_embed_dim, c.mlp_ratio
     Na, Nv = (c.num_mel_bins // p) * (c.audio_length // p), (c.img_size // p) ** 2
     ka, kv = (Na, Nv) if passes == 'full' else (masking.num_keep(Na, mask_ratio), masking.num_keep(Nv, mask_ratio))
@@ -369,7 +465,15 @@ def forward_flops(c, mask_ratio, passes):
     out['encoders'] = c.modality_depth * (block_flops(G + ka + R, D, r) + block_flops(G + kv + R, D, r))
     if passes in ('reconstruction', 'sync'):
         out['joint_fused'] = c.joint_depth * block_flops(ka + kv, D, r)
-        out['decoder'] = 2 * (ka + kv) * D * Dd + c.decoder_depth * block_flops(Na + Nv, Dd, r) + 2 * (Na * p * p + Nv * 3 * p * p) * Dd
+        Pa, Pv = p * p, p * p * 3  # patch sizes: the prediction heads' (and noise projections') widths
+        if c.decoder_attention == 'cross':  # blocks per modality, heads on the masked positions only
+            out['decoder'] = (c.decoder_depth * (cross_block_flops(Na - ka, ka, Dd, r) + cross_block_flops(Nv - kv, kv, Dd, r))
+                              + 2 * ((Na - ka) * Pa + (Nv - kv) * Pv) * Dd)
+        else:
+            out['decoder'] = c.decoder_depth * block_flops(Na + Nv, Dd, r) + 2 * (Na * Pa + Nv * Pv) * Dd
+        out['decoder'] += 2 * (ka + kv) * D * Dd  # decoder_embed on the visible latents
+        if c.diffused_mask_tokens:
+            out['decoder'] += 2 * (Na * Pa + Nv * Pv) * Dd  # decoder_noise_embed_a/v on every patch
     if passes in ('sync', 'contrastive', 'full'):
         out['joint_global'] = c.joint_depth * (block_flops(G + ka, D, r) + block_flops(G + kv, D, r))
     return out

@@ -61,6 +61,8 @@ decoder_depth = 8
 decoder_num_heads = 16
 num_registers = 8
 norm_pix_loss = False
+diffused_mask_tokens = False   # DiffMAViL: noised masked patches instead of the learned mask token
+decoder_attention = 'self'     # 'self' | 'cross' (DiffMAViL: masked queries attend only to visible latents)
 # method
 method = 'tgdp'                # 'tgdp' | 'sync' (CAV-MAE Sync) | 'dualpass' (two random passes, no teacher) | 'cavmae'
 mask_ratio = 0.75              # reconstruction pass (and the single pass of sync / cavmae)
@@ -207,7 +209,8 @@ def epoch_batches(epoch, skip):
 model_args = dict(audio_length=audio_length, num_mel_bins=num_mel_bins, img_size=img_size, patch_size=patch_size,
                   embed_dim=embed_dim, num_heads=num_heads, mlp_ratio=mlp_ratio, modality_depth=modality_depth, joint_depth=joint_depth,
                   decoder_embed_dim=decoder_embed_dim, decoder_depth=decoder_depth, decoder_num_heads=decoder_num_heads,
-                  num_registers=num_registers, global_token=method != 'cavmae', norm_pix_loss=norm_pix_loss)
+                  num_registers=num_registers, global_token=method != 'cavmae', norm_pix_loss=norm_pix_loss,
+                  diffused_mask_tokens=diffused_mask_tokens, decoder_attention=decoder_attention)
 assert set(model_args) == {f.name for f in fields(ModelConfig)}
 iter_num, ckpt = 0, None
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')

@@ -1,0 +1,169 @@
+"""train.py end to end on CPU: config handling, DDP equivalence, exact resume, pre-emption, divergence,
+torch.compile, the TG-DP step's wiring, and learning on the synthetic clips."""
+import hashlib
+import json
+import os
+import runpy
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ['--device=cpu', '--dtype=float32', '--compile=False', '--backend=gloo', '--num_workers=0',
+        '--audio_length=64', '--num_mel_bins=32', '--img_size=32', '--patch_size=8', '--embed_dim=48', '--num_heads=4',
+        '--modality_depth=1', '--decoder_embed_dim=32', '--decoder_depth=1', '--decoder_num_heads=4',
+        '--num_registers=2', '--batch_size=4', '--log_interval=1', '--eval_interval=1000', '--epochs=4.0',
+        '--warmup_epochs=0.5', '--learning_rate=1e-3']
+
+
+@pytest.fixture(scope='module')
+def synth(tmp_path_factory):
+    out = tmp_path_factory.mktemp('synth')
+    subprocess.run([sys.executable, 'data.py', 'synth', '--out', str(out), '--num_clips', '40', '--seed', '0'],
+                   cwd=ROOT, check=True, capture_output=True)
+    return out
+
+
+def train(*args, out_dir, data=None, check=True, launcher=(sys.executable,)):
+    data_args = [f'--train_json={data / "train.json"}'] if data is not None else []
+    cmd = [*launcher, 'train.py', *TINY, *data_args, f'--out_dir={out_dir}', *args]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    if check and proc.returncode != 0:
+        raise AssertionError(f'{cmd} failed ({proc.returncode}):\n{proc.stderr[-3000:]}')
+    return proc
+
+
+def read_log(out_dir):
+    return [json.loads(line) for line in open(os.path.join(out_dir, 'log.jsonl'))]
+
+
+def load_ckpt(out_dir):
+    return torch.load(os.path.join(out_dir, 'ckpt.pt'), map_location='cpu', weights_only=False)
+
+
+def test_config_errors_are_clear(tmp_path):
+    proc = train('--no_such_setting=1', out_dir=tmp_path, check=False)
+    assert proc.returncode != 0 and "unknown setting 'no_such_setting'" in proc.stderr
+    proc = train('--batch_size=2.5', out_dir=tmp_path, check=False)
+    assert proc.returncode != 0 and 'batch_size must be int' in proc.stderr
+    proc = train('--method=tgdpp', out_dir=tmp_path, check=False)
+    assert proc.returncode != 0 and "method must be" in proc.stderr
+    proc = train(out_dir=tmp_path, check=False)  # no train_json
+    assert proc.returncode != 0 and 'python data.py synth' in proc.stderr
+
+
+def test_two_gloo_ranks_match_one_process_on_the_same_global_batch(synth, tmp_path):
+    one, two = tmp_path / 'one', tmp_path / 'two'
+    train('--batch_size=8', '--max_iters=1', out_dir=one, data=synth)
+    train('--batch_size=4', '--max_iters=1', out_dir=two, data=synth,
+          launcher=(sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2'))
+    log1, log2 = read_log(one)[0], read_log(two)[0]
+    for key in ('loss', 'rec', 'con', 'dis'):
+        assert abs(log1[key] - log2[key]) < 1e-5 * max(1.0, abs(log1[key])), key
+    # Adam's first moment after one step is (1 - beta1) * gradient: compare the gradients
+    s1, s2 = load_ckpt(one)['optimizer']['state'], load_ckpt(two)['optimizer']['state']
+    assert s1.keys() == s2.keys() and len(s1) > 50
+    for k in s1:
+        assert torch.allclose(s1[k]['exp_avg'], s2[k]['exp_avg'], rtol=1e-4, atol=1e-9), k
+
+
+def test_sigterm_saves_and_resume_is_exact(synth, tmp_path):
+    steps = ['--max_iters=40']
+    full, cut = tmp_path / 'full', tmp_path / 'cut'
+    train(*steps, out_dir=full, data=synth)
+    cmd = [sys.executable, 'train.py', *TINY, f'--train_json={synth / "train.json"}', f'--out_dir={cut}', *steps]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    log_path = cut / 'log.jsonl'
+    deadline = time.time() + 120
+    while not (log_path.exists() and len(log_path.read_text().splitlines()) >= 3) and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and 'SIGTERM: saved' in err, err[-2000:]
+    stopped_at = load_ckpt(cut)['iter_num']
+    assert 3 <= stopped_at < 40, stopped_at  # stopped mid-run (10 iterations per epoch: mid-epoch as a rule)
+    train(*steps, '--init_from=resume', out_dir=cut, data=synth)
+    a, b = load_ckpt(full), load_ckpt(cut)
+    assert a['iter_num'] == b['iter_num'] == 40
+    for part in ('model', 'teacher'):
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), (part, k)
+    losses_full = {r['iter']: r['loss'] for r in read_log(full)}
+    losses_cut = {r['iter']: r['loss'] for r in read_log(cut)}
+    assert losses_full == losses_cut
+
+
+def test_nonfinite_loss_stops_and_leaves_checkpoint_untouched(synth, tmp_path):
+    train('--max_iters=2', out_dir=tmp_path, data=synth)
+    ckpt = load_ckpt(tmp_path)
+    ckpt['model']['blocks_a.0.attn.qkv.weight'].fill_(float('nan'))  # a diverged state
+    torch.save(ckpt, tmp_path / 'ckpt.pt')
+    digest = hashlib.sha256((tmp_path / 'ckpt.pt').read_bytes()).hexdigest()
+    proc = train('--max_iters=4', '--init_from=resume', out_dir=tmp_path, data=synth, check=False)
+    assert proc.returncode == 1 and 'non-finite loss at iteration 2' in proc.stderr
+    assert 'untouched' in proc.stderr
+    assert hashlib.sha256((tmp_path / 'ckpt.pt').read_bytes()).hexdigest() == digest
+
+
+def test_compiled_training_matches_eager(synth, tmp_path):
+    eager, compiled = tmp_path / 'eager', tmp_path / 'compiled'
+    train('--max_iters=3', out_dir=eager, data=synth)
+    train('--max_iters=3', '--compile=True', out_dir=compiled, data=synth)
+    for r_e, r_c in zip(read_log(eager), read_log(compiled)):
+        for key in ('loss', 'rec', 'con', 'dis'):
+            assert abs(r_e[key] - r_c[key]) < 1e-3 * max(1.0, abs(r_e[key])), (r_e['iter'], key)
+
+
+def test_tgdp_step_uses_teacher_topk_and_moves_teacher_by_ema(synth, tmp_path, monkeypatch):
+    import model as model_module
+    seen = {'priority': [], 'keep': [], 'ema': []}
+    teacher_fwd, contrastive_fwd, ema = (model_module.CAVMAESync.forward_teacher,
+                                         model_module.CAVMAESync.forward_contrastive, model_module.ema_update)
+
+    def spy_teacher(self, audio, image):
+        out = teacher_fwd(self, audio, image)
+        assert not self.has_decoder  # the encoder-only teacher, never the student
+        seen['priority'].append((out[2], out[3]))
+        return out
+
+    def spy_contrastive(self, audio, image, keep_a, keep_v):
+        seen['keep'].append((keep_a, keep_v))
+        return contrastive_fwd(self, audio, image, keep_a, keep_v)
+
+    def spy_ema(teacher, student, momentum):
+        before = {k: p.clone() for k, p in teacher.named_parameters()}
+        ema(teacher, student, momentum)
+        seen['ema'].append((momentum, before, {k: p.detach().clone() for k, p in student.named_parameters()},
+                            {k: p.clone() for k, p in teacher.named_parameters()}))
+
+    monkeypatch.setattr(model_module.CAVMAESync, 'forward_teacher', spy_teacher)
+    monkeypatch.setattr(model_module.CAVMAESync, 'forward_contrastive', spy_contrastive)
+    monkeypatch.setattr(model_module, 'ema_update', spy_ema)
+    monkeypatch.setattr(sys, 'argv', ['train.py', *TINY, f'--train_json={synth / "train.json"}', f'--out_dir={tmp_path}',
+                                      '--max_iters=3', '--contrastive_mask_ratio=0.5', '--ema_momentum=0.9'])
+    monkeypatch.chdir(ROOT)
+    handler = signal.getsignal(signal.SIGTERM)
+    try:
+        g = runpy.run_path(os.path.join(ROOT, 'train.py'), run_name='__main__')
+    finally:
+        signal.signal(signal.SIGTERM, handler)  # train.py installs its pre-emption handler
+
+    assert len(seen['priority']) == len(seen['keep']) == len(seen['ema']) == 3
+    for (p_a, p_v), (keep_a, keep_v) in zip(seen['priority'], seen['keep']):
+        for p, keep in ((p_a, keep_a), (p_v, keep_v)):
+            k = round(p.shape[1] * 0.5)
+            assert keep.shape == (p.shape[0], k)
+            assert torch.equal(keep.sort(1).values, p.argsort(1, descending=True)[:, :k].sort(1).values)
+    for it, (m, before, student, after) in enumerate(seen['ema']):
+        assert abs(m - g['get_momentum'](it)) < 1e-12 and 0.9 <= m < 1.0
+        for k in after:
+            assert torch.allclose(after[k], m * before[k] + (1 - m) * student[k], atol=1e-6)
+        assert any(not torch.equal(after[k], before[k]) for k in after)  # it moved
+    teacher = g['teacher']
+    assert all(not p.requires_grad and p.grad is None for p in teacher.parameters())
+    assert not any(p is q for p in teacher.parameters() for group in g['optimizer'].param_groups for q in group['params'])
