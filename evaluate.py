@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 import data
-from model import CAVMAESync, ModelConfig, convert_official_state_dict
+from model import CAVMAESync, ModelConfig, checkpoint_kind, convert_official_state_dict
 
 STRATEGIES = ('diag_mean', 'block_mean', 'diag_max', 'block_max')
 
@@ -60,27 +60,25 @@ def load_model(ckpt_path, device='cpu', weights='model'):
     except Exception as e:
         raise ValueError(f'{ckpt_path}: cannot be read as a checkpoint of tensors ({type(e).__name__}: {e})') from e
 
-    if isinstance(ckpt, dict) and 'model' in ckpt and 'model_args' in ckpt:  # train.py
-        config = ModelConfig(**ckpt['model_args'])
+    try:
+        kind = checkpoint_kind(ckpt)
+    except ValueError as e:
+        raise ValueError(f'{ckpt_path}: {e}') from None
+    if kind == 'train':
         sd = ckpt[weights]
         if sd is None:
             raise ValueError(f'{ckpt_path}: --weights {weights} asked, but this run kept no {weights} weights')
-        sd = {k.removeprefix('_orig_mod.'): v for k, v in sd.items()}  # torch.compile'd module names
-        model = CAVMAESync(config, decoder=(weights == 'model'))
+        model = CAVMAESync(ModelConfig(**ckpt['model_args']), decoder=(weights == 'model'))
         model.load_state_dict(sd)
-        source = f'train.py checkpoint, {weights} weights' + (f', iter {ckpt["iter_num"]}' if 'iter_num' in ckpt else '')
-    elif isinstance(ckpt, dict) and ckpt and all(torch.is_tensor(v) for v in ckpt.values()) \
-            and any(k.removeprefix('module.').startswith(('blocks_u.', 'cls_token_a', 'patch_embed_a.')) for k in ckpt):
+        source = f'train.py checkpoint, {weights} weights, iter {ckpt["iter_num"]}'
+    elif kind == 'official':
         if weights != 'model':
             raise ValueError(f'{ckpt_path}: an official release has no teacher weights; drop --weights teacher')
         model = CAVMAESync(ModelConfig())
-        model.load_state_dict(convert_official_state_dict(ckpt))
+        model.load_state_dict(convert_official_state_dict(ckpt.get('model', ckpt)))
         source = 'official CAV-MAE Sync / TG-DP release'
     else:
-        keys = list(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise ValueError(f"{ckpt_path}: neither a train.py checkpoint (a dict with 'model' and 'model_args') nor an "
-                         f"official CAV-MAE Sync / TG-DP state dict (keys like 'module.blocks_u.0.norm1_a.weight'); "
-                         f'it holds {keys}')
+        raise ValueError(f'{ckpt_path}: ImageNet MAE weights are an initialisation (train.py --init_from), not a model to evaluate')
     print(f'loaded {ckpt_path} ({source}): {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters')
     return model.to(device).eval()
 

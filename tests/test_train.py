@@ -87,6 +87,8 @@ def test_sigterm_saves_and_resume_is_exact(synth, tmp_path):
     assert proc.returncode == 0 and 'SIGTERM: saved' in err, err[-2000:]
     stopped_at = load_ckpt(cut)['iter_num']
     assert 3 <= stopped_at < 40, stopped_at  # stopped mid-run (10 iterations per epoch: mid-epoch as a rule)
+    from evaluate import load_model
+    assert not load_model(str(cut / 'ckpt.pt'), weights='teacher').has_decoder  # loadable with weights_only=True
     train(*steps, '--init_from=resume', out_dir=cut, data=synth)
     a, b = load_ckpt(full), load_ckpt(cut)
     assert a['iter_num'] == b['iter_num'] == 40
