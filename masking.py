@@ -58,3 +58,9 @@ def mask_ratio_schedule(progress, rho1, rho2):
     """DiffMAViL curriculum: the mask ratio moves linearly from rho1 (progress 0) to rho2 (progress 1)."""
     progress = min(max(progress, 0.0), 1.0)
     return rho1 + (rho2 - rho1) * progress
+
+
+def adaptive_batch_size(batch_size, mask_ratio, rho1, rho2):
+    """DiffMAViL adaptive batch: B_e = (1 - min(rho1, rho2)) / (1 - rho_e) * B_0, so that the visible
+    tokens per step, B_e * (1 - rho_e), stay about those of the least-masked setting."""
+    return max(1, round((1.0 - min(rho1, rho2)) / (1.0 - mask_ratio) * batch_size))

@@ -66,6 +66,9 @@ decoder_attention = 'self'     # 'self' | 'cross' (DiffMAViL: masked queries att
 # method
 method = 'tgdp'                # 'tgdp' | 'sync' (CAV-MAE Sync) | 'dualpass' (two random passes, no teacher) | 'cavmae'
 mask_ratio = 0.75              # reconstruction pass (and the single pass of sync / cavmae)
+mask_ratio_schedule = 'none'   # DiffMAViL curriculum: 'none' | 'epoch' | 'step', linear from mask_ratio to mask_ratio_end
+mask_ratio_end = 0.8
+adaptive_batch = False         # DiffMAViL: per-epoch batch (1 - min ratio) / (1 - ratio_e) * batch_size (needs 'epoch')
 contrastive_mask_ratio = 0.5   # contrastive pass of tgdp / dualpass
 contrastive_masking = 'guided' # tgdp: 'guided' | 'random' | 'gumbel' (dualpass is always random)
 rec_weight = 1.0
@@ -94,6 +97,7 @@ peak_tflops = 989.0            # per device, for MFU (H100 SXM dense bf16)
 bench = False                  # time steps on random tensors, no data (config/bench.py)
 bench_iters = 20
 bench_warmup = 5
+profile = False                # bench: torch.profiler over the timed steps, table in out_dir/profile.txt
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
 
@@ -133,6 +137,10 @@ if method not in ('tgdp', 'sync', 'dualpass', 'cavmae'):
     sys.exit(f"error: method must be 'tgdp', 'sync', 'dualpass' or 'cavmae', got {method!r}")
 if contrastive_masking not in ('guided', 'random', 'gumbel'):
     sys.exit(f"error: contrastive_masking must be 'guided', 'random' or 'gumbel', got {contrastive_masking!r}")
+if mask_ratio_schedule not in ('none', 'epoch', 'step'):
+    sys.exit(f"error: mask_ratio_schedule must be 'none', 'epoch' or 'step', got {mask_ratio_schedule!r}")
+if adaptive_batch and mask_ratio_schedule != 'epoch':
+    sys.exit("error: adaptive_batch=True changes the batch once per epoch: it needs mask_ratio_schedule='epoch'")
 if dtype not in ('float32', 'bfloat16', 'float16'):
     sys.exit(f"error: dtype must be 'float32', 'bfloat16' or 'float16', got {dtype!r}")
 
@@ -165,10 +173,44 @@ if master:
 
 # -----------------------------------------------------------------------------
 # data
-micro_batches_per_iter = gradient_accumulation_steps
+def epoch_mask_ratio(epoch):  # reconstruction mask ratio of an epoch under the 'epoch' curriculum
+    return masking.mask_ratio_schedule(epoch / max(1, math.ceil(epochs) - 1), mask_ratio, mask_ratio_end)
+
+
+def step_mask_ratio(it):  # reconstruction mask ratio of an iteration
+    if mask_ratio_schedule == 'epoch':
+        return epoch_mask_ratio(locate(it)[0])
+    if mask_ratio_schedule == 'step':
+        return masking.mask_ratio_schedule(it / max(1, max_iters - 1), mask_ratio, mask_ratio_end)
+    return mask_ratio
+
+
+def epoch_batch_size(epoch):  # clips per rank per micro-step in an epoch
+    if not adaptive_batch:
+        return batch_size
+    return masking.adaptive_batch_size(batch_size, epoch_mask_ratio(epoch), mask_ratio, mask_ratio_end)
+
+
+def epoch_iters(epoch):  # optimiser steps in an epoch
+    return bench_warmup + bench_iters if bench else len(sampler) // (epoch_batch_size(epoch) * gradient_accumulation_steps)
+
+
+def locate(it):  # iteration -> (epoch, steps of that epoch already done): epochs may differ in length
+    epoch = 0
+    while it >= epoch_iters(epoch):
+        it -= epoch_iters(epoch)
+        epoch += 1
+    return epoch, it
+
+
+def iters_for(num_epochs):  # optimiser steps in the first num_epochs (fractional) epochs
+    whole = int(num_epochs)
+    return sum(epoch_iters(e) for e in range(whole)) + round((num_epochs - whole) * epoch_iters(whole))
+
+
 if bench:
     dataset = None
-    iters_per_epoch = max_iters = bench_warmup + bench_iters
+    max_iters = bench_warmup + bench_iters
 else:
     from data import AVDataset, collate
     for key in ('train_json',) + (('eval_json',) if eval_json else ()):
@@ -180,12 +222,11 @@ else:
     data_args = dict(audio_length=audio_length, num_mel_bins=num_mel_bins, img_size=img_size, num_frames=num_frames)
     dataset = AVDataset(train_json, label_csv or None, mode='train', time_shift=time_shift, seed=seed, **data_args)
     sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
-    iters_per_epoch = len(sampler) // (batch_size * gradient_accumulation_steps)
-    if iters_per_epoch == 0:
-        sys.exit(f'error: {len(dataset)} clips are fewer than one step ({batch_size} x {gradient_accumulation_steps} '
-                 f'x {world_size} ranks); lower batch_size')
-    max_iters = max_iters or round(epochs * iters_per_epoch)
-warmup_iters = round(warmup_epochs * iters_per_epoch)
+    if min(epoch_iters(e) for e in range(math.ceil(epochs) or 1)) == 0:
+        sys.exit(f'error: {len(dataset)} clips are fewer than one step ({max(map(epoch_batch_size, range(math.ceil(epochs) or 1)))} '
+                 f'x {gradient_accumulation_steps} x {world_size} ranks); lower batch_size')
+    max_iters = max_iters or iters_for(epochs)
+warmup_iters = iters_for(warmup_epochs)
 
 
 def ignore_sigterm(_):  # workers: the main process handles pre-emption and shuts them down itself
@@ -196,8 +237,9 @@ def epoch_batches(epoch, skip):
     """This rank's micro-batches of one epoch, after skipping the first `skip` (exact mid-epoch resume)."""
     sampler.set_epoch(epoch)
     dataset.set_epoch(epoch)
-    indices = list(sampler)[skip * batch_size:]
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=indices, num_workers=num_workers, drop_last=True,
+    B = epoch_batch_size(epoch)  # a new loader every epoch: the batch may change (adaptive_batch)
+    indices = list(sampler)[skip * B:]
+    loader = DataLoader(dataset, batch_size=B, sampler=indices, num_workers=num_workers, drop_last=True,
                         pin_memory=device_type == 'cuda', collate_fn=collate, worker_init_fn=ignore_sigterm,
                         persistent_workers=False)
     for batch in loader:
@@ -251,7 +293,7 @@ if ckpt is not None:
     scaler.load_state_dict(ckpt['scaler'])
 if master:
     n_params = sum(p.numel() for p in model.parameters())
-    print(f'model: {n_params / 1e6:.2f} M trainable parameters; {iters_per_epoch} iterations per epoch, {max_iters} in all')
+    print(f'model: {n_params / 1e6:.2f} M trainable parameters; {epoch_iters(0)} iterations in the first epoch, {max_iters} in all')
 teacher_forward = teacher.forward_teacher if teacher is not None else None
 if compile:
     model = torch.compile(model)
@@ -272,12 +314,12 @@ def get_momentum(it):  # EMA momentum: cosine ramp from ema_momentum to ema_mome
     return ema_momentum_end - (ema_momentum_end - ema_momentum) * 0.5 * (1.0 + math.cos(math.pi * it / max(1, max_iters)))
 
 
-def train_flops_per_clip():
+def train_flops_per_clip(rec_mask_ratio):
     """Analytic training FLOPs per clip: 3x forward for the student (forward + backward), 1x for the teacher."""
     c = raw_model.config
     if method in ('sync', 'cavmae'):
-        return 3 * sum(forward_flops(c, mask_ratio, 'sync').values())
-    student = sum(forward_flops(c, mask_ratio, 'reconstruction').values()) + sum(forward_flops(c, contrastive_mask_ratio, 'contrastive').values())
+        return 3 * sum(forward_flops(c, rec_mask_ratio, 'sync').values())
+    student = sum(forward_flops(c, rec_mask_ratio, 'reconstruction').values()) + sum(forward_flops(c, contrastive_mask_ratio, 'contrastive').values())
     return 3 * student + (sum(forward_flops(c, 0.0, 'full').values()) if method == 'tgdp' else 0)
 
 
@@ -288,23 +330,23 @@ def train_flops_per_clip():
 noise_gen = torch.Generator(device=device).manual_seed(seed)
 
 
-def noise(n):  # (batch_size, n) uniform noise: this rank's rows of the global batch's
-    return torch.rand(world_size * batch_size, n, generator=noise_gen, device=device)[rank::world_size]
+def noise(B, n):  # (B, n) uniform noise: this rank's rows of the global batch's
+    return torch.rand(world_size * B, n, generator=noise_gen, device=device)[rank::world_size]
 
 
-def losses_for(audio, image):
+def losses_for(audio, image, rec_mask_ratio):
     """One micro-batch of the selected method -> (total loss, dict of detached terms)."""
     terms = {}
     keep_a = keep_v = None
-    Na, Nv = raw_model.num_patches_a, raw_model.num_patches_v
+    B, Na, Nv = audio.shape[0], raw_model.num_patches_a, raw_model.num_patches_v
     if method == 'tgdp':
         t_a, t_v, p_a, p_v = teacher_forward(audio, image)
-        keep_a = masking.contrastive_keep(contrastive_masking, p_a, contrastive_mask_ratio, noise(Na))
-        keep_v = masking.contrastive_keep(contrastive_masking, p_v, contrastive_mask_ratio, noise(Nv))
+        keep_a = masking.contrastive_keep(contrastive_masking, p_a, contrastive_mask_ratio, noise(B, Na))
+        keep_v = masking.contrastive_keep(contrastive_masking, p_v, contrastive_mask_ratio, noise(B, Nv))
     elif method == 'dualpass':
-        keep_a = masking.random_masking(batch_size, Na, contrastive_mask_ratio, noise=noise(Na))[0]
-        keep_v = masking.random_masking(batch_size, Nv, contrastive_mask_ratio, noise=noise(Nv))[0]
-    out = model(audio, image, mask_ratio, keep_a, keep_v, noise(Na), noise(Nv))
+        keep_a = masking.random_masking(B, Na, contrastive_mask_ratio, noise=noise(B, Na))[0]
+        keep_v = masking.random_masking(B, Nv, contrastive_mask_ratio, noise=noise(B, Nv))[0]
+    out = model(audio, image, rec_mask_ratio, keep_a, keep_v, noise(B, Na), noise(B, Nv))
     loss_con, terms['con_acc'] = info_nce(out['g_a'], out['g_v'], temperature)
     loss = rec_weight * out['loss'] + con_weight * loss_con
     terms.update(rec=out['loss'], rec_a=out['loss_a'], rec_v=out['loss_v'], con=loss_con)
@@ -315,7 +357,7 @@ def losses_for(audio, image):
     return loss, {k: v.detach() for k, v in terms.items()}
 
 
-def train_step(micro_batches):
+def train_step(micro_batches, rec_mask_ratio):
     """One optimiser step over gradient_accumulation_steps micro-batches. Returns (terms, stop flags):
     flags[0] = some rank saw a non-finite loss (the update is skipped), flags[1] = some rank got SIGTERM."""
     terms_sum = {}
@@ -324,7 +366,7 @@ def train_step(micro_batches):
         sync_grads = not ddp or micro_step == gradient_accumulation_steps - 1  # all-reduce only on the last
         with (nullcontext() if sync_grads else model.no_sync()):
             with autocast:
-                loss, terms = losses_for(audio, image)
+                loss, terms = losses_for(audio, image, rec_mask_ratio)
             scaler.scale(loss / gradient_accumulation_steps).backward()
         for k, v in terms.items():
             terms_sum[k] = terms_sum.get(k, 0.0) + v / gradient_accumulation_steps
@@ -346,7 +388,7 @@ def save_checkpoint():
     if master:
         state = dict(model=raw_model.state_dict(), teacher=teacher.state_dict() if teacher is not None else None,
                      optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), iter_num=iter_num,
-                     epoch=iter_num // iters_per_epoch, model_args=model_args, config=config,
+                     epoch=locate(iter_num)[0], model_args=model_args, config=config,
                      noise_gen=noise_gen.get_state())
         torch.save(state, ckpt_path + '.tmp')
         os.replace(ckpt_path + '.tmp', ckpt_path)  # atomic: a crash never leaves a half-written ckpt.pt
@@ -379,8 +421,6 @@ if ckpt is not None:
     noise_gen.set_state(ckpt['noise_gen'])
     del ckpt
 eval_dataset = AVDataset(eval_json, label_csv or None, mode='eval', **data_args) if (eval_json and not bench) else None
-flops_per_clip = train_flops_per_clip()
-clips_per_iter = batch_size * gradient_accumulation_steps * world_size
 model.train()
 
 
@@ -391,6 +431,13 @@ def bench_batches():
         yield audio, image
 
 
+profiler = None
+if bench and profile:
+    acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device_type == 'cuda' else [])
+    profiler = torch.profiler.profile(activities=acts, schedule=torch.profiler.schedule(wait=0, warmup=bench_warmup, active=bench_iters))
+    profiler.start()
+
+
 def sync_device():
     if device_type == 'cuda':
         torch.cuda.synchronize()
@@ -399,17 +446,21 @@ def sync_device():
 bar = tqdm(total=max_iters, initial=iter_num, disable=not master or bench, dynamic_ncols=True)
 t_log, iters_since_log = time.time(), 0
 while iter_num < max_iters:
-    epoch, start = divmod(iter_num, iters_per_epoch)
+    epoch, start = locate(iter_num)
+    clips_per_iter = epoch_batch_size(epoch) * gradient_accumulation_steps * world_size
     micro_batches = bench_batches() if bench else epoch_batches(epoch, start * gradient_accumulation_steps)
     try:
-        for _ in range(start, iters_per_epoch):
+        for _ in range(start, epoch_iters(epoch)):
             if bench and iter_num == bench_warmup:
                 sync_device()
                 t_bench = time.time()
             lr = get_lr(iter_num)
             for group in optimizer.param_groups:
                 group['lr'] = lr
-            terms, flags = train_step(micro_batches)
+            rec_mask_ratio = step_mask_ratio(iter_num)
+            terms, flags = train_step(micro_batches, rec_mask_ratio)
+            if profiler is not None:
+                profiler.step()
             if flags[0]:
                 if master:
                     bar.close()
@@ -427,8 +478,9 @@ while iter_num < max_iters:
                     dist.all_reduce(values, op=dist.ReduceOp.AVG)
                 if master:
                     clips_s = clips_per_iter * iters_since_log / (time.time() - t_log)
-                    mfu = flops_per_clip * clips_s / world_size / (peak_tflops * 1e12) if device_type == 'cuda' else float('nan')
-                    record = {'iter': iter_num, 'epoch': iter_num / iters_per_epoch, 'lr': lr, 'clips_s': clips_s, 'mfu': mfu,
+                    mfu = train_flops_per_clip(rec_mask_ratio) * clips_s / world_size / (peak_tflops * 1e12) if device_type == 'cuda' else float('nan')
+                    record = {'iter': iter_num, 'epoch': epoch, 'lr': lr, 'mask_ratio': rec_mask_ratio,
+                          'batch_size': clips_per_iter, 'clips_s': clips_s, 'mfu': mfu,
                               **dict(zip(terms, values.tolist()))}
                     log(record)
                     bar.write(f"iter {iter_num}: loss {record['loss']:.4f} rec {record['rec']:.4f} con {record['con']:.4f}"
@@ -455,11 +507,19 @@ bar.close()
 if bench:
     sync_device()
     dt = time.time() - t_bench
+    flops_per_clip = train_flops_per_clip(mask_ratio)
     clips_s = batch_size * gradient_accumulation_steps * bench_iters / dt
     tflops = flops_per_clip * clips_s / 1e12
     mem = f'{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB' if device_type == 'cuda' else 'n/a'
     mfu = f'{100 * tflops / peak_tflops:.1f}%' if device_type == 'cuda' else 'n/a'
+    if profiler is not None:
+        profiler.stop()
+        table = profiler.key_averages().table(sort_by=f'{"cuda" if device_type == "cuda" else "cpu"}_time_total', row_limit=30)
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, 'profile.txt'), 'w') as f:
+            f.write(table)
+        print(f'profile of {bench_iters} steps: {os.path.join(out_dir, "profile.txt")}')
     print(f'| method | batch | s/iter | clips/s | GFLOP/clip | TFLOP/s | MFU | peak mem |\n|---|---|---|---|---|---|---|---|\n'
-          f'| {method} | {batch_size} | {dt / bench_iters:.3f} | {clips_s:.1f} | {flops_per_clip / 1e9:.1f} | {tflops:.2f} | {mfu} | {mem} |')
+          f'| {method} | {batch_size} | {dt / bench_iters:.3f} | {clips_s:.1f} | {flops_per_clip / 1e9:.4g} | {tflops:.3g} | {mfu} | {mem} |')
 if ddp:
     dist.destroy_process_group()

@@ -20,6 +20,7 @@ decoder_depth = 1
 decoder_num_heads = 4
 num_registers = 2
 learning_rate = 1e-3
+con_weight = 1.0       # the paper's 0.1 leaves a model this small no time to align the modalities
 epochs = 60.0
 warmup_epochs = 3.0
 eval_interval = 100
