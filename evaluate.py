@@ -422,11 +422,16 @@ def _safe_name(clip_id):
 
 
 @torch.no_grad()
+def localize_scale(H, W, display=224):
+    """Integer enlargement of localisation panels so that each is at least `display` pixels wide or high."""
+    return max(1, math.ceil(display / max(H, W)))
+
+
 def localize(model, dataset, out_dir, frame=None, num_clips=16, batch_size=8, device='cpu', num_workers=0, alpha=0.5):
     """Sound-prompted localisation: for frame t (middle by default) of each clip, the cosine between
     g_a of segment t and every visual patch token of frame t, bilinearly upsampled to the frame,
     min-max scaled per frame (red = most similar) and overlaid on it. Writes out_dir/<id>.png =
-    [frame | heat map overlay], (2W, H). Returns the paths."""
+    [frame | heat map overlay], (2W, H) enlarged by localize_scale. Returns the paths."""
     os.makedirs(out_dir, exist_ok=True)
     paths = []
     for batch in tqdm(_loader(dataset, num_clips, batch_size, num_workers), desc='localize', leave=False):
@@ -447,8 +452,9 @@ def localize(model, dataset, out_dir, frame=None, num_clips=16, batch_size=8, de
             canvas = Image.new('RGB', (2 * W, H))
             canvas.paste(Image.fromarray(rgb), (0, 0))
             canvas.paste(Image.fromarray(overlay), (W, 0))
+            s = localize_scale(H, W)  # small frames are enlarged so that a person can see them
             paths.append(os.path.join(out_dir, _safe_name(clip_id) + '.png'))
-            canvas.save(paths[-1])
+            canvas.resize((2 * W * s, H * s), Image.BICUBIC).save(paths[-1])
     return paths
 
 
@@ -532,11 +538,11 @@ def class_colour(k):
 def embed_plot(features, out_path, size=800):
     """PCA (fit jointly) of the clip-level audio and visual embeddings, audio as circles and video as
     triangles, coloured by class (the first label of each clip; grey for unlabelled clips), with a
-    legend. Writes a (size, size) PNG."""
+    legend. Each modality is centred first: otherwise the offset between the two modalities takes
+    the first component and hides the classes. Writes a (size, size) PNG."""
     a, v = clip_embeddings(features['g_a']), clip_embeddings(features['g_v'])  # (N, D) each
     N = a.shape[0]
-    X = torch.cat([a, v]).double()  # (2N, D)
-    X = X - X.mean(dim=0)
+    X = torch.cat([a - a.mean(dim=0), v - v.mean(dim=0)]).double()  # (2N, D)
     _, S, Vh = torch.linalg.svd(X, full_matrices=False)
     xy = X @ Vh[:2].T  # (2N, 2)
     explained = (S[:2] ** 2 / (S ** 2).sum()).tolist()
@@ -551,7 +557,7 @@ def embed_plot(features, out_path, size=800):
     legend_w, m = size * 2 // 7, size // 20
     box = (m, m, size - legend_w - m // 2, size - m)  # plot area (left, top, right, bottom)
     draw.rectangle(box, outline=(160, 160, 160))
-    draw.text((m, m // 4), f'PCA of clip embeddings: {N} clips', fill='black', font=font)
+    draw.text((m, m // 4), f'PCA of clip embeddings (each modality centred): {N} clips', fill='black', font=font)
     draw.text((m, size - m + 4), f'PC1 ({explained[0]:.0%} var)', fill='black', font=font)
     draw.text((2, m - 14), f'PC2 ({explained[1]:.0%})', fill='black', font=font)
     lo, hi = xy.min(dim=0).values, xy.max(dim=0).values

@@ -341,9 +341,11 @@ def test_localize_writes_heat_maps(synth, ckpt, tmp_path):
                    '--num_workers', '0', '--batch_size', '2'])
     files = sorted(os.listdir(out))
     assert len(files) == 3
+    s = evaluate.localize_scale(32, 32)
+    assert s * 32 >= 224
     for name in files:
-        pixels = assert_png(os.path.join(out, name), (2 * 32, 32))
-        assert np.abs(pixels[:, :32].astype(int) - pixels[:, 32:]).mean() > 5  # the overlay changed the frame
+        pixels = assert_png(os.path.join(out, name), (2 * 32 * s, 32 * s))
+        assert np.abs(pixels[:, :32 * s].astype(int) - pixels[:, 32 * s:]).mean() > 5  # the overlay changed the frame
 
 
 def test_reconstruct_writes_grid(synth, ckpt, tmp_path):
