@@ -16,7 +16,6 @@ DiffMAViL's decoder options (SPEC section 7), off by default so the official lay
 diffused_mask_tokens (noised masked patches instead of the mask token) and decoder_attention='cross'
 (masked-position queries attend only to the visible latents).
 """
-import math
 import re
 from dataclasses import dataclass
 

@@ -186,7 +186,7 @@ class ReleaseCAVMAE(nn.Module):
         """x (B, ka + kv, D) -> pred_a (B, Na, p*p), pred_v (B, Nv, p*p*3)."""
         x = self.decoder_embed(x)  # (B, ka + kv, Dd)
         B, _, Dd = x.shape
-        Na, Nv = self.num_patches_a, self.num_patches_v
+        Na = self.num_patches_a
         ka = Na - int(mask_a[0].sum())
         a_ = torch.cat([x[:, :ka], self.mask_token.repeat(B, Na - ka, 1)], dim=1)
         a_ = torch.gather(a_, 1, ids_restore_a.unsqueeze(-1).repeat(1, 1, Dd))  # unshuffle

@@ -103,7 +103,6 @@ def test_diffused_tokens_fill_masked_positions_only():
     for patches in (m.patchify_audio(a), m.patchify_image(v)):
         eps = torch.randn(patches.shape)
         x_t.append((sqrt_abar * patches.double() + (1 - sqrt_abar ** 2).sqrt() * eps.double()).float())
-    Na = m.num_patches_a
     tokens_a = F.linear(x_t[0], m.decoder_noise_embed_a.weight, m.decoder_noise_embed_a.bias) + m.decoder_pos_embed_a + m.decoder_modality_a
     tokens_v = F.linear(x_t[1], m.decoder_noise_embed_v.weight, m.decoder_noise_embed_v.bias) + m.decoder_pos_embed_v + m.decoder_modality_v
     expected = torch.cat([tokens_a, tokens_v], dim=1).detach()  # (B, Na + Nv, Dd)

@@ -55,7 +55,7 @@ def test_patchify_round_trip_and_layout():
     assert torch.equal(m.unpatchify_audio(m.patchify_audio(a)), a)
     assert torch.equal(m.unpatchify_image(m.patchify_image(v)), v)
     # audio patch (f, t) holds mel bins f*p.. and frames t*p.., row-major over (freq, time)
-    p, (nf, nt) = 8, m.grid_a
+    p, nt = 8, m.grid_a[1]
     f, t = 2, 5
     assert torch.equal(m.patchify_audio(a)[:, f * nt + t].view(-1, p, p), a[:, t * p:(t + 1) * p, f * p:(f + 1) * p].transpose(1, 2))
 

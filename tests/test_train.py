@@ -198,3 +198,36 @@ def test_demo_learns_cross_modal_retrieval(tmp_path):
     print(f'\ndemo (250 iterations): {retrieval}, chance R@1 {chance:.2f}%')
     for direction in ('V->A', 'A->V'):
         assert retrieval[direction]['R@1'] >= 5 * chance, (direction, retrieval[direction], chance)
+
+
+def test_adaptive_batch_keeps_visible_tokens_per_step():
+    import masking
+    for b0 in (4, 64, 128):
+        for e in range(35):
+            rho = masking.mask_ratio_schedule(e / 34, 0.9, 0.8)
+            b = masking.adaptive_batch_size(b0, rho, 0.9, 0.8)
+            # visible patches per step within one sample's worth of the least-masked setting's
+            assert abs(b * (1 - rho) - b0 * (1 - 0.8)) <= 0.5 * (1 - rho) + 1e-9, (b0, e, b)
+    assert masking.adaptive_batch_size(64, 0.9, 0.9, 0.8) == 128 and masking.adaptive_batch_size(64, 0.8, 0.9, 0.8) == 64
+
+
+def test_diffmavil_options_train_with_curriculum_and_adaptive_batch(synth, tmp_path):
+    """Each DiffMAViL option on: the logged mask ratio and batch follow the per-epoch schedule, epochs of
+    different length add up to the iteration count, and the learning rate ends the cosine at max_iters."""
+    import masking
+    train('--epochs=3.0', '--mask_ratio=0.9', '--mask_ratio_end=0.8', '--mask_ratio_schedule=epoch',
+          '--adaptive_batch=True', '--diffused_mask_tokens=True', '--decoder_attention=cross', out_dir=tmp_path, data=synth)
+    records = [r for r in read_log(tmp_path) if 'loss' in r]
+    ratios = {e: masking.mask_ratio_schedule(e / 2, 0.9, 0.8) for e in range(3)}
+    sizes = {e: masking.adaptive_batch_size(4, ratios[e], 0.9, 0.8) for e in range(3)}
+    assert sizes == {0: 8, 1: 5, 2: 4}
+    assert {r['epoch'] for r in records} == {0, 1, 2}
+    for r in records:
+        assert abs(r['mask_ratio'] - ratios[r['epoch']]) < 1e-12 and r['batch_size'] == sizes[r['epoch']]
+    assert len(records) == sum(40 // sizes[e] for e in range(3))  # 40 clips; log_interval=1
+    assert records[-1]['lr'] < 0.05 * 1e-3 and all(math.isfinite(r['loss']) for r in records)
+    step = tmp_path / 'step'
+    train('--max_iters=6', '--mask_ratio=0.9', '--mask_ratio_end=0.8', '--mask_ratio_schedule=step', out_dir=step, data=synth)
+    assert [round(r['mask_ratio'], 6) for r in read_log(step)] == [round(0.9 - 0.1 * i / 5, 6) for i in range(6)]
+    proc = train('--adaptive_batch=True', out_dir=tmp_path / 'bad', data=synth, check=False)
+    assert proc.returncode != 0 and "needs mask_ratio_schedule='epoch'" in proc.stderr
