@@ -34,8 +34,9 @@ def info_nce(g_a, g_v, temperature=0.05):
     all_a, offset = gather_across_ranks(a)
     all_v, _ = gather_across_ranks(v)
     target = torch.arange(a.shape[0], device=a.device) + offset  # positives: same clip on this rank
-    logits_av = a @ all_v.T / temperature  # (B, world*B): audio queries vs every visual candidate
-    logits_va = v @ all_a.T / temperature
+    with torch.autocast(a.device.type, enabled=False):  # fp32 logits: bf16 would round cos/0.05 by ~0.1
+        logits_av = a @ all_v.T / temperature  # (B, world*B): audio queries vs every visual candidate
+        logits_va = v @ all_a.T / temperature
     loss = (F.cross_entropy(logits_av, target) + F.cross_entropy(logits_va, target)) / 2
     with torch.no_grad():
         acc = ((logits_av.argmax(dim=1) == target).float().mean() + (logits_va.argmax(dim=1) == target).float().mean()) / 2

@@ -66,3 +66,12 @@ def test_info_nce_two_gloo_ranks_match_single_process(tmp_path):
     assert abs(got['loss'] - loss.item()) < 1e-5
     # each rank's gradient: d(global loss)/d(its own embeddings), including the terms where they are negatives
     assert torch.allclose(got['grads'], torch.cat([ga.grad, gv.grad], 1), atol=1e-6)
+
+
+def test_info_nce_logits_stay_float32_under_autocast():
+    torch.manual_seed(1)
+    a, v = torch.randn(16, 32), torch.randn(16, 32)
+    ref, _ = info_nce(a, v, 0.05)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        got, _ = info_nce(a, v, 0.05)
+    assert torch.equal(got, ref)
