@@ -366,36 +366,39 @@ class CAVMAESync(nn.Module):
 
     # --- the passes ------------------------------------------------------------------
 
-    def _masked_encode(self, audio, image, mask_ratio_a, mask_ratio_v, noise_a=None, noise_v=None):
+    def _reconstruction(self, audio, image, emb_a, emb_v, mask_ratio_a, mask_ratio_v, noise_a, noise_v):
+        """Random masking of the embedded patches emb_a (B, Na, D), emb_v (B, Nv, D) -> encoders -> fused
+        joint pass -> decoder -> loss. Returns (loss dict, enc_a, enc_v); the Sync pass reuses the encodings."""
         B, device = audio.shape[0], audio.device
         keep_a, mask_a = masking.random_masking(B, self.num_patches_a, mask_ratio_a, device, noise_a)
         keep_v, mask_v = masking.random_masking(B, self.num_patches_v, mask_ratio_v, device, noise_v)
-        enc_a = self.encode(masking.gather(self.embed_audio(audio), keep_a), 'a')
-        enc_v = self.encode(masking.gather(self.embed_image(image), keep_v), 'v')
-        return enc_a, enc_v, keep_a, keep_v, mask_a, mask_v
+        enc_a = self.encode(masking.gather(emb_a, keep_a), 'a')
+        enc_v = self.encode(masking.gather(emb_v, keep_v), 'v')
+        patches_a, patches_v = self.patchify_audio(audio), self.patchify_image(image)  # the targets
+        pred_a, pred_v = self.fused_decode(enc_a, enc_v, keep_a, keep_v, patches_a, patches_v)
+        return self.reconstruction_loss(patches_a, patches_v, pred_a, pred_v, mask_a, mask_v), enc_a, enc_v
+
+    def _contrastive(self, emb_a, emb_v, keep_a, keep_v):
+        enc_a = self.encode(masking.gather(emb_a, keep_a), 'a')
+        enc_v = self.encode(masking.gather(emb_v, keep_v), 'v')
+        return self.global_embeddings(enc_a, enc_v)
 
     def forward_reconstruction(self, audio, image, mask_ratio_a=0.75, mask_ratio_v=0.75, noise_a=None, noise_v=None):
         """Random masking -> encoders -> fused joint pass -> decoder -> per-modality MSE on masked patches.
         audio (B, L, F), image (B, 3, H, W); optional masking noise (B, Na), (B, Nv). No global-token passes."""
-        enc_a, enc_v, keep_a, keep_v, mask_a, mask_v = self._masked_encode(audio, image, mask_ratio_a, mask_ratio_v, noise_a, noise_v)
-        patches_a, patches_v = self.patchify_audio(audio), self.patchify_image(image)  # the targets
-        pred_a, pred_v = self.fused_decode(enc_a, enc_v, keep_a, keep_v, patches_a, patches_v)
-        return self.reconstruction_loss(patches_a, patches_v, pred_a, pred_v, mask_a, mask_v)
+        return self._reconstruction(audio, image, self.embed_audio(audio), self.embed_image(image),
+                                    mask_ratio_a, mask_ratio_v, noise_a, noise_v)[0]
 
     def forward_contrastive(self, audio, image, keep_a, keep_v):
         """Caller-chosen visible patches keep_a (B, ka), keep_v (B, kv) -> encoders -> audio and visual
         joint passes -> (g_a, g_v) each (B, D). No fused pass, no decoder."""
-        enc_a = self.encode(masking.gather(self.embed_audio(audio), keep_a), 'a')
-        enc_v = self.encode(masking.gather(self.embed_image(image), keep_v), 'v')
-        return self.global_embeddings(enc_a, enc_v)
+        return self._contrastive(self.embed_audio(audio), self.embed_image(image), keep_a, keep_v)
 
     def forward_sync(self, audio, image, mask_ratio_a=0.75, mask_ratio_v=0.75, noise_a=None, noise_v=None):
         """CAV-MAE Sync's single pass: one masked encoding feeds both the fused decoder path and the
         global-token passes. Returns the reconstruction dict plus g_a, g_v."""
-        enc_a, enc_v, keep_a, keep_v, mask_a, mask_v = self._masked_encode(audio, image, mask_ratio_a, mask_ratio_v, noise_a, noise_v)
-        patches_a, patches_v = self.patchify_audio(audio), self.patchify_image(image)  # the targets
-        pred_a, pred_v = self.fused_decode(enc_a, enc_v, keep_a, keep_v, patches_a, patches_v)
-        out = self.reconstruction_loss(patches_a, patches_v, pred_a, pred_v, mask_a, mask_v)
+        out, enc_a, enc_v = self._reconstruction(audio, image, self.embed_audio(audio), self.embed_image(image),
+                                                 mask_ratio_a, mask_ratio_v, noise_a, noise_v)
         out['g_a'], out['g_v'] = self.global_embeddings(enc_a, enc_v)
         return out
 
@@ -428,8 +431,9 @@ class CAVMAESync(nn.Module):
         optional uniform noise for the random reconstruction masks."""
         if keep_a is None:
             return self.forward_sync(audio, image, mask_ratio, mask_ratio, noise_a, noise_v)
-        out = self.forward_reconstruction(audio, image, mask_ratio, mask_ratio, noise_a, noise_v)
-        out['g_a'], out['g_v'] = self.forward_contrastive(audio, image, keep_a, keep_v)
+        emb_a, emb_v = self.embed_audio(audio), self.embed_image(image)  # patch embeddings, shared by both passes
+        out = self._reconstruction(audio, image, emb_a, emb_v, mask_ratio, mask_ratio, noise_a, noise_v)[0]
+        out['g_a'], out['g_v'] = self._contrastive(emb_a, emb_v, keep_a, keep_v)
         return out
 
 

@@ -116,7 +116,10 @@ def test_diffused_tokens_fill_masked_positions_only():
 def test_diffused_tokens_need_the_patches():
     m = tiny(diffused_mask_tokens=True)
     a, v = inputs(m.config)
-    enc_a, enc_v, keep_a, keep_v, _, _ = m._masked_encode(a, v, 0.75, 0.75)
+    keep_a = masking.random_masking(3, m.num_patches_a, 0.75)[0]
+    keep_v = masking.random_masking(3, m.num_patches_v, 0.75)[0]
+    enc_a = m.encode(masking.gather(m.embed_audio(a), keep_a), 'a')
+    enc_v = m.encode(masking.gather(m.embed_image(v), keep_v), 'v')
     with pytest.raises(ValueError, match='patches_a and patches_v'):
         m.fused_decode(enc_a, enc_v, keep_a, keep_v)
 

@@ -223,6 +223,24 @@ def test_sync_single_pass_shares_one_encoding():
     assert torch.allclose(out['g_a'], g_a, atol=1e-5) and torch.allclose(out['g_v'], g_v, atol=1e-5)
 
 
+def test_two_pass_forward_embeds_once_and_equals_the_separate_passes():
+    m = tiny()
+    a, v = inputs(m.config)
+    g = torch.Generator().manual_seed(2)
+    noise_a, noise_v = torch.rand(3, m.num_patches_a, generator=g), torch.rand(3, m.num_patches_v, generator=g)
+    keep_a = masking.random_masking(3, m.num_patches_a, 0.5)[0]
+    keep_v = masking.random_masking(3, m.num_patches_v, 0.5)[0]
+    calls = []
+    m.patch_embed_a.register_forward_hook(lambda *_: calls.append('a'))
+    m.patch_embed_v.register_forward_hook(lambda *_: calls.append('v'))
+    out = m(a, v, 0.75, keep_a, keep_v, noise_a, noise_v)
+    assert calls == ['a', 'v']  # both passes share one patch embedding per modality
+    rec = m.forward_reconstruction(a, v, 0.75, 0.75, noise_a, noise_v)
+    g_a, g_v = m.forward_contrastive(a, v, keep_a, keep_v)
+    assert torch.allclose(out['loss'], rec['loss'], atol=1e-6)
+    assert torch.allclose(out['g_a'], g_a, atol=1e-6) and torch.allclose(out['g_v'], g_v, atol=1e-6)
+
+
 def test_reconstruction_loss_only_on_masked_patches():
     from losses import mae_loss
     pred, target = torch.randn(2, 10, 4), torch.randn(2, 10, 4)
