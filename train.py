@@ -478,14 +478,15 @@ while iter_num < max_iters:
                     dist.all_reduce(values, op=dist.ReduceOp.AVG)
                 if master:
                     clips_s = clips_per_iter * iters_since_log / (time.time() - t_log)
-                    mfu = train_flops_per_clip(rec_mask_ratio) * clips_s / world_size / (peak_tflops * 1e12) if device_type == 'cuda' else float('nan')
+                    mfu = train_flops_per_clip(rec_mask_ratio) * clips_s / world_size / (peak_tflops * 1e12) if device_type == 'cuda' else None
                     record = {'iter': iter_num, 'epoch': epoch, 'lr': lr, 'mask_ratio': rec_mask_ratio,
                           'batch_size': clips_per_iter, 'clips_s': clips_s, 'mfu': mfu,
                               **dict(zip(terms, values.tolist()))}
                     log(record)
                     bar.write(f"iter {iter_num}: loss {record['loss']:.4f} rec {record['rec']:.4f} con {record['con']:.4f}"
                               + (f" dis {record['dis']:.4f}" if 'dis' in record else '')
-                              + f" acc {record['con_acc']:.3f} lr {lr:.2e} {clips_s:.1f} clips/s mfu {100 * mfu:.1f}%")
+                              + f" acc {record['con_acc']:.3f} lr {lr:.2e} {clips_s:.1f} clips/s"
+                          + (f' mfu {100 * mfu:.1f}%' if mfu is not None else ''))
                 t_log, iters_since_log = time.time(), 0
             if not bench and (iter_num % eval_interval == 0 or iter_num == max_iters or flags[1]):
                 if master and eval_dataset is not None and not flags[1]:
