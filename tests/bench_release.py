@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import masking  # noqa: E402
 from losses import distill_loss, info_nce  # noqa: E402
-from model import CAVMAESync, ModelConfig, ema_update, forward_flops, make_teacher  # noqa: E402
+from model import CAVMAESync, ModelConfig, block_flops, ema_update, forward_flops, make_teacher  # noqa: E402
 from release_model import ReleaseCAVMAE, release_state_dict_from_ours  # noqa: E402
 
 TINY = dict(audio_length=64, num_mel_bins=32, img_size=32, patch_size=8, embed_dim=48, num_heads=4, modality_depth=2,
@@ -183,19 +183,25 @@ def main():
         print(f'{k:<18}{o:>10.3f}{r:>10.3f}{o / r:>10.2f}')
     print(f'{"step (median)":<18}{steps["ours"]:>10.3f}{steps["release"]:>10.3f}{steps["ours"] / steps["release"]:>10.2f}')
     print(f'{"step (best)":<18}{best["ours"]:>10.3f}{best["release"]:>10.3f}{best["ours"] / best["release"]:>10.2f}')
+    # each timed step of ours ran next to one of the release's: their ratio cancels slow drifts of a shared machine
+    pair = [sum(times['ours'][k][i] for k in PHASES) / sum(times['release'][k][i] for k in PHASES) for i in range(1, 1 + args.repeats)]
+    print(f'{"paired ratio":<18}{"median":>10}{statistics.median(pair):>20.2f}   (each pair: {" ".join(f"{r:.2f}" for r in pair)})')
     print(f'{"clips / s":<18}{B / steps["ours"]:>10.2f}{B / steps["release"]:>10.2f}')
     if can_reset:
         print(f'{"step peak RSS MiB":<18}{max(peaks["ours"][1:]):>10.0f}{max(peaks["release"][1:]):>10.0f}'
               '   (above the RSS before the step)')
     print(f'process peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB (both implementations)')
 
-    # analytic forward FLOPs per clip (matmuls): the release's extra work is its unused joint passes
+    # analytic FLOPs per clip (matmuls; student forward + backward = 3x forward)
     f = lambda passes, r: sum(forward_flops(cfg, r, passes).values())  # noqa: E731
-    teacher, rec, con = f('full', 0.0), f('reconstruction', REC_RATIO), f('contrastive', CON_RATIO)
+    teacher, rec, con = f('teacher', 0.0), f('reconstruction', REC_RATIO), f('contrastive', CON_RATIO)
+    ours_total = teacher + 3 * (rec + con)
+    # the release: every token's output in the last joint block (teacher and contrastive pass), and its unused joint passes
+    full_joint = sum(cfg.joint_depth * block_flops(1 + masking.num_keep(n, CON_RATIO), cfg.embed_dim, cfg.mlp_ratio) for n in (Na, Nv))
     extra = forward_flops(cfg, REC_RATIO, 'sync')['joint_global'] + forward_flops(cfg, CON_RATIO, 'reconstruction')['joint_fused']
-    print(f'analytic GFLOPs per clip: ours teacher {teacher / 1e9:.1f} + student 3 x {(rec + con) / 1e9:.1f} '
-          f'= {(teacher + 3 * (rec + con)) / 1e9:.1f}; release adds {extra / 1e9:.1f} forward-only '
-          f'(joint audio/visual passes of the 75% view, fused pass of the 50% view)')
+    rel_total = f('full', 0.0) + 3 * (rec + con - forward_flops(cfg, CON_RATIO, 'contrastive')['joint_global'] + full_joint) + extra
+    print(f'analytic GFLOPs per clip: ours {ours_total / 1e9:.1f} (teacher {teacher / 1e9:.1f} + student 3 x {(rec + con) / 1e9:.1f}), '
+          f'release {rel_total / 1e9:.1f}: ratio {ours_total / rel_total:.3f}')
 
     if args.profile:
         na, nv = torch.rand(B, Na, generator=g), torch.rand(B, Nv, generator=g)

@@ -220,6 +220,24 @@ def test_analytic_flops_match_flop_counter(monkeypatch, kw):
         assert counter.get_total_flops() == sum(forward_flops(m.config, ratio, 'reconstruction').values())
 
 
+@pytest.mark.parametrize('joint_depth', [1, 2])
+def test_analytic_flops_of_the_embedding_passes(monkeypatch, joint_depth):
+    # the last joint block outputs the global token only in these passes; the count must follow
+    monkeypatch.setattr(F, 'scaled_dot_product_attention', explicit_sdpa)
+    m = tiny(joint_depth=joint_depth)
+    a, v = inputs(m.config, B=1)
+    keep_a = torch.arange(masking.num_keep(m.num_patches_a, 0.5))[None]  # (1, ka)
+    keep_v = torch.arange(masking.num_keep(m.num_patches_v, 0.5))[None]
+    passes = {'contrastive': (0.5, lambda: m.forward_contrastive(a, v, keep_a, keep_v)),
+              'sync': (0.75, lambda: m.forward_sync(a, v, 0.75, 0.75)),
+              'teacher': (0.0, lambda: m.forward_teacher(a, v)),
+              'full': (0.0, lambda: m.forward_features(a, v))}
+    for name, (ratio, run) in passes.items():
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            run()
+        assert counter.get_total_flops() == sum(forward_flops(m.config, ratio, name).values()), name
+
+
 def test_paper_config_cross_decoder_flops():
     def total(c, ratio):
         return sum(forward_flops(c, ratio, 'reconstruction').values())

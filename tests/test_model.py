@@ -179,10 +179,10 @@ def test_only_teacher_joint_layer_computes_explicit_attention(monkeypatch):
     from model import Attention
     orig = Attention.forward
 
-    def spy(self, x, return_attn=False):
+    def spy(self, x, return_attn=False, *args):
         if return_attn:
             explicit.append(self)
-        return orig(self, x, return_attn)
+        return orig(self, x, return_attn, *args)
     monkeypatch.setattr(Attention, 'forward', spy)
     m.forward_teacher(a, v)
     assert explicit == [m.blocks_u[-1].attn, m.blocks_u[-1].attn]

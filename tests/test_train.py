@@ -131,8 +131,8 @@ def test_compiled_and_bf16_training_match_eager_float32(synth, tmp_path):
 def test_tgdp_step_uses_teacher_topk_and_moves_teacher_by_ema(synth, tmp_path, monkeypatch):
     import model as model_module
     seen = {'priority': [], 'keep': [], 'ema': []}
-    teacher_fwd, contrastive_fwd, ema = (model_module.CAVMAESync.forward_teacher,
-                                         model_module.CAVMAESync._contrastive, model_module.ema_update)
+    teacher_fwd, student_fwd, ema = (model_module.CAVMAESync.forward_teacher,
+                                     model_module.CAVMAESync.forward, model_module.ema_update)
 
     def spy_teacher(self, audio, image):
         out = teacher_fwd(self, audio, image)
@@ -140,9 +140,9 @@ def test_tgdp_step_uses_teacher_topk_and_moves_teacher_by_ema(synth, tmp_path, m
         seen['priority'].append((out[2], out[3]))
         return out
 
-    def spy_contrastive(self, emb_a, emb_v, keep_a, keep_v):  # the student's contrastive pass
+    def spy_student(self, audio, image, mask_ratio, keep_a, keep_v, *noise):  # the contrastive pass's visible patches
         seen['keep'].append((keep_a, keep_v))
-        return contrastive_fwd(self, emb_a, emb_v, keep_a, keep_v)
+        return student_fwd(self, audio, image, mask_ratio, keep_a, keep_v, *noise)
 
     def spy_ema(teacher, student, momentum):
         before = {k: p.clone() for k, p in teacher.named_parameters()}
@@ -151,7 +151,7 @@ def test_tgdp_step_uses_teacher_topk_and_moves_teacher_by_ema(synth, tmp_path, m
                             {k: p.clone() for k, p in teacher.named_parameters()}))
 
     monkeypatch.setattr(model_module.CAVMAESync, 'forward_teacher', spy_teacher)
-    monkeypatch.setattr(model_module.CAVMAESync, '_contrastive', spy_contrastive)
+    monkeypatch.setattr(model_module.CAVMAESync, 'forward', spy_student)
     monkeypatch.setattr(model_module, 'ema_update', spy_ema)
     monkeypatch.setattr(sys, 'argv', ['train.py', *TINY, f'--train_json={synth / "train.json"}', f'--out_dir={tmp_path}',
                                       '--max_iters=3', '--contrastive_mask_ratio=0.5', '--ema_momentum=0.9'])
