@@ -91,6 +91,7 @@ max_iters = 0                  # 0 = derived from epochs
 device = 'cuda'
 dtype = 'bfloat16'             # 'float32' | 'bfloat16' | 'float16' (autocast)
 compile = True
+compile_mode = 'default'       # torch.compile mode: 'default' | 'max-autotune' (autotuned kernels, CUDA graphs)
 backend = 'nccl'               # 'nccl' on GPU, 'gloo' on CPU
 seed = 1337
 peak_tflops = 989.0            # per device, for MFU (H100 SXM dense bf16)
@@ -141,6 +142,8 @@ if mask_ratio_schedule not in ('none', 'epoch', 'step'):
     sys.exit(f"error: mask_ratio_schedule must be 'none', 'epoch' or 'step', got {mask_ratio_schedule!r}")
 if adaptive_batch and mask_ratio_schedule != 'epoch':
     sys.exit("error: adaptive_batch=True changes the batch once per epoch: it needs mask_ratio_schedule='epoch'")
+if compile_mode not in ('default', 'max-autotune', 'max-autotune-no-cudagraphs', 'reduce-overhead'):
+    sys.exit(f"error: compile_mode must be 'default', 'max-autotune', 'max-autotune-no-cudagraphs' or 'reduce-overhead', got {compile_mode!r}")
 if dtype not in ('float32', 'bfloat16', 'float16'):
     sys.exit(f"error: dtype must be 'float32', 'bfloat16' or 'float16', got {dtype!r}")
 
@@ -296,9 +299,9 @@ if master:
     print(f'model: {n_params / 1e6:.2f} M trainable parameters; {epoch_iters(0)} iterations in the first epoch, {max_iters} in all')
 teacher_forward = teacher.forward_teacher if teacher is not None else None
 if compile:
-    model = torch.compile(model)
+    model = torch.compile(model, mode=compile_mode)
     if teacher is not None:
-        teacher_forward = torch.compile(teacher.forward_teacher)
+        teacher_forward = torch.compile(teacher.forward_teacher, mode=compile_mode)
 if ddp:
     model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None)
 
@@ -320,7 +323,7 @@ def train_flops_per_clip(rec_mask_ratio):
     if method in ('sync', 'cavmae'):
         return 3 * sum(forward_flops(c, rec_mask_ratio, 'sync').values())
     student = sum(forward_flops(c, rec_mask_ratio, 'reconstruction').values()) + sum(forward_flops(c, contrastive_mask_ratio, 'contrastive').values())
-    return 3 * student + (sum(forward_flops(c, 0.0, 'full').values()) if method == 'tgdp' else 0)
+    return 3 * student + (sum(forward_flops(c, 0.0, 'teacher').values()) if method == 'tgdp' else 0)
 
 
 # Every random choice of a step (masks, Gumbel noise) comes from one generator with the same state on all
