@@ -91,20 +91,26 @@ def mono_16k(waveform, sample_rate):
     return waveform - waveform.mean()
 
 
-def fbank_frames(waveform, num_mel_bins, start=0, end=TARGET_FRAMES):
-    """Rows [start, end) of the zero-padded kaldi fbank of a mono 16 kHz mean-removed waveform (N,).
-    Kaldi frame k reads only samples [k*HOP, k*HOP + WINDOW) (snip_edges, per-frame DC removal and
-    pre-emphasis), so computing just the samples the rows need gives the full result (same
-    arithmetic per row; only float32 rounding of the batched FFT may differ, ~1e-5 relative)."""
-    num_available = 0 if len(waveform) < WINDOW else 1 + (len(waveform) - WINDOW) // HOP
+def fbank_rows(read, num_samples, num_mel_bins, start=0, end=TARGET_FRAMES):
+    """Rows [start, end) of the zero-padded kaldi fbank of a mono 16 kHz waveform of num_samples
+    samples, where read(a, b) returns its samples [a, b). Kaldi frame k reads only samples
+    [k*HOP, k*HOP + WINDOW) (snip_edges, per-frame DC removal and pre-emphasis), so computing just
+    the samples the rows need gives the full result (same arithmetic per row; only float32 rounding
+    of the batched FFT may differ, ~1e-5 relative)."""
+    num_available = 0 if num_samples < WINDOW else 1 + (num_samples - WINDOW) // HOP
     last = min(end, num_available)
     fbank = torch.zeros(end - start, num_mel_bins)  # (end - start, F); rows past the audio stay 0
     if last > start:
-        chunk = waveform[start * HOP:(last - 1) * HOP + WINDOW]
+        chunk = read(start * HOP, (last - 1) * HOP + WINDOW)
         fbank[:last - start] = torchaudio.compliance.kaldi.fbank(
             chunk[None], htk_compat=True, sample_frequency=SAMPLE_RATE, use_energy=False,
             window_type='hanning', num_mel_bins=num_mel_bins, dither=0.0, frame_shift=10)
     return fbank
+
+
+def fbank_frames(waveform, num_mel_bins, start=0, end=TARGET_FRAMES):
+    """Rows [start, end) of the fbank of a mono 16 kHz mean-removed waveform (N,) in memory."""
+    return fbank_rows(lambda a, b: waveform[a:b], len(waveform), num_mel_bins, start, end)
 
 
 def wav_to_fbank(waveform, sample_rate, num_mel_bins=128):
@@ -125,26 +131,70 @@ def load_waveform(path, clip_id):
     return mono_16k(torch.from_numpy(samples[:, 0]), sample_rate)
 
 
-def load_frame(path, img_size, clip_id=''):
+def load_segment_fbank(path, clip_id, num_mel_bins, start, end, shift=0):
+    """fbank rows [start, end) of a wav rolled by shift samples (torch.roll: the train-time shift),
+    reading only the samples those rows need from a 16 kHz file (4.2 s of a 10 s clip for 416 rows;
+    a roll that wraps reads two pieces); other rates are read whole and resampled. The clip mean is
+    not removed: kaldi's per-frame DC removal cancels any constant offset, so the rows equal those of
+    load_waveform's mean-removed waveform (to float32 rounding)."""
+    if not os.path.isfile(path):
+        raise ClipError(f"clip '{clip_id}': wav file not found: {path}")
+    try:
+        f = sf.SoundFile(path)
+    except Exception as e:
+        raise ClipError(f"clip '{clip_id}': cannot read wav file {path}: {e}") from e
+    with f:
+        num_samples = f.frames
+        if num_samples == 0:
+            raise ClipError(f"clip '{clip_id}': wav file has no samples: {path}")
+        if f.samplerate != SAMPLE_RATE:
+            waveform = torch.roll(load_waveform(path, clip_id), shift)
+            return fbank_frames(waveform, num_mel_bins, start, end)
+
+        def read(a, b):  # samples [a, b) of the rolled waveform: source samples from (a - shift) mod N on
+            src, pieces = (a - shift) % num_samples, []
+            try:
+                f.seek(src)
+                pieces.append(f.read(min(b - a, num_samples - src), dtype='float32', always_2d=True)[:, 0])
+                if b - a > num_samples - src:  # the roll wrapped: the rest from the start of the file
+                    f.seek(0)
+                    pieces.append(f.read(b - a - len(pieces[0]), dtype='float32', always_2d=True)[:, 0])
+            except Exception as e:
+                raise ClipError(f"clip '{clip_id}': cannot read wav file {path}: {e}") from e
+            samples = np.concatenate(pieces) if len(pieces) > 1 else pieces[0]
+            if len(samples) != b - a:
+                raise ClipError(f"clip '{clip_id}': wav file ends before the {num_samples} samples "
+                                f"its header declares: {path}")
+            return torch.from_numpy(samples)
+        return fbank_rows(read, num_samples, num_mel_bins, start, end)
+
+
+def load_frame(path, img_size, clip_id='', draft=False):
     """JPEG -> (3, img_size, img_size): shorter side to img_size (bicubic), centre crop, normalised.
-    Sizes are computed as torchvision's Resize/CenterCrop do, as in the reference pipeline."""
+    Sizes are computed as torchvision's Resize/CenterCrop do, as in the reference pipeline.
+    draft: let the JPEG decoder scale by 1/2, 1/4 or 1/8 while decoding when the result still covers
+    the target size: a 1280x720 frame loads 2.4x faster, within 0.75 of 255 levels on average of the
+    full decode (measured on a sample video); no effect on frames prepared at 224 px."""
     if not os.path.isfile(path):
         raise ClipError(f"clip '{clip_id}': frame file not found: {path}")
     try:
         with Image.open(path) as img:
+            w, h = img.size
+            if w <= h:
+                new_w, new_h = img_size, int(img_size * h / w)
+            else:
+                new_w, new_h = int(img_size * w / h), img_size
+            if draft:
+                img.draft('RGB', (new_w, new_h))
             img = img.convert('RGB')
     except Exception as e:
         raise ClipError(f"clip '{clip_id}': cannot read frame file {path}: {e}") from e
-    w, h = img.size
-    if w <= h:
-        new_w, new_h = img_size, int(img_size * h / w)
-    else:
-        new_w, new_h = int(img_size * w / h), img_size
     img = img.resize((new_w, new_h), Image.BICUBIC)  # a no-op copy when already that size
     left, top = int(round((new_w - img_size) / 2.0)), int(round((new_h - img_size) / 2.0))
     img = img.crop((left, top, left + img_size, top + img_size))
-    x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)  # (3, H, W)
-    return (x - torch.tensor(IMAGE_MEAN)[:, None, None]) / torch.tensor(IMAGE_STD)[:, None, None]
+    x = torch.from_numpy(np.array(img)).permute(2, 0, 1).float()  # (3, H, W) in 0..255 (np.array: writable uint8)
+    scale = 255.0 * torch.tensor(IMAGE_STD)[:, None, None]
+    return x.sub_(255.0 * torch.tensor(IMAGE_MEAN)[:, None, None]).div_(scale)  # in place: no more copies
 
 
 def frame_path(video_path, i, clip_id):
@@ -252,20 +302,19 @@ class AVDataset(torch.utils.data.Dataset):
     def __getitem__(self, index):
         clip = self.clips[index]
         T, L = self.num_frames, self.audio_length
-        waveform = load_waveform(clip['wav'], clip['id'])  # (N,)
         item = dict(label=clip['label'], id=clip['id'])
         if self.mode == 'train':
             # a pure function of (seed, epoch, index): independent of workers, exact on resume
             rng = np.random.default_rng((self.seed, self.epoch, index))
             frame = int(rng.integers(T))
-            if self.time_shift:
-                waveform = torch.roll(waveform, int(rng.integers(-MAX_TIME_SHIFT, MAX_TIME_SHIFT + 1)))
+            shift = int(rng.integers(-MAX_TIME_SHIFT, MAX_TIME_SHIFT + 1)) if self.time_shift else 0
             start, end = segment_bounds(frame, T, TARGET_FRAMES, L)
-            audio = fbank_frames(waveform, self.num_mel_bins, start, end)  # (L, F)
-            image = load_frame(frame_path(clip['video_path'], frame, clip['id']), self.img_size, clip['id'])
+            audio = load_segment_fbank(clip['wav'], clip['id'], self.num_mel_bins, start, end, shift)  # (L, F)
+            # JPEG draft decoding for training only: evaluation decodes in full, as the reference pipeline
+            image = load_frame(frame_path(clip['video_path'], frame, clip['id']), self.img_size, clip['id'], draft=True)
             item['frame'] = frame
         else:
-            fbank = fbank_frames(waveform, self.num_mel_bins)  # (1024, F), once per clip
+            fbank = fbank_frames(load_waveform(clip['wav'], clip['id']), self.num_mel_bins)  # (1024, F), once per clip
             audio = torch.stack([fbank[slice(*segment_bounds(i, T, TARGET_FRAMES, L))]
                                  for i in range(T)])  # (T, L, F)
             image = torch.stack([load_frame(frame_path(clip['video_path'], i, clip['id']),
