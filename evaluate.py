@@ -115,7 +115,7 @@ def extract_features(model, dataset, batch_size=8, device='cpu', num_workers=0):
         image = batch['image'].to(device, non_blocking=True)  # (B, T, 3, H, W)
         B, T = audio.shape[:2]
         with autocast(device):
-            a, v, _, _ = model.forward_features(audio.flatten(0, 1), image.flatten(0, 1))  # (B*T, D) each
+            a, v, _, _ = model.forward_features(audio.flatten(0, 1), image.flatten(0, 1), tokens=False)  # (B*T, D) each
         g_a.append(a.float().view(B, T, -1).cpu())
         g_v.append(v.float().view(B, T, -1).cpu())
         labels.append(batch['label'])

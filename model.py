@@ -417,11 +417,11 @@ class CAVMAESync(nn.Module):
             out['g_a'], out['g_v'] = self.global_embeddings(enc_a, enc_v)
         return out
 
-    def forward_features(self, audio, image):
+    def forward_features(self, audio, image, tokens=True):
         """Unmasked inference -> (g_a (B, D), g_v (B, D), tokens_a (B, Na, D), tokens_v (B, Nv, D)),
-        embeddings and patch tokens after norm_a / norm_v."""
-        g_a, tokens_a, _ = self.joint(self.encode(self.embed_audio(audio), 'a'), 'a')
-        g_v, tokens_v, _ = self.joint(self.encode(self.embed_image(image), 'v'), 'v')
+        embeddings and patch tokens after norm_a / norm_v; tokens=False: (g_a, g_v, None, None), cheaper."""
+        g_a, tokens_a, _ = self.joint(self.encode(self.embed_audio(audio), 'a'), 'a', tokens=tokens)
+        g_v, tokens_v, _ = self.joint(self.encode(self.embed_image(image), 'v'), 'v', tokens=tokens)
         return g_a, g_v, tokens_a, tokens_v
 
     @torch.no_grad()
