@@ -231,3 +231,21 @@ def test_diffmavil_options_train_with_curriculum_and_adaptive_batch(synth, tmp_p
     assert [round(r['mask_ratio'], 6) for r in read_log(step)] == [round(0.9 - 0.1 * i / 5, 6) for i in range(6)]
     proc = train('--adaptive_batch=True', out_dir=tmp_path / 'bad', data=synth, check=False)
     assert proc.returncode != 0 and "needs mask_ratio_schedule='epoch'" in proc.stderr
+
+
+def test_bench_mode_prints_throughput_row_and_profile(tmp_path):
+    # the GPU benchmark path (config/bench.py), run tiny on the CPU: random tensors, table row, profiler table
+    from model import ModelConfig, forward_flops
+    proc = train('config/bench.py', '--batch_size=4', '--bench_warmup=1', '--bench_iters=2', '--profile=True',
+                 out_dir=tmp_path)
+    row = [line for line in proc.stdout.splitlines() if line.startswith('| tgdp |')]
+    assert len(row) == 1, proc.stdout
+    cells = [c.strip() for c in row[0].strip('|').split('|')]
+    assert cells[1] == '4' and float(cells[3]) > 0  # batch, clips/s
+    c = ModelConfig(audio_length=64, num_mel_bins=32, img_size=32, patch_size=8, embed_dim=48, num_heads=4,
+                    modality_depth=1, decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=4, num_registers=2)
+    expected = (3 * sum(forward_flops(c, 0.75, 'reconstruction').values()) + 3 * sum(forward_flops(c, 0.5, 'contrastive').values())
+                + sum(forward_flops(c, 0.0, 'teacher').values()))
+    assert float(cells[4]) == float(f'{expected / 1e9:.4g}')  # GFLOP/clip
+    assert cells[6] == cells[7] == 'n/a'  # MFU and peak memory are GPU-only
+    assert 'aten::' in (tmp_path / 'profile.txt').read_text()
