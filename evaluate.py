@@ -682,7 +682,7 @@ def main(argv=None):
     common.add_argument('--weights', choices=('model', 'teacher'), default='model', help='train.py checkpoints: student or EMA teacher')
     common.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     common.add_argument('--batch_size', type=int, default=8, help='clips per forward (each with all its frames)')
-    common.add_argument('--num_workers', type=int, default=4, help='data loading processes')
+    common.add_argument('--num_workers', type=int, default=min(4, os.cpu_count() or 1), help='data loading processes')
     common.add_argument('--num_frames', type=int, default=16, help='frames (and aligned segments) per clip')
     cached = argparse.ArgumentParser(add_help=False)
     cached.add_argument('--cache', help='directory for extracted features, reused across runs')
