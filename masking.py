@@ -20,12 +20,13 @@ def gather(x, keep):
 def random_masking(batch_size, num_patches, mask_ratio, device=None, noise=None):
     """Unstructured random masking as MAE: per-sample uniform noise (B, N), argsort, keep the k smallest.
     noise: optional, drawn by the caller (train.py draws it for the global batch so that masks do not
-    depend on how the batch is split across ranks). Returns keep (B, k) and mask (B, N), 1 = masked."""
+    depend on how the batch is split across ranks); the outputs live on its device.
+    Returns keep (B, k) and mask (B, N), 1 = masked."""
     k = num_keep(num_patches, mask_ratio)
     if noise is None:
         noise = torch.rand(batch_size, num_patches, device=device)
     keep = noise.argsort(dim=1)[:, :k]  # (B, k)
-    mask = torch.ones(batch_size, num_patches, device=device).scatter_(1, keep, 0.0)
+    mask = torch.ones(batch_size, num_patches, device=noise.device).scatter_(1, keep, 0.0)  # on the noise's device
     return keep, mask
 
 

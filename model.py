@@ -215,7 +215,8 @@ class CAVMAESync(nn.Module):
         self.has_decoder = decoder
         if decoder:
             self.decoder_embed = nn.Linear(D, Dd)
-            self.mask_token = nn.Parameter(torch.zeros(1, 1, Dd))
+            if not c.diffused_mask_tokens:  # with diffused tokens it would get no gradient (DDP stops on that)
+                self.mask_token = nn.Parameter(torch.zeros(1, 1, Dd))
             self.register_buffer('decoder_pos_embed_a', sincos_pos_embed_2d(Dd, *self.grid_a)[None])
             self.register_buffer('decoder_pos_embed_v', sincos_pos_embed_2d(Dd, *self.grid_v)[None])
             self.decoder_modality_a = nn.Parameter(torch.zeros(1, 1, Dd))
@@ -328,12 +329,14 @@ class CAVMAESync(nn.Module):
         abar = self.alpha_bar[t - 1].view(-1, 1, 1)  # (B, 1, 1)
         return abar.sqrt() * x0 + (1.0 - abar).sqrt() * eps
 
-    def fused_decode(self, enc_a, enc_v, keep_a, keep_v, patches_a=None, patches_v=None):
+    def fused_decode(self, enc_a, enc_v, keep_a, keep_v, patches_a=None, patches_v=None, diffusion=None):
         """Fused joint pass over the visible patches of both modalities, then the decoder.
         enc_a (B, [1 +] ka, D), keep_a (B, ka) -> predictions (B, Na, p*p), (B, Nv, p*p*3).
         patches_a (B, Na, p*p), patches_v (B, Nv, p*p*3): the raw input patches, needed only with
-        diffused_mask_tokens (noise from torch's RNG). With decoder_attention='cross' only the masked
-        positions are predicted; the visible ones are zeros (the loss averages masked patches only)."""
+        diffused_mask_tokens. diffusion: optional (t (B,) in 1..T, eps_a like patches_a, eps_v like patches_v)
+        drawn by the caller (train.py draws them from its shared generator); None draws them from torch's RNG
+        (t, then eps_a, then eps_v). With decoder_attention='cross' only the masked positions are predicted;
+        the visible ones are zeros (the loss averages masked patches only)."""
         c = self.config
         xa, xv = self.patch_tokens(enc_a), self.patch_tokens(enc_v)
         ka = xa.shape[1]
@@ -348,9 +351,13 @@ class CAVMAESync(nn.Module):
                 raise ValueError('diffused_mask_tokens needs the raw input patches: pass patches_a and patches_v')
             # decision: one timestep per clip, shared by all its patches and both modalities (DiffMAViL draws t per sample).
             # Every patch is noised and projected (simpler than gathering the masked ones); the visible ones are overwritten.
-            t = torch.randint(1, self.alpha_bar.shape[0] + 1, (B,), device=x.device)
-            base_a = self.decoder_noise_embed_a(self.diffuse(patches_a, t))  # (B, Na, Dd)
-            base_v = self.decoder_noise_embed_v(self.diffuse(patches_v, t))  # (B, Nv, Dd)
+            if diffusion is None:
+                t = torch.randint(1, self.alpha_bar.shape[0] + 1, (B,), device=x.device)
+                eps_a, eps_v = torch.randn_like(patches_a), torch.randn_like(patches_v)
+            else:
+                t, eps_a, eps_v = diffusion
+            base_a = self.decoder_noise_embed_a(self.diffuse(patches_a, t, eps_a))  # (B, Na, Dd)
+            base_v = self.decoder_noise_embed_v(self.diffuse(patches_v, t, eps_v))  # (B, Nv, Dd)
         else:
             base_a = self.mask_token.expand(B, self.num_patches_a, Dd)
             base_v = self.mask_token.expand(B, self.num_patches_v, Dd)
@@ -386,16 +393,18 @@ class CAVMAESync(nn.Module):
 
     # --- the passes ------------------------------------------------------------------
 
-    def _decode_loss(self, audio, image, enc_a, enc_v, keep_a, keep_v, mask_a, mask_v):
+    def _decode_loss(self, audio, image, enc_a, enc_v, keep_a, keep_v, mask_a, mask_v, diffusion=None):
         """Encodings of the randomly masked view -> fused joint pass -> decoder -> loss dict."""
         patches_a, patches_v = self.patchify_audio(audio), self.patchify_image(image)  # the targets
-        pred_a, pred_v = self.fused_decode(enc_a, enc_v, keep_a, keep_v, patches_a, patches_v)
+        pred_a, pred_v = self.fused_decode(enc_a, enc_v, keep_a, keep_v, patches_a, patches_v, diffusion)
         return self.reconstruction_loss(patches_a, patches_v, pred_a, pred_v, mask_a, mask_v)
 
-    def forward_reconstruction(self, audio, image, mask_ratio_a=0.75, mask_ratio_v=0.75, noise_a=None, noise_v=None):
+    def forward_reconstruction(self, audio, image, mask_ratio_a=0.75, mask_ratio_v=0.75, noise_a=None, noise_v=None,
+                               diffusion=None):
         """Random masking -> encoders -> fused joint pass -> decoder -> per-modality MSE on masked patches.
-        audio (B, L, F), image (B, 3, H, W); optional masking noise (B, Na), (B, Nv). No global-token passes."""
-        return self.forward_sync(audio, image, mask_ratio_a, mask_ratio_v, noise_a, noise_v, embeddings=False)
+        audio (B, L, F), image (B, 3, H, W); optional masking noise (B, Na), (B, Nv); diffusion: see
+        fused_decode. No global-token passes."""
+        return self.forward_sync(audio, image, mask_ratio_a, mask_ratio_v, noise_a, noise_v, diffusion, embeddings=False)
 
     def forward_contrastive(self, audio, image, keep_a, keep_v):
         """Caller-chosen visible patches keep_a (B, ka), keep_v (B, kv) -> encoders -> audio and visual
@@ -404,7 +413,8 @@ class CAVMAESync(nn.Module):
         enc_v = self.encode(masking.gather(self.embed_image(image), keep_v), 'v')
         return self.global_embeddings(enc_a, enc_v)
 
-    def forward_sync(self, audio, image, mask_ratio_a=0.75, mask_ratio_v=0.75, noise_a=None, noise_v=None, embeddings=True):
+    def forward_sync(self, audio, image, mask_ratio_a=0.75, mask_ratio_v=0.75, noise_a=None, noise_v=None, diffusion=None,
+                     embeddings=True):
         """CAV-MAE Sync's single pass: one masked encoding feeds both the fused decoder path and the
         global-token passes. Returns the reconstruction dict plus g_a, g_v (when embeddings)."""
         B, device = audio.shape[0], audio.device
@@ -412,7 +422,7 @@ class CAVMAESync(nn.Module):
         keep_v, mask_v = masking.random_masking(B, self.num_patches_v, mask_ratio_v, device, noise_v)
         enc_a = self.encode(masking.gather(self.embed_audio(audio), keep_a), 'a')
         enc_v = self.encode(masking.gather(self.embed_image(image), keep_v), 'v')
-        out = self._decode_loss(audio, image, enc_a, enc_v, keep_a, keep_v, mask_a, mask_v)
+        out = self._decode_loss(audio, image, enc_a, enc_v, keep_a, keep_v, mask_a, mask_v, diffusion)
         if embeddings:
             out['g_a'], out['g_v'] = self.global_embeddings(enc_a, enc_v)
         return out
@@ -439,13 +449,13 @@ class CAVMAESync(nn.Module):
         (g_a, p_a), (g_v, p_v) = out
         return g_a, g_v, p_a, p_v
 
-    def forward(self, audio, image, mask_ratio=0.75, keep_a=None, keep_v=None, noise_a=None, noise_v=None):
+    def forward(self, audio, image, mask_ratio=0.75, keep_a=None, keep_v=None, noise_a=None, noise_v=None, diffusion=None):
         """The student's work for one training step in one call, so DDP sees a single forward.
         With keep_a/keep_v: two passes (TG-DP, dual pass) = reconstruction at mask_ratio + contrastive
         pass on the given visible patches. Without: the single CAV-MAE Sync pass. noise_a/noise_v:
-        optional uniform noise for the random reconstruction masks."""
+        optional uniform noise for the random reconstruction masks; diffusion: see fused_decode."""
         if keep_a is None:
-            return self.forward_sync(audio, image, mask_ratio, mask_ratio, noise_a, noise_v)
+            return self.forward_sync(audio, image, mask_ratio, mask_ratio, noise_a, noise_v, diffusion)
         B, device = audio.shape[0], audio.device
         rec_a, mask_a = masking.random_masking(B, self.num_patches_a, mask_ratio, device, noise_a)
         rec_v, mask_v = masking.random_masking(B, self.num_patches_v, mask_ratio, device, noise_v)
@@ -453,7 +463,7 @@ class CAVMAESync(nn.Module):
         # both views of a modality go through its encoder packed together (see encode)
         enc_rec_a, enc_con_a = self.encode((masking.gather(emb_a, rec_a), masking.gather(emb_a, keep_a)), 'a')
         enc_rec_v, enc_con_v = self.encode((masking.gather(emb_v, rec_v), masking.gather(emb_v, keep_v)), 'v')
-        out = self._decode_loss(audio, image, enc_rec_a, enc_rec_v, rec_a, rec_v, mask_a, mask_v)
+        out = self._decode_loss(audio, image, enc_rec_a, enc_rec_v, rec_a, rec_v, mask_a, mask_v, diffusion)
         out['g_a'], out['g_v'] = self.global_embeddings(enc_con_a, enc_con_v)
         return out
 

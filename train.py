@@ -18,14 +18,17 @@ import sys
 import time
 from contextlib import nullcontext
 from dataclasses import fields
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from tqdm import tqdm
 
 import masking
+from data import AVDataset, collate
+from evaluate import extract_features, retrieval
 from losses import distill_loss, info_nce
 from model import (CAVMAESync, ModelConfig, checkpoint_kind, convert_official_state_dict, ema_update,
                    forward_flops, load_mae_weights, make_teacher)
@@ -36,7 +39,6 @@ from model import (CAVMAESync, ModelConfig, checkpoint_kind, convert_official_st
 out_dir = 'out'
 train_json = ''                # CAV-MAE layout JSON (data.py prepare / data.py synth)
 eval_json = ''                 # held-out clips for the periodic retrieval evaluation ('' = none)
-label_csv = ''                 # optional: labels are not needed for pretraining
 eval_interval = 2000           # iterations between retrieval evaluation + checkpoint
 log_interval = 20
 init_from = 'scratch'          # 'scratch', 'resume' (out_dir/ckpt.pt) or a path: ImageNet MAE / official / train.py weights
@@ -93,6 +95,7 @@ dtype = 'bfloat16'             # 'float32' | 'bfloat16' | 'float16' (autocast)
 compile = True
 compile_mode = 'default'       # torch.compile mode: 'default' | 'max-autotune' (autotuned kernels, CUDA graphs)
 backend = 'nccl'               # 'nccl' on GPU, 'gloo' on CPU
+timeout_minutes = 60           # collectives wait this long (the periodic retrieval evaluation runs in between)
 seed = 1337
 peak_tflops = 989.0            # per device, for MFU (H100 SXM dense bf16)
 bench = False                  # time steps on random tensors, no data (config/bench.py)
@@ -134,18 +137,18 @@ def apply_overrides(argv):
 
 apply_overrides(sys.argv[1:])
 config = {k: globals()[k] for k in config_keys}
-if method not in ('tgdp', 'sync', 'dualpass', 'cavmae'):
-    sys.exit(f"error: method must be 'tgdp', 'sync', 'dualpass' or 'cavmae', got {method!r}")
-if contrastive_masking not in ('guided', 'random', 'gumbel'):
-    sys.exit(f"error: contrastive_masking must be 'guided', 'random' or 'gumbel', got {contrastive_masking!r}")
-if mask_ratio_schedule not in ('none', 'epoch', 'step'):
-    sys.exit(f"error: mask_ratio_schedule must be 'none', 'epoch' or 'step', got {mask_ratio_schedule!r}")
+allowed = dict(method=('tgdp', 'sync', 'dualpass', 'cavmae'), contrastive_masking=('guided', 'random', 'gumbel'),
+               mask_ratio_schedule=('none', 'epoch', 'step'), decoder_attention=('self', 'cross'),
+               dtype=('float32', 'bfloat16', 'float16'),
+               compile_mode=('default', 'max-autotune', 'max-autotune-no-cudagraphs', 'reduce-overhead'))
+for key, values in allowed.items():
+    if config[key] not in values:
+        sys.exit(f"error: {key} must be one of {', '.join(map(repr, values))}; got {config[key]!r}")
 if adaptive_batch and mask_ratio_schedule != 'epoch':
     sys.exit("error: adaptive_batch=True changes the batch once per epoch: it needs mask_ratio_schedule='epoch'")
-if compile_mode not in ('default', 'max-autotune', 'max-autotune-no-cudagraphs', 'reduce-overhead'):
-    sys.exit(f"error: compile_mode must be 'default', 'max-autotune', 'max-autotune-no-cudagraphs' or 'reduce-overhead', got {compile_mode!r}")
-if dtype not in ('float32', 'bfloat16', 'float16'):
-    sys.exit(f"error: dtype must be 'float32', 'bfloat16' or 'float16', got {dtype!r}")
+if mask_ratio_schedule != 'none' and mask_ratio_end > mask_ratio:
+    sys.exit(f'error: mask_ratio_schedule={mask_ratio_schedule!r} would raise the mask ratio from {mask_ratio} to '
+             f'{mask_ratio_end}; the DiffMAViL curriculum lowers it (--mask_ratio=0.9 --mask_ratio_end=0.8)')
 
 # -----------------------------------------------------------------------------
 # processes and devices
@@ -153,11 +156,13 @@ ddp = int(os.environ.get('RANK', -1)) != -1
 if ddp:
     if backend == 'nccl' and not torch.cuda.is_available():
         sys.exit("error: backend='nccl' needs CUDA; on CPU run with --device=cpu --backend=gloo")
-    dist.init_process_group(backend=backend)
+    dist.init_process_group(backend=backend, timeout=timedelta(minutes=timeout_minutes))
     rank, local_rank, world_size = dist.get_rank(), int(os.environ['LOCAL_RANK']), dist.get_world_size()
     if device.startswith('cuda'):
         device = f'cuda:{local_rank}'
         torch.cuda.set_device(device)
+    # evaluation features are gathered as Python objects on the CPU: a gloo group beside NCCL
+    cpu_group = dist.new_group(backend='gloo', timeout=timedelta(minutes=timeout_minutes)) if backend == 'nccl' else None
 else:
     rank, local_rank, world_size = 0, 0, 1
 master = rank == 0
@@ -175,17 +180,28 @@ if master:
     print(f'{world_size} process(es), device {device}')
 
 # -----------------------------------------------------------------------------
-# data
+# data and the schedule over it
+if bench:
+    dataset = eval_dataset = None
+    clips_per_rank = 0
+else:
+    for key in ('train_json',) + (('eval_json',) if eval_json else ()):
+        path = globals()[key]
+        if not path or not os.path.isfile(path):
+            sys.exit(f'error: {key}={path!r} is not a file. For a demo on built-in synthetic clips run\n'
+                     f'  python data.py synth --out data_synth && python train.py config/demo.py\n'
+                     f'for real videos see `python data.py prepare --help` and the README.')
+    data_args = dict(audio_length=audio_length, num_mel_bins=num_mel_bins, img_size=img_size, num_frames=num_frames)
+    dataset = AVDataset(train_json, mode='train', time_shift=time_shift, seed=seed, **data_args)  # no labels needed
+    eval_dataset = AVDataset(eval_json, mode='eval', **data_args) if eval_json else None
+    if eval_dataset is not None and len(eval_dataset) < world_size:
+        sys.exit(f'error: eval_json={eval_json!r} has {len(eval_dataset)} clips, fewer than the {world_size} ranks that share it')
+    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
+    clips_per_rank = len(sampler)
+
+
 def epoch_mask_ratio(epoch):  # reconstruction mask ratio of an epoch under the 'epoch' curriculum
     return masking.mask_ratio_schedule(epoch / max(1, math.ceil(epochs) - 1), mask_ratio, mask_ratio_end)
-
-
-def step_mask_ratio(it):  # reconstruction mask ratio of an iteration
-    if mask_ratio_schedule == 'epoch':
-        return epoch_mask_ratio(locate(it)[0])
-    if mask_ratio_schedule == 'step':
-        return masking.mask_ratio_schedule(it / max(1, max_iters - 1), mask_ratio, mask_ratio_end)
-    return mask_ratio
 
 
 def epoch_batch_size(epoch):  # clips per rank per micro-step in an epoch
@@ -195,7 +211,9 @@ def epoch_batch_size(epoch):  # clips per rank per micro-step in an epoch
 
 
 def epoch_iters(epoch):  # optimiser steps in an epoch
-    return bench_warmup + bench_iters if bench else len(sampler) // (epoch_batch_size(epoch) * gradient_accumulation_steps)
+    if bench:
+        return bench_warmup + bench_iters
+    return clips_per_rank // (epoch_batch_size(epoch) * gradient_accumulation_steps)
 
 
 def locate(it):  # iteration -> (epoch, steps of that epoch already done): epochs may differ in length
@@ -211,61 +229,100 @@ def iters_for(num_epochs):  # optimiser steps in the first num_epochs (fractiona
     return sum(epoch_iters(e) for e in range(whole)) + round((num_epochs - whole) * epoch_iters(whole))
 
 
-if bench:
-    dataset = None
-    max_iters = bench_warmup + bench_iters
-else:
-    from data import AVDataset, collate
-    for key in ('train_json',) + (('eval_json',) if eval_json else ()):
-        path = globals()[key]
-        if not path or not os.path.isfile(path):
-            sys.exit(f'error: {key}={path!r} is not a file. For a demo on built-in synthetic clips run\n'
-                     f'  python data.py synth --out data_synth && python train.py config/demo.py\n'
-                     f'for real videos see `python data.py prepare --help` and the README.')
-    data_args = dict(audio_length=audio_length, num_mel_bins=num_mel_bins, img_size=img_size, num_frames=num_frames)
-    dataset = AVDataset(train_json, label_csv or None, mode='train', time_shift=time_shift, seed=seed, **data_args)
-    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
-    if min(epoch_iters(e) for e in range(math.ceil(epochs) or 1)) == 0:
-        sys.exit(f'error: {len(dataset)} clips are fewer than one step ({max(map(epoch_batch_size, range(math.ceil(epochs) or 1)))} '
-                 f'x {gradient_accumulation_steps} x {world_size} ranks); lower batch_size')
-    max_iters = max_iters or iters_for(epochs)
+if not bench and min(epoch_iters(e) for e in range(math.ceil(epochs) or 1)) == 0:
+    sys.exit(f'error: {len(dataset)} clips are fewer than one step ({max(map(epoch_batch_size, range(math.ceil(epochs) or 1)))} '
+             f'x {gradient_accumulation_steps} x {world_size} ranks); lower batch_size')
+max_iters = bench_warmup + bench_iters if bench else max_iters or iters_for(epochs)
 warmup_iters = iters_for(warmup_epochs)
+
+
+def step_mask_ratio(it):  # reconstruction mask ratio of an iteration
+    if mask_ratio_schedule == 'epoch':
+        return epoch_mask_ratio(locate(it)[0])
+    if mask_ratio_schedule == 'step':
+        return masking.mask_ratio_schedule(it / max(1, max_iters - 1), mask_ratio, mask_ratio_end)
+    return mask_ratio
+
+
+def get_lr(it):  # linear warmup, then cosine decay to min_lr over the remaining iterations
+    if it < warmup_iters:
+        return learning_rate * (it + 1) / warmup_iters
+    progress = (it - warmup_iters) / max(1, max_iters - warmup_iters)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0))) * (learning_rate - min_lr)
+
+
+def get_momentum(it):  # EMA momentum: cosine ramp from ema_momentum to ema_momentum_end
+    return ema_momentum_end - (ema_momentum_end - ema_momentum) * 0.5 * (1.0 + math.cos(math.pi * it / max(1, max_iters)))
+
+
+class EpochItems(Dataset):
+    """Key (epoch, index) -> the training item of that epoch. Items are a pure function of (seed, epoch, index),
+    so one loader can serve every epoch and its workers stay alive across epoch boundaries."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        epoch, index = key
+        self.dataset.set_epoch(epoch)  # this worker's copy
+        return self.dataset[index]
+
+
+def batch_keys(start_iter):
+    """This rank's micro-batches as lists of (epoch, index) keys from optimiser step start_iter on, crossing
+    epochs: each epoch is DistributedSampler's share of a fresh permutation, cut into that epoch's batch size."""
+    epoch, done = locate(start_iter)
+    while True:
+        sampler.set_epoch(epoch)
+        order, B = list(sampler), epoch_batch_size(epoch)
+        for b in range(done * gradient_accumulation_steps, epoch_iters(epoch) * gradient_accumulation_steps):
+            yield [(epoch, i) for i in order[b * B:(b + 1) * B]]
+        epoch, done = epoch + 1, 0
 
 
 def ignore_sigterm(_):  # workers: the main process handles pre-emption and shuts them down itself
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def epoch_batches(epoch, skip):
-    """This rank's micro-batches of one epoch, after skipping the first `skip` (exact mid-epoch resume)."""
-    sampler.set_epoch(epoch)
-    dataset.set_epoch(epoch)
-    B = epoch_batch_size(epoch)  # a new loader every epoch: the batch may change (adaptive_batch)
-    indices = list(sampler)[skip * B:]
-    loader = DataLoader(dataset, batch_size=B, sampler=indices, num_workers=num_workers, drop_last=True,
-                        pin_memory=device_type == 'cuda', collate_fn=collate, worker_init_fn=ignore_sigterm,
-                        persistent_workers=False)
+def micro_batches(start_iter):
+    """Endless stream of this rank's (audio, image) micro-batches on the device, from step start_iter on.
+    bench: the same random tensors again and again."""
+    if bench:
+        audio = torch.randn(batch_size, audio_length, num_mel_bins, device=device)
+        image = torch.randn(batch_size, 3, img_size, img_size, device=device)
+        while True:
+            yield audio, image
+    loader = DataLoader(EpochItems(dataset), batch_sampler=batch_keys(start_iter), num_workers=num_workers,
+                        pin_memory=device_type == 'cuda', collate_fn=collate, worker_init_fn=ignore_sigterm)
     for batch in loader:
         yield batch['audio'].to(device, non_blocking=True), batch['image'].to(device, non_blocking=True)
 
 
 # -----------------------------------------------------------------------------
 # model, teacher, optimiser
-model_args = dict(audio_length=audio_length, num_mel_bins=num_mel_bins, img_size=img_size, patch_size=patch_size,
-                  embed_dim=embed_dim, num_heads=num_heads, mlp_ratio=mlp_ratio, modality_depth=modality_depth, joint_depth=joint_depth,
-                  decoder_embed_dim=decoder_embed_dim, decoder_depth=decoder_depth, decoder_num_heads=decoder_num_heads,
-                  num_registers=num_registers, global_token=method != 'cavmae', norm_pix_loss=norm_pix_loss,
-                  diffused_mask_tokens=diffused_mask_tokens, decoder_attention=decoder_attention)
-assert set(model_args) == {f.name for f in fields(ModelConfig)}
+model_args = {f.name: globals()[f.name] for f in fields(ModelConfig) if f.name != 'global_token'}
+model_args['global_token'] = method != 'cavmae'  # CAV-MAE style: mean-pooled patch tokens
+# settings that fix what every step computes from which clips: a resumed run must keep them
+resume_fixed = ('batch_size', 'gradient_accumulation_steps', 'epochs', 'warmup_epochs', 'max_iters', 'method',
+                'mask_ratio', 'mask_ratio_schedule', 'mask_ratio_end', 'adaptive_batch', 'contrastive_mask_ratio',
+                'contrastive_masking', 'learning_rate', 'min_lr', 'ema_momentum', 'ema_momentum_end', 'seed',
+                'num_frames', 'time_shift')
 iter_num, ckpt = 0, None
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 if init_from == 'resume':
     if not os.path.isfile(ckpt_path):
         sys.exit(f"error: init_from='resume' but {ckpt_path} does not exist")
     ckpt = torch.load(ckpt_path, map_location='cpu', weights_only=False)
-    changed = {k: (v, model_args[k]) for k, v in ckpt['model_args'].items() if model_args[k] != v}
+    then = {**ckpt['config'], **ckpt['model_args'], 'world_size': ckpt['world_size'], 'train_clips': ckpt['train_clips']}
+    now = {**config, **model_args, 'world_size': world_size, 'train_clips': len(dataset) if dataset else 0}
+    changed = {k: (then[k], now[k]) for k in (*model_args, *resume_fixed, 'world_size', 'train_clips') if then[k] != now[k]}
     if changed:
-        sys.exit(f'error: the model settings differ from the checkpoint {ckpt_path}: {changed}')
+        sys.exit(f'error: cannot resume {ckpt_path}: these settings differ from the checkpoint (then, now): {changed}. '
+                 f'They fix the model or which clips and schedule each step uses; to start a new run from these '
+                 f'weights use --init_from={ckpt_path} and another out_dir.')
     iter_num = ckpt['iter_num']
 model = CAVMAESync(ModelConfig(**model_args))
 if ckpt is not None:
@@ -289,7 +346,7 @@ teacher = make_teacher(model) if method == 'tgdp' else None
 if teacher is not None and ckpt is not None:
     teacher.load_state_dict(ckpt['teacher'])
 optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate, betas=(beta1, beta2), weight_decay=weight_decay,
-                             fused=True)  # one kernel per step, no full-size temporaries (CPU: 0.18 s vs 1.0 s at 190 M)
+                             fused=True)  # one kernel over all tensors, no full-size temporaries
 scaler = torch.amp.GradScaler(device_type, enabled=dtype == 'float16')
 if ckpt is not None:
     optimizer.load_state_dict(ckpt['optimizer'])
@@ -306,17 +363,6 @@ if ddp:
     model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None)
 
 
-def get_lr(it):  # linear warmup, then cosine decay to min_lr over the remaining iterations
-    if it < warmup_iters:
-        return learning_rate * (it + 1) / warmup_iters
-    progress = (it - warmup_iters) / max(1, max_iters - warmup_iters)
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0))) * (learning_rate - min_lr)
-
-
-def get_momentum(it):  # EMA momentum: cosine ramp from ema_momentum to ema_momentum_end
-    return ema_momentum_end - (ema_momentum_end - ema_momentum) * 0.5 * (1.0 + math.cos(math.pi * it / max(1, max_iters)))
-
-
 def train_flops_per_clip(rec_mask_ratio):
     """Analytic training FLOPs per clip: 3x forward for the student (forward + backward), 1x for the teacher."""
     c = raw_model.config
@@ -326,15 +372,25 @@ def train_flops_per_clip(rec_mask_ratio):
     return 3 * student + (sum(forward_flops(c, 0.0, 'teacher').values()) if method == 'tgdp' else 0)
 
 
-# Every random choice of a step (masks, Gumbel noise) comes from one generator with the same state on all
-# ranks: each draws the noise of the whole global batch and keeps its own rows. The rows follow
+# -----------------------------------------------------------------------------
+# one step
+# Every random choice of a step (masks, Gumbel noise, diffusion noise) comes from one generator with the same
+# state on all ranks: each draws the noise of the whole global batch and keeps its own rows. The rows follow
 # DistributedSampler's interleaving (global row i * world_size + rank), so a run computes the same masks
 # for the same clips whatever the number of ranks, and the state is one tensor to checkpoint.
 noise_gen = torch.Generator(device=device).manual_seed(seed)
 
 
-def noise(B, n):  # (B, n) uniform noise: this rank's rows of the global batch's
-    return torch.rand(world_size * B, n, generator=noise_gen, device=device)[rank::world_size]
+def noise(B, *shape, draw=torch.rand, **kw):  # (B, *shape) noise: this rank's rows of the global batch's
+    return draw(world_size * B, *shape, generator=noise_gen, device=device, **kw)[rank::world_size]
+
+
+def diffusion_noise(B):  # DiffMAViL's timestep per clip and Gaussian noise per patch, or None when off
+    if not diffused_mask_tokens:
+        return None
+    P = patch_size * patch_size
+    t = noise(B, draw=lambda n, **kw: torch.randint(1, raw_model.alpha_bar.shape[0] + 1, (n,), **kw))
+    return t, noise(B, raw_model.num_patches_a, P, draw=torch.randn), noise(B, raw_model.num_patches_v, 3 * P, draw=torch.randn)
 
 
 def losses_for(audio, image, rec_mask_ratio):
@@ -349,7 +405,7 @@ def losses_for(audio, image, rec_mask_ratio):
     elif method == 'dualpass':
         keep_a = masking.random_masking(B, Na, contrastive_mask_ratio, noise=noise(B, Na))[0]
         keep_v = masking.random_masking(B, Nv, contrastive_mask_ratio, noise=noise(B, Nv))[0]
-    out = model(audio, image, rec_mask_ratio, keep_a, keep_v, noise(B, Na), noise(B, Nv))
+    out = model(audio, image, rec_mask_ratio, keep_a, keep_v, noise(B, Na), noise(B, Nv), diffusion_noise(B))
     loss_con, terms['con_acc'] = info_nce(out['g_a'], out['g_v'], temperature)
     loss = rec_weight * out['loss'] + con_weight * loss_con
     terms.update(rec=out['loss'], rec_a=out['loss_a'], rec_v=out['loss_v'], con=loss_con)
@@ -360,12 +416,20 @@ def losses_for(audio, image, rec_mask_ratio):
     return loss, {k: v.detach() for k, v in terms.items()}
 
 
-def train_step(micro_batches, rec_mask_ratio):
+stop_requested = False  # set by SIGTERM (cluster pre-emption): finish the current step, save, exit
+
+
+def on_sigterm(signum, frame):
+    global stop_requested
+    stop_requested = True
+
+
+def train_step(batches, rec_mask_ratio):
     """One optimiser step over gradient_accumulation_steps micro-batches. Returns (terms, stop flags):
     flags[0] = some rank saw a non-finite loss (the update is skipped), flags[1] = some rank got SIGTERM."""
     terms_sum = {}
     for micro_step in range(gradient_accumulation_steps):
-        audio, image = next(micro_batches)
+        audio, image = next(batches)
         sync_grads = not ddp or micro_step == gradient_accumulation_steps - 1  # all-reduce only on the last
         with (nullcontext() if sync_grads else model.no_sync()):
             with autocast:
@@ -386,22 +450,55 @@ def train_step(micro_batches, rec_mask_ratio):
     return terms_sum, flags
 
 
-def save_checkpoint():
-    """Rank 0 writes a temporary file and renames it."""
+# -----------------------------------------------------------------------------
+# logging, evaluation, checkpoints
+
+def log_step(it, terms, rec_mask_ratio, clips_s):
+    """Means over the global batch (every rank joins the all-reduce) -> log.jsonl and a progress-bar line."""
+    values = torch.stack(list(terms.values())).float()
+    if ddp:
+        dist.all_reduce(values, op=dist.ReduceOp.AVG)
+    if not master:
+        return
+    epoch = locate(it - 1)[0]
+    mfu = train_flops_per_clip(rec_mask_ratio) * clips_s / world_size / (peak_tflops * 1e12) if device_type == 'cuda' else None
+    record = {'iter': it, 'epoch': epoch, 'lr': get_lr(it - 1), 'mask_ratio': rec_mask_ratio,
+              'batch_size': epoch_batch_size(epoch) * gradient_accumulation_steps * world_size, 'clips_s': clips_s,
+              'mfu': mfu, **dict(zip(terms, values.tolist()))}
+    log(record)
+    bar.write(f"iter {it}: loss {record['loss']:.4f} rec {record['rec']:.4f} con {record['con']:.4f}"
+              + (f" dis {record['dis']:.4f}" if 'dis' in record else '')
+              + f" acc {record['con_acc']:.3f} lr {record['lr']:.2e} {clips_s:.1f} clips/s"
+              + (f' mfu {100 * mfu:.1f}%' if mfu is not None else ''))
+
+
+def evaluate_retrieval(it):
+    """Held-out retrieval (diagonal mean over frames): every rank extracts the features of its contiguous share
+    of the clips with loader workers, rank 0 gathers them in order and scores."""
+    share = Subset(eval_dataset, range(rank * len(eval_dataset) // world_size, (rank + 1) * len(eval_dataset) // world_size))
+    feats = extract_features(raw_model, share, batch_size=max(1, batch_size // num_frames), device=device,
+                             num_workers=num_workers)
+    if ddp:
+        parts = [None] * world_size if master else None
+        dist.gather_object(feats, parts, dst=0, group=cpu_group)
+        if master:
+            feats = {k: torch.cat([p[k] for p in parts]) for k in ('g_a', 'g_v', 'labels')}
+    if master:
+        results = retrieval(feats, ('diag_mean',), device=device)['diag_mean']
+        log({'iter': it, 'retrieval': results})
+        bar.write(f'iter {it}: retrieval R@1/5/10 ' + '  '.join(
+            f"{d} {r['R@1']:.1f}/{r['R@5']:.1f}/{r['R@10']:.1f}" for d, r in results.items()))
+
+
+def save_checkpoint(it):
+    """Rank 0 writes a temporary file and renames it: a crash never leaves a half-written ckpt.pt."""
     if master:
         state = dict(model=raw_model.state_dict(), teacher=teacher.state_dict() if teacher is not None else None,
-                     optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), iter_num=iter_num,
-                     epoch=locate(iter_num)[0], model_args=model_args, config=config,
-                     noise_gen=noise_gen.get_state())
+                     optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), iter_num=it,
+                     epoch=locate(it)[0], model_args=model_args, config=config, world_size=world_size,
+                     train_clips=len(dataset), noise_gen=noise_gen.get_state())
         torch.save(state, ckpt_path + '.tmp')
-        os.replace(ckpt_path + '.tmp', ckpt_path)  # atomic: a crash never leaves a half-written ckpt.pt
-
-
-def evaluate_retrieval():
-    """Held-out clip retrieval (diagonal mean over frames) with the evaluate.py functions, rank 0 only."""
-    from evaluate import extract_features, retrieval
-    feats = extract_features(raw_model, eval_dataset, batch_size=max(1, batch_size // num_frames), device=device)
-    return retrieval(feats, ('diag_mean',), device=device)['diag_mean']
+        os.replace(ckpt_path + '.tmp', ckpt_path)
 
 
 def log(record):
@@ -409,112 +506,74 @@ def log(record):
         f.write(json.dumps(record) + '\n')
 
 
-# -----------------------------------------------------------------------------
-# the loop
-stop_requested = False
-
-
-def on_sigterm(signum, frame):  # cluster pre-emption: finish the current step, save, exit
-    global stop_requested
-    stop_requested = True
-
-
-signal.signal(signal.SIGTERM, on_sigterm)
-if ckpt is not None:
-    noise_gen.set_state(ckpt['noise_gen'])
-    del ckpt
-eval_dataset = AVDataset(eval_json, label_csv or None, mode='eval', **data_args) if (eval_json and not bench) else None
-model.train()
-
-
-def bench_batches():
-    audio = torch.randn(batch_size, audio_length, num_mel_bins, device=device)
-    image = torch.randn(batch_size, 3, img_size, img_size, device=device)
-    while True:
-        yield audio, image
-
-
-profiler = None
-if bench and profile:
-    acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device_type == 'cuda' else [])
-
-    def write_profile(prof):  # called when the active steps end (the profiler drops their events after that)
-        table = prof.key_averages().table(sort_by=f'{"cuda" if device_type == "cuda" else "cpu"}_time_total', row_limit=30)
-        os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, 'profile.txt'), 'w') as f:
-            f.write(table)
-    profiler = torch.profiler.profile(activities=acts, on_trace_ready=write_profile,
-                                      schedule=torch.profiler.schedule(wait=0, warmup=bench_warmup, active=bench_iters))
-    profiler.start()
-
-
 def sync_device():
     if device_type == 'cuda':
         torch.cuda.synchronize()
 
 
-bar = tqdm(total=max_iters, initial=iter_num, disable=not master or bench, dynamic_ncols=True)
-t_log, iters_since_log = time.time(), 0
-while iter_num < max_iters:
-    epoch, start = locate(iter_num)
-    clips_per_iter = epoch_batch_size(epoch) * gradient_accumulation_steps * world_size
-    micro_batches = bench_batches() if bench else epoch_batches(epoch, start * gradient_accumulation_steps)
-    try:
-        for _ in range(start, epoch_iters(epoch)):
-            if bench and iter_num == bench_warmup:
-                sync_device()
-                t_bench = time.time()
-            lr = get_lr(iter_num)
-            for group in optimizer.param_groups:
-                group['lr'] = lr
-            rec_mask_ratio = step_mask_ratio(iter_num)
-            terms, flags = train_step(micro_batches, rec_mask_ratio)
-            if profiler is not None:
-                profiler.step()
-            if flags[0]:
-                if master:
-                    bar.close()
-                    print(f'error: non-finite loss at iteration {iter_num} ({ {k: float(v) for k, v in terms.items()} }); '
-                          f'stopping. The last good checkpoint {ckpt_path} is untouched.', file=sys.stderr)
-                sys.exit(1)
-            if teacher is not None:
-                ema_update(teacher, raw_model, get_momentum(iter_num))
-            iter_num += 1
-            iters_since_log += 1
-            bar.update(1)
-            if not bench and (iter_num % log_interval == 0 or iter_num == max_iters):
-                values = torch.stack(list(terms.values())).float()
-                if ddp:  # every rank joins: the logged terms are means over the global batch
-                    dist.all_reduce(values, op=dist.ReduceOp.AVG)
-                if master:
-                    clips_s = clips_per_iter * iters_since_log / (time.time() - t_log)
-                    mfu = train_flops_per_clip(rec_mask_ratio) * clips_s / world_size / (peak_tflops * 1e12) if device_type == 'cuda' else None
-                    record = {'iter': iter_num, 'epoch': epoch, 'lr': lr, 'mask_ratio': rec_mask_ratio,
-                          'batch_size': clips_per_iter, 'clips_s': clips_s, 'mfu': mfu,
-                              **dict(zip(terms, values.tolist()))}
-                    log(record)
-                    bar.write(f"iter {iter_num}: loss {record['loss']:.4f} rec {record['rec']:.4f} con {record['con']:.4f}"
-                              + (f" dis {record['dis']:.4f}" if 'dis' in record else '')
-                              + f" acc {record['con_acc']:.3f} lr {lr:.2e} {clips_s:.1f} clips/s"
-                          + (f' mfu {100 * mfu:.1f}%' if mfu is not None else ''))
-                t_log, iters_since_log = time.time(), 0
-            if not bench and (iter_num % eval_interval == 0 or iter_num == max_iters or flags[1]):
-                if master and eval_dataset is not None and not flags[1]:
-                    results = evaluate_retrieval()
-                    log({'iter': iter_num, 'retrieval': results})
-                    bar.write(f'iter {iter_num}: retrieval R@1/5/10 ' + '  '.join(
-                        f"{d} {r['R@1']:.1f}/{r['R@5']:.1f}/{r['R@10']:.1f}" for d, r in results.items()))
-                save_checkpoint()
-            if flags[1]:
-                if master:
-                    print(f'SIGTERM: saved {ckpt_path} at iteration {iter_num}; exiting', file=sys.stderr)
-                sys.exit(0)
-            if iter_num >= max_iters:
-                break
-    finally:  # shut the loader workers down now: they ignore SIGTERM, so exit-time cleanup would hang
-        micro_batches.close()
+def shutdown():
+    batches.close()  # shut the loader workers down now: they ignore SIGTERM, so exit-time cleanup would hang
+    bar.close()
+    if ddp:
+        dist.destroy_process_group()
 
-bar.close()
+
+# -----------------------------------------------------------------------------
+# the loop
+signal.signal(signal.SIGTERM, on_sigterm)
+if ckpt is not None:
+    noise_gen.set_state(ckpt['noise_gen'])
+    del ckpt
+profiler = None
+if bench and profile:
+    def write_profile(prof):  # called when the active steps end (the profiler drops their events after that)
+        table = prof.key_averages().table(sort_by=f'{device_type}_time_total', row_limit=30)
+        with open(os.path.join(out_dir, 'profile.txt'), 'w') as f:
+            f.write(table)
+    acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device_type == 'cuda' else [])
+    profiler = torch.profiler.profile(activities=acts, on_trace_ready=write_profile,
+                                      schedule=torch.profiler.schedule(wait=0, warmup=bench_warmup, active=bench_iters))
+    profiler.start()
+model.train()
+batches = micro_batches(iter_num)
+bar = tqdm(total=max_iters, initial=iter_num, disable=not master or bench, dynamic_ncols=True)
+t_log, clips_since_log = time.time(), 0
+while iter_num < max_iters:
+    if bench and iter_num == bench_warmup:  # the timed steps start
+        sync_device()
+        t_bench = time.time()
+    lr, rec_mask_ratio = get_lr(iter_num), step_mask_ratio(iter_num)
+    for group in optimizer.param_groups:
+        group['lr'] = lr
+    terms, (nonfinite, sigterm) = train_step(batches, rec_mask_ratio)
+    if nonfinite:
+        if master:
+            print(f'error: non-finite loss at iteration {iter_num} ({ {k: float(v) for k, v in terms.items()} }); '
+                  f'stopping. The last good checkpoint {ckpt_path} is untouched.', file=sys.stderr)
+        shutdown()
+        sys.exit(1)
+    if teacher is not None:
+        ema_update(teacher, raw_model, get_momentum(iter_num))
+    if profiler is not None:
+        profiler.step()
+    clips_since_log += epoch_batch_size(locate(iter_num)[0]) * gradient_accumulation_steps * world_size
+    iter_num += 1
+    bar.update(1)
+    if bench:
+        continue
+    if iter_num % log_interval == 0 or iter_num == max_iters:
+        log_step(iter_num, terms, rec_mask_ratio, clips_since_log / (time.time() - t_log))
+        t_log, clips_since_log = time.time(), 0
+    if iter_num % eval_interval == 0 or iter_num == max_iters or sigterm:
+        if eval_dataset is not None and not sigterm:
+            evaluate_retrieval(iter_num)
+        save_checkpoint(iter_num)
+    if sigterm:
+        if master:
+            print(f'SIGTERM: saved {ckpt_path} at iteration {iter_num}; exiting', file=sys.stderr)
+        shutdown()
+        sys.exit(0)
+
 if bench:
     sync_device()
     dt = time.time() - t_bench
@@ -528,5 +587,4 @@ if bench:
         print(f'profile of {bench_iters} steps (its overhead is in the timing above): {os.path.join(out_dir, "profile.txt")}')
     print(f'| method | batch | s/iter | clips/s | GFLOP/clip | TFLOP/s | MFU | peak mem |\n|---|---|---|---|---|---|---|---|\n'
           f'| {method} | {batch_size} | {dt / bench_iters:.3f} | {clips_s:.1f} | {flops_per_clip / 1e9:.4g} | {tflops:.3g} | {mfu} | {mem} |')
-if ddp:
-    dist.destroy_process_group()
+shutdown()

@@ -3,7 +3,6 @@
 out_dir = 'out/demo'
 train_json = 'data_synth/train.json'
 eval_json = 'data_synth/eval.json'
-label_csv = 'data_synth/labels.csv'
 device = 'cpu'
 dtype = 'float32'
 compile = False

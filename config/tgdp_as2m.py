@@ -3,7 +3,6 @@
 out_dir = 'out/tgdp_as2m'
 train_json = 'data/audioset_2m/train.json'
 eval_json = 'data/audioset_eval/retrieval.json'
-label_csv = 'data/class_labels_indices_as.csv'
 init_from = 'checkpoints/mae_pretrain_vit_base.pth'  # ImageNet MAE ViT-B
 method = 'tgdp'
 batch_size = 64
