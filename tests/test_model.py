@@ -114,6 +114,13 @@ def test_random_masking_exact_counts_no_duplicates():
     assert masking.num_keep(208, 0.75) == 52 and masking.num_keep(196, 0.5) == 98
 
 
+
+def test_random_masking_outputs_follow_the_noise_device():
+    # train.py passes noise on the GPU and no device (dualpass): the mask must not be built on the CPU.
+    # The meta device stands in for a GPU here: a CPU mask would fail in scatter_ with meta indices.
+    keep, mask = masking.random_masking(4, 196, 0.5, noise=torch.rand(4, 196, device='meta'))
+    assert keep.device.type == mask.device.type == 'meta' and mask.shape == (4, 196)
+
 def test_guided_keeps_true_topk_and_gumbel_respects_k():
     torch.manual_seed(0)
     priority = torch.rand(8, 196).softmax(1)
