@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 import data
-from model import CAVMAESync, ModelConfig, checkpoint_kind, convert_official_state_dict
+from model import KIND_NAMES, CAVMAESync, ModelConfig, checkpoint_kind, load_weights, read_checkpoint
 
 STRATEGIES = ('diag_mean', 'block_mean', 'diag_max', 'block_max')
 
@@ -49,37 +49,22 @@ STRATEGIES = ('diag_mean', 'block_mean', 'diag_max', 'block_max')
 
 def load_model(ckpt_path, device='cpu', weights='model'):
     """A train.py checkpoint (dict with 'model', 'teacher', 'model_args') or an official CAV-MAE Sync /
-    TG-DP state dict -> CAVMAESync in eval mode on device. weights='teacher' picks the EMA teacher
-    (encoder only: the model is built without a decoder, so the load stays strict)."""
+    TG-DP state dict (bare or under 'model') -> CAVMAESync in eval mode on device, through model.load_weights
+    as train.py's init_from. weights='teacher' picks the EMA teacher (encoder only: the model is built
+    without a decoder, so the load stays strict)."""
     if weights not in ('model', 'teacher'):
         raise ValueError(f"weights must be 'model' or 'teacher', got {weights!r}")
-    if not os.path.isfile(ckpt_path):
-        raise FileNotFoundError(f'checkpoint {ckpt_path} does not exist')
-    try:  # tensors and plain containers only: an official release is a file from the internet
-        ckpt = torch.load(ckpt_path, map_location='cpu', weights_only=True)
-    except Exception as e:
-        raise ValueError(f'{ckpt_path}: cannot be read as a checkpoint of tensors ({type(e).__name__}: {e})') from e
-
+    ckpt = read_checkpoint(ckpt_path)
     try:
         kind = checkpoint_kind(ckpt)
     except ValueError as e:
         raise ValueError(f'{ckpt_path}: {e}') from None
-    if kind == 'train':
-        sd = ckpt[weights]
-        if sd is None:
-            raise ValueError(f'{ckpt_path}: --weights {weights} asked, but this run kept no {weights} weights')
-        model = CAVMAESync(ModelConfig(**ckpt['model_args']), decoder=(weights == 'model'))
-        model.load_state_dict(sd)
-        source = f'train.py checkpoint, {weights} weights, iter {ckpt["iter_num"]}'
-    elif kind == 'official':
-        if weights != 'model':
-            raise ValueError(f'{ckpt_path}: an official release has no teacher weights; drop --weights teacher')
-        model = CAVMAESync(ModelConfig())
-        model.load_state_dict(convert_official_state_dict(ckpt.get('model', ckpt)))
-        source = 'official CAV-MAE Sync / TG-DP release'
-    else:
-        raise ValueError(f'{ckpt_path}: ImageNet MAE weights are an initialisation (train.py --init_from), not a model to evaluate')
-    print(f'loaded {ckpt_path} ({source}): {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters')
+    if kind in ('mae', 'cavmae'):
+        raise ValueError(f'{ckpt_path}: {KIND_NAMES[kind]} is an initialisation (train.py --init_from), not a model to evaluate')
+    config = ModelConfig(**ckpt['model_args']) if kind == 'train' else ModelConfig()
+    model = CAVMAESync(config, decoder=(weights == 'model'))
+    load_weights(model, ckpt, weights, name=ckpt_path)
+    print(f'{ckpt_path}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters')
     return model.to(device).eval()
 
 

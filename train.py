@@ -27,8 +27,7 @@ from tqdm import tqdm
 
 import masking
 from losses import distill_loss, info_nce
-from model import (CAVMAESync, ModelConfig, checkpoint_kind, convert_official_state_dict, ema_update,
-                   forward_flops, load_mae_weights, make_teacher)
+from model import CAVMAESync, ModelConfig, ema_update, forward_flops, load_weights, make_teacher
 
 # -----------------------------------------------------------------------------
 # default config: the TG-DP paper setting
@@ -273,16 +272,7 @@ if ckpt is not None:
 elif init_from != 'scratch':
     if not os.path.isfile(init_from):
         sys.exit(f"error: init_from must be 'scratch', 'resume' or a checkpoint file; {init_from!r} is none of these")
-    source = torch.load(init_from, map_location='cpu', weights_only=False)
-    kind = checkpoint_kind(source)
-    if kind == 'mae':
-        load_mae_weights(model, source)
-    elif kind == 'official':
-        model.load_state_dict(convert_official_state_dict(source, model.config))
-    else:
-        model.load_state_dict(source['model'])
-    if master:
-        print(f'initialised from {kind} weights in {init_from}')
+    load_weights(model, init_from, verbose=master)  # ImageNet MAE, CAV-MAE layout, official release or train.py
 model.to(device)
 raw_model = model  # unwrapped: EMA source, checkpoints, evaluation
 teacher = make_teacher(model) if method == 'tgdp' else None

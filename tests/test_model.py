@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import masking
-from model import CAVMAESync, ModelConfig, convert_official_state_dict, ema_update, load_mae_weights, make_teacher
+from model import CAVMAESync, ModelConfig, convert_official_state_dict, ema_update, make_teacher
 
 TINY = dict(audio_length=64, num_mel_bins=32, img_size=32, patch_size=8, embed_dim=48, num_heads=4,
             modality_depth=2, joint_depth=1, decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=4,
@@ -409,34 +409,3 @@ def test_converted_model_computes_official_function():
         ref = reference_official_features(sd, cfg, a, v)
     for x, y in zip(ours, ref):
         assert torch.allclose(x, y, atol=1e-5)
-
-
-# --- ImageNet MAE weights -----------------------------------------------------------------
-
-def test_mae_weights_map_into_encoders_and_joint_layer(capsys):
-    m = tiny()
-    D, hidden = 48, 192
-    g = torch.Generator().manual_seed(0)
-    mae = {'cls_token': torch.randn(1, 1, D, generator=g), 'pos_embed': torch.zeros(1, 17, D),
-           'patch_embed.proj.weight': torch.randn(D, 3, 8, 8, generator=g), 'patch_embed.proj.bias': torch.randn(D, generator=g),
-           'norm.weight': torch.randn(D, generator=g), 'norm.bias': torch.randn(D, generator=g)}
-    for i in range(4):  # one block more than the model takes
-        for name, shape in [('norm1.weight', (D,)), ('norm1.bias', (D,)), ('attn.qkv.weight', (3 * D, D)), ('attn.qkv.bias', (3 * D,)),
-                            ('attn.proj.weight', (D, D)), ('attn.proj.bias', (D,)), ('norm2.weight', (D,)), ('norm2.bias', (D,)),
-                            ('mlp.fc1.weight', (hidden, D)), ('mlp.fc1.bias', (hidden,)), ('mlp.fc2.weight', (D, hidden)), ('mlp.fc2.bias', (D,))]:
-            mae[f'blocks.{i}.{name}'] = torch.randn(*shape, generator=g)
-    loaded, unused = load_mae_weights(m, {'model': mae})
-    sd = m.state_dict()
-    assert torch.equal(sd['blocks_a.1.attn.qkv.weight'], mae['blocks.1.attn.qkv.weight'])
-    assert torch.equal(sd['blocks_v.0.mlp.fc2.bias'], mae['blocks.0.mlp.fc2.bias'])
-    assert torch.equal(sd['blocks_u.0.attn.proj.weight'], mae['blocks.2.attn.proj.weight'])
-    for pair in ('norm1', 'norm1_a', 'norm1_v', 'norm2_a'):
-        assert torch.equal(sd[f'blocks_u.0.{pair}.weight'], mae[f'blocks.2.{pair[:5]}.weight'])
-    assert torch.allclose(sd['patch_embed_a.proj.weight'], mae['patch_embed.proj.weight'].mean(1, keepdim=True))
-    assert torch.equal(sd['norm_v.bias'], mae['norm.bias']) and torch.equal(sd['cls_token_a'], mae['cls_token'])
-    assert unused == sorted(['pos_embed'] + [k for k in mae if k.startswith('blocks.3.')])
-    assert 'decoder_embed.weight' not in loaded
-    assert 'model keys left at init' in capsys.readouterr().out
-    bad = dict(mae, **{'blocks.0.attn.qkv.weight': torch.zeros(5, 5)})
-    with pytest.raises(ValueError, match='blocks_a.0.attn.qkv.weight'):
-        load_mae_weights(m, bad)
