@@ -60,7 +60,8 @@ def load_model(ckpt_path, device='cpu', weights='model'):
     except ValueError as e:
         raise ValueError(f'{ckpt_path}: {e}') from None
     if kind in ('mae', 'cavmae'):
-        raise ValueError(f'{ckpt_path}: {KIND_NAMES[kind]} is an initialisation (train.py --init_from), not a model to evaluate')
+        raise ValueError(f'{ckpt_path}: {KIND_NAMES[kind]} is an initialisation (train.py --init_from), '
+                         'not a model to evaluate')
     config = ModelConfig(**ckpt['model_args']) if kind == 'train' else ModelConfig()
     model = CAVMAESync(config, decoder=(weights == 'model'))
     load_weights(model, ckpt, weights, name=ckpt_path)

@@ -430,17 +430,19 @@ class CAVMAESync(nn.Module):
         return g_a, g_v, tokens_a, tokens_v
 
     @torch.no_grad()
-    def forward_teacher(self, audio, image):
+    def forward_teacher(self, audio, image, normalize=True):
         """Full, unmasked, unshuffled inputs -> (g_a, g_v, priority_a (B, Na), priority_v (B, Nv)).
         Priority of patch i = head-averaged attention of patch query i to the global key in the last
-        joint layer's audio / visual pass, normalised over patches (SPEC section 5, step 1)."""
+        joint layer's audio / visual pass, normalised over patches (SPEC section 5, step 1).
+        normalize=False: the raw head-averaged attention, as the TG-DP release ranks it (the normalisation
+        changes no top-k, but the release's Gumbel reading, masking.gumbel_score_keep, depends on the scale)."""
         if not self.config.global_token:
             raise ValueError('teacher-guided masking needs global_token=True (priorities are attention to the global token)')
         out = []
         for modality, x in (('a', self.embed_audio(audio)), ('v', self.embed_image(image))):
             g, _, attn = self.joint(self.encode(x, modality), modality, return_attn=True, tokens=False)
             priority = attn[:, :, 1:, 0].float().mean(dim=1)  # (B, N): patch queries -> global key
-            out.append((g, priority / priority.sum(dim=1, keepdim=True)))
+            out.append((g, priority / priority.sum(dim=1, keepdim=True) if normalize else priority))
         (g_a, p_a), (g_v, p_v) = out
         return g_a, g_v, p_a, p_v
 
@@ -672,8 +674,10 @@ def load_mae_weights(model, sd, verbose=True):
             if i < c.modality_depth:
                 put(key, value, f'blocks_a.{i}.{rest}', f'blocks_v.{i}.{rest}')
             elif i < c.modality_depth + c.joint_depth:
-                pairs = [rest.replace('.', '_a.', 1), rest.replace('.', '_v.', 1)] if rest.startswith(('norm1.', 'norm2.')) else []
-                put(key, value, *(f'blocks_u.{i - c.modality_depth}.{name}' for name in [rest] + pairs))
+                names = [rest]
+                if rest.startswith(('norm1.', 'norm2.')):  # the fused pass's pair, copied to the audio and visual pairs
+                    names += [rest.replace('.', '_a.', 1), rest.replace('.', '_v.', 1)]
+                put(key, value, *(f'blocks_u.{i - c.modality_depth}.{name}' for name in names))
         elif key == 'patch_embed.proj.weight':  # (D, 3, p, p)
             put(key, value, 'patch_embed_v.proj.weight')
             put(key, value.sum(dim=1, keepdim=True), 'patch_embed_a.proj.weight')  # (D, 1, p, p)
@@ -683,7 +687,8 @@ def load_mae_weights(model, sd, verbose=True):
             put(key, value, *(key.replace('norm', name, 1) for name in ('norm', 'norm_a', 'norm_v')))
         elif key == 'cls_token':
             put(key, value, 'cls_token_a', 'cls_token_v')
-        elif key in ('decoder_embed.weight', 'decoder_embed.bias', 'mask_token', 'decoder_norm.weight', 'decoder_norm.bias'):
+        elif key in ('decoder_embed.weight', 'decoder_embed.bias', 'mask_token', 'decoder_norm.weight',
+                     'decoder_norm.bias'):
             put(key, value, key)
         elif key in ('decoder_pred.weight', 'decoder_pred.bias'):  # (p*p*3, Dd): pixels ordered (row, col, channel)
             suffix = key.split('.')[1]
@@ -698,7 +703,8 @@ def load_cavmae_weights(model, sd, verbose=True):
     the releases' converted ImageNet MAE file ori_mae_11_for_pretrain.pth or a CAV-MAE model. Every tensor
     whose name and shape match is loaded (CAV-MAE Sync / TG-DP start by loading that file into their model);
     not used: the position tables (fixed sin-cos here; CAV-MAE's are for 10 s of audio), the LayerNorm pairs
-    no pass uses, cls_token_av, the decoder blocks under decoder_attention='cross'. Register tokens (and the global tokens, when the file has none) stay at init.
+    no pass uses, cls_token_av, the decoder blocks under decoder_attention='cross'. Register tokens (and the
+    global tokens, when the file has none) stay at init.
     Returns _load_mapping's dict."""
     sd = sd.get('model', sd)
     mapping, sources = {}, {}
@@ -730,12 +736,14 @@ def load_weights(model, source, weights='model', verbose=True, name=None):
     except ValueError as e:
         raise ValueError(f'{name}: {e}') from None
     if weights == 'teacher' and kind != 'train':
-        raise ValueError(f'{name}: an {KIND_NAMES[kind]} has no teacher weights (only train.py checkpoints keep the EMA teacher)')
+        raise ValueError(f'{name}: an {KIND_NAMES[kind]} has no teacher weights '
+                         '(only train.py checkpoints keep the EMA teacher)')
     if kind in ('mae', 'cavmae'):
         out = (load_mae_weights if kind == 'mae' else load_cavmae_weights)(model, ckpt, verbose=False)
         if verbose:
             print(f"initialised from {name}: {KIND_NAMES[kind]}: loaded {len(out['loaded'])} tensors\n"
-                  f"  source keys not used: {_summary(out['unused'])}\n  parameters left at init: {_summary(out['at_init'])}")
+                  f"  source keys not used: {_summary(out['unused'])}\n"
+                  f"  parameters left at init: {_summary(out['at_init'])}")
         return dict(kind=kind, **out)
     if kind == 'train':
         sd = ckpt[weights]

@@ -69,7 +69,9 @@ mask_ratio_schedule = 'none'   # DiffMAViL curriculum: 'none' | 'epoch' | 'step'
 mask_ratio_end = 0.8
 adaptive_batch = False         # DiffMAViL: per-epoch batch (1 - min ratio) / (1 - ratio_e) * batch_size (needs 'epoch')
 contrastive_mask_ratio = 0.5   # contrastive pass of tgdp / dualpass
-contrastive_masking = 'guided' # tgdp: 'guided' | 'random' | 'gumbel' (dualpass is always random)
+contrastive_masking = 'guided' # tgdp: 'guided' | 'random' | 'gumbel' (the release's) | 'gumbel_proportional'
+contrastive_direction = 'both' # InfoNCE: 'both' (TG-DP release) | 'v2a' (visual queries: CAV-MAE Sync) | 'a2v'
+contrastive_negatives = 'global'  # 'global' (every rank's batch: TG-DP release) | 'local' (this rank's: CAV-MAE Sync)
 rec_weight = 1.0
 con_weight = 0.1
 dis_weight = 1.0               # tgdp distillation; 0 turns it off
@@ -135,8 +137,11 @@ apply_overrides(sys.argv[1:])
 config = {k: globals()[k] for k in config_keys}
 if method not in ('tgdp', 'sync', 'dualpass', 'cavmae'):
     sys.exit(f"error: method must be 'tgdp', 'sync', 'dualpass' or 'cavmae', got {method!r}")
-if contrastive_masking not in ('guided', 'random', 'gumbel'):
-    sys.exit(f"error: contrastive_masking must be 'guided', 'random' or 'gumbel', got {contrastive_masking!r}")
+if contrastive_masking not in masking.CONTRASTIVE_MASKINGS:
+    sys.exit(f"error: contrastive_masking must be one of {masking.CONTRASTIVE_MASKINGS}, got {contrastive_masking!r}")
+if contrastive_direction not in ('both', 'v2a', 'a2v') or contrastive_negatives not in ('global', 'local'):
+    sys.exit(f"error: contrastive_direction must be 'both', 'v2a' or 'a2v' and contrastive_negatives 'global' or "
+             f"'local', got {contrastive_direction!r}, {contrastive_negatives!r}")
 if mask_ratio_schedule not in ('none', 'epoch', 'step'):
     sys.exit(f"error: mask_ratio_schedule must be 'none', 'epoch' or 'step', got {mask_ratio_schedule!r}")
 if adaptive_batch and mask_ratio_schedule != 'epoch':
@@ -333,14 +338,16 @@ def losses_for(audio, image, rec_mask_ratio):
     keep_a = keep_v = None
     B, Na, Nv = audio.shape[0], raw_model.num_patches_a, raw_model.num_patches_v
     if method == 'tgdp':
-        t_a, t_v, p_a, p_v = teacher_forward(audio, image)
+        # the release's Gumbel reading ranks the raw attention; the other choices do not depend on its scale
+        t_a, t_v, p_a, p_v = teacher_forward(audio, image, normalize=contrastive_masking != 'gumbel')
         keep_a = masking.contrastive_keep(contrastive_masking, p_a, contrastive_mask_ratio, noise(B, Na))
         keep_v = masking.contrastive_keep(contrastive_masking, p_v, contrastive_mask_ratio, noise(B, Nv))
     elif method == 'dualpass':
         keep_a = masking.random_masking(B, Na, contrastive_mask_ratio, noise=noise(B, Na))[0]
         keep_v = masking.random_masking(B, Nv, contrastive_mask_ratio, noise=noise(B, Nv))[0]
     out = model(audio, image, rec_mask_ratio, keep_a, keep_v, noise(B, Na), noise(B, Nv))
-    loss_con, terms['con_acc'] = info_nce(out['g_a'], out['g_v'], temperature)
+    loss_con, terms['con_acc'] = info_nce(out['g_a'], out['g_v'], temperature, contrastive_direction,
+                                          contrastive_negatives)
     loss = rec_weight * out['loss'] + con_weight * loss_con
     terms.update(rec=out['loss'], rec_a=out['loss_a'], rec_v=out['loss_v'], con=loss_con)
     if method == 'tgdp' and dis_weight > 0:

@@ -127,6 +127,7 @@ def test_guided_keeps_true_topk_and_gumbel_respects_k():
     assert rnd.shape == (8, 98)
     with pytest.raises(ValueError, match='contrastive masking'):
         masking.contrastive_keep('topk', priority, 0.5)
+    assert masking.contrastive_keep('gumbel_proportional', priority, 0.5).shape == (8, 98)
 
 
 def test_gumbel_follows_priority():
@@ -136,6 +137,39 @@ def test_gumbel_follows_priority():
     keep = masking.gumbel_keep(priority, 0.9)  # k = 1
     frac0 = (keep[:, 0] == 0).float().mean().item()
     assert 0.85 < frac0 < 0.97
+
+
+def test_release_gumbel_reading_ranks_raw_attention_plus_noise():
+    """contrastive_masking='gumbel' = the TG-DP release's get_patch2cls_rank(mode='prob') (transcribed below:
+    log of the clamped softmax + Gumbel noise, argsort descending, the first k kept); by the Gumbel-max trick
+    its top-1 is patch i with probability softmax(scores)_i, far from the priority itself at attention scale."""
+    g = torch.Generator().manual_seed(0)
+    scores = torch.rand(6, 50, generator=g) * 0.05  # head-mean attention weights are small
+    u = torch.rand(6, 50, generator=g)
+    eps = 1e-12
+    gumbel = -torch.log(-torch.log(torch.clamp(u, min=eps, max=1 - eps)))
+    ranks = torch.argsort(torch.log(torch.clamp(F.softmax(scores, dim=-1), min=eps)) + gumbel, dim=1, descending=True)
+    keep = masking.contrastive_keep('gumbel', scores, 0.5, u)
+    assert torch.equal(keep.sort(1).values, ranks[:, :25].sort(1).values)
+
+    raw = torch.full((20000, 10), 0.005)
+    raw[:, 0] = 0.5  # patch 0 holds 91% of the normalised priority
+    top1 = masking.gumbel_score_keep(raw, 0.9)[:, 0]  # k = 1
+    expected = F.softmax(raw[0].double(), dim=0)  # P(top-1 = i), exact for Gumbel-max
+    freq = torch.bincount(top1, minlength=10).double() / len(top1)
+    assert (freq - expected).abs().max() < 0.015 and expected[0] < 0.16  # near random, unlike gumbel_proportional
+    prop = masking.contrastive_keep('gumbel_proportional', raw / raw.sum(1, keepdim=True), 0.9)[:, 0]
+    assert (prop == 0).double().mean() > 0.85
+
+
+def test_teacher_raw_attention_is_the_unnormalised_priority():
+    m = tiny()
+    a, v = inputs(m.config)
+    _, _, p_a, p_v = m.forward_teacher(a, v)
+    _, _, r_a, r_v = m.forward_teacher(a, v, normalize=False)
+    for p, r in ((p_a, r_a), (p_v, r_v)):
+        assert torch.allclose(r / r.sum(1, keepdim=True), p, atol=1e-6) and not torch.allclose(r, p)
+        assert (r < 1).all() and (r > 0).all()  # attention weights
 
 
 def test_mask_ratio_schedule():
