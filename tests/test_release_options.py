@@ -36,9 +36,12 @@ def run_train(args, monkeypatch):
         signal.signal(signal.SIGTERM, handler)  # train.py installs its pre-emption handler
 
 
-@pytest.mark.parametrize('options', [[], ['--method=sync', '--contrastive_direction=v2a', '--contrastive_negatives=local'],
-                                     ['--contrastive_masking=gumbel', '--contrastive_direction=a2v']])
-def test_train_py_passes_contrastive_settings_and_raw_attention_to_release_gumbel(options, synth, tmp_path, monkeypatch):
+OPTIONS = [[], ['--method=sync', '--contrastive_direction=v2a', '--contrastive_negatives=local'],
+           ['--contrastive_masking=gumbel', '--contrastive_direction=a2v']]
+
+
+@pytest.mark.parametrize('options', OPTIONS)
+def test_train_py_passes_contrastive_settings_and_raw_attention_to_gumbel(options, synth, tmp_path, monkeypatch):
     seen = {'nce': [], 'gumbel': []}
     info_nce, gumbel = losses.info_nce, masking.gumbel_score_keep
 
