@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 import data
-from model import CAVMAESync, ModelConfig, checkpoint_kind, convert_official_state_dict
+from model import KIND_NAMES, CAVMAESync, ModelConfig, checkpoint_kind, load_weights, read_checkpoint
 
 STRATEGIES = ('diag_mean', 'block_mean', 'diag_max', 'block_max')
 
@@ -49,37 +49,23 @@ STRATEGIES = ('diag_mean', 'block_mean', 'diag_max', 'block_max')
 
 def load_model(ckpt_path, device='cpu', weights='model'):
     """A train.py checkpoint (dict with 'model', 'teacher', 'model_args') or an official CAV-MAE Sync /
-    TG-DP state dict -> CAVMAESync in eval mode on device. weights='teacher' picks the EMA teacher
-    (encoder only: the model is built without a decoder, so the load stays strict)."""
+    TG-DP state dict (bare or under 'model') -> CAVMAESync in eval mode on device, through model.load_weights
+    as train.py's init_from. weights='teacher' picks the EMA teacher (encoder only: the model is built
+    without a decoder, so the load stays strict)."""
     if weights not in ('model', 'teacher'):
         raise ValueError(f"weights must be 'model' or 'teacher', got {weights!r}")
-    if not os.path.isfile(ckpt_path):
-        raise FileNotFoundError(f'checkpoint {ckpt_path} does not exist')
-    try:  # tensors and plain containers only: an official release is a file from the internet
-        ckpt = torch.load(ckpt_path, map_location='cpu', weights_only=True)
-    except Exception as e:
-        raise ValueError(f'{ckpt_path}: cannot be read as a checkpoint of tensors ({type(e).__name__}: {e})') from e
-
+    ckpt = read_checkpoint(ckpt_path)
     try:
         kind = checkpoint_kind(ckpt)
     except ValueError as e:
         raise ValueError(f'{ckpt_path}: {e}') from None
-    if kind == 'train':
-        sd = ckpt[weights]
-        if sd is None:
-            raise ValueError(f'{ckpt_path}: --weights {weights} asked, but this run kept no {weights} weights')
-        model = CAVMAESync(ModelConfig(**ckpt['model_args']), decoder=(weights == 'model'))
-        model.load_state_dict(sd)
-        source = f'train.py checkpoint, {weights} weights, iter {ckpt["iter_num"]}'
-    elif kind == 'official':
-        if weights != 'model':
-            raise ValueError(f'{ckpt_path}: an official release has no teacher weights; drop --weights teacher')
-        model = CAVMAESync(ModelConfig())
-        model.load_state_dict(convert_official_state_dict(ckpt.get('model', ckpt)))
-        source = 'official CAV-MAE Sync / TG-DP release'
-    else:
-        raise ValueError(f'{ckpt_path}: ImageNet MAE weights are an initialisation (train.py --init_from), not a model to evaluate')
-    print(f'loaded {ckpt_path} ({source}): {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters')
+    if kind in ('mae', 'cavmae'):
+        raise ValueError(f'{ckpt_path}: {KIND_NAMES[kind]} is an initialisation (train.py --init_from), '
+                         'not a model to evaluate')
+    config = ModelConfig(**ckpt['model_args']) if kind == 'train' else ModelConfig()
+    model = CAVMAESync(config, decoder=(weights == 'model'))
+    load_weights(model, ckpt, weights, name=ckpt_path)
+    print(f'{ckpt_path}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters')
     return model.to(device).eval()
 
 
@@ -306,12 +292,84 @@ def probe_metric(logits, targets, multilabel):
     return 100.0 * (logits.argmax(dim=1) == targets.argmax(dim=1)).double().mean().item()
 
 
+def label_type_from_csv(label_csv):
+    """The probe's default task from the dataset's label CSV: 'multi' (BCE, mAP) when every id is an AudioSet
+    ontology id (/m/..., /g/..., /t/...: AudioSet and AS-20K are multi-label), else 'single' (cross-entropy,
+    top-1: VGGSound's ids, the synthetic set's). Decided by the label set, not by the clips, so a multi-label
+    set whose clips happen to carry one label each is still scored by mAP."""
+    mid_to_index, _ = data.read_label_csv(label_csv)
+    return 'multi' if all(mid.startswith(('/m/', '/g/', '/t/')) for mid in mid_to_index) else 'single'
+
+
+def class_balanced_weights(labels):
+    """Per-clip sampling weights as CAV-MAE's gen_weight_file.py: a class weighs 1000 / (its training clips
+    + 0.01), a clip the sum of its classes' weights. labels (N, C), > 0 = positive -> (N,) float64."""
+    positive = (labels > 0).double()  # (N, C)
+    return positive @ (1000.0 / (positive.sum(dim=0) + 0.01))
+
+
+def epoch_order(num_clips, gen, weights=None):
+    """Training clips of one probe epoch: a permutation, or num_clips draws with replacement in proportion
+    to weights (what torch.utils.data.WeightedRandomSampler(weights, num_clips) draws, as the CAV-MAE release)."""
+    if weights is None:
+        return torch.randperm(num_clips, generator=gen)
+    return torch.multinomial(weights, num_clips, replacement=True, generator=gen)
+
+
+class AugmentedClips(torch.utils.data.Dataset):
+    """Input-level augmentation for probing (the CAV-MAE fine-tuning loader's time shift and mixup): the clips
+    `order` of an eval-mode AVDataset, position i drawn from (seed, epoch, i) whatever the workers: with
+    probability `mixup` a random partner clip, lambda ~ Beta(10, 10), waveforms mixed before the fbank (each
+    mean-removed, the partner cut or zero-padded to the clip's length), every frame and the labels mixed
+    with the same lambda; then the waveform rolled by up to data.MAX_TIME_SHIFT samples either way (the
+    pretraining shift: a segment still matches its frame). Items as the dataset's eval items."""
+
+    def __init__(self, dataset, order, epoch, seed=0, mixup=0.5):
+        self.dataset, self.order, self.epoch, self.seed, self.mixup = dataset, order.tolist(), epoch, seed, mixup
+
+    def __len__(self):
+        return len(self.order)
+
+    def _load(self, clip):  # -> waveform (n,), frames (T, 3, H, W)
+        ds = self.dataset
+        frames = [data.load_frame(data.frame_path(clip['video_path'], i, clip['id']), ds.img_size, clip['id'])
+                  for i in range(ds.num_frames)]
+        return data.load_waveform(clip['wav'], clip['id']), torch.stack(frames)
+
+    def __getitem__(self, pos):
+        ds = self.dataset
+        rng = np.random.default_rng((self.seed, self.epoch, pos))
+        clip = ds.clips[self.order[pos]]
+        wav, image = self._load(clip)
+        label = clip['label']
+        if rng.random() < self.mixup:
+            other = ds.clips[int(rng.integers(len(ds)))]
+            lam = float(rng.beta(10, 10))
+            wav2, image2 = self._load(other)
+            wav2 = wav2[:len(wav)] if len(wav2) >= len(wav) else F.pad(wav2, (0, len(wav) - len(wav2)))
+            wav = lam * wav + (1 - lam) * wav2
+            wav = wav - wav.mean()
+            image = lam * image + (1 - lam) * image2
+            label = lam * label + (1 - lam) * other['label']
+        wav = torch.roll(wav, int(rng.integers(-data.MAX_TIME_SHIFT, data.MAX_TIME_SHIFT + 1)))
+        fbank = data.fbank_frames(wav, ds.num_mel_bins)  # (1024, F)
+        T = ds.num_frames
+        audio = torch.stack([fbank[slice(*data.segment_bounds(i, T, data.TARGET_FRAMES, ds.audio_length))]
+                             for i in range(T)])  # (T, L, F)
+        return dict(audio=(audio - data.FBANK_MEAN) / data.FBANK_STD, image=image, label=label, id=clip['id'])
+
+
 def train_probe(train_x, train_y, eval_x, eval_y, multilabel, lr, epochs, batch_size=48, num_heads=12,
-                mixup=0.5, wa_start=3, warmup_frac=0.02, weight_decay=5e-7, device='cpu', seed=0):
+                mixup=0.5, wa_start=3, warmup_frac=0.1, min_lr=0.0, weight_decay=5e-7, device='cpu', seed=0,
+                balanced=False, epoch_inputs=None):
     """Train an AttentionProbe on frozen features x (N, T, dim), targets y (N, C) multi-hot; report on
-    eval_x / eval_y. Adam (0.95, 0.999), linear warmup over warmup_frac of the steps then cosine to
-    lr / 10 (as the release's probe schedule), mixup with probability `mixup` and lambda ~ Beta(10, 10)
-    (as CAV-MAE), weights averaged over the ends of epochs wa_start..epochs (1-based).
+    eval_x / eval_y. Adam (0.95, 0.999), linear warmup over warmup_frac of the steps (10%: 1.5 of 15 epochs,
+    1 of 10) then cosine down to min_lr, weights averaged over the ends of epochs wa_start..epochs (1-based).
+    Each epoch draws N clips: a permutation, or with balanced=True with replacement in proportion to
+    class_balanced_weights(train_y). Augmentation: by default mixup of the cached features (a clip is mixed,
+    with probability `mixup`, with another of its batch, lambda ~ Beta(10, 10), as CAV-MAE's rate and lambda).
+    epoch_inputs: optional function (epoch, order) -> (x (N, T, dim), y (N, C)), the features of the clips
+    `order` extracted from augmented inputs (AugmentedClips); the features are then not mixed again.
     Loss: BCE for multi-label data, cross-entropy otherwise. Returns a dict with per-epoch history,
     the metric of the last weights ('last') and of the averaged weights ('final')."""
     if not 1 <= wa_start <= epochs:
@@ -320,6 +378,7 @@ def train_probe(train_x, train_y, eval_x, eval_y, multilabel, lr, epochs, batch_
         raise ValueError('single-label probing needs one label per training clip; some clips have none')
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
+    weights = class_balanced_weights(train_y) if balanced else None
     train_x, train_y = train_x.to(device), train_y.float().to(device)  # frozen features: moved once
     N, T, dim = train_x.shape
     probe = AttentionProbe(dim, train_y.shape[1], num_heads).to(device)
@@ -328,23 +387,28 @@ def train_probe(train_x, train_y, eval_x, eval_y, multilabel, lr, epochs, batch_
     total = epochs * steps_per_epoch
     warmup = max(1, round(warmup_frac * total))
 
-    def lr_at(step):  # linear warmup, then cosine from lr down to lr / 10
+    def lr_at(step):  # linear warmup, then cosine from lr down to min_lr
         if step < warmup:
             return lr * (step + 1) / warmup
         progress = (step - warmup) / max(1, total - warmup)
-        return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+        return min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
 
     beta = torch.distributions.Beta(torch.tensor(10.0), torch.tensor(10.0))
     metric_name = 'mAP' if multilabel else 'top-1'
     history, wa_sum, wa_count, step = [], None, 0, 0
     for epoch in tqdm(range(1, epochs + 1), desc='probe', unit='epoch', leave=False):
+        order, total_loss = epoch_order(N, gen, weights), 0.0
+        if epoch_inputs is not None:
+            epoch_x, epoch_y = (t.to(device) for t in epoch_inputs(epoch, order))  # (N, T, dim), (N, C)
         probe.train()
-        order, total_loss = torch.randperm(N, generator=gen), 0.0
         for i in range(0, N, batch_size):
-            idx = order[i:i + batch_size]
-            x, y = train_x[idx], train_y[idx]  # (B, T, dim), (B, C)
-            B = len(idx)
-            if mixup > 0:  # each clip is mixed, with probability `mixup`, with another clip of the batch
+            if epoch_inputs is None:
+                idx = order[i:i + batch_size]
+                x, y = train_x[idx], train_y[idx]  # (B, T, dim), (B, C)
+            else:
+                x, y = epoch_x[i:i + batch_size], epoch_y[i:i + batch_size].float()
+            B = len(x)
+            if mixup > 0 and epoch_inputs is None:  # a clip is mixed, with probability `mixup`, with another one
                 lam = torch.where(torch.rand(B, generator=gen) < mixup, beta.sample((B,)), torch.ones(B)).to(device)
                 partner = torch.randperm(B, generator=gen).to(device)
                 x = lam[:, None, None] * x + (1 - lam[:, None, None]) * x[partner]
@@ -621,13 +685,43 @@ def cmd_retrieval(args):
         print(f'wrote {args.out}')
 
 
+def probe_settings(args, train, test):
+    """(multilabel, balanced) from --label_type and --balanced: 'auto' takes the task from the label CSV
+    (label_type_from_csv) and balances single-label sets only (the TG-DP / CAV-MAE Sync supplements: VGGSound
+    class-balanced, AS-20K not). A single-label run on clips with several labels is an error."""
+    label_type = label_type_from_csv(args.label_csv) if args.label_type == 'auto' else args.label_type
+    if label_type == 'single':
+        for name, feats in (('--train', train), ('--eval', test)):
+            several = int((feats['labels'].sum(1) > 1).sum())
+            if several:
+                raise ValueError(f'{name}: {several} clips have several labels, but the probe is single-label '
+                                 f'(--label_type {args.label_type}, label CSV {args.label_csv}); '
+                                 'use --label_type multi')
+    balanced = label_type == 'single' if args.balanced == 'auto' else args.balanced == 'yes'
+    return label_type == 'multi', balanced
+
+
+def augmented_inputs(args, modality):
+    """epoch_inputs for train_probe with --augment input: each epoch, the features of that epoch's clips
+    re-extracted from inputs augmented by AugmentedClips (time shift and mixup of waveforms and frames)."""
+    if getattr(args, 'model', None) is None:
+        args.model = load_model(args.ckpt, args.device, args.weights)
+    dataset = make_dataset(args.train, args.label_csv, args.model.config, args.num_frames)
+
+    def epoch_inputs(epoch, order):
+        clips = AugmentedClips(dataset, order, epoch, args.seed, args.mixup)
+        feats = extract_features(args.model, clips, args.batch_size, args.device, args.num_workers)
+        return probe_inputs(feats, modality), feats['labels']
+    return epoch_inputs
+
+
 def cmd_probe(args):
     train = features_for(args, args.train, args.label_csv)
     test = features_for(args, args.eval, args.label_csv)
     if train['labels'].shape[1] == 0 or train['labels'].shape[1] != test['labels'].shape[1]:
         raise ValueError(f'--train and --eval need labels from the same --label_csv {args.label_csv}')
-    multilabel = bool((train['labels'].sum(1) > 1).any() or (test['labels'].sum(1) > 1).any())
-    # SPEC section 8: AS-20K (multi-label) lr 5e-2, 15 epochs; VGGSound (single-label) lr 1e-3, 10 epochs
+    multilabel, balanced = probe_settings(args, train, test)
+    # the papers' probing: AS-20K (multi-label) lr 5e-2, 15 epochs; VGGSound (single-label) lr 1e-3, 10 epochs
     lr = args.lr if args.lr is not None else (5e-2 if multilabel else 1e-3)
     epochs = args.epochs if args.epochs is not None else (15 if multilabel else 10)
     num_heads = args.probe_heads or train['model_args']['num_heads']
@@ -635,10 +729,14 @@ def cmd_probe(args):
     print(f"probe: modality {args.modality}, {x_train.shape[0]} train / {x_eval.shape[0]} eval clips x "
           f"{x_train.shape[1]} frames x {x_train.shape[2]}-d, {train['labels'].shape[1]} classes, "
           f"{'multi-label: BCE, mAP' if multilabel else 'single-label: cross-entropy, top-1'}, "
-          f'lr {lr:g}, {epochs} epochs, batch {args.probe_batch_size}, {num_heads} heads')
+          f"{'class-balanced sampling, ' if balanced else ''}{args.augment}-level mixup {args.mixup:g}, "
+          f'lr {lr:g} (warmup {args.warmup_frac:.0%}, cosine to {args.min_lr:g}), {epochs} epochs, '
+          f'batch {args.probe_batch_size}, {num_heads} heads')
+    epoch_inputs = augmented_inputs(args, args.modality) if args.augment == 'input' else None
     out = train_probe(x_train, train['labels'], x_eval, test['labels'], multilabel, lr, epochs,
                       batch_size=args.probe_batch_size, num_heads=num_heads, mixup=args.mixup,
-                      wa_start=args.wa_start, device=args.device, seed=args.seed)
+                      wa_start=args.wa_start, warmup_frac=args.warmup_frac, min_lr=args.min_lr,
+                      device=args.device, seed=args.seed, balanced=balanced, epoch_inputs=epoch_inputs)
     metric = out['metric']
     print()
     print_table(['epoch', 'lr', 'train loss', metric],
@@ -648,8 +746,9 @@ def cmd_probe(args):
     if args.out:
         with open(args.out, 'w') as f:
             json.dump(dict(ckpt=args.ckpt, weights=args.weights, train=args.train, eval=args.eval,
-                           modality=args.modality, lr=lr, epochs=epochs, metric=metric, final=out['final'],
-                           last=out['last'], history=out['history']), f, indent=2)
+                           modality=args.modality, lr=lr, epochs=epochs, metric=metric, balanced=balanced,
+                           augment=args.augment, final=out['final'], last=out['last'], history=out['history']),
+                      f, indent=2)
         print(f'wrote {args.out}')
 
 
@@ -704,6 +803,15 @@ def main(argv=None):
     p.add_argument('--probe_batch_size', type=int, default=48)
     p.add_argument('--probe_heads', type=int, help="default: the encoder's number of heads")
     p.add_argument('--mixup', type=float, default=0.5, help='probability that a clip is mixed with another')
+    p.add_argument('--augment', choices=('features', 'input'), default='features',
+                   help='features: mixup of the cached features (fast); input: time shift and mixup of the '
+                        'waveforms and frames, features re-extracted every epoch (the papers)')
+    p.add_argument('--label_type', choices=('auto', 'multi', 'single'), default='auto',
+                   help='auto: multi (BCE, mAP) when the label CSV has AudioSet ontology ids, else single (top-1)')
+    p.add_argument('--balanced', choices=('auto', 'yes', 'no'), default='auto',
+                   help='class-balanced sampling (CAV-MAE gen_weight_file.py weights); auto: single-label sets only')
+    p.add_argument('--warmup_frac', type=float, default=0.1, help='linear warmup over this share of the steps')
+    p.add_argument('--min_lr', type=float, default=0.0, help='the cosine schedule ends here')
     p.add_argument('--wa_start', type=int, default=3, help='first epoch (1-based) in the weight average')
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--out', help='results JSON')

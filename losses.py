@@ -1,6 +1,7 @@
 """
-The three TG-DP objectives (SPEC section 4): masked reconstruction, symmetric InfoNCE with negatives
-from every rank, and distillation towards the teacher's full-view global embeddings.
+The three TG-DP objectives (SPEC section 4): masked reconstruction, InfoNCE (symmetric with negatives from
+every rank by default; one direction and one rank's negatives as in the CAV-MAE Sync release are settings),
+and distillation towards the teacher's full-view global embeddings.
 """
 import torch
 import torch.distributed as dist
@@ -26,21 +27,31 @@ def gather_across_ranks(x):
     return torch.cat(dist_nn.all_gather(x), dim=0), dist.get_rank() * x.shape[0]
 
 
-def info_nce(g_a, g_v, temperature=0.05):
-    """Symmetric InfoNCE on L2-normalised global embeddings g_a, g_v (B, D). Local queries are scored
-    against the candidates of all ranks, so the negatives span the global batch. Returns (loss, accuracy):
-    the mean of the two directions' cross-entropy and of their top-1 accuracies."""
+def info_nce(g_a, g_v, temperature=0.05, direction='both', negatives='global'):
+    """InfoNCE on L2-normalised global embeddings g_a, g_v (B, D). Returns (loss, top-1 accuracy of the queries).
+    direction: 'both' (mean of the a->v and v->a cross-entropies: TG-DP's release, the default for every method),
+      'v2a' (visual queries scored against audio candidates only: CAV-MAE Sync's release, bidirect_contrast=False),
+      'a2v' (audio queries only).
+    negatives: 'global' (queries scored against the candidates of every rank, so the negatives span the global
+      batch, gradients flow back through the gather: TG-DP's release) or 'local' (this rank's batch only, as a
+      DataParallel replica sees it: CAV-MAE / CAV-MAE Sync; results then depend on the number of ranks)."""
+    if direction not in ('both', 'v2a', 'a2v') or negatives not in ('global', 'local'):
+        raise ValueError(f"info_nce: direction must be 'both', 'v2a' or 'a2v' and negatives 'global' or 'local', "
+                         f"got {direction!r}, {negatives!r}")
     a, v = F.normalize(g_a.float(), dim=-1), F.normalize(g_v.float(), dim=-1)
-    all_a, offset = gather_across_ranks(a)
-    all_v, _ = gather_across_ranks(v)
-    target = torch.arange(a.shape[0], device=a.device) + offset  # positives: same clip on this rank
-    with torch.autocast(a.device.type, enabled=False):  # fp32 logits: bf16 would round cos/0.05 by ~0.1
-        logits_av = a @ all_v.T / temperature  # (B, world*B): audio queries vs every visual candidate
-        logits_va = v @ all_a.T / temperature
-    loss = (F.cross_entropy(logits_av, target) + F.cross_entropy(logits_va, target)) / 2
-    with torch.no_grad():
-        acc = ((logits_av.argmax(dim=1) == target).float().mean() + (logits_va.argmax(dim=1) == target).float().mean()) / 2
-    return loss, acc
+    gather = gather_across_ranks if negatives == 'global' else (lambda x: (x, 0))
+    losses, accs = [], []
+    for query, cands, name in ((a, v, 'a2v'), (v, a, 'v2a')):
+        if direction not in ('both', name):
+            continue
+        all_cands, offset = gather(cands)
+        target = torch.arange(query.shape[0], device=query.device) + offset  # positives: same clip on this rank
+        with torch.autocast(query.device.type, enabled=False):  # fp32 logits: bf16 would round cos/0.05 by ~0.1
+            logits = query @ all_cands.T / temperature  # (B, world*B) or (B, B)
+        losses.append(F.cross_entropy(logits, target))
+        with torch.no_grad():
+            accs.append((logits.argmax(dim=1) == target).float().mean())
+    return sum(losses) / len(losses), sum(accs) / len(accs)
 
 
 def distill_loss(g_a, g_v, t_a, t_v):

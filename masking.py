@@ -3,6 +3,7 @@ Which patches stay visible. Every function returns index tensors of a static sha
 by the ratio, so torch.compile sees the same shapes at every step.
 """
 import torch
+import torch.nn.functional as F
 
 
 def num_keep(num_patches, mask_ratio):
@@ -36,23 +37,47 @@ def guided_keep(priority, mask_ratio):
 
 
 def gumbel_keep(priority, mask_ratio, noise=None):
-    """Sample k patches without replacement with probability ~ priority: Gumbel-top-k on log-priorities.
-    noise: optional uniform (B, N) noise from the caller."""
+    """contrastive_masking='gumbel_proportional' (this project's reading): sample k patches without replacement
+    with probability proportional to priority, by Gumbel-top-k on log-priorities. priority (B, N) > 0, any
+    scale; noise: optional uniform (B, N) noise from the caller."""
     noise = torch.rand_like(priority) if noise is None else noise
     gumbel = -torch.log(-torch.log(noise.clamp(1e-20, 1.0)))
     return (priority.clamp_min(1e-20).log() + gumbel).topk(num_keep(priority.shape[1], mask_ratio), dim=1).indices
 
 
+def gumbel_score_keep(scores, mask_ratio, noise=None, temperature=1.0, eps=1e-12):
+    """contrastive_masking='gumbel' (the TG-DP paper: "Gumbel noise is added to the teacher scores before
+    top-k"), as the TG-DP release computes it (get_patch2cls_rank(mode='prob')): Gumbel noise added to
+    log_softmax(scores / temperature), top-k. scores (B, N): the teacher's head-averaged attention of each
+    patch to the global token, NOT normalised over patches (the release uses it raw). log_softmax differs from
+    its input by a per-row constant, so this ranks by scores / temperature + Gumbel noise: with attention
+    weights well below 1 against noise of std 1.28 the choice is close to uniformly random.
+    noise: optional uniform (B, N) noise from the caller."""
+    noise = torch.rand_like(scores) if noise is None else noise
+    gumbel = -torch.log(-torch.log(noise.clamp(eps, 1.0 - eps)))
+    logp = F.softmax(scores.float() / max(temperature, eps), dim=1).clamp_min(eps).log()  # as the release
+    return (logp + gumbel).topk(num_keep(scores.shape[1], mask_ratio), dim=1).indices
+
+
+CONTRASTIVE_MASKINGS = ('guided', 'gumbel', 'gumbel_proportional', 'random')
+
+
 def contrastive_keep(method, priority, mask_ratio, noise=None):
-    """Visible patches (B, k) of the contrastive view: 'guided' (top-k), 'gumbel' or 'random'.
-    priority (B, N) from the teacher; noise: optional uniform (B, N) for the random choices."""
+    """Visible patches (B, k) of the contrastive view. priority (B, N): the teacher's attention to the global
+    token (forward_teacher; unnormalised for 'gumbel', see gumbel_score_keep); noise: optional uniform (B, N).
+      'guided'               top-k of the priority (TG-DP's distinct guided mask)
+      'gumbel'               the paper's / release's Gumbel reading (gumbel_score_keep)
+      'gumbel_proportional'  sampling in proportion to the priority (gumbel_keep)
+      'random'               uniformly random (random_masking)"""
     if method == 'guided':
         return guided_keep(priority, mask_ratio)
     if method == 'gumbel':
+        return gumbel_score_keep(priority, mask_ratio, noise)
+    if method == 'gumbel_proportional':
         return gumbel_keep(priority, mask_ratio, noise)
     if method == 'random':
         return random_masking(priority.shape[0], priority.shape[1], mask_ratio, priority.device, noise)[0]
-    raise ValueError(f"contrastive masking must be 'guided', 'gumbel' or 'random', got {method!r}")
+    raise ValueError(f'contrastive masking must be one of {CONTRASTIVE_MASKINGS}, got {method!r}')
 
 
 def mask_ratio_schedule(progress, rho1, rho2):

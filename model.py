@@ -16,6 +16,8 @@ DiffMAViL's decoder options (SPEC section 7), off by default so the official lay
 diffused_mask_tokens (noised masked patches instead of the mask token) and decoder_attention='cross'
 (masked-position queries attend only to the visible latents).
 """
+import argparse
+import os
 import re
 from dataclasses import dataclass
 
@@ -232,7 +234,10 @@ class CAVMAESync(nn.Module):
             self.decoder_pred_v = nn.Linear(Dd, p * p * 3)
         self._init_weights()
 
-    def _init_weights(self):  # as MAE: xavier for linear layers and patch filters, N(0, 0.02) for tokens
+    def _init_weights(self):
+        """As the CAV-MAE Sync / TG-DP releases: xavier for linear layers and patch filters; N(0, 0.02) for the
+        global, mask and modality tokens; N(0, 1) for the register tokens (the releases draw them with torch.randn
+        and never re-initialise them)."""
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
@@ -240,8 +245,8 @@ class CAVMAESync(nn.Module):
         for embed in (self.patch_embed_a, self.patch_embed_v):
             nn.init.xavier_uniform_(embed.proj.weight.view(embed.proj.weight.shape[0], -1))
         for name, param in self.named_parameters():
-            if 'token' in name or 'modality' in name:  # global, register, mask and modality embeddings
-                nn.init.normal_(param, std=0.02)
+            if 'token' in name or 'modality' in name:
+                nn.init.normal_(param, std=1.0 if name == 'register_tokens' else 0.02)
 
     # --- inputs ---------------------------------------------------------------
 
@@ -435,17 +440,19 @@ class CAVMAESync(nn.Module):
         return g_a, g_v, tokens_a, tokens_v
 
     @torch.no_grad()
-    def forward_teacher(self, audio, image):
+    def forward_teacher(self, audio, image, normalize=True):
         """Full, unmasked, unshuffled inputs -> (g_a, g_v, priority_a (B, Na), priority_v (B, Nv)).
         Priority of patch i = head-averaged attention of patch query i to the global key in the last
-        joint layer's audio / visual pass, normalised over patches (SPEC section 5, step 1)."""
+        joint layer's audio / visual pass, normalised over patches (SPEC section 5, step 1).
+        normalize=False: the raw head-averaged attention, as the TG-DP release ranks it (the normalisation
+        changes no top-k, but the release's Gumbel reading, masking.gumbel_score_keep, depends on the scale)."""
         if not self.config.global_token:
             raise ValueError('teacher-guided masking needs global_token=True (priorities are attention to the global token)')
         out = []
         for modality, x in (('a', self.embed_audio(audio)), ('v', self.embed_image(image))):
             g, _, attn = self.joint(self.encode(x, modality), modality, return_attn=True, tokens=False)
             priority = attn[:, :, 1:, 0].float().mean(dim=1)  # (B, N): patch queries -> global key
-            out.append((g, priority / priority.sum(dim=1, keepdim=True)))
+            out.append((g, priority / priority.sum(dim=1, keepdim=True) if normalize else priority))
         (g_a, p_a), (g_v, p_v) = out
         return g_a, g_v, p_a, p_v
 
@@ -543,9 +550,30 @@ def ema_update(teacher, student, momentum):
 
 
 # -----------------------------------------------------------------------------
-# loading weights from elsewhere
+# loading weights: load_weights is the one entry point, for train.py (init_from) and evaluate.py (load_model)
 
 _UNUSED_NORM = re.compile(r'^(blocks_a|blocks_v|decoder_blocks)\.\d+\.norm[12]_[av]\.(weight|bias)$')
+_FIXED_POSITIONS = ('pos_embed_a', 'pos_embed_v', 'decoder_pos_embed_a', 'decoder_pos_embed_v')  # sin-cos buffers here
+KIND_NAMES = {'train': 'train.py checkpoint', 'official': 'official CAV-MAE Sync / TG-DP release',
+              'cavmae': 'CAV-MAE layout (e.g. the releases\' converted ImageNet MAE file ori_mae_11_for_pretrain.pth)',
+              'mae': 'ImageNet MAE ViT weights'}
+
+
+def _strip(key):  # DataParallel's prefix
+    return key[len('module.'):] if key.startswith('module.') else key
+
+
+def read_checkpoint(path):
+    """torch.load(path) on the CPU as tensors and plain containers only (weights_only: a release is a file
+    from the internet). MAE's full checkpoint keeps its training arguments as an argparse.Namespace, which
+    is allowed too. Errors name the file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'checkpoint {path} does not exist')
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:
+        raise ValueError(f'{path}: cannot be read as a checkpoint of tensors ({type(e).__name__}: {e})') from e
 
 
 def convert_official_state_dict(sd, config=None):
@@ -557,7 +585,7 @@ def convert_official_state_dict(sd, config=None):
         expected = CAVMAESync(config or ModelConfig()).state_dict()
     out = {}
     for key, value in sd.items():
-        name = key[len('module.'):] if key.startswith('module.') else key
+        name = _strip(key)
         if _UNUSED_NORM.match(name):
             continue
         if name not in expected:
@@ -572,62 +600,169 @@ def convert_official_state_dict(sd, config=None):
 
 
 def checkpoint_kind(ckpt):
-    """What a loaded checkpoint file holds: 'train' (written by train.py), 'official' (a CAV-MAE Sync /
-    TG-DP release state dict) or 'mae' (ImageNet MAE ViT weights); anything else is an error."""
+    """What a loaded checkpoint holds (a state dict may sit under 'model' and carry 'module.' prefixes):
+      'train'     written by train.py (model, teacher, model_args, ...)
+      'official'  a CAV-MAE Sync / TG-DP release: blocks_u.* with register tokens, or with global tokens
+      'cavmae'    the CAV-MAE layout without registers: the releases' converted ImageNet MAE file
+                  (ori_mae_11_for_pretrain.pth, whose global tokens include a third, cls_token_av) or a CAV-MAE model
+      'mae'       ImageNet MAE ViT weights, encoder only (mae_pretrain_vit_base.pth) or full (..._full.pth)
+    Anything else is an error."""
     if isinstance(ckpt, dict) and 'model_args' in ckpt and 'model' in ckpt:
         return 'train'
     sd = ckpt.get('model', ckpt) if isinstance(ckpt, dict) else None
-    if isinstance(sd, dict) and any(k.startswith(('blocks_u.', 'module.blocks_u.')) for k in sd):
-        return 'official'
-    if isinstance(sd, dict) and any(k.startswith('blocks.') for k in sd) and 'patch_embed.proj.weight' in sd:
+    names = {_strip(k) for k in sd} if isinstance(sd, dict) else set()
+    if any(n.startswith('blocks_u.') for n in names):
+        if 'register_tokens' in names or ('cls_token_a' in names and 'cls_token_av' not in names):
+            return 'official'
+        return 'cavmae'
+    if any(n.startswith('blocks.') for n in names) and 'patch_embed.proj.weight' in names:
         return 'mae'
     raise ValueError('checkpoint is neither a train.py checkpoint (no model_args), an official CAV-MAE Sync / '
-                     'TG-DP state dict (no blocks_u.* keys) nor ImageNet MAE weights (no blocks.* / patch_embed keys)')
+                     'TG-DP or CAV-MAE state dict (no blocks_u.* keys) nor ImageNet MAE weights (no blocks.* / '
+                     'patch_embed keys)')
 
 
-def load_mae_weights(model, sd):
-    """ImageNet MAE ViT-B weights (the public mae_pretrain_vit_base.pth layout, optionally under 'model')
-    into the encoders: blocks 0..modality_depth-1 into both modality encoders, the next joint_depth
-    blocks into the joint layer (its norm pair copied to all three pairs), the RGB patch filter to the
-    visual embedding and its channel mean to the audio one, norm to norm / norm_a / norm_v, cls_token to
-    both global tokens. Returns (loaded target keys, unused source keys); prints a summary."""
-    sd = sd.get('model', sd)
-    c, target = model.config, model.state_dict()
-    mapping = {}  # target key -> tensor
-    for key, value in sd.items():
-        m = re.match(r'blocks\.(\d+)\.(.*)$', key)
-        if m:
-            i, rest = int(m.group(1)), m.group(2)
-            if i < c.modality_depth:
-                mapping[f'blocks_a.{i}.{rest}'] = mapping[f'blocks_v.{i}.{rest}'] = value
-            elif i < c.modality_depth + c.joint_depth:
-                j = i - c.modality_depth
-                names = [rest]
-                if rest.startswith(('norm1.', 'norm2.')):
-                    names += [rest.replace('.', '_a.', 1), rest.replace('.', '_v.', 1)]
-                for name in names:
-                    mapping[f'blocks_u.{j}.{name}'] = value
-        elif key == 'patch_embed.proj.weight':
-            mapping['patch_embed_v.proj.weight'] = value
-            mapping['patch_embed_a.proj.weight'] = value.mean(dim=1, keepdim=True)
-        elif key == 'patch_embed.proj.bias':
-            mapping['patch_embed_v.proj.bias'] = mapping['patch_embed_a.proj.bias'] = value
-        elif key in ('norm.weight', 'norm.bias'):
-            for name in ('norm', 'norm_a', 'norm_v'):
-                mapping[key.replace('norm', name, 1)] = value
-        elif key == 'cls_token' and c.global_token:
-            mapping['cls_token_a'] = mapping['cls_token_v'] = value
+def _summary(names):
+    """Names with block indices folded ('decoder_blocks.* (12)'), so that a report stays short."""
+    groups = {}
+    for name in names:
+        group = re.sub(r'\.\d+\..*$', '.*', name)
+        groups[group] = groups.get(group, 0) + 1
+    return ', '.join(g if n == 1 else f'{g} ({n})' for g, n in groups.items()) or 'none'
+
+
+def _load_mapping(model, mapping, sources, source_keys, description, verbose):
+    """mapping: model name -> tensor, sources: model name -> the source key it came from. Names the model
+    lacks are skipped (a decoder-less model, the cross-attention decoder, fewer blocks); a shape mismatch is
+    an error naming both keys. Prints what was loaded, which source keys went unused and which parameters
+    stayed at their initialisation. Returns dict(loaded, unused, at_init) (sorted names)."""
+    target = model.state_dict()
+    load = {}
     for name, value in mapping.items():
-        if name not in target or target[name].shape != value.shape:
-            raise ValueError(f'MAE weight for {name} has shape {tuple(value.shape)}, the model expects '
-                             f'{tuple(target[name].shape) if name in target else "no such key"}')
-    model.load_state_dict(mapping, strict=False)
-    used_sources = {k for k in sd if re.match(r'blocks\.(\d+)\.', k) and int(k.split('.')[1]) < c.modality_depth + c.joint_depth}
-    used_sources |= {k for k in ('patch_embed.proj.weight', 'patch_embed.proj.bias', 'norm.weight', 'norm.bias') if k in sd}
-    if c.global_token and 'cls_token' in sd:
-        used_sources.add('cls_token')
-    unused = sorted(set(sd) - used_sources)
-    not_loaded = sorted(set(target) - set(mapping))
-    print(f'MAE weights: loaded {len(mapping)} tensors; source keys not used: {unused or "none"}; '
-          f'model keys left at init: {len(not_loaded)} ({", ".join(not_loaded[:6])}{", ..." if len(not_loaded) > 6 else ""})')
-    return sorted(mapping), unused
+        if name not in target:
+            continue
+        if tuple(value.shape) != tuple(target[name].shape):
+            raise ValueError(f'{description}: {sources[name]!r} -> {name} has shape {tuple(value.shape)}, '
+                             f'the model expects {tuple(target[name].shape)}')
+        load[name] = value
+    model.load_state_dict(load, strict=False)
+    unused = sorted(set(source_keys) - {sources[n] for n in load})
+    at_init = sorted(n for n, _ in model.named_parameters() if n not in load)
+    if verbose:
+        print(f'{description}: loaded {len(load)} tensors\n  source keys not used: {_summary(unused)}\n'
+              f'  parameters left at init: {_summary(at_init)}')
+    return dict(loaded=sorted(load), unused=unused, at_init=at_init)
+
+
+def load_mae_weights(model, sd, verbose=True):
+    """ImageNet MAE ViT weights (the public layout, optionally under 'model'), mapped as CAV-MAE's
+    adapt_vmae_weights.py builds the converted file that CAV-MAE, CAV-MAE Sync and TG-DP start from:
+    blocks 0..modality_depth-1 into both modality encoders, the next joint_depth blocks into the joint
+    layer (its norm pair copied to all three pairs), norm to norm / norm_a / norm_v, cls_token to both
+    global tokens, the RGB patch filter to the visual embedding and its SUM over the three channels to the
+    audio one (bias shared). From the full file (mae_pretrain_vit_base_full.pth) also the decoder:
+    decoder_embed, mask_token, the decoder blocks, decoder_norm, decoder_pred -> decoder_pred_v and its
+    first p*p rows -> decoder_pred_a. Not used: pos_embed / decoder_pos_embed (fixed sin-cos here, the same
+    values), the blocks beyond the model's depth. Stay at init: modality embeddings, register tokens, and
+    the decoder when the file has none (or decoder_attention='cross', whose blocks have other names).
+    Returns _load_mapping's dict."""
+    sd = sd.get('model', sd)
+    c = model.config
+    mapping, sources = {}, {}
+
+    def put(key, value, *names):
+        for name in names:
+            mapping[name], sources[name] = value, key
+
+    for key, value in sd.items():
+        block = re.match(r'(decoder_)?blocks\.(\d+)\.(.*)$', key)
+        if block and block.group(1):  # decoder blocks: the same names in the self-attention decoder
+            if c.decoder_attention == 'self':  # not half a block into a CrossBlock (its norm2/mlp names match)
+                put(key, value, f'decoder_blocks.{block.group(2)}.{block.group(3)}')
+        elif block:
+            i, rest = int(block.group(2)), block.group(3)
+            if i < c.modality_depth:
+                put(key, value, f'blocks_a.{i}.{rest}', f'blocks_v.{i}.{rest}')
+            elif i < c.modality_depth + c.joint_depth:
+                names = [rest]
+                if rest.startswith(('norm1.', 'norm2.')):  # the fused pass's pair, copied to the audio and visual pairs
+                    names += [rest.replace('.', '_a.', 1), rest.replace('.', '_v.', 1)]
+                put(key, value, *(f'blocks_u.{i - c.modality_depth}.{name}' for name in names))
+        elif key == 'patch_embed.proj.weight':  # (D, 3, p, p)
+            put(key, value, 'patch_embed_v.proj.weight')
+            put(key, value.sum(dim=1, keepdim=True), 'patch_embed_a.proj.weight')  # (D, 1, p, p)
+        elif key == 'patch_embed.proj.bias':
+            put(key, value, 'patch_embed_v.proj.bias', 'patch_embed_a.proj.bias')
+        elif key in ('norm.weight', 'norm.bias'):
+            put(key, value, *(key.replace('norm', name, 1) for name in ('norm', 'norm_a', 'norm_v')))
+        elif key == 'cls_token':
+            put(key, value, 'cls_token_a', 'cls_token_v')
+        elif key in ('decoder_embed.weight', 'decoder_embed.bias', 'mask_token', 'decoder_norm.weight',
+                     'decoder_norm.bias'):
+            put(key, value, key)
+        elif key in ('decoder_pred.weight', 'decoder_pred.bias'):  # (p*p*3, Dd): pixels ordered (row, col, channel)
+            suffix = key.split('.')[1]
+            put(key, value, f'decoder_pred_v.{suffix}')
+            put(key, value[:c.patch_size ** 2], f'decoder_pred_a.{suffix}')  # adapt_vmae_weights.py: [:256]
+    part = 'full: encoder + decoder' if 'decoder_pred.weight' in sd else 'encoder only'
+    return _load_mapping(model, mapping, sources, sd.keys(), f'ImageNet MAE weights ({part})', verbose)
+
+
+def load_cavmae_weights(model, sd, verbose=True):
+    """A state dict in the CAV-MAE layout (names as ours, optionally under 'model' and 'module.'-prefixed):
+    the releases' converted ImageNet MAE file ori_mae_11_for_pretrain.pth or a CAV-MAE model. Every tensor
+    whose name and shape match is loaded (CAV-MAE Sync / TG-DP start by loading that file into their model);
+    not used: the position tables (fixed sin-cos here; CAV-MAE's are for 10 s of audio), the LayerNorm pairs
+    no pass uses, cls_token_av, the decoder blocks under decoder_attention='cross'. Register tokens (and the
+    global tokens, when the file has none) stay at init.
+    Returns _load_mapping's dict."""
+    sd = sd.get('model', sd)
+    mapping, sources = {}, {}
+    for key, value in sd.items():
+        name = _strip(key)
+        if name in _FIXED_POSITIONS or _UNUSED_NORM.match(name):
+            continue
+        if name.startswith('decoder_blocks.') and model.config.decoder_attention == 'cross':
+            continue  # self-attention blocks: not half of each into a CrossBlock (its norm2/mlp names match)
+        mapping[name], sources[name] = value, key
+    return _load_mapping(model, mapping, sources, sd.keys(), KIND_NAMES['cavmae'], verbose)
+
+
+def load_weights(model, source, weights='model', verbose=True, name=None):
+    """Weights into a built CAVMAESync, the same way for train.py (init_from) and evaluate.py (load_model).
+    source: a file path or an already loaded checkpoint; by checkpoint_kind:
+      'train'     its `weights` ('model' or 'teacher') state dict, strict
+      'official'  convert_official_state_dict, strict (bare or wrapped as {'model': state_dict}, with or
+                  without 'module.' prefixes)
+      'cavmae'    load_cavmae_weights;  'mae': load_mae_weights (encoder-only or full file)
+    Prints what was loaded and what stayed at init (name: how to call the source, default its path).
+    Returns dict(kind, loaded, unused, at_init)."""
+    if weights not in ('model', 'teacher'):
+        raise ValueError(f"weights must be 'model' or 'teacher', got {weights!r}")
+    name = name or (source if isinstance(source, str) else 'checkpoint')
+    ckpt = read_checkpoint(source) if isinstance(source, str) else source
+    try:
+        kind = checkpoint_kind(ckpt)
+    except ValueError as e:
+        raise ValueError(f'{name}: {e}') from None
+    if weights == 'teacher' and kind != 'train':
+        raise ValueError(f'{name}: an {KIND_NAMES[kind]} has no teacher weights '
+                         '(only train.py checkpoints keep the EMA teacher)')
+    if kind in ('mae', 'cavmae'):
+        out = (load_mae_weights if kind == 'mae' else load_cavmae_weights)(model, ckpt, verbose=False)
+        if verbose:
+            print(f"initialised from {name}: {KIND_NAMES[kind]}: loaded {len(out['loaded'])} tensors\n"
+                  f"  source keys not used: {_summary(out['unused'])}\n"
+                  f"  parameters left at init: {_summary(out['at_init'])}")
+        return dict(kind=kind, **out)
+    if kind == 'train':
+        sd = ckpt[weights]
+        if sd is None:
+            raise ValueError(f'{name}: weights={weights!r} asked, but this run kept no {weights} weights')
+        what = f'{KIND_NAMES[kind]}, {weights} weights, iteration {ckpt.get("iter_num", "?")}'
+    else:
+        sd, what = convert_official_state_dict(ckpt.get('model', ckpt), model.config), KIND_NAMES[kind]
+    model.load_state_dict(sd)  # strict: every tensor, the right shapes
+    if verbose:
+        print(f'loaded {name} ({what}): all {len(sd)} tensors')
+    return dict(kind=kind, loaded=sorted(sd), unused=[], at_init=[])

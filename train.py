@@ -30,8 +30,7 @@ import masking
 from data import AVDataset, collate
 from evaluate import extract_features, retrieval
 from losses import distill_loss, info_nce
-from model import (CAVMAESync, ModelConfig, checkpoint_kind, convert_official_state_dict, ema_update,
-                   forward_flops, load_mae_weights, make_teacher)
+from model import CAVMAESync, ModelConfig, ema_update, forward_flops, load_weights, make_teacher
 
 # -----------------------------------------------------------------------------
 # default config: the TG-DP paper setting
@@ -72,7 +71,9 @@ mask_ratio_schedule = 'none'   # DiffMAViL curriculum: 'none' | 'epoch' | 'step'
 mask_ratio_end = 0.8
 adaptive_batch = False         # DiffMAViL: per-epoch batch (1 - min ratio) / (1 - ratio_e) * batch_size (needs 'epoch')
 contrastive_mask_ratio = 0.5   # contrastive pass of tgdp / dualpass
-contrastive_masking = 'guided' # tgdp: 'guided' | 'random' | 'gumbel' (dualpass is always random)
+contrastive_masking = 'guided' # tgdp: 'guided' | 'random' | 'gumbel' (the release's) | 'gumbel_proportional'
+contrastive_direction = 'both' # InfoNCE: 'both' (TG-DP release) | 'v2a' (visual queries: CAV-MAE Sync) | 'a2v'
+contrastive_negatives = 'global'  # 'global' (every rank's batch: TG-DP release) | 'local' (this rank's: CAV-MAE Sync)
 rec_weight = 1.0
 con_weight = 0.1
 dis_weight = 1.0               # tgdp distillation; 0 turns it off
@@ -137,7 +138,8 @@ def apply_overrides(argv):
 
 apply_overrides(sys.argv[1:])
 config = {k: globals()[k] for k in config_keys}
-allowed = dict(method=('tgdp', 'sync', 'dualpass', 'cavmae'), contrastive_masking=('guided', 'random', 'gumbel'),
+allowed = dict(method=('tgdp', 'sync', 'dualpass', 'cavmae'), contrastive_masking=masking.CONTRASTIVE_MASKINGS,
+               contrastive_direction=('both', 'v2a', 'a2v'), contrastive_negatives=('global', 'local'),
                mask_ratio_schedule=('none', 'epoch', 'step'), decoder_attention=('self', 'cross'),
                dtype=('float32', 'bfloat16', 'float16'),
                compile_mode=('default', 'max-autotune', 'max-autotune-no-cudagraphs', 'reduce-overhead'))
@@ -330,16 +332,7 @@ if ckpt is not None:
 elif init_from != 'scratch':
     if not os.path.isfile(init_from):
         sys.exit(f"error: init_from must be 'scratch', 'resume' or a checkpoint file; {init_from!r} is none of these")
-    source = torch.load(init_from, map_location='cpu', weights_only=False)
-    kind = checkpoint_kind(source)
-    if kind == 'mae':
-        load_mae_weights(model, source)
-    elif kind == 'official':
-        model.load_state_dict(convert_official_state_dict(source, model.config))
-    else:
-        model.load_state_dict(source['model'])
-    if master:
-        print(f'initialised from {kind} weights in {init_from}')
+    load_weights(model, init_from, verbose=master)  # ImageNet MAE, CAV-MAE layout, official release or train.py
 model.to(device)
 raw_model = model  # unwrapped: EMA source, checkpoints, evaluation
 teacher = make_teacher(model) if method == 'tgdp' else None
@@ -399,14 +392,16 @@ def losses_for(audio, image, rec_mask_ratio):
     keep_a = keep_v = None
     B, Na, Nv = audio.shape[0], raw_model.num_patches_a, raw_model.num_patches_v
     if method == 'tgdp':
-        t_a, t_v, p_a, p_v = teacher_forward(audio, image)
+        # the release's Gumbel reading ranks the raw attention; the other choices do not depend on its scale
+        t_a, t_v, p_a, p_v = teacher_forward(audio, image, normalize=contrastive_masking != 'gumbel')
         keep_a = masking.contrastive_keep(contrastive_masking, p_a, contrastive_mask_ratio, noise(B, Na))
         keep_v = masking.contrastive_keep(contrastive_masking, p_v, contrastive_mask_ratio, noise(B, Nv))
     elif method == 'dualpass':
         keep_a = masking.random_masking(B, Na, contrastive_mask_ratio, noise=noise(B, Na))[0]
         keep_v = masking.random_masking(B, Nv, contrastive_mask_ratio, noise=noise(B, Nv))[0]
     out = model(audio, image, rec_mask_ratio, keep_a, keep_v, noise(B, Na), noise(B, Nv), diffusion_noise(B))
-    loss_con, terms['con_acc'] = info_nce(out['g_a'], out['g_v'], temperature)
+    loss_con, terms['con_acc'] = info_nce(out['g_a'], out['g_v'], temperature, contrastive_direction,
+                                          contrastive_negatives)
     loss = rec_weight * out['loss'] + con_weight * loss_con
     terms.update(rec=out['loss'], rec_a=out['loss_a'], rec_v=out['loss_v'], con=loss_con)
     if method == 'tgdp' and dis_weight > 0:

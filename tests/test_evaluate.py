@@ -3,6 +3,7 @@ loading, feature extraction and caching, and the three picture commands on a tin
 import argparse
 import dataclasses
 import json
+import math
 import os
 import statistics
 import time
@@ -237,6 +238,138 @@ def test_probe_learns_separable_features(multilabel):
     assert out['metric'] == ('mAP' if multilabel else 'top-1')
     assert out['final'] > chance + 40
     assert len(out['history']) == 15
+
+
+def gen_weight_file_loop(label_lists, num_classes):
+    """CAV-MAE's gen_weight_file.py, restated with plain loops: label_count per class, label_weight =
+    1000 / (count + 0.01), a clip's weight the sum over its labels."""
+    label_count = [0] * num_classes
+    for labels in label_lists:
+        for k in labels:
+            label_count[k] += 1
+    label_weight = [1000.0 / (c + 0.01) for c in label_count]
+    return [sum(label_weight[k] for k in labels) for labels in label_lists]
+
+
+def test_class_balanced_weights_and_sampler_match_the_release():
+    g = torch.Generator().manual_seed(0)
+    label_lists = [[0]] * 30 + [[1]] * 6 + [[2, 0]] * 3 + [[3]]  # imbalanced, one multi-label clip kind
+    y = torch.zeros(len(label_lists), 5)
+    for i, labels in enumerate(label_lists):
+        y[i, labels] = 1
+    w = evaluate.class_balanced_weights(y)
+    assert w.tolist() == pytest.approx(gen_weight_file_loop(label_lists, 5), rel=1e-12)
+    # the draws of torch's WeightedRandomSampler(weights, N, replacement=True) with the same generator state
+    ref = list(torch.utils.data.WeightedRandomSampler(w.tolist(), 40, generator=torch.Generator().manual_seed(3)))
+    assert evaluate.epoch_order(40, torch.Generator().manual_seed(3), w).tolist() == ref
+    single = torch.tensor([0] * 900 + [1] * 90 + [2] * 10)  # 90 / 9 / 1 %
+    draws = evaluate.epoch_order(30000, g, evaluate.class_balanced_weights(F.one_hot(single).float()))
+    freq = torch.bincount(single[draws], minlength=3).double() / 30000
+    assert (freq - 1 / 3).abs().max() < 0.02  # classes drawn equally often
+    assert sorted(evaluate.epoch_order(50, g).tolist()) == list(range(50))  # unbalanced: a permutation
+
+
+def test_probe_balanced_sampling_and_schedule(monkeypatch):
+    """balanced=True feeds the probe class-balanced epochs; warmup 10% of the steps, cosine to min_lr."""
+    g = torch.Generator().manual_seed(7)
+    labels = torch.tensor([0] * 72 + [1] * 8)
+    y = F.one_hot(labels, 2).float()
+    x = y[:, None, :].repeat(1, 4, 8) + 0.5 * torch.randn(80, 4, 16, generator=g)
+    orders = []
+    order_fn = evaluate.epoch_order
+    monkeypatch.setattr(evaluate, 'epoch_order', lambda *a: orders.append(order_fn(*a)) or orders[-1])
+    out = train_probe(x, y, x, y, False, lr=1e-3, epochs=10, batch_size=16, num_heads=4, wa_start=5, balanced=True)
+    drawn = labels[torch.cat(orders)]
+    assert len(orders) == 10 and 0.4 < (drawn == 1).double().mean() < 0.6  # 10% of the clips, half the draws
+    lrs = [h['lr'] for h in out['history']]  # at the end of each epoch: 5 steps per epoch, 50 in all
+    assert lrs[0] == pytest.approx(1e-3)  # warmup ends with the first epoch (10%)
+    assert all(a > b for a, b in zip(lrs, lrs[1:])) and lrs[-1] < 1e-3 * 0.01
+    assert lrs[4] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * (24 - 5) / 45)))  # step 24 of the cosine
+    train_probe(x, y, x, y, False, lr=1e-3, epochs=2, batch_size=16, num_heads=4, wa_start=1)
+    assert sorted(orders[-1].tolist()) == list(range(80))  # not balanced: permutations
+
+
+def write_label_csv(path, mids):
+    with open(path, 'w') as f:
+        f.write('index,mid,display_name\n' + ''.join(f'{i},{m},class {i}\n' for i, m in enumerate(mids)))
+    return str(path)
+
+
+def test_label_type_comes_from_the_label_csv(shared_dir, tmp_path):
+    assert evaluate.label_type_from_csv(os.path.join(shared_dir, 'data', 'class_labels_indices_as.csv')) == 'multi'
+    assert evaluate.label_type_from_csv(os.path.join(shared_dir, 'data', 'class_labels_indices_vgg.csv')) == 'single'
+    assert evaluate.label_type_from_csv(write_label_csv(tmp_path / 'syn.csv', ['syn_0', 'syn_1'])) == 'single'
+    audioset = write_label_csv(tmp_path / 'as.csv', ['/m/09x0r', '/t/dd00004', '/g/122z_qxw'])
+    one_label_each = {'labels': torch.eye(3)}  # a multi-label set whose clips carry one label each
+    args = argparse.Namespace(label_csv=audioset, label_type='auto', balanced='auto')
+    assert evaluate.probe_settings(args, one_label_each, one_label_each) == (True, False)  # mAP, not top-1
+    args.label_csv = write_label_csv(tmp_path / 'vgg.csv', ['vgg_0', 'vgg_1', 'vgg_2'])
+    assert evaluate.probe_settings(args, one_label_each, one_label_each) == (False, True)  # top-1, balanced
+    args.balanced = 'no'
+    assert evaluate.probe_settings(args, one_label_each, one_label_each) == (False, False)
+    two_labels = {'labels': torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 1.0]])}
+    with pytest.raises(ValueError, match='several labels'):
+        evaluate.probe_settings(args, one_label_each, two_labels)
+    args.label_type = 'multi'
+    assert evaluate.probe_settings(args, one_label_each, two_labels) == (True, False)
+
+
+def test_augmented_clips_against_an_independent_pipeline(synth):
+    """AugmentedClips' item = the release's recipe recomputed from the files: soundfile waveforms, mean
+    removed, partner cut/padded, mixed, mean removed, rolled, kaldi fbank, the 16 aligned segments; frames and
+    labels mixed with the same lambda. Draws depend on (seed, epoch, position) only."""
+    import soundfile as sf
+    import torchaudio
+    dataset = data.AVDataset(synth['train'], synth['labels'], mode='eval', audio_length=64, num_mel_bins=128,
+                             img_size=32)
+    order = torch.tensor([5, 2, 9])
+    clips = evaluate.AugmentedClips(dataset, order, epoch=3, seed=1, mixup=1.0)
+    item = clips[1]
+    rng = np.random.default_rng((1, 3, 1))
+    assert rng.random() < 1.0
+    partner = int(rng.integers(len(dataset)))
+    lam = float(rng.beta(10, 10))
+    shift = int(rng.integers(-data.MAX_TIME_SHIFT, data.MAX_TIME_SHIFT + 1))
+
+    def wav(clip):
+        x = torch.from_numpy(sf.read(clip['wav'], dtype='float32')[0])
+        return x - x.mean()
+    a, b = wav(dataset.clips[2]), wav(dataset.clips[partner])
+    b = b[:len(a)] if len(b) >= len(a) else torch.cat([b, torch.zeros(len(a) - len(b))])
+    mixed = lam * a + (1 - lam) * b
+    mixed = torch.roll(mixed - mixed.mean(), shift)
+    fbank = torchaudio.compliance.kaldi.fbank(mixed[None], htk_compat=True, sample_frequency=16000, use_energy=False,
+                                              window_type='hanning', num_mel_bins=128, dither=0.0, frame_shift=10)
+    fbank = torch.cat([fbank, torch.zeros(1024 - len(fbank), 128)])[:1024]
+    for t in (0, 7, 15):
+        start, end = data.segment_bounds(t, 16, 1024, 64)
+        assert torch.allclose(item['audio'][t], (fbank[start:end] + 5.081) / 4.4849, atol=1e-3)
+    plain, other = dataset[2], dataset[partner]
+    assert torch.allclose(item['image'], lam * plain['image'] + (1 - lam) * other['image'], atol=1e-5)
+    assert torch.allclose(item['label'], lam * plain['label'] + (1 - lam) * other['label'])
+    assert item['id'] == plain['id'] and len(clips) == 3
+    assert torch.equal(evaluate.AugmentedClips(dataset, order, 3, 1, 1.0)[1]['audio'], item['audio'])
+    assert not torch.equal(evaluate.AugmentedClips(dataset, order, 4, 1, 1.0)[1]['audio'], item['audio'])
+    unmixed = evaluate.AugmentedClips(dataset, order, 3, 1, 0.0)[0]
+    assert torch.equal(unmixed['label'], dataset[5]['label']) and torch.equal(unmixed['image'], dataset[5]['image'])
+
+
+def test_probe_cli_input_augmentation_reextracts_every_epoch(synth, ckpt, features, tmp_path, monkeypatch):
+    calls = []
+    extract = evaluate.extract_features
+
+    def spy(model, dataset, *args):
+        calls.append(dataset)
+        return extract(model, dataset, *args)
+    monkeypatch.setattr(evaluate, 'extract_features', spy)
+    out = str(tmp_path / 'probe.json')
+    evaluate.main(['probe', '--ckpt', ckpt, '--train', synth['train'], '--eval', synth['eval'], '--label_csv',
+                   synth['labels'], '--cache', features['cache'], '--augment', 'input', '--epochs', '2',
+                   '--wa_start', '1', '--probe_batch_size', '16', '--num_workers', '0', '--out', out])
+    result = json.load(open(out))
+    assert result['augment'] == 'input' and result['balanced'] and len(result['history']) == 2
+    assert [type(d).__name__ for d in calls] == ['AugmentedClips'] * 2 and [d.epoch for d in calls] == [1, 2]
+    assert all(len(d) == 80 for d in calls)
 
 
 # --- loading, features, cache ---------------------------------------------------------------

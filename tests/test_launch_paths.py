@@ -24,8 +24,8 @@ CELLS = {  # name -> settings; 40 clips, batch 8 in 1 process = 4 per rank on 2 
                                    '--gradient_accumulation_steps=2'],
     'tgdp-gumbel-cross-nodis-clip': ['--contrastive_masking=gumbel', '--decoder_attention=cross', '--dis_weight=0.0',
                                      '--grad_clip=0.5'],
-    'sync-curriculum-cross': ['--method=sync', *CURRICULUM, '--decoder_attention=cross'],
-    'tgdp-curriculum-workers': [*CURRICULUM, '--num_workers=2'],  # loader workers across epochs, on resume too
+    'sync-curriculum-cross-v2a': ['--method=sync', *CURRICULUM, '--decoder_attention=cross', '--contrastive_direction=v2a'],
+    'tgdp-curriculum-workers': [*CURRICULUM, '--num_workers=2', '--contrastive_masking=gumbel_proportional'],
 }
 STEPS = ['--max_iters=6', '--epochs=2.0']  # the curriculum cells change batch (16 -> 8 clips) after 2 steps
 TERMS = ('loss', 'rec', 'rec_a', 'rec_v', 'con', 'con_acc', 'dis')

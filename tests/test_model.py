@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import masking
-from model import CAVMAESync, ModelConfig, convert_official_state_dict, ema_update, load_mae_weights, make_teacher
+from model import CAVMAESync, ModelConfig, convert_official_state_dict, ema_update, make_teacher
 
 TINY = dict(audio_length=64, num_mel_bins=32, img_size=32, patch_size=8, embed_dim=48, num_heads=4,
             modality_depth=2, joint_depth=1, decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=4,
@@ -134,6 +134,7 @@ def test_guided_keeps_true_topk_and_gumbel_respects_k():
     assert rnd.shape == (8, 98)
     with pytest.raises(ValueError, match='contrastive masking'):
         masking.contrastive_keep('topk', priority, 0.5)
+    assert masking.contrastive_keep('gumbel_proportional', priority, 0.5).shape == (8, 98)
 
 
 def test_gumbel_follows_priority():
@@ -143,6 +144,39 @@ def test_gumbel_follows_priority():
     keep = masking.gumbel_keep(priority, 0.9)  # k = 1
     frac0 = (keep[:, 0] == 0).float().mean().item()
     assert 0.85 < frac0 < 0.97
+
+
+def test_release_gumbel_reading_ranks_raw_attention_plus_noise():
+    """contrastive_masking='gumbel' = the TG-DP release's get_patch2cls_rank(mode='prob') (transcribed below:
+    log of the clamped softmax + Gumbel noise, argsort descending, the first k kept); by the Gumbel-max trick
+    its top-1 is patch i with probability softmax(scores)_i, far from the priority itself at attention scale."""
+    g = torch.Generator().manual_seed(0)
+    scores = torch.rand(6, 50, generator=g) * 0.05  # head-mean attention weights are small
+    u = torch.rand(6, 50, generator=g)
+    eps = 1e-12
+    gumbel = -torch.log(-torch.log(torch.clamp(u, min=eps, max=1 - eps)))
+    ranks = torch.argsort(torch.log(torch.clamp(F.softmax(scores, dim=-1), min=eps)) + gumbel, dim=1, descending=True)
+    keep = masking.contrastive_keep('gumbel', scores, 0.5, u)
+    assert torch.equal(keep.sort(1).values, ranks[:, :25].sort(1).values)
+
+    raw = torch.full((20000, 10), 0.005)
+    raw[:, 0] = 0.5  # patch 0 holds 91% of the normalised priority
+    top1 = masking.gumbel_score_keep(raw, 0.9)[:, 0]  # k = 1
+    expected = F.softmax(raw[0].double(), dim=0)  # P(top-1 = i), exact for Gumbel-max
+    freq = torch.bincount(top1, minlength=10).double() / len(top1)
+    assert (freq - expected).abs().max() < 0.015 and expected[0] < 0.16  # near random, unlike gumbel_proportional
+    prop = masking.contrastive_keep('gumbel_proportional', raw / raw.sum(1, keepdim=True), 0.9)[:, 0]
+    assert (prop == 0).double().mean() > 0.85
+
+
+def test_teacher_raw_attention_is_the_unnormalised_priority():
+    m = tiny()
+    a, v = inputs(m.config)
+    _, _, p_a, p_v = m.forward_teacher(a, v)
+    _, _, r_a, r_v = m.forward_teacher(a, v, normalize=False)
+    for p, r in ((p_a, r_a), (p_v, r_v)):
+        assert torch.allclose(r / r.sum(1, keepdim=True), p, atol=1e-6) and not torch.allclose(r, p)
+        assert (r < 1).all() and (r > 0).all()  # attention weights
 
 
 def test_mask_ratio_schedule():
@@ -416,34 +450,3 @@ def test_converted_model_computes_official_function():
         ref = reference_official_features(sd, cfg, a, v)
     for x, y in zip(ours, ref):
         assert torch.allclose(x, y, atol=1e-5)
-
-
-# --- ImageNet MAE weights -----------------------------------------------------------------
-
-def test_mae_weights_map_into_encoders_and_joint_layer(capsys):
-    m = tiny()
-    D, hidden = 48, 192
-    g = torch.Generator().manual_seed(0)
-    mae = {'cls_token': torch.randn(1, 1, D, generator=g), 'pos_embed': torch.zeros(1, 17, D),
-           'patch_embed.proj.weight': torch.randn(D, 3, 8, 8, generator=g), 'patch_embed.proj.bias': torch.randn(D, generator=g),
-           'norm.weight': torch.randn(D, generator=g), 'norm.bias': torch.randn(D, generator=g)}
-    for i in range(4):  # one block more than the model takes
-        for name, shape in [('norm1.weight', (D,)), ('norm1.bias', (D,)), ('attn.qkv.weight', (3 * D, D)), ('attn.qkv.bias', (3 * D,)),
-                            ('attn.proj.weight', (D, D)), ('attn.proj.bias', (D,)), ('norm2.weight', (D,)), ('norm2.bias', (D,)),
-                            ('mlp.fc1.weight', (hidden, D)), ('mlp.fc1.bias', (hidden,)), ('mlp.fc2.weight', (D, hidden)), ('mlp.fc2.bias', (D,))]:
-            mae[f'blocks.{i}.{name}'] = torch.randn(*shape, generator=g)
-    loaded, unused = load_mae_weights(m, {'model': mae})
-    sd = m.state_dict()
-    assert torch.equal(sd['blocks_a.1.attn.qkv.weight'], mae['blocks.1.attn.qkv.weight'])
-    assert torch.equal(sd['blocks_v.0.mlp.fc2.bias'], mae['blocks.0.mlp.fc2.bias'])
-    assert torch.equal(sd['blocks_u.0.attn.proj.weight'], mae['blocks.2.attn.proj.weight'])
-    for pair in ('norm1', 'norm1_a', 'norm1_v', 'norm2_a'):
-        assert torch.equal(sd[f'blocks_u.0.{pair}.weight'], mae[f'blocks.2.{pair[:5]}.weight'])
-    assert torch.allclose(sd['patch_embed_a.proj.weight'], mae['patch_embed.proj.weight'].mean(1, keepdim=True))
-    assert torch.equal(sd['norm_v.bias'], mae['norm.bias']) and torch.equal(sd['cls_token_a'], mae['cls_token'])
-    assert unused == sorted(['pos_embed'] + [k for k in mae if k.startswith('blocks.3.')])
-    assert 'decoder_embed.weight' not in loaded
-    assert 'model keys left at init' in capsys.readouterr().out
-    bad = dict(mae, **{'blocks.0.attn.qkv.weight': torch.zeros(5, 5)})
-    with pytest.raises(ValueError, match='blocks_a.0.attn.qkv.weight'):
-        load_mae_weights(m, bad)

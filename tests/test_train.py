@@ -105,8 +105,8 @@ def test_tgdp_step_uses_teacher_topk_and_moves_teacher_by_ema(synth, tmp_path, m
     teacher_fwd, student_fwd, ema = (model_module.CAVMAESync.forward_teacher,
                                      model_module.CAVMAESync.forward, model_module.ema_update)
 
-    def spy_teacher(self, audio, image):
-        out = teacher_fwd(self, audio, image)
+    def spy_teacher(self, audio, image, normalize=True):
+        out = teacher_fwd(self, audio, image, normalize)
         assert not self.has_decoder  # the encoder-only teacher, never the student
         seen['priority'].append((out[2], out[3]))
         return out
