@@ -3,7 +3,7 @@
 out_dir = 'out/sync_as2m'
 train_json = 'data/audioset_2m/train.json'
 eval_json = 'data/audioset_eval/retrieval.json'
-init_from = 'checkpoints/mae_pretrain_vit_base.pth'
+init_from = 'checkpoints/mae_pretrain_vit_base_full.pth'  # ImageNet MAE ViT-B, encoder and decoder, as the releases
 method = 'sync'
 batch_size = 64
 epochs = 25.0

@@ -3,7 +3,7 @@
 out_dir = 'out/tgdp_as2m'
 train_json = 'data/audioset_2m/train.json'
 eval_json = 'data/audioset_eval/retrieval.json'
-init_from = 'checkpoints/mae_pretrain_vit_base.pth'  # ImageNet MAE ViT-B
+init_from = 'checkpoints/mae_pretrain_vit_base_full.pth'  # ImageNet MAE ViT-B, encoder and decoder, as the releases
 method = 'tgdp'
 batch_size = 64
 epochs = 35.0
