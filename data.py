@@ -39,6 +39,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -223,7 +224,9 @@ class AVDataset(torch.utils.data.Dataset):
     """CAV-MAE JSON (+ optional label CSV) -> items (SPEC section 2):
     train: audio (L, F), image (3, H, W), frame (int, drawn per (seed, epoch, index)), label, id
     eval:  audio (T, L, F), image (T, 3, H, W), label, id  (one fbank per clip, T segments)
-    label: float32 multi-hot (num_classes,), length 0 without a label CSV.
+    label: float32 multi-hot (num_classes,), length 0 without a label CSV. A clip with no labels gets
+    an all-zero label unless require_labels (probing needs labels, pretraining does not); label ids
+    that are not in the CSV are always an error (a wrong CSV).
     audio_length, num_mel_bins, img_size come from the model config; time_shift acts in train mode
     only. skip_bad=True checks every file at start-up, drops clips with a missing or unreadable
     wav/frame, prints the count and writes their ids to bad_list (default: next to the JSON,
@@ -231,7 +234,7 @@ class AVDataset(torch.utils.data.Dataset):
 
     def __init__(self, data_json, label_csv=None, mode='train', audio_length=416,
                  num_mel_bins=128, img_size=224, num_frames=16, time_shift=False, seed=0,
-                 skip_bad=False, bad_list=None):
+                 skip_bad=False, bad_list=None, require_labels=False):
         if mode not in ('train', 'eval'):
             raise ValueError(f"mode must be 'train' or 'eval', got {mode!r}")
         if not 0 < audio_length <= TARGET_FRAMES:
@@ -258,11 +261,11 @@ class AVDataset(torch.utils.data.Dataset):
             if label_csv:
                 mids = [m.strip() for m in entry.get('labels', '').split(',') if m.strip()]
                 unknown = [m for m in mids if m not in mid_to_index]
-                if not mids or unknown:
+                if unknown or (require_labels and not mids):
                     problem = f"unknown label ids {unknown}" if unknown else "no labels"
                     raise ValueError(f"{data_json}: clip '{clip_id}' has {problem} "
                                      f"(label CSV {label_csv})")
-                label[[mid_to_index[m] for m in mids]] = 1.0
+                label[[mid_to_index[m] for m in mids]] = 1.0  # no labels: all zero
             self.clips.append(dict(id=clip_id, label=label,
                                    wav=os.path.join(root, entry['wav']),
                                    video_path=os.path.join(root, entry['video_path'])))
@@ -538,7 +541,7 @@ def prepare(videos, out, num_frames=16, short_side=224, workers=1):
                            "(e.g. apt-get install ffmpeg)")
     paths = list_videos(videos)
     ids = [os.path.splitext(os.path.basename(p))[0] for p in paths]
-    duplicates = sorted({i for i in ids if ids.count(i) > 1})
+    duplicates = sorted(i for i, n in Counter(ids).items() if n > 1)  # linear: 2 M videos
     if duplicates:
         raise ValueError(f"{videos}: several videos share the clip id(s) {duplicates[:5]} (file stem)")
     os.makedirs(os.path.join(out, 'audio'), exist_ok=True)
