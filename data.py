@@ -497,12 +497,17 @@ def list_videos(videos):
         return [line.strip() for line in f if line.strip() and not line.startswith('#')]
 
 
+class NoAudioTrack(RuntimeError):
+    """The video has no audio stream (a few % of AudioSet / VGGSound downloads)."""
+
+
 def prepare_video(ffmpeg, video, out, num_frames=16, short_side=224):
     """One video -> OUT/audio/{id}.wav (16 kHz, first channel) and OUT/frame_{i}/{id}.jpg.
     Frames: ffmpeg's fps filter at num_frames/10 fps over the first 10 s, so frame i is the video
     frame shown at about t = i * 10 / num_frames s. Frames are scaled down (bicubic) so that the
     shorter side is at most short_side (0: keep). Files appear atomically (tmp + rename), so an
-    interrupted run never leaves a clip that looks done. Raises RuntimeError with ffmpeg's message."""
+    interrupted run never leaves a clip that looks done. Raises NoAudioTrack for a video without
+    audio, RuntimeError with ffmpeg's message for other failures."""
     clip_id = os.path.splitext(os.path.basename(video))[0]
     tmp = os.path.join(out, '.tmp', clip_id)
     shutil.rmtree(tmp, ignore_errors=True)
@@ -511,9 +516,14 @@ def prepare_video(ffmpeg, video, out, num_frames=16, short_side=224):
     def run(args):
         result = subprocess.run([ffmpeg, '-nostdin', '-v', 'error', '-y', *args], capture_output=True, text=True)
         if result.returncode != 0:
-            raise RuntimeError(result.stderr.strip()[-500:] or f'ffmpeg exit code {result.returncode}')
+            message = result.stderr.strip()[-500:] or f'ffmpeg exit code {result.returncode}'
+            if "map '0:a:0' matches no streams" in message:
+                raise NoAudioTrack(f'no audio track ({message.splitlines()[0]})')
+            raise RuntimeError(message)
 
-    try:
+    try:  # audio first: a video without audio fails before its frames are decoded
+        run(['-i', video, '-map', '0:a:0', '-af', 'pan=mono|c0=c0', '-ar', str(SAMPLE_RATE),
+             '-c:a', 'pcm_s16le', os.path.join(tmp, 'audio.wav')])
         scale = ''
         if short_side:
             scale = (f",scale=w='if(lte(iw,ih),min(iw,{short_side}),-2)'"
@@ -523,8 +533,6 @@ def prepare_video(ffmpeg, video, out, num_frames=16, short_side=224):
         got = len([n for n in os.listdir(tmp) if n.endswith('.jpg')])
         if got < num_frames:
             raise RuntimeError(f'only {got} of {num_frames} frames in the first 10 s (video too short?)')
-        run(['-i', video, '-map', '0:a:0', '-af', 'pan=mono|c0=c0', '-ar', str(SAMPLE_RATE),
-             '-c:a', 'pcm_s16le', os.path.join(tmp, 'audio.wav')])
         for i in range(num_frames):  # ffmpeg numbers from 1
             os.replace(os.path.join(tmp, f'{i + 1:02d}.jpg'), frame_path(out, i, clip_id))
         os.replace(os.path.join(tmp, 'audio.wav'), os.path.join(out, 'audio', f'{clip_id}.wav'))
@@ -532,27 +540,46 @@ def prepare_video(ffmpeg, video, out, num_frames=16, short_side=224):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def prepared_ids(out, num_frames=16):
+    """Clip ids whose wav and all frames exist in a prepared folder (one listing per folder, not a
+    stat per file: fast on 2 M clips)."""
+    def stems(folder, ext):
+        folder = os.path.join(out, folder)
+        return {n[:-len(ext)] for n in os.listdir(folder) if n.endswith(ext)} if os.path.isdir(folder) else set()
+    ids = stems('audio', '.wav')
+    for i in range(num_frames):
+        ids &= stems(f'frame_{i}', '.jpg')
+    return ids
+
+
+def read_failures(out):
+    """OUT/failed.json of prepare: {clip id: {video, error: 'no_audio' | 'ffmpeg', message}}."""
+    path = os.path.join(out, 'failed.json')
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
 def prepare(videos, out, num_frames=16, short_side=224, workers=1):
-    """Raw videos -> CAV-MAE layout in OUT and OUT/data.json (clip id = file stem, labels empty).
-    Resumable: clips whose wav and frames exist are skipped. Returns {video: error} of failures."""
-    ffmpeg = shutil.which('ffmpeg')
-    if ffmpeg is None:
-        raise RuntimeError("ffmpeg not found on PATH: `prepare` needs the ffmpeg command-line tool "
-                           "(e.g. apt-get install ffmpeg)")
+    """Raw videos -> CAV-MAE layout in OUT and OUT/data.json (clip id = file stem, labels empty; the
+    `audioset` / `vggsound` commands write labelled splits). Resumable: clips whose wav and frames
+    exist are skipped. Videos that could not be prepared are kept in OUT/failed.json (no audio track
+    or ffmpeg's message; a later run retries them). Returns {video: error} of this run's failures."""
     paths = list_videos(videos)
     ids = [os.path.splitext(os.path.basename(p))[0] for p in paths]
     duplicates = sorted(i for i, n in Counter(ids).items() if n > 1)  # linear: 2 M videos
     if duplicates:
         raise ValueError(f"{videos}: several videos share the clip id(s) {duplicates[:5]} (file stem)")
+    ffmpeg = shutil.which('ffmpeg')
+    if ffmpeg is None:
+        raise RuntimeError("ffmpeg not found on PATH: `prepare` needs the ffmpeg command-line tool "
+                           "(e.g. apt-get install ffmpeg)")
     os.makedirs(os.path.join(out, 'audio'), exist_ok=True)
     for i in range(num_frames):
         os.makedirs(os.path.join(out, f'frame_{i}'), exist_ok=True)
-
-    def done(clip_id):
-        return (os.path.isfile(os.path.join(out, 'audio', f'{clip_id}.wav')) and
-                all(os.path.isfile(frame_path(out, i, clip_id)) for i in range(num_frames)))
-
-    todo = [p for p, i in zip(paths, ids) if not done(i)]
+    done = prepared_ids(out, num_frames)
+    todo = [p for p, i in zip(paths, ids) if i not in done]
     print(f"{len(paths)} videos: {len(paths) - len(todo)} already done, {len(todo)} to prepare")
     failures = {}
 
@@ -560,20 +587,261 @@ def prepare(videos, out, num_frames=16, short_side=224, workers=1):
         try:
             prepare_video(ffmpeg, video, out, num_frames, short_side)
         except Exception as e:
-            failures[video] = str(e)
+            failures[video] = e
 
     with ThreadPoolExecutor(workers) as pool:  # ffmpeg does the work, threads only wait
         list(tqdm(pool.map(work, todo), total=len(todo), desc='prepare'))
     shutil.rmtree(os.path.join(out, '.tmp'), ignore_errors=True)
-    entries = [dict(video_id=i, wav=f'audio/{i}.wav', video_path='.', labels='') for i in ids if done(i)]
+    done = prepared_ids(out, num_frames)
+    entries = [dict(video_id=i, wav=f'audio/{i}.wav', video_path='.', labels='') for i in ids if i in done]
     with open(os.path.join(out, 'data.json'), 'w') as f:
         json.dump({'data': entries}, f, indent=1)
     print(f"wrote {os.path.join(out, 'data.json')} with {len(entries)} clips")
+    record = {i: r for i, r in read_failures(out).items() if i not in done}  # earlier runs, still not done
+    for video, e in failures.items():
+        record[os.path.splitext(os.path.basename(video))[0]] = dict(
+            video=video, error='no_audio' if isinstance(e, NoAudioTrack) else 'ffmpeg', message=str(e))
+    with open(os.path.join(out, 'failed.json'), 'w') as f:
+        json.dump(record, f, indent=1)
+    silent = [v for v, e in failures.items() if isinstance(e, NoAudioTrack)]
+    if silent:
+        print(f"{len(silent)} videos without an audio track (skipped):")
+        for video in silent:
+            print(f"  {video}")
+    if len(failures) > len(silent):
+        print(f"{len(failures) - len(silent)} videos failed:")
+        for video, e in failures.items():
+            if not isinstance(e, NoAudioTrack):
+                print(f"  {video}: {e}")
     if failures:
-        print(f"{len(failures)} videos failed:")
-        for video, error in failures.items():
-            print(f"  {video}: {error}")
-    return failures
+        print(f"(kept in {os.path.join(out, 'failed.json')})")
+    return {video: str(e) for video, e in failures.items()}
+
+
+# -----------------------------------------------------------------------------
+# labels and splits from the official metadata
+
+AUDIOSET_ID = '{YTID}_{start:.3f}'  # e.g. --PJHxphWEs_30.000.mp4; '{YTID}' for downloads named by YTID only
+VGGSOUND_ID = '{YTID}_{start:06d}'  # e.g. ---g-f_I2yQ_000001.mp4
+
+
+def clip_id_for(id_format, ytid, start, where):
+    """A downloader's file stem from a CSV row: id_format with {YTID} and {start} (an int when whole
+    seconds, so both '{start:06d}' and '{start:.3f}' work)."""
+    start = int(start) if float(start).is_integer() else float(start)
+    try:
+        return id_format.format(YTID=ytid, start=start)
+    except (KeyError, ValueError, IndexError) as e:
+        raise ValueError(f"{where}: id format {id_format!r} does not fit YTID={ytid!r} start={start!r}: {e}") from e
+
+
+def add_row(requested, clip_id, mids, counts):
+    """requested {id: [mids]} in CSV order; a repeated id merges its labels and counts as a duplicate."""
+    if clip_id in requested:
+        counts['duplicate_rows'] += 1
+        requested[clip_id] += [m for m in mids if m not in requested[clip_id]]
+    else:
+        requested[clip_id] = list(mids)
+
+
+def read_audioset_segments(paths, id_format, mid_to_index, requested=None, counts=None):
+    """Official AudioSet segment CSVs ('#' comment lines, rows YTID, start_seconds, end_seconds,
+    "mid1,mid2") -> ({clip id: [mids]} in file order, {'duplicate_rows': n})."""
+    requested = {} if requested is None else requested
+    counts = counts or Counter(duplicate_rows=0)
+    for path in paths:
+        with open(path, newline='') as f:
+            for line, row in enumerate(csv.reader(f, skipinitialspace=True), 1):
+                if not row or row[0].lstrip().startswith('#'):
+                    continue
+                if len(row) != 4:
+                    raise ValueError(f'{path}:{line}: expected YTID, start_seconds, end_seconds, "labels", got {row}')
+                ytid, start, _, labels = row
+                mids = [m.strip() for m in labels.split(',') if m.strip()]
+                unknown = [m for m in mids if m not in mid_to_index]
+                if unknown:
+                    raise ValueError(f'{path}:{line}: label ids {unknown} are not in the label CSV')
+                add_row(requested, clip_id_for(id_format, ytid.strip(), float(start), f'{path}:{line}'), mids, counts)
+    return requested, counts
+
+
+def label_key(text):
+    """VGGSound label text as in vggsound.csv ('bird chirping, tweeting') and as in the class CSV,
+    where commas were written as underscores ('bird chirping_ tweeting')."""
+    return ' '.join(text.replace('_', ',').split()).lower()
+
+
+def read_vggsound_csv(path, id_format, label_csv):
+    """vggsound.csv (no header; rows YTID,start_seconds,label text,train|test) -> {'train': {id: [mid]},
+    'test': {...}} with the class CSV's mids (matched by display_name), and {'duplicate_rows': n}."""
+    mid_to_index, names = read_label_csv(label_csv)
+    index_to_mid = {i: m for m, i in mid_to_index.items()}
+    by_name = {label_key(name): index_to_mid[i] for i, name in enumerate(names)}
+    splits, counts = {'train': {}, 'test': {}}, Counter(duplicate_rows=0)
+    with open(path, newline='') as f:
+        for line, row in enumerate(csv.reader(f), 1):
+            if not row or row[0].lstrip().startswith('#'):
+                continue
+            if len(row) != 4 or row[3].strip() not in splits:
+                raise ValueError(f'{path}:{line}: expected YTID,start_seconds,label,train|test, got {row}')
+            ytid, start, text, split = (x.strip() for x in row)
+            if label_key(text) not in by_name:
+                raise ValueError(f'{path}:{line}: label {text!r} is not a display_name of {label_csv}')
+            try:
+                start = float(start)
+            except ValueError:
+                raise ValueError(f'{path}:{line}: start_seconds {start!r} is not a number') from None
+            add_row(splits[split], clip_id_for(id_format, ytid, start, f'{path}:{line}'),
+                    [by_name[label_key(text)]], counts)
+    return splits, counts
+
+
+def check_prepared_clip(prepared, clip_id, num_frames):
+    """None, or why the clip's wav or a frame cannot be read (headers only: fast on millions of clips)."""
+    wav = os.path.join(prepared, 'audio', f'{clip_id}.wav')
+    try:
+        if sf.info(wav).frames == 0:
+            return f'wav file has no samples: {wav}'
+    except Exception as e:
+        return f'cannot read wav file {wav}: {e}'
+    for i in range(num_frames):
+        path = frame_path(prepared, i, clip_id)
+        try:
+            with Image.open(path) as img:
+                img.size
+        except Exception as e:
+            return f'cannot read frame file {path}: {e}'
+    return None
+
+
+def prepared_clips(prepared, ids, num_frames=16, check=True, workers=4):
+    """Which requested ids a `prepare` folder holds -> (clips {id: (wav, frames folder)}, reasons
+    {id: (kind, message)} for no_audio / failed (from failed.json) / unreadable ones)."""
+    present = prepared_ids(prepared, num_frames)
+    failures = read_failures(prepared)
+    found = [i for i in ids if i in present]
+    reasons = {i: ('no_audio' if failures[i]['error'] == 'no_audio' else 'failed', failures[i]['message'])
+               for i in ids if i not in present and i in failures}
+    if check:
+        with ThreadPoolExecutor(workers) as pool:
+            problems = list(tqdm(pool.map(lambda i: check_prepared_clip(prepared, i, num_frames), found),
+                                 total=len(found), desc='checking clips', leave=False))
+        reasons.update({i: ('unreadable', p) for i, p in zip(found, problems) if p})
+    clips = {i: (os.path.join(prepared, 'audio', f'{i}.wav'), prepared) for i in found if i not in reasons}
+    return clips, reasons
+
+
+def write_split(out_json, requested, clips, reasons, label_csv=None, duplicate_rows=0, extra=None):
+    """requested {id: [mids]} -> out_json with the clips that are ready (paths relative to the JSON)
+    and a summary printed and written next to it: <name>.summary.json (counts, no-audio ids, failed
+    and unreadable ids with their messages, classes with no clip) and <name>.missing.txt (ids with no
+    prepared clip and no recorded failure: usually videos that were never downloaded)."""
+    out_dir = os.path.dirname(os.path.abspath(out_json))
+    os.makedirs(out_dir, exist_ok=True)
+    entries = [dict(video_id=i, wav=os.path.relpath(clips[i][0], out_dir),
+                    video_path=os.path.relpath(clips[i][1], out_dir), labels=','.join(mids))
+               for i, mids in requested.items() if i in clips]
+    with open(out_json, 'w') as f:
+        json.dump({'data': entries}, f, indent=1)
+    stem = os.path.splitext(out_json)[0]
+    missing = [i for i in requested if i not in clips and i not in reasons]
+    with open(stem + '.missing.txt', 'w') as f:
+        f.writelines(i + '\n' for i in missing)
+    kinds = {k: {i: m for i, (kind, m) in reasons.items() if kind == k and i in requested}
+             for k in ('no_audio', 'failed', 'unreadable')}
+    summary = dict(json=os.path.basename(out_json), requested=len(requested), written=len(entries),
+                   missing=len(missing), missing_list=os.path.basename(stem + '.missing.txt'),
+                   no_audio=sorted(kinds['no_audio']), failed=kinds['failed'], unreadable=kinds['unreadable'],
+                   duplicate_rows=duplicate_rows, **(extra or {}))
+    line = (f"{out_json}: {len(requested)} clips requested, {len(entries)} written, {len(missing)} missing "
+            f"(ids in {stem}.missing.txt), {len(kinds['no_audio'])} without an audio track, "
+            f"{len(kinds['failed'])} failed in preparation, {len(kinds['unreadable'])} unreadable, "
+            f"{duplicate_rows} duplicate rows")
+    if label_csv:
+        mid_to_index, names = read_label_csv(label_csv)
+        covered = {m for e in entries for m in e['labels'].split(',') if m}
+        empty = [names[i] for m, i in sorted(mid_to_index.items(), key=lambda x: x[1]) if m not in covered]
+        summary['classes_without_clips'] = empty
+        line += f"; {len(empty)} of {len(names)} classes have no clip" + (f" ({', '.join(empty[:5])}"
+                                                                          f"{', ...' if len(empty) > 5 else ''})" if empty else '')
+    with open(stem + '.summary.json', 'w') as f:
+        json.dump(summary, f, indent=1)
+    print(line)
+    for kind in ('failed', 'unreadable'):
+        for i, message in list(kinds[kind].items())[:10]:
+            print(f"  {kind} {i}: {message}")
+    print(f"  summary in {stem}.summary.json")
+    return summary
+
+
+def build_audioset(prepared, label_csv, out, balanced=None, unbalanced=None, eval_csv=None,
+                   id_format=AUDIOSET_ID, num_frames=16, check=True, workers=4):
+    """AudioSet segment CSVs -> OUT/as20k_train.json (balanced), OUT/as2m_train.json (balanced +
+    unbalanced), OUT/as_eval.json (eval), each with its summary. Returns {name: summary}."""
+    mid_to_index, _ = read_label_csv(label_csv)
+    splits = {}
+    if balanced:
+        splits['as20k_train'] = [balanced]
+    if balanced and unbalanced:
+        splits['as2m_train'] = [balanced, unbalanced]
+    elif unbalanced:
+        raise ValueError('--unbalanced needs --balanced too: AS-2M training is balanced + unbalanced')
+    if eval_csv:
+        splits['as_eval'] = [eval_csv]
+    if not splits:
+        raise ValueError('give at least one of --balanced, --unbalanced, --eval')
+    summaries = {}
+    for name, paths in splits.items():
+        requested, counts = read_audioset_segments(paths, id_format, mid_to_index)
+        clips, reasons = prepared_clips(prepared, list(requested), num_frames, check, workers)
+        summaries[name] = write_split(os.path.join(out, f'{name}.json'), requested, clips, reasons,
+                                      label_csv, counts['duplicate_rows'])
+    return summaries
+
+
+def build_vggsound(prepared, csv_path, label_csv, out, id_format=VGGSOUND_ID, num_frames=16, check=True, workers=4):
+    """vggsound.csv -> OUT/vgg_train.json and OUT/vgg_test.json with summaries. Returns {name: summary}."""
+    splits, counts = read_vggsound_csv(csv_path, id_format, label_csv)
+    summaries = {}
+    for split, requested in splits.items():
+        clips, reasons = prepared_clips(prepared, list(requested), num_frames, check, workers)
+        summaries[f'vgg_{split}'] = write_split(os.path.join(out, f'vgg_{split}.json'), requested, clips, reasons,
+                                                label_csv, counts['duplicate_rows'] if split == 'train' else 0)
+    return summaries
+
+
+def build_subset(data_json, out_json, ids_file=None, template=None, label_csv=None):
+    """A subset of a labelled split (retrieval sets) -> out_json in the order of an id list (one id a
+    line) or of a template JSON whose placeholder paths are replaced by the split's prepared files.
+    Labels come from the split (the official CSV); the summary counts template labels that differ.
+    Ids the split lacks are classified with the split's own summary (no audio, failed, unreadable)."""
+    if (ids_file is None) == (template is None):
+        raise ValueError('give exactly one of --ids and --template')
+    if template:
+        with open(template) as f:
+            wanted = {e['video_id']: e.get('labels', '') for e in json.load(f)['data']}
+    else:
+        with open(ids_file) as f:
+            wanted = {line.strip(): None for line in f if line.strip() and not line.startswith('#')}
+    root = os.path.dirname(os.path.abspath(data_json))
+    with open(data_json) as f:
+        source = {e['video_id']: e for e in json.load(f)['data']}
+    requested = {i: [m for m in (source[i]['labels'] if i in source else labels or '').split(',') if m]
+                 for i, labels in wanted.items()}
+    clips = {i: (os.path.join(root, e['wav']), os.path.join(root, e['video_path'])) for i, e in source.items()}
+    reasons = {}
+    summary_path = os.path.splitext(data_json)[0] + '.summary.json'
+    if os.path.isfile(summary_path):
+        with open(summary_path) as f:
+            s = json.load(f)
+        reasons.update({i: ('no_audio', 'no audio track') for i in s.get('no_audio', [])})
+        reasons.update({i: ('failed', m) for i, m in s.get('failed', {}).items()})
+        reasons.update({i: ('unreadable', m) for i, m in s.get('unreadable', {}).items()})
+    differ = sorted(i for i, labels in wanted.items() if labels is not None and i in source and
+                    set(labels.split(',')) != set(source[i]['labels'].split(',')))
+    return write_split(out_json, requested, clips, reasons, label_csv,
+                       extra=dict(source=os.path.relpath(data_json, os.path.dirname(os.path.abspath(out_json))),
+                                  labels_differ_from_template=differ))
 
 
 # -----------------------------------------------------------------------------
@@ -613,6 +881,31 @@ if __name__ == '__main__':
     p.add_argument('--num_frames', type=int, default=16)
     p.add_argument('--short_side', type=int, default=224, help='scale frames down to this (0: keep)')
     p.add_argument('--workers', type=int, default=1, help='ffmpeg processes at a time')
+    p = sub.add_parser('audioset', help='AudioSet segment CSVs + a prepared folder -> labelled split JSONs')
+    p.add_argument('--prepared', required=True, help='folder written by `prepare`')
+    p.add_argument('--label_csv', required=True, help='class_labels_indices.csv (527 classes)')
+    p.add_argument('--out', required=True, help='folder for as20k_train.json, as2m_train.json, as_eval.json')
+    p.add_argument('--balanced', help='balanced_train_segments.csv (-> as20k_train.json)')
+    p.add_argument('--unbalanced', help='unbalanced_train_segments.csv (+ balanced -> as2m_train.json)')
+    p.add_argument('--eval', dest='eval_csv', help='eval_segments.csv (-> as_eval.json)')
+    p.add_argument('--id_format', default=AUDIOSET_ID, help="clip id (video file stem) of a row: '{YTID}_{start:.3f}' "
+                   "(default), '{YTID}', or any format of YTID and start")
+    p = sub.add_parser('vggsound', help='vggsound.csv + a prepared folder -> labelled train / test JSONs')
+    p.add_argument('--prepared', required=True, help='folder written by `prepare`')
+    p.add_argument('--csv', required=True, help='vggsound.csv (YTID,start_seconds,label,train|test; no header)')
+    p.add_argument('--label_csv', required=True, help='the 309-class CSV index,mid,display_name')
+    p.add_argument('--out', required=True, help='folder for vgg_train.json, vgg_test.json')
+    p.add_argument('--id_format', default=VGGSOUND_ID, help="clip id of a row (default '{YTID}_{start:06d}')")
+    for p in sub.choices['audioset'], sub.choices['vggsound']:
+        p.add_argument('--num_frames', type=int, default=16)
+        p.add_argument('--no_check', action='store_true', help="don't open every wav and frame header")
+        p.add_argument('--workers', type=int, default=4, help='threads checking files')
+    p = sub.add_parser('subset', help='a subset of a labelled split (retrieval sets) from an id list or a template')
+    p.add_argument('--data', required=True, help='labelled split JSON (e.g. vgg_test.json)')
+    p.add_argument('--out', required=True)
+    p.add_argument('--ids', help='text file, one clip id a line')
+    p.add_argument('--template', help='JSON listing the clips (e.g. vggsound_retrieval_split_template.json)')
+    p.add_argument('--label_csv', help='to list classes with no clip in the summary')
     p = sub.add_parser('bench', help='data-loader throughput')
     p.add_argument('--data', required=True, help='dataset JSON')
     p.add_argument('--workers', type=int, default=0)
@@ -627,6 +920,14 @@ if __name__ == '__main__':
         make_synthetic(args.out, args.num_clips, args.seed, args.num_classes, args.frame_size)
     elif args.command == 'prepare':
         sys.exit(1 if prepare(args.videos, args.out, args.num_frames, args.short_side, args.workers) else 0)
+    elif args.command == 'audioset':
+        build_audioset(args.prepared, args.label_csv, args.out, args.balanced, args.unbalanced, args.eval_csv,
+                       args.id_format, args.num_frames, not args.no_check, args.workers)
+    elif args.command == 'vggsound':
+        build_vggsound(args.prepared, args.csv, args.label_csv, args.out, args.id_format, args.num_frames,
+                       not args.no_check, args.workers)
+    elif args.command == 'subset':
+        build_subset(args.data, args.out, args.ids, args.template, args.label_csv)
     else:
         bench(args.data, args.workers, args.img_size, args.audio_length, args.num_mel_bins,
               args.batch_size, args.num_batches)
