@@ -33,13 +33,18 @@ Synthetic data (learnable at tiny scale, no single-modality or whole-clip shortc
 import argparse
 import colorsys
 import csv
+import hashlib
+import io
 import json
+import math
 import os
+import re
 import shutil
 import subprocess
 import sys
+import tarfile
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -120,10 +125,12 @@ def wav_to_fbank(waveform, sample_rate, num_mel_bins=128):
 
 
 def load_waveform(path, clip_id):
-    """wav file -> (N,) float32 first channel at 16 kHz, mean removed."""
-    if not os.path.isfile(path):
+    """wav file (a path or a ShardMember) -> (N,) float32 first channel at 16 kHz, mean removed."""
+    if isinstance(path, str) and not os.path.isfile(path):
         raise ClipError(f"clip '{clip_id}': wav file not found: {path}")
     try:
+        if not isinstance(path, str):
+            path.seek(0)
         samples, sample_rate = sf.read(path, dtype='float32', always_2d=True)  # (N, C)
     except Exception as e:
         raise ClipError(f"clip '{clip_id}': cannot read wav file {path}: {e}") from e
@@ -137,8 +144,8 @@ def load_segment_fbank(path, clip_id, num_mel_bins, start, end, shift=0):
     reading only the samples those rows need from a 16 kHz file (4.2 s of a 10 s clip for 416 rows;
     a roll that wraps reads two pieces); other rates are read whole and resampled. The clip mean is
     not removed: kaldi's per-frame DC removal cancels any constant offset, so the rows equal those of
-    load_waveform's mean-removed waveform (to float32 rounding)."""
-    if not os.path.isfile(path):
+    load_waveform's mean-removed waveform (to float32 rounding). path: a file or a ShardMember."""
+    if isinstance(path, str) and not os.path.isfile(path):
         raise ClipError(f"clip '{clip_id}': wav file not found: {path}")
     try:
         f = sf.SoundFile(path)
@@ -175,11 +182,12 @@ def load_frame(path, img_size, clip_id='', draft=False):
     Sizes are computed as torchvision's Resize/CenterCrop do, as in the reference pipeline.
     draft: let the JPEG decoder scale by 1/2, 1/4 or 1/8 while decoding when the result still covers
     the target size: a 1280x720 frame loads 2.4x faster, within 0.75 of 255 levels on average of the
-    full decode (measured on a sample video); no effect on frames prepared at 224 px."""
-    if not os.path.isfile(path):
+    full decode (measured on a sample video); no effect on frames prepared at 224 px.
+    path: a file or a ShardMember."""
+    if isinstance(path, str) and not os.path.isfile(path):
         raise ClipError(f"clip '{clip_id}': frame file not found: {path}")
     try:
-        with Image.open(path) as img:
+        with Image.open(path if isinstance(path, str) else io.BytesIO(path.readall())) as img:
             w, h = img.size
             if w <= h:
                 new_w, new_h = img_size, int(img_size * h / w)
@@ -220,10 +228,119 @@ def read_label_csv(label_csv):
     return mid_to_index, names
 
 
+def label_vector(labels, mid_to_index, num_classes, where, clip_id, require_labels=False):
+    """'mid1,mid2' -> float32 multi-hot (num_classes,); empty labels give zeros unless require_labels."""
+    label = torch.zeros(num_classes)
+    if not num_classes:
+        return label
+    mids = [m.strip() for m in labels.split(',') if m.strip()]
+    unknown = [m for m in mids if m not in mid_to_index]
+    if unknown or (require_labels and not mids):
+        problem = f"unknown label ids {unknown}" if unknown else "no labels"
+        raise ValueError(f"{where}: clip '{clip_id}' has {problem}")
+    label[[mid_to_index[m] for m in mids]] = 1.0  # no labels: all zero
+    return label
+
+
+def read_clip_table(spec):
+    """A dataset JSON or a shard set -> list of dicts: id, index, labels, and either wav + video_path
+    (files) or tar + offset + end (a clip's members in a shard). index is the clip's position in the
+    JSON (for shards: in the JSON they were packed from); the table is in index order."""
+    if is_shard_set(spec):
+        clips = [dict(id=c[1], labels=c[2], index=c[3], tar=path, offset=c[4], end=c[5])
+                 for path, table in shard_tables(spec) for c in table]
+        return sorted(clips, key=lambda c: c['index'])
+    with open(spec) as f:
+        entries = json.load(f)['data']
+    root = os.path.dirname(os.path.abspath(spec))
+    clips = []
+    for n, entry in enumerate(entries):
+        missing = {'video_id', 'wav', 'video_path'} - set(entry)
+        if missing:
+            raise ValueError(f"{spec}: entry {n} lacks {sorted(missing)}")
+        clips.append(dict(id=entry['video_id'], labels=entry.get('labels', ''), index=n,
+                          wav=os.path.join(root, entry['wav']), video_path=os.path.join(root, entry['video_path'])))
+    return clips
+
+
+def clip_wav(clip):
+    """The clip's audio: a path, or a ShardMember (its key.wav or key.flac)."""
+    if 'tar' not in clip:
+        return clip['wav']
+    members = clip_members(clip)
+    for ext in ('wav', 'flac'):
+        if ext in members:
+            return members[ext]
+    raise ClipError(f"clip '{clip['id']}': no wav or flac member in {clip['tar']} at byte {clip['offset']}")
+
+
+def clip_frame(clip, i):
+    """Frame i of the clip: a path, or a ShardMember (key.frame_{i:02d}.jpg)."""
+    if 'tar' not in clip:
+        return frame_path(clip['video_path'], i, clip['id'])
+    member = clip_members(clip).get(f'frame_{i:02d}.jpg')
+    if member is None:
+        raise ClipError(f"clip '{clip['id']}': frame member frame_{i:02d}.jpg not found in {clip['tar']}")
+    return member
+
+
+def check_clip(clip, num_frames):
+    """None, or why the clip's wav or one of its frames cannot be opened (headers only)."""
+    try:
+        wav = clip_wav(clip)
+        if isinstance(wav, str) and not os.path.isfile(wav):
+            return f'wav file not found: {wav}'
+        try:
+            if sf.info(wav).frames == 0:
+                return f'wav file has no samples: {wav}'
+        except Exception as e:
+            return f'cannot read wav file {wav}: {e}'
+        for i in range(num_frames):
+            frame = clip_frame(clip, i)
+            if isinstance(frame, str) and not os.path.isfile(frame):
+                return f'frame file not found: {frame}'
+            try:
+                with Image.open(frame if isinstance(frame, str) else io.BytesIO(frame.readall())) as img:
+                    img.size
+            except Exception as e:
+                return f'cannot read frame file {frame}: {e}'
+    except ClipError as e:  # a shard clip without a wav or frame member
+        return str(e)
+    return None
+
+
+def load_item(clip, mode, epoch, seed, audio_length, num_mel_bins, img_size, num_frames, time_shift):
+    """One clip (a row of read_clip_table + 'label') -> the dataset item (AVDataset's docstring).
+    Train mode draws the frame and the time shift from (seed, epoch, clip index): a pure function, so
+    the same clip gives the same item from files or shards, in any worker, rank, or order."""
+    T, L = num_frames, audio_length
+    item = dict(label=clip['label'], id=clip['id'])
+    if mode == 'train':
+        rng = np.random.default_rng((seed, epoch, clip['index']))
+        frame = int(rng.integers(T))
+        shift = int(rng.integers(-MAX_TIME_SHIFT, MAX_TIME_SHIFT + 1)) if time_shift else 0
+        start, end = segment_bounds(frame, T, TARGET_FRAMES, L)
+        audio = load_segment_fbank(clip_wav(clip), clip['id'], num_mel_bins, start, end, shift)  # (L, F)
+        # JPEG draft decoding for training only: evaluation decodes in full, as the reference pipeline
+        image = load_frame(clip_frame(clip, frame), img_size, clip['id'], draft=True)
+        item['frame'] = frame
+    else:
+        fbank = fbank_frames(load_waveform(clip_wav(clip), clip['id']), num_mel_bins)  # (1024, F), once per clip
+        audio = torch.stack([fbank[slice(*segment_bounds(i, T, TARGET_FRAMES, L))]
+                             for i in range(T)])  # (T, L, F)
+        image = torch.stack([load_frame(clip_frame(clip, i), img_size, clip['id']) for i in range(T)])  # (T, 3, H, W)
+    item['audio'] = (audio - FBANK_MEAN) / FBANK_STD
+    item['image'] = image
+    return item
+
+
 class AVDataset(torch.utils.data.Dataset):
-    """CAV-MAE JSON (+ optional label CSV) -> items (SPEC section 2):
-    train: audio (L, F), image (3, H, W), frame (int, drawn per (seed, epoch, index)), label, id
+    """CAV-MAE JSON or a shard set (+ optional label CSV) -> items (CAV-MAE Sync sec. 3, supp. sec. 6):
+    train: audio (L, F), image (3, H, W), frame (int, drawn per (seed, epoch, clip index)), label, id
     eval:  audio (T, L, F), image (T, 3, H, W), label, id  (one fbank per clip, T segments)
+    data_json: a dataset JSON, or shards written by `data.py shard` (their folder, their index.json,
+    a brace pattern 'DIR/shards-{00000..00012}.tar' or one .tar); shard members are read by byte
+    offset, and the items equal those of the JSON the shards were packed from (same order).
     label: float32 multi-hot (num_classes,), length 0 without a label CSV. A clip with no labels gets
     an all-zero label unless require_labels (probing needs labels, pretraining does not); label ids
     that are not in the CSV are always an error (a wrong CSV).
@@ -242,51 +359,25 @@ class AVDataset(torch.utils.data.Dataset):
         self.mode, self.audio_length, self.num_mel_bins = mode, audio_length, num_mel_bins
         self.img_size, self.num_frames = img_size, num_frames
         self.time_shift, self.seed, self.epoch = time_shift, seed, 0
-
-        with open(data_json) as f:
-            entries = json.load(f)['data']
-        if not entries:
+        self.clips = read_clip_table(data_json)
+        if not self.clips:
             raise ValueError(f"{data_json} lists no clips")
-        root = os.path.dirname(os.path.abspath(data_json))
         mid_to_index, self.class_names = read_label_csv(label_csv) if label_csv else ({}, [])
         self.num_classes = len(self.class_names)
-
-        self.clips = []  # dicts: id, wav, video_path, label (num_classes,)
-        for n, entry in enumerate(entries):
-            missing = {'video_id', 'wav', 'video_path'} - set(entry)
-            if missing:
-                raise ValueError(f"{data_json}: entry {n} lacks {sorted(missing)}")
-            clip_id = entry['video_id']
-            label = torch.zeros(self.num_classes)
-            if label_csv:
-                mids = [m.strip() for m in entry.get('labels', '').split(',') if m.strip()]
-                unknown = [m for m in mids if m not in mid_to_index]
-                if unknown or (require_labels and not mids):
-                    problem = f"unknown label ids {unknown}" if unknown else "no labels"
-                    raise ValueError(f"{data_json}: clip '{clip_id}' has {problem} "
-                                     f"(label CSV {label_csv})")
-                label[[mid_to_index[m] for m in mids]] = 1.0  # no labels: all zero
-            self.clips.append(dict(id=clip_id, label=label,
-                                   wav=os.path.join(root, entry['wav']),
-                                   video_path=os.path.join(root, entry['video_path'])))
+        where = f"{data_json} (label CSV {label_csv})"
+        for clip in self.clips:
+            clip['label'] = label_vector(clip.pop('labels'), mid_to_index, self.num_classes, where, clip['id'],
+                                         require_labels)
         if skip_bad:
             self._drop_bad_clips(data_json, bad_list)
 
     def _drop_bad_clips(self, data_json, bad_list):
         """Check every wav and frame header now; drop clips with a missing or unreadable file.
         (A file whose header reads but whose data is truncated still raises when loaded.)"""
-        bad_list = bad_list or os.path.splitext(data_json)[0] + '.bad.txt'
+        bad_list = bad_list or os.path.splitext(data_json.rstrip('/'))[0] + '.bad.txt'
         good, bad = [], []
         for clip in tqdm(self.clips, desc='checking clips', leave=False):
-            try:
-                if not os.path.isfile(clip['wav']) or sf.info(clip['wav']).frames == 0:
-                    raise ClipError('missing or empty wav')
-                for i in range(self.num_frames):
-                    with Image.open(frame_path(clip['video_path'], i, clip['id'])):
-                        pass
-                good.append(clip)
-            except Exception:
-                bad.append(clip['id'])
+            (bad.append(clip['id']) if check_clip(clip, self.num_frames) else good.append(clip))
         with open(bad_list, 'w') as f:
             f.writelines(clip_id + '\n' for clip_id in bad)
         print(f"AVDataset: skipped {len(bad)} of {len(self.clips)} clips of {data_json} with a "
@@ -303,28 +394,8 @@ class AVDataset(torch.utils.data.Dataset):
         return len(self.clips)
 
     def __getitem__(self, index):
-        clip = self.clips[index]
-        T, L = self.num_frames, self.audio_length
-        item = dict(label=clip['label'], id=clip['id'])
-        if self.mode == 'train':
-            # a pure function of (seed, epoch, index): independent of workers, exact on resume
-            rng = np.random.default_rng((self.seed, self.epoch, index))
-            frame = int(rng.integers(T))
-            shift = int(rng.integers(-MAX_TIME_SHIFT, MAX_TIME_SHIFT + 1)) if self.time_shift else 0
-            start, end = segment_bounds(frame, T, TARGET_FRAMES, L)
-            audio = load_segment_fbank(clip['wav'], clip['id'], self.num_mel_bins, start, end, shift)  # (L, F)
-            # JPEG draft decoding for training only: evaluation decodes in full, as the reference pipeline
-            image = load_frame(frame_path(clip['video_path'], frame, clip['id']), self.img_size, clip['id'], draft=True)
-            item['frame'] = frame
-        else:
-            fbank = fbank_frames(load_waveform(clip['wav'], clip['id']), self.num_mel_bins)  # (1024, F), once per clip
-            audio = torch.stack([fbank[slice(*segment_bounds(i, T, TARGET_FRAMES, L))]
-                                 for i in range(T)])  # (T, L, F)
-            image = torch.stack([load_frame(frame_path(clip['video_path'], i, clip['id']),
-                                            self.img_size, clip['id']) for i in range(T)])  # (T, 3, H, W)
-        item['audio'] = (audio - FBANK_MEAN) / FBANK_STD
-        item['image'] = image
-        return item
+        return load_item(self.clips[index], self.mode, self.epoch, self.seed, self.audio_length,
+                         self.num_mel_bins, self.img_size, self.num_frames, self.time_shift)
 
 
 def collate(items):
@@ -334,6 +405,430 @@ def collate(items):
     if 'frame' in items[0]:
         batch['frame'] = torch.tensor([item['frame'] for item in items])
     return batch
+
+
+# -----------------------------------------------------------------------------
+# shards (TG-DP supp. sec. 1.2: the clips packed into webdataset shards, because loading millions of
+# small files was the bottleneck). Webdataset convention: one key per clip, members key.json
+# ({"id", "labels", "index"}), key.wav (or key.flac), key.frame_00.jpg ... key.frame_15.jpg, the
+# prepared files' bytes unchanged. Keys are the clip's position in the source JSON (9 digits: clip
+# ids such as '--PJHxphWEs_30.000' hold dots, which webdataset would read as an extension).
+
+SHARD_FORMAT = 'tgdp-shards/1'
+SHARD_NAME = 'shards-{:05d}.tar'
+MAX_OPEN_SHARDS = 64  # descriptors kept open per process (least recently used closed first)
+_shard_fds, _shard_fds_pid = OrderedDict(), None
+
+
+def shard_fd(path):
+    """A read-only descriptor of a shard, opened once per process (a forked loader worker opens its own)."""
+    global _shard_fds_pid
+    if _shard_fds_pid != os.getpid():
+        _shard_fds.clear()  # the parent's descriptors: not ours to use or close
+        _shard_fds_pid = os.getpid()
+    fd = _shard_fds.pop(path, None)
+    if fd is None:
+        if len(_shard_fds) >= MAX_OPEN_SHARDS:
+            os.close(_shard_fds.popitem(last=False)[1])
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError as e:
+            raise ClipError(f"cannot open shard {path}: {e}") from e
+    _shard_fds[path] = fd
+    return fd
+
+
+class ShardMember(io.RawIOBase):
+    """Read-only file view of one tar member, bytes [offset, offset + size) of a shard, read with
+    os.pread: no shared file position, so soundfile and Pillow can read it like a file, in any worker."""
+
+    def __init__(self, tar, name, offset, size):
+        super().__init__()
+        self.tar, self.name, self.offset, self.size, self.pos = tar, name, offset, size, 0
+
+    def __str__(self):
+        return f'{self.name} in {self.tar}'
+
+    def readable(self):
+        return True
+
+    def seekable(self):
+        return True
+
+    def tell(self):
+        return self.pos
+
+    def seek(self, pos, whence=0):
+        self.pos = max(0, (pos, self.pos + pos, self.size + pos)[whence])
+        return self.pos
+
+    def readinto(self, buffer):
+        data = self.read(len(buffer))
+        buffer[:len(data)] = data
+        return len(data)
+
+    def read(self, n=-1):
+        n = self.size - self.pos if n is None or n < 0 else min(n, self.size - self.pos)
+        data = os.pread(shard_fd(self.tar), max(0, n), self.offset + self.pos)
+        self.pos += len(data)
+        return data
+
+    def readall(self):
+        return self.read()
+
+
+def tar_members(tar, start, end):
+    """(name, data offset, size) of the members whose headers lie in bytes [start, end) of a tar,
+    reading only the 512-byte headers (ustar: what `data.py shard` writes)."""
+    fd, members, pos = shard_fd(tar), [], start
+    while pos < end:
+        block = os.pread(fd, 512, pos)
+        if len(block) < 512 or block == bytes(512):  # end of the archive
+            break
+        try:
+            info = tarfile.TarInfo.frombuf(block, 'utf-8', 'surrogateescape')
+        except tarfile.HeaderError as e:
+            raise ClipError(f"{tar}: no tar header at byte {pos} ({e})") from e
+        if info.type not in (tarfile.REGTYPE, tarfile.AREGTYPE):
+            raise ClipError(f"{tar}: member {info.name!r} at byte {pos} is not a plain file "
+                            f"(only ustar shards as `data.py shard` writes them are read)")
+        members.append((info.name, pos + 512, info.size))
+        pos += 512 + (info.size + 511) // 512 * 512
+    return members
+
+
+def split_member_name(name):
+    """'000000012.frame_03.jpg' -> ('000000012', 'frame_03.jpg'): webdataset's key and extension."""
+    base = os.path.basename(name)
+    key, _, ext = base.partition('.')
+    return os.path.join(os.path.dirname(name), key), ext
+
+
+def clip_members(clip):
+    """{extension: ShardMember} of a shard clip, from its tar headers in [offset, end)."""
+    members = clip.get('members') or tar_members(clip['tar'], clip['offset'], clip['end'])
+    return {split_member_name(name)[1]: ShardMember(clip['tar'], name, offset, size)
+            for name, offset, size in members}
+
+
+def scan_shard(tar):
+    """Every clip of a shard from its headers and key.json members -> list of dicts key, id, labels,
+    index, offset, end (the clip's bytes) and members [(name, data offset, size)], in tar order."""
+    clips = []
+    for name, offset, size in tar_members(tar, 0, os.fstat(shard_fd(tar)).st_size):
+        key, _ = split_member_name(name)
+        if not clips or clips[-1]['key'] != key:
+            clips.append(dict(key=key, tar=tar, offset=offset - 512, members=[]))
+        clips[-1]['members'].append((name, offset, size))
+        clips[-1]['end'] = offset + (size + 511) // 512 * 512
+    for clip in clips:
+        meta = clip_members(clip).get('json')
+        if meta is None:
+            raise ClipError(f"{tar}: clip {clip['key']} has no {clip['key']}.json member")
+        meta = json.loads(meta.readall())
+        clip.update(id=meta['id'], labels=meta.get('labels', ''), index=meta['index'])
+    return clips
+
+
+def table_row(clip):  # one clip of a shard in index.json
+    return [clip['key'], clip['id'], clip['labels'], clip['index'], clip['offset'], clip['end']]
+
+
+def expand_braces(pattern):
+    """'DIR/shards-{00000..00002}.tar' -> the 3 paths (numeric ranges keep the zero padding; '{a,b}' lists too)."""
+    m = re.search(r'\{([^{}]*)\}', pattern)
+    if not m:
+        return [pattern]
+    r = re.fullmatch(r'(\d+)\.\.(\d+)', m.group(1))
+    items = [str(i).zfill(len(r[1])) for i in range(int(r[1]), int(r[2]) + 1)] if r else m.group(1).split(',')
+    return [p for item in items for p in expand_braces(pattern[:m.start()] + item + pattern[m.end():])]
+
+
+def is_shard_set(spec):
+    """A shard folder, a .tar or brace pattern, or an index.json written by `data.py shard`."""
+    spec = str(spec)
+    if os.path.isdir(spec) or spec.endswith('.tar') or '{' in spec:
+        return True
+    if spec.endswith('.json') and os.path.isfile(spec):
+        with open(spec) as f:
+            return f'"format": "{SHARD_FORMAT}"' in f.read(100)  # index.json starts with it
+    return False
+
+
+def read_shard_index(path):
+    with open(path) as f:
+        index = json.load(f)
+    if not index.get('complete'):
+        raise ValueError(f"{path}: the shards are still being written (or the run stopped): "
+                         f"run `data.py shard` again to finish them")
+    return index
+
+
+def shard_tables(spec):
+    """A shard set -> [(shard path, [index.json rows: key, id, labels, index, offset, end])]. The
+    rows come from the index.json next to the shards; shards it does not list are scanned (headers)."""
+    spec = str(spec)
+    if os.path.isdir(spec):
+        index_path, paths = os.path.join(spec, 'index.json'), None
+        if not os.path.isfile(index_path):
+            paths = sorted(os.path.join(spec, n) for n in os.listdir(spec) if n.endswith('.tar'))
+            if not paths:
+                raise FileNotFoundError(f"{spec}: no index.json and no .tar shards")
+    elif spec.endswith('.json'):
+        index_path, paths = spec, None
+    else:
+        paths = expand_braces(spec)
+        index_path = os.path.join(os.path.dirname(paths[0]), 'index.json')
+    tables = {}
+    if os.path.isfile(index_path):
+        root = os.path.dirname(os.path.abspath(index_path))
+        tables = {os.path.join(root, s['name']): s['clips'] for s in read_shard_index(index_path)['shards']}
+    if paths is None:
+        paths = list(tables)
+    result = []
+    for path in paths:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"shard {path} not found (shard set {spec})")
+        rows = tables.get(os.path.abspath(path))
+        result.append((path, rows if rows is not None else [table_row(c) for c in scan_shard(path)]))
+    return result
+
+
+def shard_payload(clip, audio, num_frames):
+    """A prepared clip -> [(extension, bytes)] for its shard members, each file checked first."""
+    problem = check_clip(clip, num_frames)
+    if problem:
+        raise ClipError(problem)
+    with open(clip['wav'], 'rb') as f:
+        sound = f.read()
+    if audio == 'flac':  # lossless for 16- and 24-bit PCM: the samples read back unchanged
+        info = sf.info(clip['wav'])
+        if info.subtype not in ('PCM_16', 'PCM_24'):
+            raise ClipError(f"{clip['wav']}: flac keeps 16/24-bit PCM only, this wav is {info.subtype} "
+                            f"(use --audio wav)")
+        samples, rate = sf.read(clip['wav'], dtype='int32', always_2d=True)
+        buffer = io.BytesIO()
+        sf.write(buffer, samples, rate, format='FLAC', subtype=info.subtype)
+        sound = buffer.getvalue()
+    members = [('json', json.dumps(dict(id=clip['id'], labels=clip['labels'], index=clip['index'])).encode()),
+               (audio, sound)]
+    for i in range(num_frames):
+        with open(clip_frame(clip, i), 'rb') as f:
+            members.append((f'frame_{i:02d}.jpg', f.read()))
+    return members
+
+
+def pack_shard(path, clips, audio, num_frames, progress):
+    """Writes one shard (tmp file + rename: a shard that exists is complete) -> (rows, {id: why skipped})."""
+    rows, skipped = [], {}
+    with tarfile.open(path + '.tmp', 'w', format=tarfile.USTAR_FORMAT) as tar:
+        for clip in clips:
+            try:
+                members = shard_payload(clip, audio, num_frames)
+            except (ClipError, OSError, RuntimeError) as e:
+                skipped[clip['id']] = str(e)
+                progress.update()
+                continue
+            key, offset = f"{clip['index']:09d}", tar.offset
+            for ext, payload in members:
+                info = tarfile.TarInfo(f'{key}.{ext}')
+                info.size, info.mode, info.mtime = len(payload), 0o644, 0  # fixed metadata: same bytes every run
+                tar.addfile(info, io.BytesIO(payload))
+            rows.append([key, clip['id'], clip['labels'], clip['index'], offset, tar.offset])
+            progress.update()
+    os.replace(path + '.tmp', path)
+    return rows, skipped
+
+
+def write_shards(data_json, out, shard_size=1000, audio='wav', seed=0, num_frames=16, workers=1):
+    """Packs the clips of a dataset JSON into OUT/shards-00000.tar, ... (shard_size clips each, in a
+    permutation of the JSON order from seed, so every shard mixes classes) and OUT/index.json (per
+    shard: its clips' key, id, labels, JSON index and byte range). Resumable: finished shards are
+    kept (their index rows read back from their headers). Clips with a missing or unreadable file are
+    left out and listed in index.json ('skipped', with the reason). Returns the index."""
+    if audio not in ('wav', 'flac'):
+        raise ValueError(f"audio must be 'wav' or 'flac', got {audio!r}")
+    clips = read_clip_table(data_json)
+    if not clips or 'tar' in clips[0]:
+        raise ValueError(f"{data_json}: expected a dataset JSON with clips (shards are packed from files)")
+    order = np.random.default_rng(seed).permutation(len(clips))
+    groups = [[clips[i] for i in order[k:k + shard_size]] for k in range(0, len(clips), shard_size)]
+    settings = dict(format=SHARD_FORMAT, complete=False, num_clips=len(clips), shard_size=shard_size, seed=seed,
+                    audio=audio, num_frames=num_frames, source=os.path.relpath(os.path.abspath(data_json), out),
+                    ids_sha1=hashlib.sha1('\n'.join(c['id'] for c in clips).encode()).hexdigest())
+    os.makedirs(out, exist_ok=True)
+    index_path = os.path.join(out, 'index.json')
+    if os.path.isfile(index_path):
+        with open(index_path) as f:
+            old = json.load(f)
+        changed = [k for k in settings if k not in ('complete', 'source') and old.get(k) != settings[k]]
+        if changed:
+            raise ValueError(f"{out} holds shards written with other settings ({', '.join(changed)} differ): "
+                             f"use another --out or delete the folder")
+    with open(index_path, 'w') as f:
+        json.dump(settings, f)  # incomplete until the end
+    paths = [os.path.join(out, SHARD_NAME.format(k)) for k in range(len(groups))]
+    todo = [k for k in range(len(groups)) if not os.path.isfile(paths[k])]
+    print(f"{len(clips)} clips -> {len(groups)} shards: {len(groups) - len(todo)} already written, {len(todo)} to write")
+    results = {}
+    with tqdm(total=sum(len(groups[k]) for k in todo), desc='shard', unit='clip') as progress:
+        with ThreadPoolExecutor(workers) as pool:  # file reads and writes: threads overlap the waits
+            for k, result in zip(todo, pool.map(lambda k: pack_shard(paths[k], groups[k], audio, num_frames,
+                                                                     progress), todo)):
+                results[k] = result
+    shards, skipped = [], {}
+    for k in tqdm(range(len(groups)), desc='index', leave=False):
+        if k in results:
+            rows, bad = results[k]
+        else:  # written by an earlier run: rows from its headers, skipped clips checked again for the reason
+            rows = [table_row(c) for c in scan_shard(paths[k])]
+            packed = {r[1] for r in rows}
+            bad = {c['id']: check_clip(c, num_frames) or 'left out by an earlier run'
+                   for c in groups[k] if c['id'] not in packed}
+        shards.append(dict(name=os.path.basename(paths[k]), bytes=os.path.getsize(paths[k]), clips=rows))
+        skipped.update(bad)
+    index = dict(settings, complete=True, shards=shards, skipped=skipped)
+    with open(index_path + '.tmp', 'w') as f:
+        json.dump(index, f)
+    os.replace(index_path + '.tmp', index_path)
+    packed = sum(len(s['clips']) for s in shards)
+    print(f"wrote {index_path}: {packed} clips in {len(shards)} shards, {len(skipped)} left out"
+          + (f" ({', '.join(list(skipped)[:5])}{', ...' if len(skipped) > 5 else ''}: reasons in index.json "
+             f"'skipped')" if skipped else ''))
+    return index
+
+
+class ShardStream(torch.utils.data.IterableDataset):
+    """Training batches from a shard set, endless across epochs: use it as
+    DataLoader(stream, batch_size=None, num_workers=num_workers, ...) with one iterator for the whole
+    run, so the loader workers stay alive. Epoch e, with W = max(1, num_workers) workers per rank:
+    - the shards in a permutation from (seed, e); reader c = rank * W + worker takes shards
+      perm[c::world_size * W], so ranks and workers read disjoint shards (there must be at least
+      world_size * W shards);
+    - each reader passes its clips through a shuffle buffer of shuffle_buffer clips, seeded from
+      (seed, e, rank, worker), and batches batch_size(e) of them (an int, a list per epoch whose last
+      entry holds on, or a function of the epoch: the adaptive batch);
+    - every reader yields the same number of batches, the smallest clips // batch size among the
+      readers (the rest of the epoch is dropped), so every rank gets batches_per_epoch(e) batches: no
+      rank waits for another under DDP. The DataLoader takes batches from its workers in turn, so
+      batch k of a rank's epoch comes from worker k mod W.
+    Items are AVDataset's train items of the JSON the shards were packed from (frame and time shift
+    drawn from (seed, e, clip index)); a batch is collate's dict plus 'epoch' and 'batch' (its
+    position in the rank's epoch). start=(epoch, k) begins at batch k of that epoch, with exactly the
+    batches an uninterrupted stream yields from there; the batches before it are formed from tar
+    headers (nothing is decoded). Resume needs the same shards, seed, shuffle_buffer, world_size and
+    num_workers: save layout() with the checkpoint and pass it back as resume_layout (a difference
+    raises ValueError)."""
+
+    def __init__(self, shards, batch_size, label_csv=None, seed=0, rank=0, world_size=1, num_workers=0,
+                 start=(0, 0), shuffle_buffer=1000, audio_length=416, num_mel_bins=128, img_size=224,
+                 num_frames=16, time_shift=False, resume_layout=None):
+        self.shards = [(path, len(rows)) for path, rows in shard_tables(shards)]  # counts only: light to fork
+        self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
+        self.num_workers, self.shuffle_buffer, self.start = num_workers, shuffle_buffer, tuple(start)
+        self.readers = world_size * max(1, num_workers)
+        if len(self.shards) < self.readers:
+            raise ValueError(f"{shards}: {len(self.shards)} shards for {world_size} ranks x {max(1, num_workers)} "
+                             f"loader workers: every reader needs its own shards; pack with a smaller --shard_size")
+        self.mid_to_index, self.class_names = read_label_csv(label_csv) if label_csv else ({}, [])
+        self.where = f"{shards} (label CSV {label_csv})"
+        self.item_args = dict(audio_length=audio_length, num_mel_bins=num_mel_bins, img_size=img_size,
+                              num_frames=num_frames, time_shift=time_shift)
+        if resume_layout is not None:
+            changed = [k for k, v in self.layout().items() if resume_layout.get(k) != v]
+            if changed:
+                raise ValueError(f"resume: {', '.join(changed)} changed since the checkpoint; mid-epoch resume of a "
+                                 f"shard stream needs the same shards, seed, shuffle buffer, world size and num_workers")
+        epoch, k = self.start
+        if not 0 <= k < self.batches_per_epoch(epoch):
+            raise ValueError(f"start batch {k} is outside epoch {epoch} ({self.batches_per_epoch(epoch)} batches)")
+
+    def layout(self):
+        """What a mid-epoch resume must find unchanged (save it with the checkpoint)."""
+        return dict(shards=[[os.path.basename(p), n] for p, n in self.shards], seed=self.seed,
+                    shuffle_buffer=self.shuffle_buffer, world_size=self.world_size, num_workers=self.num_workers)
+
+    def epoch_batch_size(self, epoch):
+        b = self.batch_size
+        b = b(epoch) if callable(b) else b[min(epoch, len(b) - 1)] if isinstance(b, (list, tuple)) else b
+        if b < 1:
+            raise ValueError(f"batch size {b} for epoch {epoch}")
+        return int(b)
+
+    def reader_shards(self, epoch, reader):
+        """Indices of the shards reader (rank * W + worker) reads in an epoch."""
+        perm = np.random.default_rng((self.seed, epoch)).permutation(len(self.shards))
+        return perm[reader::self.readers].tolist()
+
+    def reader_batches(self, epoch):
+        """Batches every reader yields in an epoch (the same for all)."""
+        B = self.epoch_batch_size(epoch)
+        clips = min(sum(self.shards[s][1] for s in self.reader_shards(epoch, c)) for c in range(self.readers))
+        if clips < B:
+            raise ValueError(f"epoch {epoch}: a reader holds only {clips} clips, fewer than one batch of {B}; "
+                             f"pack smaller shards or lower the batch size")
+        return clips // B
+
+    def batches_per_epoch(self, epoch):
+        """Batches each rank gets in an epoch (the same on every rank); cheap, call it anywhere."""
+        return self.reader_batches(epoch) * max(1, self.num_workers)
+
+    def clip_batches(self, epoch, worker):
+        """This rank's worker's batches of an epoch as lists of clips (headers read, nothing decoded)."""
+        W, B = max(1, self.num_workers), self.epoch_batch_size(epoch)
+        rng = np.random.default_rng((self.seed, epoch, self.rank, worker))
+        shards = [self.shards[s] for s in self.reader_shards(epoch, self.rank * W + worker)]
+
+        def clips():
+            for path, count in shards:
+                scanned = scan_shard(path)
+                if len(scanned) != count:
+                    raise ValueError(f"{path} holds {len(scanned)} clips, its index {count}: re-run `data.py shard`")
+                yield from scanned
+
+        def shuffled():  # a buffer of shuffle_buffer clips; each new clip takes the place of a random one
+            buffer = []
+            for clip in clips():
+                if len(buffer) < self.shuffle_buffer:
+                    buffer.append(clip)
+                    continue
+                j = int(rng.integers(len(buffer)))
+                yield buffer[j]
+                buffer[j] = clip
+            yield from (buffer[j] for j in rng.permutation(len(buffer)))
+
+        batch, count = [], self.reader_batches(epoch)
+        for clip in shuffled():
+            batch.append(clip)
+            if len(batch) == B:
+                yield batch
+                batch, count = [], count - 1
+                if count == 0:
+                    return
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        workers = info.num_workers if info else 0
+        if workers != self.num_workers:
+            raise ValueError(f"ShardStream was built for num_workers={self.num_workers} but runs with {workers}: "
+                             f"give the DataLoader the same num_workers")
+        W = max(1, workers)
+        epoch, k = self.start
+        worker = ((info.id if info else 0) + k) % W  # a resumed loader starts at worker 0: rotate the roles
+        skip = (k - worker + W - 1) // W  # this worker's batches before batch k
+        while True:
+            for j, clips in enumerate(self.clip_batches(epoch, worker)):
+                if j < skip:
+                    continue
+                items = []
+                for clip in clips:
+                    clip = dict(clip, label=label_vector(clip['labels'], self.mid_to_index, len(self.class_names),
+                                                         self.where, clip['id']))
+                    items.append(load_item(clip, 'train', epoch, self.seed, **self.item_args))
+                batch = collate(items)
+                batch['epoch'], batch['batch'] = epoch, j * W + worker
+                yield batch
+            epoch, skip = epoch + 1, 0
 
 
 # -----------------------------------------------------------------------------
@@ -696,24 +1191,6 @@ def read_vggsound_csv(path, id_format, label_csv):
     return splits, counts
 
 
-def check_prepared_clip(prepared, clip_id, num_frames):
-    """None, or why the clip's wav or a frame cannot be read (headers only: fast on millions of clips)."""
-    wav = os.path.join(prepared, 'audio', f'{clip_id}.wav')
-    try:
-        if sf.info(wav).frames == 0:
-            return f'wav file has no samples: {wav}'
-    except Exception as e:
-        return f'cannot read wav file {wav}: {e}'
-    for i in range(num_frames):
-        path = frame_path(prepared, i, clip_id)
-        try:
-            with Image.open(path) as img:
-                img.size
-        except Exception as e:
-            return f'cannot read frame file {path}: {e}'
-    return None
-
-
 def prepared_clips(prepared, ids, num_frames=16, check=True, workers=4):
     """Which requested ids a `prepare` folder holds -> (clips {id: (wav, frames folder)}, reasons
     {id: (kind, message)} for no_audio / failed (from failed.json) / unreadable ones)."""
@@ -724,8 +1201,10 @@ def prepared_clips(prepared, ids, num_frames=16, check=True, workers=4):
                for i in ids if i not in present and i in failures}
     if check:
         with ThreadPoolExecutor(workers) as pool:
-            problems = list(tqdm(pool.map(lambda i: check_prepared_clip(prepared, i, num_frames), found),
-                                 total=len(found), desc='checking clips', leave=False))
+            def check(i):
+                return check_clip(dict(id=i, wav=os.path.join(prepared, 'audio', f'{i}.wav'), video_path=prepared),
+                                  num_frames)
+            problems = list(tqdm(pool.map(check, found), total=len(found), desc='checking clips', leave=False))
         reasons.update({i: ('unreadable', p) for i, p in zip(found, problems) if p})
     clips = {i: (os.path.join(prepared, 'audio', f'{i}.wav'), prepared) for i in found if i not in reasons}
     return clips, reasons
@@ -906,6 +1385,14 @@ if __name__ == '__main__':
     p.add_argument('--ids', help='text file, one clip id a line')
     p.add_argument('--template', help='JSON listing the clips (e.g. vggsound_retrieval_split_template.json)')
     p.add_argument('--label_csv', help='to list classes with no clip in the summary')
+    p = sub.add_parser('shard', help='pack the clips of a dataset JSON into tar shards (webdataset convention)')
+    p.add_argument('--data', required=True, help='dataset JSON')
+    p.add_argument('--out', required=True, help='folder for shards-00000.tar, ... and index.json')
+    p.add_argument('--shard_size', type=int, default=1000, help='clips per shard (~0.5 GB at 1000 prepared clips)')
+    p.add_argument('--audio', choices=('wav', 'flac'), default='wav', help='flac: lossless, about half the bytes')
+    p.add_argument('--seed', type=int, default=0, help='permutation of the clips over the shards')
+    p.add_argument('--num_frames', type=int, default=16)
+    p.add_argument('--workers', type=int, default=1, help='shards written at a time')
     p = sub.add_parser('bench', help='data-loader throughput')
     p.add_argument('--data', required=True, help='dataset JSON')
     p.add_argument('--workers', type=int, default=0)
@@ -926,6 +1413,8 @@ if __name__ == '__main__':
     elif args.command == 'vggsound':
         build_vggsound(args.prepared, args.csv, args.label_csv, args.out, args.id_format, args.num_frames,
                        not args.no_check, args.workers)
+    elif args.command == 'shard':
+        write_shards(args.data, args.out, args.shard_size, args.audio, args.seed, args.num_frames, args.workers)
     elif args.command == 'subset':
         build_subset(args.data, args.out, args.ids, args.template, args.label_csv)
     else:
