@@ -5,6 +5,7 @@ import io
 import json
 import os
 import tarfile
+import types
 
 import numpy as np
 import pytest
@@ -88,6 +89,11 @@ def test_shard_items_equal_json_items(synth, mode):
                 assert a['id'] == b['id'] and a.get('frame') == b.get('frame')
                 for key in ('audio', 'image', 'label'):
                     assert torch.equal(a[key], b[key]), (spec, i, key)
+    if mode == 'eval':  # evaluate.py takes a shard folder wherever it takes a JSON
+        import evaluate
+        config = types.SimpleNamespace(audio_length=128, num_mel_bins=128, img_size=32)
+        a, b = evaluate.make_dataset(synth['json'], synth['labels'], config), evaluate.make_dataset(synth['shards'], synth['labels'], config)
+        assert torch.equal(a[7]['audio'], b[7]['audio']) and torch.equal(a[7]['image'], b[7]['image'])
     # a subset of shards, read through loader workers (each opens its own descriptors)
     ds = data.AVDataset(os.path.join(synth['shards'], 'shards-{00002,00005}.tar'), mode=mode, **SMALL)
     assert len(ds) == 8
@@ -97,6 +103,14 @@ def test_shard_items_equal_json_items(synth, mode):
     for batch in loader:
         for k, clip_id in enumerate(batch['id']):
             assert torch.equal(batch['audio'][k], ref[ids[clip_id]]['audio'])
+
+
+def test_bench_reads_shards_cold(synth, capsys):
+    for spec, source in [(synth['shards'], 'shards, shuffle buffer 2'), (synth['json'], 'files')]:
+        assert data.bench(spec, img_size=32, audio_length=128, batch_size=2, num_batches=2, cold=True,
+                          shuffle_buffer=2) > 0
+        out = capsys.readouterr().out
+        assert f'({source}, 0 workers' in out and '4 items, cold page cache' in out and 'evicted' in out
 
 
 def test_flac_shards_equal_and_smaller(synth):
