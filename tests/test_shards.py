@@ -60,6 +60,19 @@ def test_tar_layout_and_index(synth):
     assert sorted(seen) == list(range(len(entries))) and seen != sorted(seen)  # all clips, once, shuffled
 
 
+def test_header_parser_matches_tarfile(synth, tmp_path):
+    path = os.path.join(synth['shards'], 'shards-00001.tar')
+    with tarfile.open(path) as tar:
+        ref = [(m.name, m.offset_data, m.size) for m in tar.getmembers()]
+    assert data.tar_members(path, 0, os.path.getsize(path)) == ref
+    raw = bytearray(read_bytes(path))
+    raw[ref[1][1] + 100] ^= 1  # inside the second member's data: not a header, no effect
+    raw[ref[1][1] - 512 + 10] ^= 1  # the name field of the second member's header
+    (tmp_path / 'bad.tar').write_bytes(bytes(raw))
+    with pytest.raises(data.ClipError, match=f"bad.tar: no valid tar header at byte {ref[1][1] - 512} \\(bad checksum"):
+        data.tar_members(str(tmp_path / 'bad.tar'), 0, len(raw))
+
+
 def test_webdataset_reads_the_shards(synth):
     wds = pytest.importorskip('webdataset')
     entries = {e['video_id']: e for e in json.load(open(synth['json']))['data']}
