@@ -1,10 +1,15 @@
 """
 Data for TG-DP: the CAV-MAE dataset layout -> training / evaluation batches (SPEC section 2),
-a built-in synthetic dataset, and raw-video preparation with ffmpeg.
+a built-in synthetic dataset, raw-video preparation with ffmpeg, labelled splits from the official
+AudioSet / VGGSound metadata, and tar shards (webdataset convention) with a training stream.
 
-    python data.py synth   --out data_synth --num_clips 400 --seed 0
-    python data.py prepare --videos VIDEO_DIR_OR_LIST --out DIR
-    python data.py bench   --data data_synth/train.json --workers 2
+    python data.py synth    --out data_synth --num_clips 400 --seed 0
+    python data.py prepare  --videos VIDEO_DIR_OR_LIST --out DIR
+    python data.py audioset --prepared DIR --label_csv class_labels_indices.csv --out DIR --balanced CSV ...
+    python data.py vggsound --prepared DIR --csv vggsound.csv --label_csv CLASSES_CSV --out DIR
+    python data.py subset   --data SPLIT_JSON (--ids IDS_TXT | --template TEMPLATE_JSON) --out JSON
+    python data.py shard    --data JSON --out SHARD_DIR [--shard_size 1000]
+    python data.py bench    --data data_synth/train.json --workers 2
 
 Layout (CAV-MAE): a JSON {"data": [{"video_id", "wav", "video_path", "labels"}]}, frame i of a clip
 at {video_path}/frame_{i}/{video_id}.jpg, labels = comma-separated `mid`s of a CSV with header
@@ -36,7 +41,6 @@ import csv
 import hashlib
 import io
 import json
-import math
 import os
 import re
 import shutil
@@ -337,7 +341,7 @@ def load_item(clip, mode, epoch, seed, audio_length, num_mel_bins, img_size, num
 
 
 class AVDataset(torch.utils.data.Dataset):
-    """CAV-MAE JSON or a shard set (+ optional label CSV) -> items (CAV-MAE Sync sec. 3, supp. sec. 6):
+    """CAV-MAE JSON or a shard set (+ optional label CSV) -> items (the CAV-MAE Sync input pipeline):
     train: audio (L, F), image (3, H, W), frame (int, drawn per (seed, epoch, clip index)), label, id
     eval:  audio (T, L, F), image (T, 3, H, W), label, id  (one fbank per clip, T segments)
     data_json: a dataset JSON, or shards written by `data.py shard` (their folder, their index.json,
@@ -677,7 +681,8 @@ def write_shards(data_json, out, shard_size=1000, audio='wav', seed=0, num_frame
         json.dump(settings, f)  # incomplete until the end
     paths = [os.path.join(out, SHARD_NAME.format(k)) for k in range(len(groups))]
     todo = [k for k in range(len(groups)) if not os.path.isfile(paths[k])]
-    print(f"{len(clips)} clips -> {len(groups)} shards: {len(groups) - len(todo)} already written, {len(todo)} to write")
+    print(f"{len(clips)} clips -> {len(groups)} shards: {len(groups) - len(todo)} already written, "
+          f"{len(todo)} to write")
     results = {}
     with tqdm(total=sum(len(groups[k]) for k in todo), desc='shard', unit='clip') as progress:
         with ThreadPoolExecutor(workers) as pool:  # file reads and writes: threads overlap the waits
@@ -745,8 +750,9 @@ class ShardStream(torch.utils.data.IterableDataset):
         if resume_layout is not None:
             changed = [k for k, v in self.layout().items() if resume_layout.get(k) != v]
             if changed:
-                raise ValueError(f"resume: {', '.join(changed)} changed since the checkpoint; mid-epoch resume of a "
-                                 f"shard stream needs the same shards, seed, shuffle buffer, world size and num_workers")
+                raise ValueError(f"resume: {', '.join(changed)} changed since the checkpoint; mid-epoch resume of "
+                                 f"a shard stream needs the same shards, seed, shuffle buffer, world size and "
+                                 f"num_workers")
         epoch, k = self.start
         if not 0 <= k < self.batches_per_epoch(epoch):
             raise ValueError(f"start batch {k} is outside epoch {epoch} ({self.batches_per_epoch(epoch)} batches)")
@@ -1251,8 +1257,9 @@ def write_split(out_json, requested, clips, reasons, label_csv=None, duplicate_r
         covered = {m for e in entries for m in e['labels'].split(',') if m}
         empty = [names[i] for m, i in sorted(mid_to_index.items(), key=lambda x: x[1]) if m not in covered]
         summary['classes_without_clips'] = empty
-        line += f"; {len(empty)} of {len(names)} classes have no clip" + (f" ({', '.join(empty[:5])}"
-                                                                          f"{', ...' if len(empty) > 5 else ''})" if empty else '')
+        line += f"; {len(empty)} of {len(names)} classes have no clip"
+        if empty:
+            line += f" ({', '.join(empty[:5])}{', ...' if len(empty) > 5 else ''})"
     with open(stem + '.summary.json', 'w') as f:
         json.dump(summary, f, indent=1)
     print(line)

@@ -46,12 +46,14 @@ def test_tar_layout_and_index(synth):
             assert len(members) == 18 * len(shard['clips'])
             for n, (key, clip_id, labels, index_, offset, end) in enumerate(shard['clips']):
                 group = members[18 * n:18 * (n + 1)]
-                assert [m.name for m in group] == [f'{key}.json', f'{key}.wav'] + [f'{key}.frame_{i:02d}.jpg' for i in range(16)]
+                frames = [f'{key}.frame_{i:02d}.jpg' for i in range(16)]
+                assert [m.name for m in group] == [f'{key}.json', f'{key}.wav'] + frames
                 assert key == f'{index_:09d}' and group[0].offset == offset
                 assert (members[18 * (n + 1)].offset if n + 1 < len(shard['clips']) else tar.offset) >= end
                 entry = entries[index_]
                 meta = json.loads(tar.extractfile(group[0]).read())
-                assert meta == dict(id=entry['video_id'], labels=entry['labels'], index=index_) and clip_id == entry['video_id']
+                assert meta == dict(id=entry['video_id'], labels=entry['labels'], index=index_)
+                assert clip_id == entry['video_id']
                 assert labels == entry['labels']
                 assert tar.extractfile(group[1]).read() == read_bytes(os.path.join(root, entry['wav']))
                 for i in range(16):
@@ -105,7 +107,8 @@ def test_shard_items_equal_json_items(synth, mode):
     if mode == 'eval':  # evaluate.py takes a shard folder wherever it takes a JSON
         import evaluate
         config = types.SimpleNamespace(audio_length=128, num_mel_bins=128, img_size=32)
-        a, b = evaluate.make_dataset(synth['json'], synth['labels'], config), evaluate.make_dataset(synth['shards'], synth['labels'], config)
+        a = evaluate.make_dataset(synth['json'], synth['labels'], config)
+        b = evaluate.make_dataset(synth['shards'], synth['labels'], config)
         assert torch.equal(a[7]['audio'], b[7]['audio']) and torch.equal(a[7]['image'], b[7]['image'])
     # a subset of shards, read through loader workers (each opens its own descriptors)
     ds = data.AVDataset(os.path.join(synth['shards'], 'shards-{00002,00005}.tar'), mode=mode, **SMALL)
