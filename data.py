@@ -1,10 +1,15 @@
 """
 Data for TG-DP: the CAV-MAE dataset layout -> training / evaluation batches (SPEC section 2),
-a built-in synthetic dataset, and raw-video preparation with ffmpeg.
+a built-in synthetic dataset, raw-video preparation with ffmpeg, labelled splits from the official
+AudioSet / VGGSound metadata, and tar shards (webdataset convention) with a training stream.
 
-    python data.py synth   --out data_synth --num_clips 400 --seed 0
-    python data.py prepare --videos VIDEO_DIR_OR_LIST --out DIR
-    python data.py bench   --data data_synth/train.json --workers 2
+    python data.py synth    --out data_synth --num_clips 400 --seed 0
+    python data.py prepare  --videos VIDEO_DIR_OR_LIST --out DIR
+    python data.py audioset --prepared DIR --label_csv class_labels_indices.csv --out DIR --balanced CSV ...
+    python data.py vggsound --prepared DIR --csv vggsound.csv --label_csv CLASSES_CSV --out DIR
+    python data.py subset   --data SPLIT_JSON (--ids IDS_TXT | --template TEMPLATE_JSON) --out JSON
+    python data.py shard    --data JSON --out SHARD_DIR [--shard_size 1000]
+    python data.py bench    --data data_synth/train.json --workers 2
 
 Layout (CAV-MAE): a JSON {"data": [{"video_id", "wav", "video_path", "labels"}]}, frame i of a clip
 at {video_path}/frame_{i}/{video_id}.jpg, labels = comma-separated `mid`s of a CSV with header
@@ -33,12 +38,17 @@ Synthetic data (learnable at tiny scale, no single-modality or whole-clip shortc
 import argparse
 import colorsys
 import csv
+import hashlib
+import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+import tarfile
 import time
+from collections import Counter, OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -119,10 +129,12 @@ def wav_to_fbank(waveform, sample_rate, num_mel_bins=128):
 
 
 def load_waveform(path, clip_id):
-    """wav file -> (N,) float32 first channel at 16 kHz, mean removed."""
-    if not os.path.isfile(path):
+    """wav file (a path or a ShardMember) -> (N,) float32 first channel at 16 kHz, mean removed."""
+    if isinstance(path, str) and not os.path.isfile(path):
         raise ClipError(f"clip '{clip_id}': wav file not found: {path}")
     try:
+        if not isinstance(path, str):
+            path.seek(0)
         samples, sample_rate = sf.read(path, dtype='float32', always_2d=True)  # (N, C)
     except Exception as e:
         raise ClipError(f"clip '{clip_id}': cannot read wav file {path}: {e}") from e
@@ -136,8 +148,8 @@ def load_segment_fbank(path, clip_id, num_mel_bins, start, end, shift=0):
     reading only the samples those rows need from a 16 kHz file (4.2 s of a 10 s clip for 416 rows;
     a roll that wraps reads two pieces); other rates are read whole and resampled. The clip mean is
     not removed: kaldi's per-frame DC removal cancels any constant offset, so the rows equal those of
-    load_waveform's mean-removed waveform (to float32 rounding)."""
-    if not os.path.isfile(path):
+    load_waveform's mean-removed waveform (to float32 rounding). path: a file or a ShardMember."""
+    if isinstance(path, str) and not os.path.isfile(path):
         raise ClipError(f"clip '{clip_id}': wav file not found: {path}")
     try:
         f = sf.SoundFile(path)
@@ -174,11 +186,12 @@ def load_frame(path, img_size, clip_id='', draft=False):
     Sizes are computed as torchvision's Resize/CenterCrop do, as in the reference pipeline.
     draft: let the JPEG decoder scale by 1/2, 1/4 or 1/8 while decoding when the result still covers
     the target size: a 1280x720 frame loads 2.4x faster, within 0.75 of 255 levels on average of the
-    full decode (measured on a sample video); no effect on frames prepared at 224 px."""
-    if not os.path.isfile(path):
+    full decode (measured on a sample video); no effect on frames prepared at 224 px.
+    path: a file or a ShardMember."""
+    if isinstance(path, str) and not os.path.isfile(path):
         raise ClipError(f"clip '{clip_id}': frame file not found: {path}")
     try:
-        with Image.open(path) as img:
+        with Image.open(path if isinstance(path, str) else io.BytesIO(path.readall())) as img:
             w, h = img.size
             if w <= h:
                 new_w, new_h = img_size, int(img_size * h / w)
@@ -219,11 +232,124 @@ def read_label_csv(label_csv):
     return mid_to_index, names
 
 
+def label_vector(labels, mid_to_index, num_classes, where, clip_id, require_labels=False):
+    """'mid1,mid2' -> float32 multi-hot (num_classes,); empty labels give zeros unless require_labels."""
+    label = torch.zeros(num_classes)
+    if not num_classes:
+        return label
+    mids = [m.strip() for m in labels.split(',') if m.strip()]
+    unknown = [m for m in mids if m not in mid_to_index]
+    if unknown or (require_labels and not mids):
+        problem = f"unknown label ids {unknown}" if unknown else "no labels"
+        raise ValueError(f"{where}: clip '{clip_id}' has {problem}")
+    label[[mid_to_index[m] for m in mids]] = 1.0  # no labels: all zero
+    return label
+
+
+def read_clip_table(spec):
+    """A dataset JSON or a shard set -> list of dicts: id, index, labels, and either wav + video_path
+    (files) or tar + offset + end (a clip's members in a shard). index is the clip's position in the
+    JSON (for shards: in the JSON they were packed from); the table is in index order."""
+    if is_shard_set(spec):
+        clips = [dict(id=c[1], labels=c[2], index=c[3], tar=path, offset=c[4], end=c[5])
+                 for path, table in shard_tables(spec) for c in table]
+        return sorted(clips, key=lambda c: c['index'])
+    with open(spec) as f:
+        entries = json.load(f)['data']
+    root = os.path.dirname(os.path.abspath(spec))
+    clips = []
+    for n, entry in enumerate(entries):
+        missing = {'video_id', 'wav', 'video_path'} - set(entry)
+        if missing:
+            raise ValueError(f"{spec}: entry {n} lacks {sorted(missing)}")
+        clips.append(dict(id=entry['video_id'], labels=entry.get('labels', ''), index=n,
+                          wav=os.path.join(root, entry['wav']), video_path=os.path.join(root, entry['video_path'])))
+    return clips
+
+
+def clip_wav(clip):
+    """The clip's audio: a path, or a ShardMember (its key.wav or key.flac)."""
+    if 'tar' not in clip:
+        return clip['wav']
+    members = clip_members(clip)
+    for ext in ('wav', 'flac'):
+        if ext in members:
+            return members[ext]
+    raise ClipError(f"clip '{clip['id']}': no wav or flac member in {clip['tar']} at byte {clip['offset']}")
+
+
+def clip_frame(clip, i):
+    """Frame i of the clip: a path, or a ShardMember (key.frame_{i:02d}.jpg)."""
+    if 'tar' not in clip:
+        return frame_path(clip['video_path'], i, clip['id'])
+    member = clip_members(clip).get(f'frame_{i:02d}.jpg')
+    if member is None:
+        raise ClipError(f"clip '{clip['id']}': frame member frame_{i:02d}.jpg not found in {clip['tar']}")
+    return member
+
+
+def check_clip(clip, num_frames):
+    """None, or why the clip's wav or one of its frames cannot be opened (headers only)."""
+    try:
+        wav = clip_wav(clip)
+        if isinstance(wav, str) and not os.path.isfile(wav):
+            return f'wav file not found: {wav}'
+        try:
+            if sf.info(wav).frames == 0:
+                return f'wav file has no samples: {wav}'
+        except Exception as e:
+            return f'cannot read wav file {wav}: {e}'
+        for i in range(num_frames):
+            frame = clip_frame(clip, i)
+            if isinstance(frame, str) and not os.path.isfile(frame):
+                return f'frame file not found: {frame}'
+            try:
+                with Image.open(frame if isinstance(frame, str) else io.BytesIO(frame.readall())) as img:
+                    img.size
+            except Exception as e:
+                return f'cannot read frame file {frame}: {e}'
+    except ClipError as e:  # a shard clip without a wav or frame member
+        return str(e)
+    return None
+
+
+def load_item(clip, mode, epoch, seed, audio_length, num_mel_bins, img_size, num_frames, time_shift):
+    """One clip (a row of read_clip_table + 'label') -> the dataset item (AVDataset's docstring).
+    Train mode draws the frame and the time shift from (seed, epoch, clip index): a pure function, so
+    the same clip gives the same item from files or shards, in any worker, rank, or order."""
+    T, L = num_frames, audio_length
+    if 'tar' in clip and 'members' not in clip:  # read the headers once per item
+        clip = dict(clip, members=tar_members(clip['tar'], clip['offset'], clip['end']))
+    item = dict(label=clip['label'], id=clip['id'])
+    if mode == 'train':
+        rng = np.random.default_rng((seed, epoch, clip['index']))
+        frame = int(rng.integers(T))
+        shift = int(rng.integers(-MAX_TIME_SHIFT, MAX_TIME_SHIFT + 1)) if time_shift else 0
+        start, end = segment_bounds(frame, T, TARGET_FRAMES, L)
+        audio = load_segment_fbank(clip_wav(clip), clip['id'], num_mel_bins, start, end, shift)  # (L, F)
+        # JPEG draft decoding for training only: evaluation decodes in full, as the reference pipeline
+        image = load_frame(clip_frame(clip, frame), img_size, clip['id'], draft=True)
+        item['frame'] = frame
+    else:
+        fbank = fbank_frames(load_waveform(clip_wav(clip), clip['id']), num_mel_bins)  # (1024, F), once per clip
+        audio = torch.stack([fbank[slice(*segment_bounds(i, T, TARGET_FRAMES, L))]
+                             for i in range(T)])  # (T, L, F)
+        image = torch.stack([load_frame(clip_frame(clip, i), img_size, clip['id']) for i in range(T)])  # (T, 3, H, W)
+    item['audio'] = (audio - FBANK_MEAN) / FBANK_STD
+    item['image'] = image
+    return item
+
+
 class AVDataset(torch.utils.data.Dataset):
-    """CAV-MAE JSON (+ optional label CSV) -> items (SPEC section 2):
-    train: audio (L, F), image (3, H, W), frame (int, drawn per (seed, epoch, index)), label, id
+    """CAV-MAE JSON or a shard set (+ optional label CSV) -> items (the CAV-MAE Sync input pipeline):
+    train: audio (L, F), image (3, H, W), frame (int, drawn per (seed, epoch, clip index)), label, id
     eval:  audio (T, L, F), image (T, 3, H, W), label, id  (one fbank per clip, T segments)
-    label: float32 multi-hot (num_classes,), length 0 without a label CSV.
+    data_json: a dataset JSON, or shards written by `data.py shard` (their folder, their index.json,
+    a brace pattern 'DIR/shards-{00000..00012}.tar' or one .tar); shard members are read by byte
+    offset, and the items equal those of the JSON the shards were packed from (same order).
+    label: float32 multi-hot (num_classes,), length 0 without a label CSV. A clip with no labels gets
+    an all-zero label unless require_labels (probing needs labels, pretraining does not); label ids
+    that are not in the CSV are always an error (a wrong CSV).
     audio_length, num_mel_bins, img_size come from the model config; time_shift acts in train mode
     only. skip_bad=True checks every file at start-up, drops clips with a missing or unreadable
     wav/frame, prints the count and writes their ids to bad_list (default: next to the JSON,
@@ -231,7 +357,7 @@ class AVDataset(torch.utils.data.Dataset):
 
     def __init__(self, data_json, label_csv=None, mode='train', audio_length=416,
                  num_mel_bins=128, img_size=224, num_frames=16, time_shift=False, seed=0,
-                 skip_bad=False, bad_list=None):
+                 skip_bad=False, bad_list=None, require_labels=False):
         if mode not in ('train', 'eval'):
             raise ValueError(f"mode must be 'train' or 'eval', got {mode!r}")
         if not 0 < audio_length <= TARGET_FRAMES:
@@ -239,51 +365,25 @@ class AVDataset(torch.utils.data.Dataset):
         self.mode, self.audio_length, self.num_mel_bins = mode, audio_length, num_mel_bins
         self.img_size, self.num_frames = img_size, num_frames
         self.time_shift, self.seed, self.epoch = time_shift, seed, 0
-
-        with open(data_json) as f:
-            entries = json.load(f)['data']
-        if not entries:
+        self.clips = read_clip_table(data_json)
+        if not self.clips:
             raise ValueError(f"{data_json} lists no clips")
-        root = os.path.dirname(os.path.abspath(data_json))
         mid_to_index, self.class_names = read_label_csv(label_csv) if label_csv else ({}, [])
         self.num_classes = len(self.class_names)
-
-        self.clips = []  # dicts: id, wav, video_path, label (num_classes,)
-        for n, entry in enumerate(entries):
-            missing = {'video_id', 'wav', 'video_path'} - set(entry)
-            if missing:
-                raise ValueError(f"{data_json}: entry {n} lacks {sorted(missing)}")
-            clip_id = entry['video_id']
-            label = torch.zeros(self.num_classes)
-            if label_csv:
-                mids = [m.strip() for m in entry.get('labels', '').split(',') if m.strip()]
-                unknown = [m for m in mids if m not in mid_to_index]
-                if not mids or unknown:
-                    problem = f"unknown label ids {unknown}" if unknown else "no labels"
-                    raise ValueError(f"{data_json}: clip '{clip_id}' has {problem} "
-                                     f"(label CSV {label_csv})")
-                label[[mid_to_index[m] for m in mids]] = 1.0
-            self.clips.append(dict(id=clip_id, label=label,
-                                   wav=os.path.join(root, entry['wav']),
-                                   video_path=os.path.join(root, entry['video_path'])))
+        where = f"{data_json} (label CSV {label_csv})"
+        for clip in self.clips:
+            clip['label'] = label_vector(clip.pop('labels'), mid_to_index, self.num_classes, where, clip['id'],
+                                         require_labels)
         if skip_bad:
             self._drop_bad_clips(data_json, bad_list)
 
     def _drop_bad_clips(self, data_json, bad_list):
         """Check every wav and frame header now; drop clips with a missing or unreadable file.
         (A file whose header reads but whose data is truncated still raises when loaded.)"""
-        bad_list = bad_list or os.path.splitext(data_json)[0] + '.bad.txt'
+        bad_list = bad_list or os.path.splitext(data_json.rstrip('/'))[0] + '.bad.txt'
         good, bad = [], []
         for clip in tqdm(self.clips, desc='checking clips', leave=False):
-            try:
-                if not os.path.isfile(clip['wav']) or sf.info(clip['wav']).frames == 0:
-                    raise ClipError('missing or empty wav')
-                for i in range(self.num_frames):
-                    with Image.open(frame_path(clip['video_path'], i, clip['id'])):
-                        pass
-                good.append(clip)
-            except Exception:
-                bad.append(clip['id'])
+            (bad.append(clip['id']) if check_clip(clip, self.num_frames) else good.append(clip))
         with open(bad_list, 'w') as f:
             f.writelines(clip_id + '\n' for clip_id in bad)
         print(f"AVDataset: skipped {len(bad)} of {len(self.clips)} clips of {data_json} with a "
@@ -300,28 +400,8 @@ class AVDataset(torch.utils.data.Dataset):
         return len(self.clips)
 
     def __getitem__(self, index):
-        clip = self.clips[index]
-        T, L = self.num_frames, self.audio_length
-        item = dict(label=clip['label'], id=clip['id'])
-        if self.mode == 'train':
-            # a pure function of (seed, epoch, index): independent of workers, exact on resume
-            rng = np.random.default_rng((self.seed, self.epoch, index))
-            frame = int(rng.integers(T))
-            shift = int(rng.integers(-MAX_TIME_SHIFT, MAX_TIME_SHIFT + 1)) if self.time_shift else 0
-            start, end = segment_bounds(frame, T, TARGET_FRAMES, L)
-            audio = load_segment_fbank(clip['wav'], clip['id'], self.num_mel_bins, start, end, shift)  # (L, F)
-            # JPEG draft decoding for training only: evaluation decodes in full, as the reference pipeline
-            image = load_frame(frame_path(clip['video_path'], frame, clip['id']), self.img_size, clip['id'], draft=True)
-            item['frame'] = frame
-        else:
-            fbank = fbank_frames(load_waveform(clip['wav'], clip['id']), self.num_mel_bins)  # (1024, F), once per clip
-            audio = torch.stack([fbank[slice(*segment_bounds(i, T, TARGET_FRAMES, L))]
-                                 for i in range(T)])  # (T, L, F)
-            image = torch.stack([load_frame(frame_path(clip['video_path'], i, clip['id']),
-                                            self.img_size, clip['id']) for i in range(T)])  # (T, 3, H, W)
-        item['audio'] = (audio - FBANK_MEAN) / FBANK_STD
-        item['image'] = image
-        return item
+        return load_item(self.clips[index], self.mode, self.epoch, self.seed, self.audio_length,
+                         self.num_mel_bins, self.img_size, self.num_frames, self.time_shift)
 
 
 def collate(items):
@@ -331,6 +411,440 @@ def collate(items):
     if 'frame' in items[0]:
         batch['frame'] = torch.tensor([item['frame'] for item in items])
     return batch
+
+
+# -----------------------------------------------------------------------------
+# shards (TG-DP supp. sec. 1.2: the clips packed into webdataset shards, because loading millions of
+# small files was the bottleneck). Webdataset convention: one key per clip, members key.json
+# ({"id", "labels", "index"}), key.wav (or key.flac), key.frame_00.jpg ... key.frame_15.jpg, the
+# prepared files' bytes unchanged. Keys are the clip's position in the source JSON (9 digits: clip
+# ids such as '--PJHxphWEs_30.000' hold dots, which webdataset would read as an extension).
+
+SHARD_FORMAT = 'tgdp-shards/1'
+SHARD_NAME = 'shards-{:05d}.tar'
+MAX_OPEN_SHARDS = 64  # descriptors kept open per process (least recently used closed first)
+_shard_fds, _shard_fds_pid = OrderedDict(), None
+
+
+def shard_fd(path):
+    """A read-only descriptor of a shard, opened once per process (a forked loader worker opens its own)."""
+    global _shard_fds_pid
+    if _shard_fds_pid != os.getpid():
+        _shard_fds.clear()  # the parent's descriptors: not ours to use or close
+        _shard_fds_pid = os.getpid()
+    fd = _shard_fds.pop(path, None)
+    if fd is None:
+        if len(_shard_fds) >= MAX_OPEN_SHARDS:
+            os.close(_shard_fds.popitem(last=False)[1])
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError as e:
+            raise ClipError(f"cannot open shard {path}: {e}") from e
+    _shard_fds[path] = fd
+    return fd
+
+
+class ShardMember(io.RawIOBase):
+    """Read-only file view of one tar member, bytes [offset, offset + size) of a shard, read with
+    os.pread: no shared file position, so soundfile and Pillow can read it like a file, in any worker."""
+
+    def __init__(self, tar, name, offset, size):
+        super().__init__()
+        self.tar, self.name, self.offset, self.size, self.pos = tar, name, offset, size, 0
+
+    def __str__(self):
+        return f'{self.name} in {self.tar}'
+
+    def readable(self):
+        return True
+
+    def seekable(self):
+        return True
+
+    def tell(self):
+        return self.pos
+
+    def seek(self, pos, whence=0):
+        self.pos = max(0, (pos, self.pos + pos, self.size + pos)[whence])
+        return self.pos
+
+    def readinto(self, buffer):
+        data = self.read(len(buffer))
+        buffer[:len(data)] = data
+        return len(data)
+
+    def read(self, n=-1):
+        n = self.size - self.pos if n is None or n < 0 else min(n, self.size - self.pos)
+        data = os.pread(shard_fd(self.tar), max(0, n), self.offset + self.pos)
+        self.pos += len(data)
+        return data
+
+    def readall(self):
+        return self.read()
+
+
+def tar_members(tar, start, end):
+    """(name, data offset, size) of the members whose headers lie in bytes [start, end) of a tar,
+    reading only the 512-byte ustar headers (parsed here: tarfile's parser costs ~1 ms per clip)."""
+    fd, members, pos = shard_fd(tar), [], start
+    while pos < end:
+        block = os.pread(fd, 512, pos)
+        if len(block) < 512 or block == bytes(512):  # end of the archive
+            break
+        try:
+            if block[257:262] != b'ustar':
+                raise ValueError('no ustar magic')
+            if int(block[148:156].strip(b'\0 ') or b'0', 8) != sum(block[:148]) + 8 * 32 + sum(block[156:]):
+                raise ValueError('bad checksum')
+            size = int(block[124:136].strip(b'\0 ') or b'0', 8)
+            name = block[:100].split(b'\0', 1)[0].decode()
+            prefix = block[345:500].split(b'\0', 1)[0].decode()
+        except ValueError as e:
+            raise ClipError(f"{tar}: no valid tar header at byte {pos} ({e})") from e
+        if block[156:157] not in (b'0', b'\0'):
+            raise ClipError(f"{tar}: member {name!r} at byte {pos} is not a plain file "
+                            f"(only ustar shards as `data.py shard` writes them are read)")
+        members.append((f'{prefix}/{name}' if prefix else name, pos + 512, size))
+        pos += 512 + (size + 511) // 512 * 512
+    return members
+
+
+def split_member_name(name):
+    """'000000012.frame_03.jpg' -> ('000000012', 'frame_03.jpg'): webdataset's key and extension."""
+    base = os.path.basename(name)
+    key, _, ext = base.partition('.')
+    return os.path.join(os.path.dirname(name), key), ext
+
+
+def clip_members(clip):
+    """{extension: ShardMember} of a shard clip, from its tar headers in [offset, end)."""
+    members = clip.get('members') or tar_members(clip['tar'], clip['offset'], clip['end'])
+    return {split_member_name(name)[1]: ShardMember(clip['tar'], name, offset, size)
+            for name, offset, size in members}
+
+
+def scan_shard(tar):
+    """Every clip of a shard from its headers and key.json members -> list of dicts key, id, labels,
+    index, offset, end (the clip's bytes) and members [(name, data offset, size)], in tar order."""
+    clips = []
+    for name, offset, size in tar_members(tar, 0, os.fstat(shard_fd(tar)).st_size):
+        key, _ = split_member_name(name)
+        if not clips or clips[-1]['key'] != key:
+            clips.append(dict(key=key, tar=tar, offset=offset - 512, members=[]))
+        clips[-1]['members'].append((name, offset, size))
+        clips[-1]['end'] = offset + (size + 511) // 512 * 512
+    for clip in clips:
+        meta = clip_members(clip).get('json')
+        if meta is None:
+            raise ClipError(f"{tar}: clip {clip['key']} has no {clip['key']}.json member")
+        meta = json.loads(meta.readall())
+        clip.update(id=meta['id'], labels=meta.get('labels', ''), index=meta['index'])
+    return clips
+
+
+def table_row(clip):  # one clip of a shard in index.json
+    return [clip['key'], clip['id'], clip['labels'], clip['index'], clip['offset'], clip['end']]
+
+
+def expand_braces(pattern):
+    """'DIR/shards-{00000..00002}.tar' -> the 3 paths (numeric ranges keep the zero padding; '{a,b}' lists too)."""
+    m = re.search(r'\{([^{}]*)\}', pattern)
+    if not m:
+        return [pattern]
+    r = re.fullmatch(r'(\d+)\.\.(\d+)', m.group(1))
+    items = [str(i).zfill(len(r[1])) for i in range(int(r[1]), int(r[2]) + 1)] if r else m.group(1).split(',')
+    return [p for item in items for p in expand_braces(pattern[:m.start()] + item + pattern[m.end():])]
+
+
+def is_shard_set(spec):
+    """A shard folder, a .tar or brace pattern, or an index.json written by `data.py shard`."""
+    spec = str(spec)
+    if os.path.isdir(spec) or spec.endswith('.tar') or '{' in spec:
+        return True
+    if spec.endswith('.json') and os.path.isfile(spec):
+        with open(spec) as f:
+            return f'"format": "{SHARD_FORMAT}"' in f.read(100)  # index.json starts with it
+    return False
+
+
+def read_shard_index(path):
+    with open(path) as f:
+        index = json.load(f)
+    if not index.get('complete'):
+        raise ValueError(f"{path}: the shards are still being written (or the run stopped): "
+                         f"run `data.py shard` again to finish them")
+    return index
+
+
+def shard_tables(spec):
+    """A shard set -> [(shard path, [index.json rows: key, id, labels, index, offset, end])]. The
+    rows come from the index.json next to the shards; shards it does not list are scanned (headers)."""
+    spec = str(spec)
+    if os.path.isdir(spec):
+        index_path, paths = os.path.join(spec, 'index.json'), None
+        if not os.path.isfile(index_path):
+            paths = sorted(os.path.join(spec, n) for n in os.listdir(spec) if n.endswith('.tar'))
+            if not paths:
+                raise FileNotFoundError(f"{spec}: no index.json and no .tar shards")
+    elif spec.endswith('.json'):
+        index_path, paths = spec, None
+    else:
+        paths = expand_braces(spec)
+        index_path = os.path.join(os.path.dirname(paths[0]), 'index.json')
+    tables = {}
+    if os.path.isfile(index_path):
+        root = os.path.dirname(os.path.abspath(index_path))
+        tables = {os.path.join(root, s['name']): s['clips'] for s in read_shard_index(index_path)['shards']}
+    if paths is None:
+        paths = list(tables)
+    result = []
+    for path in paths:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"shard {path} not found (shard set {spec})")
+        rows = tables.get(os.path.abspath(path))
+        result.append((path, rows if rows is not None else [table_row(c) for c in scan_shard(path)]))
+    return result
+
+
+def shard_payload(clip, audio, num_frames):
+    """A prepared clip -> [(extension, bytes)] for its shard members, each file checked first."""
+    problem = check_clip(clip, num_frames)
+    if problem:
+        raise ClipError(problem)
+    with open(clip['wav'], 'rb') as f:
+        sound = f.read()
+    if audio == 'flac':  # lossless for 16- and 24-bit PCM: the samples read back unchanged
+        info = sf.info(clip['wav'])
+        if info.subtype not in ('PCM_16', 'PCM_24'):
+            raise ClipError(f"{clip['wav']}: flac keeps 16/24-bit PCM only, this wav is {info.subtype} "
+                            f"(use --audio wav)")
+        samples, rate = sf.read(clip['wav'], dtype='int32', always_2d=True)
+        buffer = io.BytesIO()
+        sf.write(buffer, samples, rate, format='FLAC', subtype=info.subtype)
+        sound = buffer.getvalue()
+    members = [('json', json.dumps(dict(id=clip['id'], labels=clip['labels'], index=clip['index'])).encode()),
+               (audio, sound)]
+    for i in range(num_frames):
+        with open(clip_frame(clip, i), 'rb') as f:
+            members.append((f'frame_{i:02d}.jpg', f.read()))
+    return members
+
+
+def pack_shard(path, clips, audio, num_frames, progress):
+    """Writes one shard (tmp file + rename: a shard that exists is complete) -> (rows, {id: why skipped})."""
+    rows, skipped = [], {}
+    with tarfile.open(path + '.tmp', 'w', format=tarfile.USTAR_FORMAT) as tar:
+        for clip in clips:
+            try:
+                members = shard_payload(clip, audio, num_frames)
+            except (ClipError, OSError, RuntimeError) as e:
+                skipped[clip['id']] = str(e)
+                progress.update()
+                continue
+            key, offset = f"{clip['index']:09d}", tar.offset
+            for ext, payload in members:
+                info = tarfile.TarInfo(f'{key}.{ext}')
+                info.size, info.mode, info.mtime = len(payload), 0o644, 0  # fixed metadata: same bytes every run
+                tar.addfile(info, io.BytesIO(payload))
+            rows.append([key, clip['id'], clip['labels'], clip['index'], offset, tar.offset])
+            progress.update()
+    os.replace(path + '.tmp', path)
+    return rows, skipped
+
+
+def write_shards(data_json, out, shard_size=1000, audio='wav', seed=0, num_frames=16, workers=1):
+    """Packs the clips of a dataset JSON into OUT/shards-00000.tar, ... (shard_size clips each, in a
+    permutation of the JSON order from seed, so every shard mixes classes) and OUT/index.json (per
+    shard: its clips' key, id, labels, JSON index and byte range). Resumable: finished shards are
+    kept (their index rows read back from their headers). Clips with a missing or unreadable file are
+    left out and listed in index.json ('skipped', with the reason). Returns the index."""
+    if audio not in ('wav', 'flac'):
+        raise ValueError(f"audio must be 'wav' or 'flac', got {audio!r}")
+    clips = read_clip_table(data_json)
+    if not clips or 'tar' in clips[0]:
+        raise ValueError(f"{data_json}: expected a dataset JSON with clips (shards are packed from files)")
+    order = np.random.default_rng(seed).permutation(len(clips))
+    groups = [[clips[i] for i in order[k:k + shard_size]] for k in range(0, len(clips), shard_size)]
+    settings = dict(format=SHARD_FORMAT, complete=False, num_clips=len(clips), shard_size=shard_size, seed=seed,
+                    audio=audio, num_frames=num_frames, source=os.path.relpath(os.path.abspath(data_json), out),
+                    ids_sha1=hashlib.sha1('\n'.join(c['id'] for c in clips).encode()).hexdigest())
+    os.makedirs(out, exist_ok=True)
+    index_path = os.path.join(out, 'index.json')
+    if os.path.isfile(index_path):
+        with open(index_path) as f:
+            old = json.load(f)
+        changed = [k for k in settings if k not in ('complete', 'source') and old.get(k) != settings[k]]
+        if changed:
+            raise ValueError(f"{out} holds shards written with other settings ({', '.join(changed)} differ): "
+                             f"use another --out or delete the folder")
+    with open(index_path, 'w') as f:
+        json.dump(settings, f)  # incomplete until the end
+    paths = [os.path.join(out, SHARD_NAME.format(k)) for k in range(len(groups))]
+    todo = [k for k in range(len(groups)) if not os.path.isfile(paths[k])]
+    print(f"{len(clips)} clips -> {len(groups)} shards: {len(groups) - len(todo)} already written, "
+          f"{len(todo)} to write")
+    results = {}
+    with tqdm(total=sum(len(groups[k]) for k in todo), desc='shard', unit='clip') as progress:
+        with ThreadPoolExecutor(workers) as pool:  # file reads and writes: threads overlap the waits
+            for k, result in zip(todo, pool.map(lambda k: pack_shard(paths[k], groups[k], audio, num_frames,
+                                                                     progress), todo)):
+                results[k] = result
+    shards, skipped = [], {}
+    for k in tqdm(range(len(groups)), desc='index', leave=False):
+        if k in results:
+            rows, bad = results[k]
+        else:  # written by an earlier run: rows from its headers, skipped clips checked again for the reason
+            rows = [table_row(c) for c in scan_shard(paths[k])]
+            packed = {r[1] for r in rows}
+            bad = {c['id']: check_clip(c, num_frames) or 'left out by an earlier run'
+                   for c in groups[k] if c['id'] not in packed}
+        shards.append(dict(name=os.path.basename(paths[k]), bytes=os.path.getsize(paths[k]), clips=rows))
+        skipped.update(bad)
+    index = dict(settings, complete=True, shards=shards, skipped=skipped)
+    with open(index_path + '.tmp', 'w') as f:
+        json.dump(index, f)
+    os.replace(index_path + '.tmp', index_path)
+    packed = sum(len(s['clips']) for s in shards)
+    print(f"wrote {index_path}: {packed} clips in {len(shards)} shards, {len(skipped)} left out"
+          + (f" ({', '.join(list(skipped)[:5])}{', ...' if len(skipped) > 5 else ''}: reasons in index.json "
+             f"'skipped')" if skipped else ''))
+    return index
+
+
+class ShardStream(torch.utils.data.IterableDataset):
+    """Training batches from a shard set, endless across epochs: use it as
+    DataLoader(stream, batch_size=None, num_workers=num_workers, ...) with one iterator for the whole
+    run, so the loader workers stay alive. Epoch e, with W = max(1, num_workers) workers per rank:
+    - the shards in a permutation from (seed, e); reader c = rank * W + worker takes shards
+      perm[c::world_size * W], so ranks and workers read disjoint shards (there must be at least
+      world_size * W shards);
+    - each reader passes its clips through a shuffle buffer of shuffle_buffer clips, seeded from
+      (seed, e, rank, worker), and batches batch_size(e) of them (an int, a list per epoch whose last
+      entry holds on, or a function of the epoch: the adaptive batch);
+    - every reader yields the same number of batches, the smallest clips // batch size among the
+      readers (the rest of the epoch is dropped), so every rank gets batches_per_epoch(e) batches: no
+      rank waits for another under DDP. The DataLoader takes batches from its workers in turn, so
+      batch k of a rank's epoch comes from worker k mod W.
+    Items are AVDataset's train items of the JSON the shards were packed from (frame and time shift
+    drawn from (seed, e, clip index)); a batch is collate's dict plus 'epoch' and 'batch' (its
+    position in the rank's epoch). start=(epoch, k) begins at batch k of that epoch, with exactly the
+    batches an uninterrupted stream yields from there; the batches before it are formed from tar
+    headers (nothing is decoded). Resume needs the same shards, seed, shuffle_buffer, world_size and
+    num_workers: save layout() with the checkpoint and pass it back as resume_layout (a difference
+    raises ValueError)."""
+
+    def __init__(self, shards, batch_size, label_csv=None, seed=0, rank=0, world_size=1, num_workers=0,
+                 start=(0, 0), shuffle_buffer=1000, audio_length=416, num_mel_bins=128, img_size=224,
+                 num_frames=16, time_shift=False, resume_layout=None):
+        self.shards = [(path, len(rows)) for path, rows in shard_tables(shards)]  # counts only: light to fork
+        self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
+        self.num_workers, self.shuffle_buffer, self.start = num_workers, shuffle_buffer, tuple(start)
+        self.readers = world_size * max(1, num_workers)
+        if len(self.shards) < self.readers:
+            raise ValueError(f"{shards}: {len(self.shards)} shards for {world_size} ranks x {max(1, num_workers)} "
+                             f"loader workers: every reader needs its own shards; pack with a smaller --shard_size")
+        self.mid_to_index, self.class_names = read_label_csv(label_csv) if label_csv else ({}, [])
+        self.where = f"{shards} (label CSV {label_csv})"
+        self.item_args = dict(audio_length=audio_length, num_mel_bins=num_mel_bins, img_size=img_size,
+                              num_frames=num_frames, time_shift=time_shift)
+        if resume_layout is not None:
+            changed = [k for k, v in self.layout().items() if resume_layout.get(k) != v]
+            if changed:
+                raise ValueError(f"resume: {', '.join(changed)} changed since the checkpoint; mid-epoch resume of "
+                                 f"a shard stream needs the same shards, seed, shuffle buffer, world size and "
+                                 f"num_workers")
+        epoch, k = self.start
+        if not 0 <= k < self.batches_per_epoch(epoch):
+            raise ValueError(f"start batch {k} is outside epoch {epoch} ({self.batches_per_epoch(epoch)} batches)")
+
+    def layout(self):
+        """What a mid-epoch resume must find unchanged (save it with the checkpoint)."""
+        return dict(shards=[[os.path.basename(p), n] for p, n in self.shards], seed=self.seed,
+                    shuffle_buffer=self.shuffle_buffer, world_size=self.world_size, num_workers=self.num_workers)
+
+    def epoch_batch_size(self, epoch):
+        b = self.batch_size
+        b = b(epoch) if callable(b) else b[min(epoch, len(b) - 1)] if isinstance(b, (list, tuple)) else b
+        if b < 1:
+            raise ValueError(f"batch size {b} for epoch {epoch}")
+        return int(b)
+
+    def reader_shards(self, epoch, reader):
+        """Indices of the shards reader (rank * W + worker) reads in an epoch."""
+        perm = np.random.default_rng((self.seed, epoch)).permutation(len(self.shards))
+        return perm[reader::self.readers].tolist()
+
+    def reader_batches(self, epoch):
+        """Batches every reader yields in an epoch (the same for all)."""
+        B = self.epoch_batch_size(epoch)
+        clips = min(sum(self.shards[s][1] for s in self.reader_shards(epoch, c)) for c in range(self.readers))
+        if clips < B:
+            raise ValueError(f"epoch {epoch}: a reader holds only {clips} clips, fewer than one batch of {B}; "
+                             f"pack smaller shards or lower the batch size")
+        return clips // B
+
+    def batches_per_epoch(self, epoch):
+        """Batches each rank gets in an epoch (the same on every rank); cheap, call it anywhere."""
+        return self.reader_batches(epoch) * max(1, self.num_workers)
+
+    def clip_batches(self, epoch, worker):
+        """This rank's worker's batches of an epoch as lists of clips (headers read, nothing decoded)."""
+        W, B = max(1, self.num_workers), self.epoch_batch_size(epoch)
+        rng = np.random.default_rng((self.seed, epoch, self.rank, worker))
+        shards = [self.shards[s] for s in self.reader_shards(epoch, self.rank * W + worker)]
+
+        def clips():
+            for n, (path, count) in enumerate(shards):
+                for ahead in shards[n:n + 2]:  # this shard and the next: read ahead sequentially, in the background
+                    os.posix_fadvise(shard_fd(ahead[0]), 0, 0, os.POSIX_FADV_WILLNEED)
+                scanned = scan_shard(path)
+                if len(scanned) != count:
+                    raise ValueError(f"{path} holds {len(scanned)} clips, its index {count}: re-run `data.py shard`")
+                yield from scanned
+
+        def shuffled():  # a buffer of shuffle_buffer clips; each new clip takes the place of a random one
+            buffer = []
+            for clip in clips():
+                if len(buffer) < self.shuffle_buffer:
+                    buffer.append(clip)
+                    continue
+                j = int(rng.integers(len(buffer)))
+                yield buffer[j]
+                buffer[j] = clip
+            yield from (buffer[j] for j in rng.permutation(len(buffer)))
+
+        batch, count = [], self.reader_batches(epoch)
+        for clip in shuffled():
+            batch.append(clip)
+            if len(batch) == B:
+                yield batch
+                batch, count = [], count - 1
+                if count == 0:
+                    return
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        workers = info.num_workers if info else 0
+        if workers != self.num_workers:
+            raise ValueError(f"ShardStream was built for num_workers={self.num_workers} but runs with {workers}: "
+                             f"give the DataLoader the same num_workers")
+        W = max(1, workers)
+        epoch, k = self.start
+        worker = ((info.id if info else 0) + k) % W  # a resumed loader starts at worker 0: rotate the roles
+        skip = (k - worker + W - 1) // W  # this worker's batches before batch k
+        while True:
+            for j, clips in enumerate(self.clip_batches(epoch, worker)):
+                if j < skip:
+                    continue
+                items = []
+                for clip in clips:
+                    clip = dict(clip, label=label_vector(clip['labels'], self.mid_to_index, len(self.class_names),
+                                                         self.where, clip['id']))
+                    items.append(load_item(clip, 'train', epoch, self.seed, **self.item_args))
+                batch = collate(items)
+                batch['epoch'], batch['batch'] = epoch, j * W + worker
+                yield batch
+            epoch, skip = epoch + 1, 0
 
 
 # -----------------------------------------------------------------------------
@@ -494,12 +1008,17 @@ def list_videos(videos):
         return [line.strip() for line in f if line.strip() and not line.startswith('#')]
 
 
+class NoAudioTrack(RuntimeError):
+    """The video has no audio stream (a few % of AudioSet / VGGSound downloads)."""
+
+
 def prepare_video(ffmpeg, video, out, num_frames=16, short_side=224):
     """One video -> OUT/audio/{id}.wav (16 kHz, first channel) and OUT/frame_{i}/{id}.jpg.
     Frames: ffmpeg's fps filter at num_frames/10 fps over the first 10 s, so frame i is the video
     frame shown at about t = i * 10 / num_frames s. Frames are scaled down (bicubic) so that the
     shorter side is at most short_side (0: keep). Files appear atomically (tmp + rename), so an
-    interrupted run never leaves a clip that looks done. Raises RuntimeError with ffmpeg's message."""
+    interrupted run never leaves a clip that looks done. Raises NoAudioTrack for a video without
+    audio, RuntimeError with ffmpeg's message for other failures."""
     clip_id = os.path.splitext(os.path.basename(video))[0]
     tmp = os.path.join(out, '.tmp', clip_id)
     shutil.rmtree(tmp, ignore_errors=True)
@@ -508,9 +1027,14 @@ def prepare_video(ffmpeg, video, out, num_frames=16, short_side=224):
     def run(args):
         result = subprocess.run([ffmpeg, '-nostdin', '-v', 'error', '-y', *args], capture_output=True, text=True)
         if result.returncode != 0:
-            raise RuntimeError(result.stderr.strip()[-500:] or f'ffmpeg exit code {result.returncode}')
+            message = result.stderr.strip()[-500:] or f'ffmpeg exit code {result.returncode}'
+            if "map '0:a:0' matches no streams" in message:
+                raise NoAudioTrack(f'no audio track ({message.splitlines()[0]})')
+            raise RuntimeError(message)
 
-    try:
+    try:  # audio first: a video without audio fails before its frames are decoded
+        run(['-i', video, '-map', '0:a:0', '-af', 'pan=mono|c0=c0', '-ar', str(SAMPLE_RATE),
+             '-c:a', 'pcm_s16le', os.path.join(tmp, 'audio.wav')])
         scale = ''
         if short_side:
             scale = (f",scale=w='if(lte(iw,ih),min(iw,{short_side}),-2)'"
@@ -520,8 +1044,6 @@ def prepare_video(ffmpeg, video, out, num_frames=16, short_side=224):
         got = len([n for n in os.listdir(tmp) if n.endswith('.jpg')])
         if got < num_frames:
             raise RuntimeError(f'only {got} of {num_frames} frames in the first 10 s (video too short?)')
-        run(['-i', video, '-map', '0:a:0', '-af', 'pan=mono|c0=c0', '-ar', str(SAMPLE_RATE),
-             '-c:a', 'pcm_s16le', os.path.join(tmp, 'audio.wav')])
         for i in range(num_frames):  # ffmpeg numbers from 1
             os.replace(os.path.join(tmp, f'{i + 1:02d}.jpg'), frame_path(out, i, clip_id))
         os.replace(os.path.join(tmp, 'audio.wav'), os.path.join(out, 'audio', f'{clip_id}.wav'))
@@ -529,27 +1051,46 @@ def prepare_video(ffmpeg, video, out, num_frames=16, short_side=224):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def prepared_ids(out, num_frames=16):
+    """Clip ids whose wav and all frames exist in a prepared folder (one listing per folder, not a
+    stat per file: fast on 2 M clips)."""
+    def stems(folder, ext):
+        folder = os.path.join(out, folder)
+        return {n[:-len(ext)] for n in os.listdir(folder) if n.endswith(ext)} if os.path.isdir(folder) else set()
+    ids = stems('audio', '.wav')
+    for i in range(num_frames):
+        ids &= stems(f'frame_{i}', '.jpg')
+    return ids
+
+
+def read_failures(out):
+    """OUT/failed.json of prepare: {clip id: {video, error: 'no_audio' | 'ffmpeg', message}}."""
+    path = os.path.join(out, 'failed.json')
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
 def prepare(videos, out, num_frames=16, short_side=224, workers=1):
-    """Raw videos -> CAV-MAE layout in OUT and OUT/data.json (clip id = file stem, labels empty).
-    Resumable: clips whose wav and frames exist are skipped. Returns {video: error} of failures."""
+    """Raw videos -> CAV-MAE layout in OUT and OUT/data.json (clip id = file stem, labels empty; the
+    `audioset` / `vggsound` commands write labelled splits). Resumable: clips whose wav and frames
+    exist are skipped. Videos that could not be prepared are kept in OUT/failed.json (no audio track
+    or ffmpeg's message; a later run retries them). Returns {video: error} of this run's failures."""
+    paths = list_videos(videos)
+    ids = [os.path.splitext(os.path.basename(p))[0] for p in paths]
+    duplicates = sorted(i for i, n in Counter(ids).items() if n > 1)  # linear: 2 M videos
+    if duplicates:
+        raise ValueError(f"{videos}: several videos share the clip id(s) {duplicates[:5]} (file stem)")
     ffmpeg = shutil.which('ffmpeg')
     if ffmpeg is None:
         raise RuntimeError("ffmpeg not found on PATH: `prepare` needs the ffmpeg command-line tool "
                            "(e.g. apt-get install ffmpeg)")
-    paths = list_videos(videos)
-    ids = [os.path.splitext(os.path.basename(p))[0] for p in paths]
-    duplicates = sorted({i for i in ids if ids.count(i) > 1})
-    if duplicates:
-        raise ValueError(f"{videos}: several videos share the clip id(s) {duplicates[:5]} (file stem)")
     os.makedirs(os.path.join(out, 'audio'), exist_ok=True)
     for i in range(num_frames):
         os.makedirs(os.path.join(out, f'frame_{i}'), exist_ok=True)
-
-    def done(clip_id):
-        return (os.path.isfile(os.path.join(out, 'audio', f'{clip_id}.wav')) and
-                all(os.path.isfile(frame_path(out, i, clip_id)) for i in range(num_frames)))
-
-    todo = [p for p, i in zip(paths, ids) if not done(i)]
+    done = prepared_ids(out, num_frames)
+    todo = [p for p, i in zip(paths, ids) if i not in done]
     print(f"{len(paths)} videos: {len(paths) - len(todo)} already done, {len(todo)} to prepare")
     failures = {}
 
@@ -557,41 +1098,306 @@ def prepare(videos, out, num_frames=16, short_side=224, workers=1):
         try:
             prepare_video(ffmpeg, video, out, num_frames, short_side)
         except Exception as e:
-            failures[video] = str(e)
+            failures[video] = e
 
     with ThreadPoolExecutor(workers) as pool:  # ffmpeg does the work, threads only wait
         list(tqdm(pool.map(work, todo), total=len(todo), desc='prepare'))
     shutil.rmtree(os.path.join(out, '.tmp'), ignore_errors=True)
-    entries = [dict(video_id=i, wav=f'audio/{i}.wav', video_path='.', labels='') for i in ids if done(i)]
+    done = prepared_ids(out, num_frames)
+    entries = [dict(video_id=i, wav=f'audio/{i}.wav', video_path='.', labels='') for i in ids if i in done]
     with open(os.path.join(out, 'data.json'), 'w') as f:
         json.dump({'data': entries}, f, indent=1)
     print(f"wrote {os.path.join(out, 'data.json')} with {len(entries)} clips")
+    record = {i: r for i, r in read_failures(out).items() if i not in done}  # earlier runs, still not done
+    for video, e in failures.items():
+        record[os.path.splitext(os.path.basename(video))[0]] = dict(
+            video=video, error='no_audio' if isinstance(e, NoAudioTrack) else 'ffmpeg', message=str(e))
+    with open(os.path.join(out, 'failed.json'), 'w') as f:
+        json.dump(record, f, indent=1)
+    silent = [v for v, e in failures.items() if isinstance(e, NoAudioTrack)]
+    if silent:
+        print(f"{len(silent)} videos without an audio track (skipped):")
+        for video in silent:
+            print(f"  {video}")
+    if len(failures) > len(silent):
+        print(f"{len(failures) - len(silent)} videos failed:")
+        for video, e in failures.items():
+            if not isinstance(e, NoAudioTrack):
+                print(f"  {video}: {e}")
     if failures:
-        print(f"{len(failures)} videos failed:")
-        for video, error in failures.items():
-            print(f"  {video}: {error}")
-    return failures
+        print(f"(kept in {os.path.join(out, 'failed.json')})")
+    return {video: str(e) for video, e in failures.items()}
+
+
+# -----------------------------------------------------------------------------
+# labels and splits from the official metadata
+
+AUDIOSET_ID = '{YTID}_{start:.3f}'  # e.g. --PJHxphWEs_30.000.mp4; '{YTID}' for downloads named by YTID only
+VGGSOUND_ID = '{YTID}_{start:06d}'  # e.g. ---g-f_I2yQ_000001.mp4
+
+
+def clip_id_for(id_format, ytid, start, where):
+    """A downloader's file stem from a CSV row: id_format with {YTID} and {start} (an int when whole
+    seconds, so both '{start:06d}' and '{start:.3f}' work)."""
+    start = int(start) if float(start).is_integer() else float(start)
+    try:
+        return id_format.format(YTID=ytid, start=start)
+    except (KeyError, ValueError, IndexError) as e:
+        raise ValueError(f"{where}: id format {id_format!r} does not fit YTID={ytid!r} start={start!r}: {e}") from e
+
+
+def add_row(requested, clip_id, mids, counts):
+    """requested {id: [mids]} in CSV order; a repeated id merges its labels and counts as a duplicate."""
+    if clip_id in requested:
+        counts['duplicate_rows'] += 1
+        requested[clip_id] += [m for m in mids if m not in requested[clip_id]]
+    else:
+        requested[clip_id] = list(mids)
+
+
+def read_audioset_segments(paths, id_format, mid_to_index, requested=None, counts=None):
+    """Official AudioSet segment CSVs ('#' comment lines, rows YTID, start_seconds, end_seconds,
+    "mid1,mid2") -> ({clip id: [mids]} in file order, {'duplicate_rows': n})."""
+    requested = {} if requested is None else requested
+    counts = counts or Counter(duplicate_rows=0)
+    for path in paths:
+        with open(path, newline='') as f:
+            for line, row in enumerate(csv.reader(f, skipinitialspace=True), 1):
+                if not row or row[0].lstrip().startswith('#'):
+                    continue
+                if len(row) != 4:
+                    raise ValueError(f'{path}:{line}: expected YTID, start_seconds, end_seconds, "labels", got {row}')
+                ytid, start, _, labels = row
+                mids = [m.strip() for m in labels.split(',') if m.strip()]
+                unknown = [m for m in mids if m not in mid_to_index]
+                if unknown:
+                    raise ValueError(f'{path}:{line}: label ids {unknown} are not in the label CSV')
+                add_row(requested, clip_id_for(id_format, ytid.strip(), float(start), f'{path}:{line}'), mids, counts)
+    return requested, counts
+
+
+def label_key(text):
+    """VGGSound label text as in vggsound.csv ('bird chirping, tweeting') and as in the class CSV,
+    where commas were written as underscores ('bird chirping_ tweeting')."""
+    return ' '.join(text.replace('_', ',').split()).lower()
+
+
+def read_vggsound_csv(path, id_format, label_csv):
+    """vggsound.csv (no header; rows YTID,start_seconds,label text,train|test) -> {'train': {id: [mid]},
+    'test': {...}} with the class CSV's mids (matched by display_name), and {'duplicate_rows': n}."""
+    mid_to_index, names = read_label_csv(label_csv)
+    index_to_mid = {i: m for m, i in mid_to_index.items()}
+    by_name = {label_key(name): index_to_mid[i] for i, name in enumerate(names)}
+    splits, counts = {'train': {}, 'test': {}}, Counter(duplicate_rows=0)
+    with open(path, newline='') as f:
+        for line, row in enumerate(csv.reader(f), 1):
+            if not row or row[0].lstrip().startswith('#'):
+                continue
+            if len(row) != 4 or row[3].strip() not in splits:
+                raise ValueError(f'{path}:{line}: expected YTID,start_seconds,label,train|test, got {row}')
+            ytid, start, text, split = (x.strip() for x in row)
+            if label_key(text) not in by_name:
+                raise ValueError(f'{path}:{line}: label {text!r} is not a display_name of {label_csv}')
+            try:
+                start = float(start)
+            except ValueError:
+                raise ValueError(f'{path}:{line}: start_seconds {start!r} is not a number') from None
+            add_row(splits[split], clip_id_for(id_format, ytid, start, f'{path}:{line}'),
+                    [by_name[label_key(text)]], counts)
+    return splits, counts
+
+
+def prepared_clips(prepared, ids, num_frames=16, check=True, workers=4):
+    """Which requested ids a `prepare` folder holds -> (clips {id: (wav, frames folder)}, reasons
+    {id: (kind, message)} for no_audio / failed (from failed.json) / unreadable ones)."""
+    present = prepared_ids(prepared, num_frames)
+    failures = read_failures(prepared)
+    found = [i for i in ids if i in present]
+    reasons = {i: ('no_audio' if failures[i]['error'] == 'no_audio' else 'failed', failures[i]['message'])
+               for i in ids if i not in present and i in failures}
+    if check:
+        with ThreadPoolExecutor(workers) as pool:
+            def check(i):
+                return check_clip(dict(id=i, wav=os.path.join(prepared, 'audio', f'{i}.wav'), video_path=prepared),
+                                  num_frames)
+            problems = list(tqdm(pool.map(check, found), total=len(found), desc='checking clips', leave=False))
+        reasons.update({i: ('unreadable', p) for i, p in zip(found, problems) if p})
+    clips = {i: (os.path.join(prepared, 'audio', f'{i}.wav'), prepared) for i in found if i not in reasons}
+    return clips, reasons
+
+
+def write_split(out_json, requested, clips, reasons, label_csv=None, duplicate_rows=0, extra=None):
+    """requested {id: [mids]} -> out_json with the clips that are ready (paths relative to the JSON)
+    and a summary printed and written next to it: <name>.summary.json (counts, no-audio ids, failed
+    and unreadable ids with their messages, classes with no clip) and <name>.missing.txt (ids with no
+    prepared clip and no recorded failure: usually videos that were never downloaded)."""
+    out_dir = os.path.dirname(os.path.abspath(out_json))
+    os.makedirs(out_dir, exist_ok=True)
+    entries = [dict(video_id=i, wav=os.path.relpath(clips[i][0], out_dir),
+                    video_path=os.path.relpath(clips[i][1], out_dir), labels=','.join(mids))
+               for i, mids in requested.items() if i in clips]
+    with open(out_json, 'w') as f:
+        json.dump({'data': entries}, f, indent=1)
+    stem = os.path.splitext(out_json)[0]
+    missing = [i for i in requested if i not in clips and i not in reasons]
+    with open(stem + '.missing.txt', 'w') as f:
+        f.writelines(i + '\n' for i in missing)
+    kinds = {k: {i: m for i, (kind, m) in reasons.items() if kind == k and i in requested}
+             for k in ('no_audio', 'failed', 'unreadable')}
+    summary = dict(json=os.path.basename(out_json), requested=len(requested), written=len(entries),
+                   missing=len(missing), missing_list=os.path.basename(stem + '.missing.txt'),
+                   no_audio=sorted(kinds['no_audio']), failed=kinds['failed'], unreadable=kinds['unreadable'],
+                   duplicate_rows=duplicate_rows, **(extra or {}))
+    line = (f"{out_json}: {len(requested)} clips requested, {len(entries)} written, {len(missing)} missing "
+            f"(ids in {stem}.missing.txt), {len(kinds['no_audio'])} without an audio track, "
+            f"{len(kinds['failed'])} failed in preparation, {len(kinds['unreadable'])} unreadable, "
+            f"{duplicate_rows} duplicate rows")
+    if label_csv:
+        mid_to_index, names = read_label_csv(label_csv)
+        covered = {m for e in entries for m in e['labels'].split(',') if m}
+        empty = [names[i] for m, i in sorted(mid_to_index.items(), key=lambda x: x[1]) if m not in covered]
+        summary['classes_without_clips'] = empty
+        line += f"; {len(empty)} of {len(names)} classes have no clip"
+        if empty:
+            line += f" ({', '.join(empty[:5])}{', ...' if len(empty) > 5 else ''})"
+    with open(stem + '.summary.json', 'w') as f:
+        json.dump(summary, f, indent=1)
+    print(line)
+    for kind in ('failed', 'unreadable'):
+        for i, message in list(kinds[kind].items())[:10]:
+            print(f"  {kind} {i}: {message}")
+    print(f"  summary in {stem}.summary.json")
+    return summary
+
+
+def build_audioset(prepared, label_csv, out, balanced=None, unbalanced=None, eval_csv=None,
+                   id_format=AUDIOSET_ID, num_frames=16, check=True, workers=4):
+    """AudioSet segment CSVs -> OUT/as20k_train.json (balanced), OUT/as2m_train.json (balanced +
+    unbalanced), OUT/as_eval.json (eval), each with its summary. Returns {name: summary}."""
+    mid_to_index, _ = read_label_csv(label_csv)
+    splits = {}
+    if balanced:
+        splits['as20k_train'] = [balanced]
+    if balanced and unbalanced:
+        splits['as2m_train'] = [balanced, unbalanced]
+    elif unbalanced:
+        raise ValueError('--unbalanced needs --balanced too: AS-2M training is balanced + unbalanced')
+    if eval_csv:
+        splits['as_eval'] = [eval_csv]
+    if not splits:
+        raise ValueError('give at least one of --balanced, --unbalanced, --eval')
+    summaries = {}
+    for name, paths in splits.items():
+        requested, counts = read_audioset_segments(paths, id_format, mid_to_index)
+        clips, reasons = prepared_clips(prepared, list(requested), num_frames, check, workers)
+        summaries[name] = write_split(os.path.join(out, f'{name}.json'), requested, clips, reasons,
+                                      label_csv, counts['duplicate_rows'])
+    return summaries
+
+
+def build_vggsound(prepared, csv_path, label_csv, out, id_format=VGGSOUND_ID, num_frames=16, check=True, workers=4):
+    """vggsound.csv -> OUT/vgg_train.json and OUT/vgg_test.json with summaries. Returns {name: summary}."""
+    splits, counts = read_vggsound_csv(csv_path, id_format, label_csv)
+    summaries = {}
+    for split, requested in splits.items():
+        clips, reasons = prepared_clips(prepared, list(requested), num_frames, check, workers)
+        summaries[f'vgg_{split}'] = write_split(os.path.join(out, f'vgg_{split}.json'), requested, clips, reasons,
+                                                label_csv, counts['duplicate_rows'] if split == 'train' else 0)
+    return summaries
+
+
+def build_subset(data_json, out_json, ids_file=None, template=None, label_csv=None):
+    """A subset of a labelled split (retrieval sets) -> out_json in the order of an id list (one id a
+    line) or of a template JSON whose placeholder paths are replaced by the split's prepared files.
+    Labels come from the split (the official CSV); the summary counts template labels that differ.
+    Ids the split lacks are classified with the split's own summary (no audio, failed, unreadable)."""
+    if (ids_file is None) == (template is None):
+        raise ValueError('give exactly one of --ids and --template')
+    if template:
+        with open(template) as f:
+            wanted = {e['video_id']: e.get('labels', '') for e in json.load(f)['data']}
+    else:
+        with open(ids_file) as f:
+            wanted = {line.strip(): None for line in f if line.strip() and not line.startswith('#')}
+    root = os.path.dirname(os.path.abspath(data_json))
+    with open(data_json) as f:
+        source = {e['video_id']: e for e in json.load(f)['data']}
+    requested = {i: [m for m in (source[i]['labels'] if i in source else labels or '').split(',') if m]
+                 for i, labels in wanted.items()}
+    clips = {i: (os.path.join(root, e['wav']), os.path.join(root, e['video_path'])) for i, e in source.items()}
+    reasons = {}
+    summary_path = os.path.splitext(data_json)[0] + '.summary.json'
+    if os.path.isfile(summary_path):
+        with open(summary_path) as f:
+            s = json.load(f)
+        reasons.update({i: ('no_audio', 'no audio track') for i in s.get('no_audio', [])})
+        reasons.update({i: ('failed', m) for i, m in s.get('failed', {}).items()})
+        reasons.update({i: ('unreadable', m) for i, m in s.get('unreadable', {}).items()})
+    differ = sorted(i for i, labels in wanted.items() if labels is not None and i in source and
+                    set(labels.split(',')) != set(source[i]['labels'].split(',')))
+    return write_split(out_json, requested, clips, reasons, label_csv,
+                       extra=dict(source=os.path.relpath(data_json, os.path.dirname(os.path.abspath(out_json))),
+                                  labels_differ_from_template=differ))
 
 
 # -----------------------------------------------------------------------------
 # loader benchmark
 
+def dataset_files(spec):
+    """Every file a dataset reads: its wavs and frames, or its shards."""
+    if is_shard_set(spec):
+        return [path for path, _ in shard_tables(spec)]
+    return [f for c in read_clip_table(spec) for f in [c['wav']] + [frame_path(c['video_path'], i, c['id'])
+                                                               for i in range(16)] if os.path.isfile(f)]
+
+
+def evict_from_page_cache(paths):
+    """Drops the files' pages from the page cache (posix_fadvise DONTNEED: no root needed, other
+    files stay cached, unlike /proc/sys/vm/drop_caches) -> bytes evicted."""
+    total = 0
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            total += os.fstat(fd).st_size
+        finally:
+            os.close(fd)
+    return total
+
+
 def bench(data_json, workers=0, img_size=224, audio_length=416, num_mel_bins=128,
-          batch_size=32, num_batches=10):
-    """Prints training items/s (total and per worker) through a DataLoader."""
-    dataset = AVDataset(data_json, mode='train', audio_length=audio_length,
-                        num_mel_bins=num_mel_bins, img_size=img_size, time_shift=True)
-    sampler = torch.utils.data.RandomSampler(dataset, replacement=True,
-                                             num_samples=batch_size * (num_batches + 1))
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler,
-                                         num_workers=workers, collate_fn=collate)
+          batch_size=32, num_batches=10, cold=False, shuffle_buffer=100):
+    """Prints training items/s (total and per worker) through a DataLoader: from files (a dataset
+    JSON, clips in random order) or from shards (ShardStream). cold: evict the dataset's files from
+    the page cache first, so the reads come from the disk."""
+    if cold:
+        files = dataset_files(data_json)
+        print(f"evicted {len(files)} files ({evict_from_page_cache(files) / 2 ** 20:.0f} MiB) from the page cache")
+    if is_shard_set(data_json):
+        stream = ShardStream(data_json, batch_size, num_workers=workers, shuffle_buffer=shuffle_buffer,
+                             audio_length=audio_length, num_mel_bins=num_mel_bins, img_size=img_size, time_shift=True)
+        loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers)
+        source = f'shards, shuffle buffer {shuffle_buffer}'
+    else:
+        dataset = AVDataset(data_json, mode='train', audio_length=audio_length,
+                            num_mel_bins=num_mel_bins, img_size=img_size, time_shift=True)
+        sampler = torch.utils.data.RandomSampler(dataset, num_samples=min(len(dataset), batch_size * (num_batches + 1)))
+        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler,
+                                             num_workers=workers, collate_fn=collate)
+        source = 'files'
     batches = iter(loader)
-    next(batches)  # warm-up: worker start, file cache
-    t0 = time.perf_counter()
-    n = sum(len(batch['id']) for batch in batches)
+    next(batches)  # warm-up: worker start
+    t0, n = time.perf_counter(), 0
+    for _ in range(num_batches):
+        batch = next(batches, None)
+        if batch is None:
+            break
+        n += len(batch['id'])
     per_second = n / (time.perf_counter() - t0)
     print(f"{per_second:.1f} items/s, {per_second / max(1, workers):.1f} items/s per worker "
-          f"({workers} workers, img_size {img_size}, audio_length {audio_length}, {n} items)")
+          f"({source}, {workers} workers, img_size {img_size}, audio_length {audio_length}, {n} items"
+          f"{', cold page cache' if cold else ''})")
+    del batches
     return per_second
 
 
@@ -610,20 +1416,65 @@ if __name__ == '__main__':
     p.add_argument('--num_frames', type=int, default=16)
     p.add_argument('--short_side', type=int, default=224, help='scale frames down to this (0: keep)')
     p.add_argument('--workers', type=int, default=1, help='ffmpeg processes at a time')
-    p = sub.add_parser('bench', help='data-loader throughput')
+    p = sub.add_parser('audioset', help='AudioSet segment CSVs + a prepared folder -> labelled split JSONs')
+    p.add_argument('--prepared', required=True, help='folder written by `prepare`')
+    p.add_argument('--label_csv', required=True, help='class_labels_indices.csv (527 classes)')
+    p.add_argument('--out', required=True, help='folder for as20k_train.json, as2m_train.json, as_eval.json')
+    p.add_argument('--balanced', help='balanced_train_segments.csv (-> as20k_train.json)')
+    p.add_argument('--unbalanced', help='unbalanced_train_segments.csv (+ balanced -> as2m_train.json)')
+    p.add_argument('--eval', dest='eval_csv', help='eval_segments.csv (-> as_eval.json)')
+    p.add_argument('--id_format', default=AUDIOSET_ID, help="clip id (video file stem) of a row: '{YTID}_{start:.3f}' "
+                   "(default), '{YTID}', or any format of YTID and start")
+    p = sub.add_parser('vggsound', help='vggsound.csv + a prepared folder -> labelled train / test JSONs')
+    p.add_argument('--prepared', required=True, help='folder written by `prepare`')
+    p.add_argument('--csv', required=True, help='vggsound.csv (YTID,start_seconds,label,train|test; no header)')
+    p.add_argument('--label_csv', required=True, help='the 309-class CSV index,mid,display_name')
+    p.add_argument('--out', required=True, help='folder for vgg_train.json, vgg_test.json')
+    p.add_argument('--id_format', default=VGGSOUND_ID, help="clip id of a row (default '{YTID}_{start:06d}')")
+    for p in sub.choices['audioset'], sub.choices['vggsound']:
+        p.add_argument('--num_frames', type=int, default=16)
+        p.add_argument('--no_check', action='store_true', help="don't open every wav and frame header")
+        p.add_argument('--workers', type=int, default=4, help='threads checking files')
+    p = sub.add_parser('subset', help='a subset of a labelled split (retrieval sets) from an id list or a template')
+    p.add_argument('--data', required=True, help='labelled split JSON (e.g. vgg_test.json)')
+    p.add_argument('--out', required=True)
+    p.add_argument('--ids', help='text file, one clip id a line')
+    p.add_argument('--template', help='JSON listing the clips (e.g. vggsound_retrieval_split_template.json)')
+    p.add_argument('--label_csv', help='to list classes with no clip in the summary')
+    p = sub.add_parser('shard', help='pack the clips of a dataset JSON into tar shards (webdataset convention)')
     p.add_argument('--data', required=True, help='dataset JSON')
+    p.add_argument('--out', required=True, help='folder for shards-00000.tar, ... and index.json')
+    p.add_argument('--shard_size', type=int, default=1000, help='clips per shard (~0.5 GB at 1000 prepared clips)')
+    p.add_argument('--audio', choices=('wav', 'flac'), default='wav', help='flac: lossless, about half the bytes')
+    p.add_argument('--seed', type=int, default=0, help='permutation of the clips over the shards')
+    p.add_argument('--num_frames', type=int, default=16)
+    p.add_argument('--workers', type=int, default=1, help='shards written at a time')
+    p = sub.add_parser('bench', help='data-loader throughput')
+    p.add_argument('--data', required=True, help='dataset JSON or shard set')
     p.add_argument('--workers', type=int, default=0)
     p.add_argument('--img_size', type=int, default=224)
     p.add_argument('--audio_length', type=int, default=416)
     p.add_argument('--num_mel_bins', type=int, default=128)
     p.add_argument('--batch_size', type=int, default=32)
     p.add_argument('--num_batches', type=int, default=10)
+    p.add_argument('--cold', action='store_true', help="evict the dataset's files from the page cache first")
+    p.add_argument('--shuffle_buffer', type=int, default=100, help='shards: ShardStream buffer')
     args = parser.parse_args()
 
     if args.command == 'synth':
         make_synthetic(args.out, args.num_clips, args.seed, args.num_classes, args.frame_size)
     elif args.command == 'prepare':
         sys.exit(1 if prepare(args.videos, args.out, args.num_frames, args.short_side, args.workers) else 0)
+    elif args.command == 'audioset':
+        build_audioset(args.prepared, args.label_csv, args.out, args.balanced, args.unbalanced, args.eval_csv,
+                       args.id_format, args.num_frames, not args.no_check, args.workers)
+    elif args.command == 'vggsound':
+        build_vggsound(args.prepared, args.csv, args.label_csv, args.out, args.id_format, args.num_frames,
+                       not args.no_check, args.workers)
+    elif args.command == 'shard':
+        write_shards(args.data, args.out, args.shard_size, args.audio, args.seed, args.num_frames, args.workers)
+    elif args.command == 'subset':
+        build_subset(args.data, args.out, args.ids, args.template, args.label_csv)
     else:
         bench(args.data, args.workers, args.img_size, args.audio_length, args.num_mel_bins,
-              args.batch_size, args.num_batches)
+              args.batch_size, args.num_batches, args.cold, args.shuffle_buffer)

@@ -70,9 +70,12 @@ def load_model(ckpt_path, device='cpu', weights='model'):
 
 
 def make_dataset(data_json, label_csv, config, num_frames=16):
-    """Eval-mode dataset (all T frames and their aligned segments) at the model's input sizes."""
+    """Eval-mode dataset (all T frames and their aligned segments) at the model's input sizes, from a
+    dataset JSON or a shard set (data.AVDataset: shard folder, index.json, brace pattern). With a
+    label CSV every clip must carry labels (probing and the embedding plot score and colour by them)."""
     return data.AVDataset(data_json, label_csv=label_csv, mode='eval', audio_length=config.audio_length,
-                          num_mel_bins=config.num_mel_bins, img_size=config.img_size, num_frames=num_frames)
+                          num_mel_bins=config.num_mel_bins, img_size=config.img_size, num_frames=num_frames,
+                          require_labels=label_csv is not None)
 
 
 def autocast(device):

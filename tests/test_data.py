@@ -4,6 +4,8 @@ import os
 import shutil
 import subprocess
 import sys
+import time
+import types
 
 import numpy as np
 import pytest
@@ -270,13 +272,29 @@ def test_wrong_labels_and_empty_json(tmp_path):
     assert small(json_path)[0]['label'].shape == (0,)  # labels are ignored without a CSV
     json.dump({'data': [dict(video_id='x', wav='a.wav', video_path='.', labels='')]}, open(json_path, 'w'))
     with pytest.raises(ValueError, match="clip 'x' has no labels"):
-        small(json_path, label_csv=csv_path)
+        small(json_path, label_csv=csv_path, require_labels=True)
     json.dump({'data': [dict(video_id='x', video_path='.')]}, open(json_path, 'w'))
     with pytest.raises(ValueError, match=r"entry 0 lacks \['wav'\]"):
         small(json_path)
     json.dump({'data': []}, open(json_path, 'w'))
     with pytest.raises(ValueError, match='lists no clips'):
         small(json_path)
+
+
+def test_pretraining_needs_no_labels_probing_does(tmp_path):
+    # prepare writes empty labels and the shipped configs set label_csv: training must still load
+    json_path, csv_path = write_clips(str(tmp_path), num_clips=3, seconds=1.0, labels=(), frame_size=16)
+    entries = json.load(open(json_path))['data']
+    entries[1]['labels'] = 'b'
+    json.dump({'data': entries}, open(json_path, 'w'))
+    for mode in ('train', 'eval'):
+        ds = small(json_path, label_csv=csv_path, mode=mode, img_size=16)
+        assert [ds[i]['label'].tolist() for i in range(3)] == [[0, 0], [0, 1], [0, 0]]
+    import evaluate  # probing / embedding plots: labels required, the error names the clip
+    config = types.SimpleNamespace(audio_length=128, num_mel_bins=128, img_size=16)
+    with pytest.raises(ValueError, match="clip 'clip0' has no labels"):
+        evaluate.make_dataset(json_path, csv_path, config)
+    assert len(evaluate.make_dataset(json_path, None, config)) == 3  # retrieval without a CSV
 
 
 def test_short_clips_are_padded(tmp_path):
@@ -428,6 +446,18 @@ def test_prepare_failure_is_listed_not_fatal(shared_dir, tmp_path):
     entries = json.load(open(os.path.join(out, 'data.json')))['data']
     assert [e['video_id'] for e in entries] == ['00W1lcxW-WU_40.000']
     assert not os.path.exists(os.path.join(out, 'audio', 'broken.wav'))
+
+
+def test_prepare_duplicate_check_is_linear(tmp_path, monkeypatch):
+    # 2 M videos: the check must not be quadratic (ids.count in a loop took ~15 s here for 30 k ids)
+    monkeypatch.setattr(data.shutil, 'which', lambda name: '/usr/bin/true')
+    listing = tmp_path / 'videos.txt'
+    names = [f'/videos/{k:07d}_{k % 997:06d}.mp4' for k in range(30000)]
+    listing.write_text('\n'.join(names + ['/elsewhere/0000005_000005.mp4', names[7]]) + '\n')
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match=r"share the clip id\(s\) \['0000005_000005', '0000007_000007'\]"):
+        data.prepare(str(listing), str(tmp_path / 'out'))
+    assert time.perf_counter() - t0 < 1.0
 
 
 def test_prepare_without_ffmpeg(tmp_path, monkeypatch):
