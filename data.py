@@ -753,9 +753,13 @@ class ShardStream(torch.utils.data.IterableDataset):
                 raise ValueError(f"resume: {', '.join(changed)} changed since the checkpoint; mid-epoch resume of "
                                  f"a shard stream needs the same shards, seed, shuffle buffer, world size and "
                                  f"num_workers")
-        epoch, k = self.start
+        self.set_start(*self.start)
+
+    def set_start(self, epoch, k):
+        """Begin at batch k of epoch `epoch` (before the DataLoader is made: its workers copy the stream)."""
         if not 0 <= k < self.batches_per_epoch(epoch):
             raise ValueError(f"start batch {k} is outside epoch {epoch} ({self.batches_per_epoch(epoch)} batches)")
+        self.start = (epoch, k)
 
     def layout(self):
         """What a mid-epoch resume must find unchanged (save it with the checkpoint)."""

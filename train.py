@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from tqdm import tqdm
 
 import masking
-from data import AVDataset, collate
+from data import AVDataset, ShardStream, collate, is_shard_set
 from evaluate import extract_features, retrieval
 from losses import distill_loss, info_nce
 from model import CAVMAESync, ModelConfig, ema_update, forward_flops, load_weights, make_teacher
@@ -36,8 +36,8 @@ from model import CAVMAESync, ModelConfig, ema_update, forward_flops, load_weigh
 # default config: the TG-DP paper setting
 # I/O
 out_dir = 'out'
-train_json = ''                # CAV-MAE layout JSON (data.py prepare / data.py synth)
-eval_json = ''                 # held-out clips for the periodic retrieval evaluation ('' = none)
+train_json = ''                # CAV-MAE layout JSON (data.py prepare / synth) or a shard set (data.py shard)
+eval_json = ''                 # held-out clips (JSON or shard set) for the periodic retrieval evaluation ('' = none)
 eval_interval = 2000           # iterations between retrieval evaluation + checkpoint
 log_interval = 20
 init_from = 'scratch'          # 'scratch', 'resume' (out_dir/ckpt.pt) or a path: ImageNet MAE / official / train.py weights
@@ -45,6 +45,7 @@ init_from = 'scratch'          # 'scratch', 'resume' (out_dir/ckpt.pt) or a path
 batch_size = 64                # clips per rank per micro-step
 gradient_accumulation_steps = 1
 num_workers = 8
+shuffle_buffer = 1000          # shard sets: clips in each loader worker's shuffle buffer
 num_frames = 16
 time_shift = True              # random time shift of the waveform (pretraining augmentation)
 # model (ModelConfig; the global token is on except for method='cavmae')
@@ -183,25 +184,6 @@ if master:
 
 # -----------------------------------------------------------------------------
 # data and the schedule over it
-if bench:
-    dataset = eval_dataset = None
-    clips_per_rank = 0
-else:
-    for key in ('train_json',) + (('eval_json',) if eval_json else ()):
-        path = globals()[key]
-        if not path or not os.path.isfile(path):
-            sys.exit(f'error: {key}={path!r} is not a file. For a demo on built-in synthetic clips run\n'
-                     f'  python data.py synth --out data_synth && python train.py config/demo.py\n'
-                     f'for real videos see `python data.py prepare --help` and the README.')
-    data_args = dict(audio_length=audio_length, num_mel_bins=num_mel_bins, img_size=img_size, num_frames=num_frames)
-    dataset = AVDataset(train_json, mode='train', time_shift=time_shift, seed=seed, **data_args)  # no labels needed
-    eval_dataset = AVDataset(eval_json, mode='eval', **data_args) if eval_json else None
-    if eval_dataset is not None and len(eval_dataset) < world_size:
-        sys.exit(f'error: eval_json={eval_json!r} has {len(eval_dataset)} clips, fewer than the {world_size} ranks that share it')
-    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
-    clips_per_rank = len(sampler)
-
-
 def epoch_mask_ratio(epoch):  # reconstruction mask ratio of an epoch under the 'epoch' curriculum
     return masking.mask_ratio_schedule(epoch / max(1, math.ceil(epochs) - 1), mask_ratio, mask_ratio_end)
 
@@ -212,10 +194,36 @@ def epoch_batch_size(epoch):  # clips per rank per micro-step in an epoch
     return masking.adaptive_batch_size(batch_size, epoch_mask_ratio(epoch), mask_ratio, mask_ratio_end)
 
 
+dataset = eval_dataset = stream = None
+train_clips = 0
+if not bench:
+    for key in ('train_json',) + (('eval_json',) if eval_json else ()):
+        path = globals()[key]
+        if not path or not (os.path.isfile(path) or is_shard_set(path)):
+            sys.exit(f'error: {key}={path!r} is neither a file nor a shard set. For a demo on built-in synthetic clips run\n'
+                     f'  python data.py synth --out data_synth && python train.py config/demo.py\n'
+                     f'for real videos see `python data.py prepare --help` and the README.')
+    data_args = dict(audio_length=audio_length, num_mel_bins=num_mel_bins, img_size=img_size, num_frames=num_frames)
+    if is_shard_set(train_json):  # sequential reads: each rank and loader worker streams its own shards
+        stream = ShardStream(train_json, [epoch_batch_size(e) for e in range(math.ceil(epochs) or 1)], seed=seed,
+                             rank=rank, world_size=world_size, num_workers=num_workers, shuffle_buffer=shuffle_buffer,
+                             time_shift=time_shift, **data_args)
+        train_clips = sum(n for _, n in stream.shards)
+    else:  # random access: a DistributedSampler permutation per epoch
+        dataset = AVDataset(train_json, mode='train', time_shift=time_shift, seed=seed, **data_args)  # no labels
+        sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        train_clips = len(dataset)
+    eval_dataset = AVDataset(eval_json, mode='eval', **data_args) if eval_json else None
+    if eval_dataset is not None and len(eval_dataset) < world_size:
+        sys.exit(f'error: eval_json={eval_json!r} has {len(eval_dataset)} clips, fewer than the {world_size} ranks that share it')
+
+
 def epoch_iters(epoch):  # optimiser steps in an epoch
     if bench:
         return bench_warmup + bench_iters
-    return clips_per_rank // (epoch_batch_size(epoch) * gradient_accumulation_steps)
+    if stream is not None:
+        return stream.batches_per_epoch(epoch) // gradient_accumulation_steps
+    return len(sampler) // (epoch_batch_size(epoch) * gradient_accumulation_steps)
 
 
 def locate(it):  # iteration -> (epoch, steps of that epoch already done): epochs may differ in length
@@ -232,7 +240,7 @@ def iters_for(num_epochs):  # optimiser steps in the first num_epochs (fractiona
 
 
 if not bench and min(epoch_iters(e) for e in range(math.ceil(epochs) or 1)) == 0:
-    sys.exit(f'error: {len(dataset)} clips are fewer than one step ({max(map(epoch_batch_size, range(math.ceil(epochs) or 1)))} '
+    sys.exit(f'error: {train_clips} clips are fewer than one step ({max(map(epoch_batch_size, range(math.ceil(epochs) or 1)))} '
              f'x {gradient_accumulation_steps} x {world_size} ranks); lower batch_size')
 max_iters = bench_warmup + bench_iters if bench else max_iters or iters_for(epochs)
 warmup_iters = iters_for(warmup_epochs)
@@ -297,9 +305,17 @@ def micro_batches(start_iter):
         image = torch.randn(batch_size, 3, img_size, img_size, device=device)
         while True:
             yield audio, image
-    loader = DataLoader(EpochItems(dataset), batch_sampler=batch_keys(start_iter), num_workers=num_workers,
-                        pin_memory=device_type == 'cuda', collate_fn=collate, worker_init_fn=ignore_sigterm)
+    pin = device_type == 'cuda'
+    if stream is not None:
+        epoch, done = locate(start_iter)
+        stream.set_start(epoch, done * gradient_accumulation_steps)
+        loader = DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=pin, worker_init_fn=ignore_sigterm)
+    else:
+        loader = DataLoader(EpochItems(dataset), batch_sampler=batch_keys(start_iter), num_workers=num_workers,
+                            pin_memory=pin, collate_fn=collate, worker_init_fn=ignore_sigterm)
     for batch in loader:
+        if stream is not None and batch['batch'] >= epoch_iters(batch['epoch']) * gradient_accumulation_steps:
+            continue  # the end of a shard epoch that does not fill an optimiser step
         yield batch['audio'].to(device, non_blocking=True), batch['image'].to(device, non_blocking=True)
 
 
@@ -311,7 +327,7 @@ model_args['global_token'] = method != 'cavmae'  # CAV-MAE style: mean-pooled pa
 resume_fixed = ('batch_size', 'gradient_accumulation_steps', 'epochs', 'warmup_epochs', 'max_iters', 'method',
                 'mask_ratio', 'mask_ratio_schedule', 'mask_ratio_end', 'adaptive_batch', 'contrastive_mask_ratio',
                 'contrastive_masking', 'learning_rate', 'min_lr', 'ema_momentum', 'ema_momentum_end', 'seed',
-                'num_frames', 'time_shift')
+                'num_frames', 'time_shift', 'shuffle_buffer')
 iter_num, ckpt = 0, None
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 if init_from == 'resume':
@@ -319,13 +335,17 @@ if init_from == 'resume':
         sys.exit(f"error: init_from='resume' but {ckpt_path} does not exist")
     ckpt = torch.load(ckpt_path, map_location='cpu', weights_only=False)
     then = {**ckpt['config'], **ckpt['model_args'], 'world_size': ckpt['world_size'], 'train_clips': ckpt['train_clips']}
-    now = {**config, **model_args, 'world_size': world_size, 'train_clips': len(dataset) if dataset else 0}
+    now = {**config, **model_args, 'world_size': world_size, 'train_clips': train_clips}
     changed = {k: (then[k], now[k]) for k in (*model_args, *resume_fixed, 'world_size', 'train_clips') if then[k] != now[k]}
     if changed:
         sys.exit(f'error: cannot resume {ckpt_path}: these settings differ from the checkpoint (then, now): {changed}. '
                  f'They fix the model or which clips and schedule each step uses; to start a new run from these '
                  f'weights use --init_from={ckpt_path} and another out_dir.')
     iter_num = ckpt['iter_num']
+    if stream is not None and ckpt['stream_layout'] != stream.layout():
+        sys.exit(f'error: cannot resume {ckpt_path}: the shard set or num_workers differ from the checkpoint '
+                 f'(then {ckpt["stream_layout"]}, now {stream.layout()}); a shard stream resumes mid-epoch only on '
+                 f'the same shards, ranks and loader workers')
 model = CAVMAESync(ModelConfig(**model_args))
 if ckpt is not None:
     model.load_state_dict(ckpt['model'])
@@ -491,7 +511,8 @@ def save_checkpoint(it):
         state = dict(model=raw_model.state_dict(), teacher=teacher.state_dict() if teacher is not None else None,
                      optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), iter_num=it,
                      epoch=locate(it)[0], model_args=model_args, config=config, world_size=world_size,
-                     train_clips=len(dataset), noise_gen=noise_gen.get_state())
+                     train_clips=train_clips, stream_layout=stream.layout() if stream is not None else None,
+                     noise_gen=noise_gen.get_state())
         torch.save(state, ckpt_path + '.tmp')
         os.replace(ckpt_path + '.tmp', ckpt_path)
 
