@@ -1,4 +1,4 @@
-# TG-DP on AudioSet-2M, the paper setting (TG-DP sec. 4.1): 8 GPUs x 64 clips, 35 epochs, 3.5 warmup.
+# TG-DP on AudioSet-2M, the TG-DP paper's training recipe: 8 GPUs x 64 clips, 35 epochs, 3.5 warmup.
 # torchrun --standalone --nproc_per_node=8 train.py config/tgdp_as2m.py
 out_dir = 'out/tgdp_as2m'
 train_json = 'data/audioset/as2m_train.json'  # data.py audioset (or its shards: data.py shard)
