@@ -1,15 +1,17 @@
 """
-TG-DP pretraining (SPEC sections 5-6), and the CAV-MAE Sync / dual-pass / CAV-MAE baselines.
+TG-DP pretraining (the TG-DP paper's method and recipe), and the CAV-MAE Sync / dual-pass / CAV-MAE baselines.
 
 A debug run on one CPU or GPU:
 $ python data.py synth --out data_synth && python train.py config/demo.py
 One node with 8 GPUs:
 $ torchrun --standalone --nproc_per_node=8 train.py config/tgdp_as2m.py
 Several nodes (run on each; rank 0's address as master):
-$ torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=10.0.0.1 --master_port=29500 train.py config/tgdp_as2m.py
+$ torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=10.0.0.1 --master_port=29500 \
+    train.py config/tgdp_as2m.py
 Settings are the globals below, overridden by config files and --key=value, in that order.
 """
 import ast
+import itertools
 import json
 import math
 import os
@@ -40,7 +42,7 @@ train_json = ''                # CAV-MAE layout JSON (data.py prepare / synth) o
 eval_json = ''                 # held-out clips (JSON or shard set) for the periodic retrieval evaluation ('' = none)
 eval_interval = 2000           # iterations between retrieval evaluation + checkpoint
 log_interval = 20
-init_from = 'scratch'          # 'scratch', 'resume' (out_dir/ckpt.pt) or a path: ImageNet MAE / official / train.py weights
+init_from = 'scratch'          # 'scratch', 'resume' (out_dir/ckpt.pt) or a weights file (model.load_weights)
 # data
 batch_size = 64                # clips per rank per micro-step
 gradient_accumulation_steps = 1
@@ -68,7 +70,7 @@ decoder_attention = 'self'     # 'self' | 'cross' (DiffMAViL: masked queries att
 # method
 method = 'tgdp'                # 'tgdp' | 'sync' (CAV-MAE Sync) | 'dualpass' (two random passes, no teacher) | 'cavmae'
 mask_ratio = 0.75              # reconstruction pass (and the single pass of sync / cavmae)
-mask_ratio_schedule = 'none'   # DiffMAViL curriculum: 'none' | 'epoch' | 'step', linear from mask_ratio to mask_ratio_end
+mask_ratio_schedule = 'none'   # DiffMAViL curriculum 'none' | 'epoch' | 'step': mask_ratio down to mask_ratio_end
 mask_ratio_end = 0.8
 adaptive_batch = False         # DiffMAViL: per-epoch batch (1 - min ratio) / (1 - ratio_e) * batch_size (needs 'epoch')
 contrastive_mask_ratio = 0.5   # contrastive pass of tgdp / dualpass
@@ -165,18 +167,28 @@ if ddp:
         device = f'cuda:{local_rank}'
         torch.cuda.set_device(device)
     # evaluation features are gathered as Python objects on the CPU: a gloo group beside NCCL
-    cpu_group = dist.new_group(backend='gloo', timeout=timedelta(minutes=timeout_minutes)) if backend == 'nccl' else None
+    cpu_group = None
+    if backend == 'nccl':
+        cpu_group = dist.new_group(backend='gloo', timeout=timedelta(minutes=timeout_minutes))
 else:
     rank, local_rank, world_size = 0, 0, 1
 master = rank == 0
 device_type = 'cuda' if device.startswith('cuda') else 'cpu'
 if device_type == 'cuda' and not torch.cuda.is_available():
-    sys.exit("error: device='cuda' but no GPU is visible; run with --device=cpu (and --dtype=float32 --compile=False for speed)")
+    sys.exit("error: device='cuda' but no GPU is visible; "
+             "run with --device=cpu (and --dtype=float32 --compile=False for speed)")
 torch.manual_seed(seed)
 if device_type == 'cuda':
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
 autocast = nullcontext() if dtype == 'float32' else torch.autocast(device_type, dtype=getattr(torch, dtype))
+
+
+def sync_device():  # wait for the GPU's queued work (timing)
+    if device_type == 'cuda':
+        torch.cuda.synchronize()
+
+
 if master:
     os.makedirs(out_dir, exist_ok=True)
     print('config:\n' + '\n'.join(f'  {k:24s} = {v!r}' for k, v in config.items()))
@@ -200,7 +212,8 @@ if not bench:
     for key in ('train_json',) + (('eval_json',) if eval_json else ()):
         path = globals()[key]
         if not path or not (os.path.isfile(path) or is_shard_set(path)):
-            sys.exit(f'error: {key}={path!r} is neither a file nor a shard set. For a demo on built-in synthetic clips run\n'
+            sys.exit(f'error: {key}={path!r} is neither a file nor a shard set. '
+                     f'For a demo on built-in synthetic clips run\n'
                      f'  python data.py synth --out data_synth && python train.py config/demo.py\n'
                      f'for real videos see `python data.py prepare --help` and the README.')
     data_args = dict(audio_length=audio_length, num_mel_bins=num_mel_bins, img_size=img_size, num_frames=num_frames)
@@ -211,11 +224,12 @@ if not bench:
         train_clips = sum(n for _, n in stream.shards)
     else:  # random access: a DistributedSampler permutation per epoch
         dataset = AVDataset(train_json, mode='train', time_shift=time_shift, seed=seed, **data_args)  # no labels
-        sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        sampler = DistributedSampler(dataset, world_size, rank, shuffle=True, seed=seed, drop_last=True)
         train_clips = len(dataset)
     eval_dataset = AVDataset(eval_json, mode='eval', **data_args) if eval_json else None
     if eval_dataset is not None and len(eval_dataset) < world_size:
-        sys.exit(f'error: eval_json={eval_json!r} has {len(eval_dataset)} clips, fewer than the {world_size} ranks that share it')
+        sys.exit(f'error: eval_json={eval_json!r} has {len(eval_dataset)} clips, '
+                 f'fewer than the {world_size} ranks that share it')
 
 
 def epoch_iters(epoch):  # optimiser steps in an epoch
@@ -240,7 +254,8 @@ def iters_for(num_epochs):  # optimiser steps in the first num_epochs (fractiona
 
 
 if not bench and min(epoch_iters(e) for e in range(math.ceil(epochs) or 1)) == 0:
-    sys.exit(f'error: {train_clips} clips are fewer than one step ({max(map(epoch_batch_size, range(math.ceil(epochs) or 1)))} '
+    largest = max(map(epoch_batch_size, range(math.ceil(epochs) or 1)))
+    sys.exit(f'error: {train_clips} clips are fewer than one step ({largest} '
              f'x {gradient_accumulation_steps} x {world_size} ranks); lower batch_size')
 max_iters = bench_warmup + bench_iters if bench else max_iters or iters_for(epochs)
 warmup_iters = iters_for(warmup_epochs)
@@ -262,7 +277,8 @@ def get_lr(it):  # linear warmup, then cosine decay to min_lr over the remaining
 
 
 def get_momentum(it):  # EMA momentum: cosine ramp from ema_momentum to ema_momentum_end
-    return ema_momentum_end - (ema_momentum_end - ema_momentum) * 0.5 * (1.0 + math.cos(math.pi * it / max(1, max_iters)))
+    ramp = 0.5 * (1.0 + math.cos(math.pi * it / max(1, max_iters)))  # 1 -> 0
+    return ema_momentum_end - (ema_momentum_end - ema_momentum) * ramp
 
 
 class EpochItems(Dataset):
@@ -299,17 +315,25 @@ def ignore_sigterm(_):  # workers: the main process handles pre-emption and shut
 
 def micro_batches(start_iter):
     """Endless stream of this rank's (audio, image) micro-batches on the device, from step start_iter on.
-    bench: the same random tensors again and again."""
+    bench: the same random tensors again and again; as each step begins, the profiler steps and, after
+    bench_warmup steps, the clock starts (t_bench)."""
+    global t_bench
     if bench:
         audio = torch.randn(batch_size, audio_length, num_mel_bins, device=device)
         image = torch.randn(batch_size, 3, img_size, img_size, device=device)
-        while True:
+        for n in itertools.count():
+            if profiler is not None and n and n % gradient_accumulation_steps == 0:
+                profiler.step()
+            if n == bench_warmup * gradient_accumulation_steps:
+                sync_device()
+                t_bench = time.time()
             yield audio, image
     pin = device_type == 'cuda'
     if stream is not None:
         epoch, done = locate(start_iter)
         stream.set_start(epoch, done * gradient_accumulation_steps)
-        loader = DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=pin, worker_init_fn=ignore_sigterm)
+        loader = DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=pin,
+                            worker_init_fn=ignore_sigterm)
     else:
         loader = DataLoader(EpochItems(dataset), batch_sampler=batch_keys(start_iter), num_workers=num_workers,
                             pin_memory=pin, collate_fn=collate, worker_init_fn=ignore_sigterm)
@@ -334,9 +358,11 @@ if init_from == 'resume':
     if not os.path.isfile(ckpt_path):
         sys.exit(f"error: init_from='resume' but {ckpt_path} does not exist")
     ckpt = torch.load(ckpt_path, map_location='cpu', weights_only=False)
-    then = {**ckpt['config'], **ckpt['model_args'], 'world_size': ckpt['world_size'], 'train_clips': ckpt['train_clips']}
+    then = {**ckpt['config'], **ckpt['model_args'], 'world_size': ckpt.get('world_size'),
+            'train_clips': ckpt.get('train_clips')}
     now = {**config, **model_args, 'world_size': world_size, 'train_clips': train_clips}
-    changed = {k: (then[k], now[k]) for k in (*model_args, *resume_fixed, 'world_size', 'train_clips') if then[k] != now[k]}
+    changed = {k: (then.get(k), now[k]) for k in (*model_args, *resume_fixed, 'world_size', 'train_clips')
+               if then.get(k) != now[k]}
     if changed:
         sys.exit(f'error: cannot resume {ckpt_path}: these settings differ from the checkpoint (then, now): {changed}. '
                  f'They fix the model or which clips and schedule each step uses; to start a new run from these '
@@ -366,7 +392,8 @@ if ckpt is not None:
     scaler.load_state_dict(ckpt['scaler'])
 if master:
     n_params = sum(p.numel() for p in model.parameters())
-    print(f'model: {n_params / 1e6:.2f} M trainable parameters; {epoch_iters(0)} iterations in the first epoch, {max_iters} in all')
+    print(f'model: {n_params / 1e6:.2f} M trainable parameters; '
+          f'{epoch_iters(0)} iterations in the first epoch, {max_iters} in all')
 teacher_forward = teacher.forward_teacher if teacher is not None else None
 if compile:
     model = torch.compile(model, mode=compile_mode)
@@ -381,7 +408,8 @@ def train_flops_per_clip(rec_mask_ratio):
     c = raw_model.config
     if method in ('sync', 'cavmae'):
         return 3 * sum(forward_flops(c, rec_mask_ratio, 'sync').values())
-    student = sum(forward_flops(c, rec_mask_ratio, 'reconstruction').values()) + sum(forward_flops(c, contrastive_mask_ratio, 'contrastive').values())
+    student = (sum(forward_flops(c, rec_mask_ratio, 'reconstruction').values())
+               + sum(forward_flops(c, contrastive_mask_ratio, 'contrastive').values()))
     return 3 * student + (sum(forward_flops(c, 0.0, 'teacher').values()) if method == 'tgdp' else 0)
 
 
@@ -403,7 +431,9 @@ def diffusion_noise(B):  # DiffMAViL's timestep per clip and Gaussian noise per 
         return None
     P = patch_size * patch_size
     t = noise(B, draw=lambda n, **kw: torch.randint(1, raw_model.alpha_bar.shape[0] + 1, (n,), **kw))
-    return t, noise(B, raw_model.num_patches_a, P, draw=torch.randn), noise(B, raw_model.num_patches_v, 3 * P, draw=torch.randn)
+    eps_a = noise(B, raw_model.num_patches_a, P, draw=torch.randn)  # (B, Na, p*p)
+    eps_v = noise(B, raw_model.num_patches_v, 3 * P, draw=torch.randn)  # (B, Nv, p*p*3)
+    return t, eps_a, eps_v
 
 
 def losses_for(audio, image, rec_mask_ratio):
@@ -476,12 +506,14 @@ def log_step(it, terms, rec_mask_ratio, clips_s):
     if not master:
         return
     epoch = locate(it - 1)[0]
-    mfu = train_flops_per_clip(rec_mask_ratio) * clips_s / world_size / (peak_tflops * 1e12) if device_type == 'cuda' else None
+    mfu = None  # model FLOPs utilisation, GPU only
+    if device_type == 'cuda':
+        mfu = train_flops_per_clip(rec_mask_ratio) * clips_s / world_size / (peak_tflops * 1e12)
     record = {'iter': it, 'epoch': epoch, 'lr': get_lr(it - 1), 'mask_ratio': rec_mask_ratio,
               'batch_size': epoch_batch_size(epoch) * gradient_accumulation_steps * world_size, 'clips_s': clips_s,
               'mfu': mfu, **dict(zip(terms, values.tolist()))}
     log(record)
-    bar.write(f"iter {it}: loss {record['loss']:.4f} rec {record['rec']:.4f} con {record['con']:.4f}"
+    tqdm.write(f"iter {it}: loss {record['loss']:.4f} rec {record['rec']:.4f} con {record['con']:.4f}"
               + (f" dis {record['dis']:.4f}" if 'dis' in record else '')
               + f" acc {record['con_acc']:.3f} lr {record['lr']:.2e} {clips_s:.1f} clips/s"
               + (f' mfu {100 * mfu:.1f}%' if mfu is not None else ''))
@@ -490,7 +522,8 @@ def log_step(it, terms, rec_mask_ratio, clips_s):
 def evaluate_retrieval(it):
     """Held-out retrieval (diagonal mean over frames): every rank extracts the features of its contiguous share
     of the clips with loader workers, rank 0 gathers them in order and scores."""
-    share = Subset(eval_dataset, range(rank * len(eval_dataset) // world_size, (rank + 1) * len(eval_dataset) // world_size))
+    n = len(eval_dataset)
+    share = Subset(eval_dataset, range(rank * n // world_size, (rank + 1) * n // world_size))
     feats = extract_features(raw_model, share, batch_size=max(1, batch_size // num_frames), device=device,
                              num_workers=num_workers)
     if ddp:
@@ -501,7 +534,7 @@ def evaluate_retrieval(it):
     if master:
         results = retrieval(feats, ('diag_mean',), device=device)['diag_mean']
         log({'iter': it, 'retrieval': results})
-        bar.write(f'iter {it}: retrieval R@1/5/10 ' + '  '.join(
+        tqdm.write(f'iter {it}: retrieval R@1/5/10 ' + '  '.join(
             f"{d} {r['R@1']:.1f}/{r['R@5']:.1f}/{r['R@10']:.1f}" for d, r in results.items()))
 
 
@@ -522,18 +555,6 @@ def log(record):
         f.write(json.dumps(record) + '\n')
 
 
-def sync_device():
-    if device_type == 'cuda':
-        torch.cuda.synchronize()
-
-
-def shutdown():
-    batches.close()  # shut the loader workers down now: they ignore SIGTERM, so exit-time cleanup would hang
-    bar.close()
-    if ddp:
-        dist.destroy_process_group()
-
-
 # -----------------------------------------------------------------------------
 # the loop
 signal.signal(signal.SIGTERM, on_sigterm)
@@ -546,18 +567,26 @@ if bench and profile:
         table = prof.key_averages().table(sort_by=f'{device_type}_time_total', row_limit=30)
         with open(os.path.join(out_dir, 'profile.txt'), 'w') as f:
             f.write(table)
-    acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device_type == 'cuda' else [])
+    acts = [torch.profiler.ProfilerActivity.CPU]
+    if device_type == 'cuda':
+        acts.append(torch.profiler.ProfilerActivity.CUDA)
     profiler = torch.profiler.profile(activities=acts, on_trace_ready=write_profile,
                                       schedule=torch.profiler.schedule(wait=0, warmup=bench_warmup, active=bench_iters))
     profiler.start()
 model.train()
 batches = micro_batches(iter_num)
 bar = tqdm(total=max_iters, initial=iter_num, disable=not master or bench, dynamic_ncols=True)
+
+
+def shutdown():
+    batches.close()  # shut the loader workers down now: they ignore SIGTERM, so exit-time cleanup would hang
+    bar.close()
+    if ddp:
+        dist.destroy_process_group()
+
+
 t_log, clips_since_log = time.time(), 0
 while iter_num < max_iters:
-    if bench and iter_num == bench_warmup:  # the timed steps start
-        sync_device()
-        t_bench = time.time()
     lr, rec_mask_ratio = get_lr(iter_num), step_mask_ratio(iter_num)
     for group in optimizer.param_groups:
         group['lr'] = lr
@@ -570,12 +599,10 @@ while iter_num < max_iters:
         sys.exit(1)
     if teacher is not None:
         ema_update(teacher, raw_model, get_momentum(iter_num))
-    if profiler is not None:
-        profiler.step()
     clips_since_log += epoch_batch_size(locate(iter_num)[0]) * gradient_accumulation_steps * world_size
     iter_num += 1
     bar.update(1)
-    if bench:
+    if bench:  # no logs, evaluation or checkpoints: the report below
         continue
     if iter_num % log_interval == 0 or iter_num == max_iters:
         log_step(iter_num, terms, rec_mask_ratio, clips_since_log / (time.time() - t_log))
@@ -599,8 +626,12 @@ if bench:
     mem = f'{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB' if device_type == 'cuda' else 'n/a'
     mfu = f'{100 * tflops / peak_tflops:.1f}%' if device_type == 'cuda' else 'n/a'
     if profiler is not None:
+        profiler.step()  # the last timed step ends: the profiler writes its table
         profiler.stop()
-        print(f'profile of {bench_iters} steps (its overhead is in the timing above): {os.path.join(out_dir, "profile.txt")}')
-    print(f'| method | batch | s/iter | clips/s | GFLOP/clip | TFLOP/s | MFU | peak mem |\n|---|---|---|---|---|---|---|---|\n'
-          f'| {method} | {batch_size} | {dt / bench_iters:.3f} | {clips_s:.1f} | {flops_per_clip / 1e9:.4g} | {tflops:.3g} | {mfu} | {mem} |')
+        print(f'profile of {bench_iters} steps (its overhead is in the timing above): '
+              f'{os.path.join(out_dir, "profile.txt")}')
+    print('| method | batch | s/iter | clips/s | GFLOP/clip | TFLOP/s | MFU | peak mem |\n'
+          '|---|---|---|---|---|---|---|---|\n'
+          f'| {method} | {batch_size} | {dt / bench_iters:.3f} | {clips_s:.1f} | {flops_per_clip / 1e9:.4g} '
+          f'| {tflops:.3g} | {mfu} | {mem} |')
 shutdown()
