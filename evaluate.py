@@ -1211,16 +1211,19 @@ def ablation_plot(summary, out_path, lines, tables=ABLATION_TABLES, width=1600):
         draw.text((8, y), text, fill='black', font=font)
         y += line_h
     panel_w = width // len(tables)
+    colours = {run: class_colour(k) for k, run in enumerate(ABLATION_RUNS)}  # a run keeps its colour in every panel
+    top = max([v for s in summary.values() for d in ('V->A', 'A->V') for v in s['curve'][d]['max']] + [1.0])
+    ylim = (0.0, 10 * math.ceil(top / 10))  # one scale for every panel
     for p, (title, entries) in enumerate(tables):
         for q, d in enumerate(('V->A', 'A->V')):
             series = []
-            for k, (label, run, _) in enumerate(entries):
+            for label, run, _ in entries:
                 if run in summary:
                     c = summary[run]['curve']
-                    series.append(dict(x=c['iters'], y=c[d]['mean'], lo=c[d]['min'], hi=c[d]['max'], colour=class_colour(k),
+                    series.append(dict(x=c['iters'], y=c[d]['mean'], lo=c[d]['min'], hi=c[d]['max'], colour=colours[run],
                                        label=label))
             box = (p * panel_w, table_h + q * panel_h, (p + 1) * panel_w, table_h + (q + 1) * panel_h - 24)
-            line_panel(draw, box, series, f'{title.split(":")[0]}, held-out R@1 {d} (%)', 'iteration', font)
+            line_panel(draw, box, series, f'{title.split(":")[0]}, held-out R@1 {d} (%)', 'iteration', font, ylim)
             legend_row(draw, (box[0] + 8, box[3] + 4), [(s['label'], s['colour']) for s in series], font)
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     canvas.save(out_path)
