@@ -327,3 +327,12 @@ def argparse_like(ckpt):
     import argparse
     return argparse.Namespace(ckpt=ckpt, weights='model', device='cpu', batch_size=8, num_workers=0, num_frames=16,
                               cache=None)
+
+
+def test_ciou_top_share():
+    heat = torch.arange(16.0).view(4, 4)
+    gt = torch.zeros(4, 4, dtype=torch.bool)
+    gt[3, 2:] = True  # the two highest values
+    assert evaluate.ciou(heat, gt) == pytest.approx(2 / 8)  # top half: 8 pixels predicted
+    assert evaluate.ciou(heat, gt, top=2 / 16) == pytest.approx(1.0)  # the top 2 pixels: exactly the object
+    assert evaluate.ciou(heat, gt, top=4 / 16) == pytest.approx(2 / 4)
