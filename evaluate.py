@@ -22,7 +22,8 @@ Examples:
   python evaluate.py localize --ckpt out/ckpt.pt --data eval.json --out loc/
   python evaluate.py reconstruct --ckpt out/ckpt.pt --data eval.json --out rec/
   python evaluate.py embed --ckpt out/ckpt.pt --data eval.json --label_csv labels.csv --out embed.png
-  python evaluate.py embed --method tsne --ckpt out/sync/ckpt.pt --compare out/tgdp/ckpt.pt --data eval.json --label_csv labels.csv --out tsne.png
+  python evaluate.py embed --method tsne --ckpt out/sync/ckpt.pt --compare out/tgdp/ckpt.pt --data eval.json \
+      --label_csv labels.csv --out tsne.png
   python evaluate.py cases --ckpt out/sync/ckpt.pt --compare out/tgdp/ckpt.pt --data eval.json --out cases.png
   python evaluate.py dynamics --logs out/sync/log.jsonl out/tgdp/log.jsonl --out dynamics.png
   python evaluate.py ablate --quick            # about 10 min on 2 CPU cores; without --quick about an hour
@@ -540,7 +541,8 @@ def localization_scores(model, dataset, batch_size=8, device='cpu', num_workers=
     Returns {'model': summary, 'centre prior': summary, 'skipped': {...}, 'per_frame': [...]}."""
     scores = {'model': ([], []), 'centre prior': ([], [])}
     per_frame, no_file, empty = [], 0, 0
-    for batch in tqdm(_loader(dataset, num_clips or len(dataset), batch_size, num_workers), desc='localisation metrics', leave=False):
+    loader = _loader(dataset, num_clips or len(dataset), batch_size, num_workers)
+    for batch in tqdm(loader, desc='localisation metrics', leave=False):
         has, mask = batch['has_mask'], batch['mask']  # (B, T), (B, T, H, W)
         no_file += int((~has).sum())
         use = has & mask.flatten(2).any(dim=2)  # (B, T)
@@ -678,7 +680,8 @@ def tsne_conditional(X, perplexity=30.0, tol=1e-5, max_steps=200):
     off = ~torch.eye(N, dtype=torch.bool)
     D = D - D.masked_fill(~off, float('inf')).min(dim=1, keepdim=True).values  # nearest neighbour at 0: no underflow
     D = D.masked_fill(~off, 0.0)
-    beta, lo, hi = torch.ones(N, dtype=torch.float64), torch.zeros(N, dtype=torch.float64), torch.full((N,), float('inf'), dtype=torch.float64)
+    beta, lo = torch.ones(N, dtype=torch.float64), torch.zeros(N, dtype=torch.float64)  # precision, lower bound
+    hi = torch.full((N,), float('inf'), dtype=torch.float64)  # upper bound: none yet
     target = math.log(perplexity)
     for _ in range(max_steps):
         P = torch.exp(-beta[:, None] * D) * off  # (N, N), zero diagonal
@@ -735,12 +738,12 @@ def tsne(X, perplexity=30.0, iters=1000, seed=0, exaggeration=12.0, exaggeration
     return Y
 
 
-def embedding_coords(features, method='pca', keep=None, perplexity=30.0, seed=0):
+def embedding_coords(features, method='pca', keep=None, perplexity=30.0, seed=0, centre=None):
     """2-D map of the clip-level audio and visual embeddings of the clips `keep` (default all):
     (xy (2n, 2): audio rows then visual rows, (x label, y label), title).
     pca: fit jointly after centring each modality (otherwise the offset between the modalities takes
     the first component and hides the classes); tsne: on the unit-normalised embeddings as they are,
-    so that a gap between the modalities shows."""
+    so that a gap between the modalities shows (centre=True: each modality centred first, as pca)."""
     a, v = clip_embeddings(features['g_a']), clip_embeddings(features['g_v'])  # (N, D) each
     if keep is not None:
         a, v = a[keep], v[keep]
@@ -753,8 +756,10 @@ def embedding_coords(features, method='pca', keep=None, perplexity=30.0, seed=0)
                 f'PCA of clip embeddings (each modality centred): {n} clips')
     if method == 'tsne':
         perplexity = min(perplexity, (2 * n - 2) / 3)  # small sets: at most a third of the points
-        return (tsne(torch.cat([a, v]), perplexity, seed=seed), ('t-SNE 1', 't-SNE 2'),
-                f't-SNE of clip embeddings (perplexity {perplexity:.0f}): {n} clips')
+        X = torch.cat([a - a.mean(dim=0), v - v.mean(dim=0)] if centre else [a, v])
+        return (tsne(X, perplexity, seed=seed), ('t-SNE 1', 't-SNE 2'),
+                f"t-SNE of clip embeddings{' (each modality centred)' if centre else ''}, "
+                f"perplexity {perplexity:.0f}: {n} clips")
     raise ValueError(f"method must be 'pca' or 'tsne', got {method!r}")
 
 
@@ -763,15 +768,18 @@ def _marker(draw, x, y, r, shape, colour):
     if shape == 'circle':
         draw.ellipse((x - r, y - r, x + r, y + r), fill=colour, outline=outline)
     else:
-        draw.polygon([(x, y - 1.2 * r), (x - 1.1 * r, y + 0.8 * r), (x + 1.1 * r, y + 0.8 * r)], fill=colour, outline=outline)
+        draw.polygon([(x, y - 1.2 * r), (x - 1.1 * r, y + 0.8 * r), (x + 1.1 * r, y + 0.8 * r)],
+                     fill=colour, outline=outline)
 
 
-def embed_plot(features, out_path, size=800, method='pca', titles=None, max_classes=None, perplexity=30.0):
+def embed_plot(features, out_path, size=800, method='pca', titles=None, max_classes=None, perplexity=30.0,
+               centre=False):
     """Map of the clip-level audio (circles) and visual (triangles) embeddings coloured by class (the
     first label of each clip; grey for unlabelled clips), with a legend. features: one dict (one
     panel) or a list of dicts of the same clips (panels side by side, e.g. two checkpoints; titles
-    name them). method: 'pca' or 'tsne' (embedding_coords). max_classes: only the clips of the most
-    frequent classes. Writes a PNG of (n * (size - legend) + legend, size): (size, size) for one panel."""
+    name them). method: 'pca' or 'tsne' (embedding_coords; centre: t-SNE of centred modalities).
+    max_classes: only the clips of the most frequent classes. Writes a PNG of
+    (n * (size - legend) + legend, size): (size, size) for one panel."""
     features = [features] if isinstance(features, dict) else list(features)
     cls_all = clip_classes(features[0])
     keep = top_classes(cls_all, max_classes) if max_classes else list(range(len(cls_all)))
@@ -787,7 +795,7 @@ def embed_plot(features, out_path, size=800, method='pca', titles=None, max_clas
     font = ImageFont.load_default()
     r = max(2, size // 160)
     for p, feats in enumerate(features):
-        xy, (xlabel, ylabel), title = embedding_coords(feats, method, keep, perplexity)
+        xy, (xlabel, ylabel), title = embedding_coords(feats, method, keep, perplexity, centre=centre)
         x0 = p * panel_w
         box = (x0 + m, m, x0 + panel_w - m // 2, size - m)  # plot area (left, top, right, bottom)
         draw.rectangle(box, outline=(160, 160, 160))
@@ -802,7 +810,8 @@ def embed_plot(features, out_path, size=800, method='pca', titles=None, max_clas
         scale = inner * min((box[2] - box[0]) / span[0].item(), (box[3] - box[1]) / span[1].item())  # equal aspect
         cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
         mid = (lo + hi) / 2
-        for i in torch.randperm(2 * N, generator=torch.Generator().manual_seed(0)).tolist():  # no class drawn last on top
+        order = torch.randperm(2 * N, generator=torch.Generator().manual_seed(0)).tolist()  # no class drawn last on top
+        for i in order:
             px = cx + scale * (xy[i, 0] - mid[0]).item()
             py = cy - scale * (xy[i, 1] - mid[1]).item()
             c = cls[i % N]
@@ -956,7 +965,8 @@ def dynamics_plot(logs, out_path, labels=None, keys=('rec_a', 'rec_v', 'con'), w
     panel_w = width // len(keys)
     for j, key in enumerate(keys):
         series = [dict(x=curves[label][key][0], y=curves[label][key][1], colour=colours[label]) for label in labels]
-        line_panel(draw, (j * panel_w, 24, (j + 1) * panel_w, height), series, DYNAMICS_KEYS.get(key, key), 'iteration', font)
+        box = (j * panel_w, 24, (j + 1) * panel_w, height)
+        line_panel(draw, box, series, DYNAMICS_KEYS.get(key, key), 'iteration', font)
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     canvas.save(out_path)
     return curves
@@ -1013,8 +1023,8 @@ def cases_plot(dataset, features, out_path, queries, k=5, titles=None, frame=Non
                 img = Image.fromarray(frame_to_rgb(item(c)['image'][t])).resize((cell, cell), Image.BICUBIC)
                 canvas.paste(img, box[:2])
                 hit = c == queries[q]
-                draw.rectangle((box[0] - 2, box[1] - 2, box[2] + 1, box[3] + 1), outline=(0, 200, 0) if hit else (200, 200, 200),
-                               width=3 if hit else 1)
+                draw.rectangle((box[0] - 2, box[1] - 2, box[2] + 1, box[3] + 1),
+                               outline=(0, 200, 0) if hit else (200, 200, 200), width=3 if hit else 1)
                 draw.text((box[0], box[3] + 2), f'{j + 1}', fill='black', font=font)
                 boxes[(p, q, j)] = box
             draw.text((x0 + k * (cell + 4) + 4, y + cell // 2 - 6), f'match: #{int(ranks[q])}', fill='black', font=font)
@@ -1075,7 +1085,8 @@ ABLATION_TABLES = [
     ('Table 7: distillation', [
         ('without', 'tgdp_nodis', None), ('with (TG-DP)', 'tgdp', None)]),
     ('Table 8: contrastive view', [
-        ('random', 'tgdp_random', None), ('guided top-k (TG-DP)', 'tgdp', None), ('Gumbel top-k', 'tgdp_gumbel', None)]),
+        ('random', 'tgdp_random', None), ('guided top-k (TG-DP)', 'tgdp', None),
+        ('Gumbel top-k', 'tgdp_gumbel', None)]),
 ]
 RECALLS = [(d, k) for d in ('V->A', 'A->V') for k in ('R@1', 'R@5', 'R@10')]
 
@@ -1188,7 +1199,8 @@ def ablation_table_rows(summary, tables=ABLATION_TABLES):
     return rows
 
 
-ABLATION_HEADER = ['row', 'V->A R@1', 'R@5', 'R@10', 'A->V R@1', 'R@5', 'R@10', 'paper V->A 1/5/10', 'paper A->V 1/5/10']
+ABLATION_HEADER = ['row', 'V->A R@1', 'R@5', 'R@10', 'A->V R@1', 'R@5', 'R@10',
+                   'paper V->A 1/5/10', 'paper A->V 1/5/10']
 
 
 def ablation_design_text(settings, design, train_args=()):
@@ -1201,8 +1213,8 @@ def ablation_design_text(settings, design, train_args=()):
             f"training: config/demo.py (1.25 M parameters, CPU, batch 32) for {settings['max_iters']} iterations, "
             f"the same for every row{', plus ' + ' '.join(train_args) if train_args else ''}; seeds "
             f"0..{settings['seeds'] - 1}; held-out retrieval (diag_mean) every {settings['eval_interval']} iterations",
-            'cells: mean ± sample standard deviation over seeds (one seed: its value) of R@K (percent) at the last iteration; '
-            f'chance R@1 = {100 / (n // 5):.2f}%']
+            'cells: mean ± sample standard deviation over seeds (one seed: its value) of R@K (percent) at the '
+            f'last iteration; chance R@1 = {100 / (n // 5):.2f}%']
 
 
 def ablation_plot(summary, out_path, lines, tables=ABLATION_TABLES, width=1600):
@@ -1240,8 +1252,8 @@ def ablation_plot(summary, out_path, lines, tables=ABLATION_TABLES, width=1600):
             for label, run, _ in entries:
                 if run in summary:
                     c = summary[run]['curve']
-                    series.append(dict(x=c['iters'], y=c[d]['mean'], lo=c[d]['min'], hi=c[d]['max'], colour=colours[run],
-                                       label=label))
+                    series.append(dict(x=c['iters'], y=c[d]['mean'], lo=c[d]['min'], hi=c[d]['max'],
+                                       colour=colours[run], label=label))
             box = (p * panel_w, table_h + q * panel_h, (p + 1) * panel_w, table_h + (q + 1) * panel_h - 24)
             line_panel(draw, box, series, f'{title.split(":")[0]}, held-out R@1 {d} (%)', 'iteration', font, ylim)
             legend_row(draw, (box[0] + 8, box[3] + 4), [(s['label'], s['colour']) for s in series], font)
@@ -1271,7 +1283,8 @@ def ablate(out_dir, mode='full', runs=None, seeds=None, max_iters=None, eval_int
     bar = tqdm(jobs, desc='ablation runs', unit='run')
     for run, seed in bar:
         bar.set_postfix_str(f'{run} seed {seed}')
-        train_settings = dict(ABLATION_RUNS[run], max_iters=settings['max_iters'], eval_interval=settings['eval_interval'])
+        train_settings = dict(ABLATION_RUNS[run], max_iters=settings['max_iters'],
+                              eval_interval=settings['eval_interval'])
         r = ablation_run(out_dir, run, seed, train_settings, data_dir, design, train_args)
         results[run].append(r)
         bar.write(f"{run} seed {seed}: R@1 V->A {r['final']['V->A']['R@1']:.1f} A->V {r['final']['A->V']['R@1']:.1f}")
@@ -1281,8 +1294,8 @@ def ablate(out_dir, mode='full', runs=None, seeds=None, max_iters=None, eval_int
     print_table(ABLATION_HEADER, ablation_table_rows(summary, tables))
     print('\n'.join(lines))
     out = dict(mode=mode, settings=settings, data=design, train_args=list(train_args), notes=lines, runs=summary,
-               tables=[dict(title=title, rows=[dict(label=label, run=run, paper=paper) for label, run, paper in entries])
-                       for title, entries in tables])
+               tables=[dict(title=title, rows=[dict(label=label, run=run, paper=paper)
+                                               for label, run, paper in entries]) for title, entries in tables])
     json_path = os.path.join(out_dir, 'ablation.json')
     with open(json_path, 'w') as f:
         json.dump(out, f, indent=1)
@@ -1352,10 +1365,12 @@ def cmd_localize(args):
                for clip in dataset.clips for i in range(args.num_frames)):
         print('no object masks ({video_path}/mask_{i}/{video_id}.png): no localisation metrics')
         return
-    scores = localization_scores(model, dataset, args.batch_size, args.device, args.num_workers, args.metrics_clips, args.top)
+    scores = localization_scores(model, dataset, args.batch_size, args.device, args.num_workers, args.metrics_clips,
+                                 args.top)
     m = scores['model']
     print(f"\nsound-source localisation, {m['frames']} frames with a non-empty mask "
-          f"(skipped: {scores['skipped']['no mask file']} without a mask file, {scores['skipped']['empty mask']} empty)")
+          f"(skipped: {scores['skipped']['no mask file']} without a mask file, "
+          f"{scores['skipped']['empty mask']} empty)")
     if args.top != 0.5:
         print(f'cIoU with the top {args.top:.0%} of each map predicted (the benchmarks use 50%)')
     print_table(['map', 'cIoU@0.5', 'AUC', 'mean cIoU', 'pointing'],
@@ -1393,7 +1408,8 @@ def cmd_embed(args):
     feats = [features_for(args, args.data, args.label_csv)]
     if args.compare:
         feats.append(features_for(second_checkpoint(args), args.data, args.label_csv))
-    embed_plot(feats, args.out, args.size, args.method, checkpoint_titles(args), args.max_classes, args.perplexity)
+    embed_plot(feats, args.out, args.size, args.method, checkpoint_titles(args), args.max_classes, args.perplexity,
+               args.centre)
     print(f'wrote {args.out}')
 
 
@@ -1418,13 +1434,15 @@ def cmd_cases(args):
         if bad:
             raise ValueError(f'--queries {bad} outside 0..{N - 1}')
     else:  # a reproducible random pick
-        queries = sorted(torch.randperm(N, generator=torch.Generator().manual_seed(args.seed))[:args.num_queries].tolist())
+        order = torch.randperm(N, generator=torch.Generator().manual_seed(args.seed))
+        queries = sorted(order[:args.num_queries].tolist())
     first = feats[0]['model_args']
-    dataset = data.AVDataset(args.data, mode='eval', audio_length=first['audio_length'], num_mel_bins=first['num_mel_bins'],
-                             img_size=first['img_size'], num_frames=args.num_frames)
+    dataset = data.AVDataset(args.data, mode='eval', audio_length=first['audio_length'],
+                             num_mel_bins=first['num_mel_bins'], img_size=first['img_size'], num_frames=args.num_frames)
     out = cases_plot(dataset, feats, args.out, queries, args.k, checkpoint_titles(args), args.frame, args.strategy)
     for p, title in enumerate(checkpoint_titles(args)):
-        print(f'{title}: ' + '  '.join(f"{feats[0]['ids'][q]} -> {[feats[0]['ids'][c] for c in out['topk'][p][i].tolist()]}"
+        ids = feats[0]['ids']
+        print(f'{title}: ' + '  '.join(f"{ids[q]} -> {[ids[c] for c in out['topk'][p][i].tolist()]}"
                                        for i, q in enumerate(queries)))
     print(f'wrote {args.out}')
 
@@ -1469,14 +1487,16 @@ def main(argv=None):
     p.add_argument('--out', help='results JSON')
     p.set_defaults(run=cmd_probe)
 
-    p = sub.add_parser('localize', parents=[common], help='sound-prompted localisation heat maps (+ cIoU, AUC, pointing with masks)')
+    p = sub.add_parser('localize', parents=[common],
+                       help='sound-prompted localisation heat maps (+ cIoU, AUC, pointing with masks)')
     p.add_argument('--data', required=True)
     p.add_argument('--out', required=True, help='output directory, one PNG per clip')
     p.add_argument('--num_clips', type=int, default=16)
     p.add_argument('--frame', type=int, help='frame index of the pictures (default: the middle one)')
     p.add_argument('--metrics_clips', type=int, help='metrics over the first N clips (default: all)')
     p.add_argument('--top', type=float, default=0.5,
-                   help='share of each map predicted for cIoU (0.5 as on Flickr-SoundNet / VGG-SS; smaller for small objects)')
+                   help='share of each map predicted for cIoU (0.5 as on Flickr-SoundNet / VGG-SS; '
+                        'smaller for small objects)')
     p.set_defaults(run=cmd_localize)
 
     p = sub.add_parser('reconstruct', parents=[common], help='original / masked / reconstructed grid')
@@ -1492,17 +1512,21 @@ def main(argv=None):
     compare.add_argument('--compare', help='a second checkpoint, drawn beside the first')
     compare.add_argument('--titles', nargs='+', help='panel titles (default: the checkpoints\' folder names)')
 
-    p = sub.add_parser('embed', parents=[common, cached, compare], help='PCA / t-SNE of clip embeddings coloured by class')
+    p = sub.add_parser('embed', parents=[common, cached, compare],
+                       help='PCA / t-SNE of clip embeddings coloured by class')
     p.add_argument('--data', required=True)
     p.add_argument('--label_csv', required=True)
     p.add_argument('--out', required=True, help='output .png')
     p.add_argument('--method', choices=('pca', 'tsne'), default='pca')
     p.add_argument('--perplexity', type=float, default=30.0, help='t-SNE')
+    p.add_argument('--centre', action='store_true',
+                   help='t-SNE: centre each modality first (hides the gap between them)')
     p.add_argument('--max_classes', type=int, default=10, help='only the clips of the N most frequent classes')
     p.add_argument('--size', type=int, default=800, help='image height in pixels (and width of one panel + legend)')
     p.set_defaults(run=cmd_embed)
 
-    p = sub.add_parser('cases', parents=[common, cached, compare], help='retrieval case study: top-k frames of audio queries')
+    p = sub.add_parser('cases', parents=[common, cached, compare],
+                       help='retrieval case study: top-k frames of audio queries')
     p.add_argument('--data', required=True)
     p.add_argument('--out', required=True, help='output .png')
     p.add_argument('--queries', type=int, nargs='+', help='query clips (indices in --data; default: a random pick)')
@@ -1523,7 +1547,8 @@ def main(argv=None):
     p.set_defaults(run=cmd_dynamics)
 
     p = sub.add_parser('ablate', help='TG-DP Tables 5-8 + CAV-MAE Sync on synthetic clips (trains with train.py)')
-    p.add_argument('--quick', action='store_true', help='the quick variant (about 10 min on 2 cores) instead of the full one')
+    p.add_argument('--quick', action='store_true',
+                   help='the quick variant (about 10 min on 2 cores) instead of the full one')
     p.add_argument('--out', help='output folder (default: out/ablate or out/ablate_quick); finished runs are skipped')
     p.add_argument('--runs', nargs='+', choices=list(ABLATION_RUNS), help='only these rows (default: all)')
     p.add_argument('--data', help='folder of the synthetic clips (default: OUT/data, written if absent)')
