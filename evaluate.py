@@ -696,15 +696,18 @@ def tsne_conditional(X, perplexity=30.0, tol=1e-5, max_steps=200):
     return P / Z[:, None]
 
 
-def tsne_kl_gradient(P, Y):
-    """KL(P || Q) and its exact gradient (N, 2) for t-SNE's Student-t output affinities
-    q_ij = (1 + |y_i - y_j|^2)^-1 / sum_{k != l} (1 + |y_k - y_l|^2)^-1:
+def tsne_kl_gradient(P, Y, with_kl=True):
+    """KL(P || Q) (None unless with_kl) and its exact gradient (N, 2) for t-SNE's Student-t output
+    affinities q_ij = (1 + |y_i - y_j|^2)^-1 / sum_{k != l} (1 + |y_k - y_l|^2)^-1:
     dKL/dy_i = 4 sum_j (p_ij - q_ij) (1 + |y_i - y_j|^2)^-1 (y_i - y_j)."""
-    num = 1.0 / (1.0 + torch.cdist(Y, Y).square())  # (N, N)
+    sq = (Y * Y).sum(dim=1)  # (N,)
+    num = (1.0 + (sq[:, None] + sq[None] - 2.0 * Y @ Y.T).clamp(min=0.0)).reciprocal_()  # (N, N)
     num.fill_diagonal_(0.0)
     Q = num / num.sum()
-    W = (P - Q) * num  # (N, N)
+    W = (P - Q).mul_(num)  # (N, N)
     grad = 4.0 * (W.sum(dim=1, keepdim=True) * Y - W @ Y)
+    if not with_kl:
+        return None, grad
     nz = P > 0
     kl = (P[nz] * (P[nz] / Q[nz].clamp(min=1e-300)).log()).sum()
     return kl.item(), grad
@@ -729,9 +732,10 @@ def tsne(X, perplexity=30.0, iters=1000, seed=0, exaggeration=12.0, exaggeration
     Y = Y + 1e-6 * torch.randn(N, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
     lr = learning_rate or max(N / exaggeration / 4, 50.0)
     update, gains = torch.zeros_like(Y), torch.ones_like(Y)
+    P_early = P * exaggeration
     for it in range(iters):
         early = it < exaggeration_iters
-        _, grad = tsne_kl_gradient(P * exaggeration if early else P, Y)
+        _, grad = tsne_kl_gradient(P_early if early else P, Y, with_kl=False)
         gains = torch.where(update * grad < 0, gains + 0.2, gains * 0.8).clamp(min=0.01)
         update = (0.5 if early else 0.8) * update - lr * gains * grad
         Y = Y + update
