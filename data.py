@@ -31,8 +31,16 @@ Synthetic data (learnable at tiny scale, no single-modality or whole-clip shortc
   silent stretches, frames with no object, random background tint/gradient, pixel noise, a grey
   distractor shape in ~30% of clips and noise clicks in ~30% of clips; horizontal position and
   drift of the object are random.
+- More semantic noise of the kinds TG-DP names (all off by default; `python data.py synth --help`):
+  --on_slots LO HI (fewer "on" slots: longer silent stretches), --offscreen P (a sound event whose
+  object is off screen), --silent_objects P (a visible object of another class that makes no sound),
+  --clutter N (static desaturated background shapes), --hum A (a steady off-screen background tone).
 - Held-out split: every 5th clip of each class goes to eval.json (20%, classes balanced in both).
   Every clip draws from its own generator seeded by (seed, clip number): deterministic per seed.
+- Object masks: {video_path}/mask_{i}/{video_id}.png, an 8-bit PNG the size of the frame, nonzero =
+  the sounding object's pixels (empty when no sounding object is on screen). The same format works
+  for real data (draw the boxes or masks of the sounding objects); AVDataset(masks=True) reads them
+  and evaluate.py localize scores localisation against them.
 """
 
 import argparse
@@ -214,6 +222,26 @@ def frame_path(video_path, i, clip_id):
     return os.path.join(video_path, f'frame_{i}', f'{clip_id}.jpg')
 
 
+def mask_path(video_path, i, clip_id):
+    """Object mask of frame i: an 8-bit PNG the size of the frame file, nonzero = sounding object."""
+    return os.path.join(video_path, f'mask_{i}', f'{clip_id}.png')
+
+
+def load_mask(path, img_size, clip_id=''):
+    """Mask PNG -> (img_size, img_size) bool, with load_frame's geometry (shorter side to img_size,
+    centre crop; nearest-neighbour resampling so that it stays binary)."""
+    try:
+        with Image.open(path) as img:
+            img = img.convert('L')
+    except Exception as e:
+        raise ClipError(f"clip '{clip_id}': cannot read mask file {path}: {e}") from e
+    w, h = img.size
+    new_w, new_h = (img_size, int(img_size * h / w)) if w <= h else (int(img_size * w / h), img_size)
+    img = img.resize((new_w, new_h), Image.NEAREST)
+    left, top = int(round((new_w - img_size) / 2.0)), int(round((new_h - img_size) / 2.0))
+    return torch.from_numpy(np.array(img.crop((left, top, left + img_size, top + img_size))) > 0)
+
+
 # -----------------------------------------------------------------------------
 # dataset
 
@@ -350,6 +378,9 @@ class AVDataset(torch.utils.data.Dataset):
     label: float32 multi-hot (num_classes,), length 0 without a label CSV. A clip with no labels gets
     an all-zero label unless require_labels (probing needs labels, pretraining does not); label ids
     that are not in the CSV are always an error (a wrong CSV).
+    masks=True adds mask (T, H, W) / (H, W) bool (the sounding object's pixels, from
+    {video_path}/mask_{i}/{video_id}.png, see mask_path) and has_mask (T,) / () bool: False where a
+    frame has no mask file (its mask is then all False). JSON datasets only.
     audio_length, num_mel_bins, img_size come from the model config; time_shift acts in train mode
     only. skip_bad=True checks every file at start-up, drops clips with a missing or unreadable
     wav/frame, prints the count and writes their ids to bad_list (default: next to the JSON,
@@ -357,7 +388,7 @@ class AVDataset(torch.utils.data.Dataset):
 
     def __init__(self, data_json, label_csv=None, mode='train', audio_length=416,
                  num_mel_bins=128, img_size=224, num_frames=16, time_shift=False, seed=0,
-                 skip_bad=False, bad_list=None, require_labels=False):
+                 skip_bad=False, bad_list=None, require_labels=False, masks=False):
         if mode not in ('train', 'eval'):
             raise ValueError(f"mode must be 'train' or 'eval', got {mode!r}")
         if not 0 < audio_length <= TARGET_FRAMES:
@@ -365,7 +396,10 @@ class AVDataset(torch.utils.data.Dataset):
         self.mode, self.audio_length, self.num_mel_bins = mode, audio_length, num_mel_bins
         self.img_size, self.num_frames = img_size, num_frames
         self.time_shift, self.seed, self.epoch = time_shift, seed, 0
+        self.masks = masks
         self.clips = read_clip_table(data_json)
+        if masks and self.clips and 'video_path' not in self.clips[0]:
+            raise ValueError(f'{data_json}: masks=True needs a dataset JSON (shards carry no masks)')
         if not self.clips:
             raise ValueError(f"{data_json} lists no clips")
         mid_to_index, self.class_names = read_label_csv(label_csv) if label_csv else ({}, [])
@@ -400,14 +434,26 @@ class AVDataset(torch.utils.data.Dataset):
         return len(self.clips)
 
     def __getitem__(self, index):
-        return load_item(self.clips[index], self.mode, self.epoch, self.seed, self.audio_length,
+        clip = self.clips[index]
+        item = load_item(clip, self.mode, self.epoch, self.seed, self.audio_length,
                          self.num_mel_bins, self.img_size, self.num_frames, self.time_shift)
+        if self.masks:
+            frames = [item['frame']] if self.mode == 'train' else range(self.num_frames)
+            paths = [mask_path(clip['video_path'], i, clip['id']) for i in frames]
+            has = torch.tensor([os.path.isfile(p) for p in paths])  # (T,)
+            empty = torch.zeros(self.img_size, self.img_size, dtype=torch.bool)
+            mask = torch.stack([load_mask(p, self.img_size, clip['id']) if ok else empty for p, ok in zip(paths, has)])
+            item['mask'], item['has_mask'] = (mask[0], has[0]) if self.mode == 'train' else (mask, has)
+        return item
 
 
 def collate(items):
-    """list of items -> batch: audio/image/label stacked (B, ...), frame (B,) int64, id list."""
+    """list of items -> batch: audio/image/label (and mask/has_mask) stacked (B, ...), frame (B,) int64, id list."""
     batch = {key: torch.stack([item[key] for item in items]) for key in ('audio', 'image', 'label')}
     batch['id'] = [item['id'] for item in items]
+    if 'mask' in items[0]:
+        batch['mask'] = torch.stack([item['mask'] for item in items])
+        batch['has_mask'] = torch.stack([item['has_mask'] for item in items])
     if 'frame' in items[0]:
         batch['frame'] = torch.tensor([item['frame'] for item in items])
     return batch
@@ -888,19 +934,51 @@ def shape_mask(shape, cx, cy, r, size):
     return np.asarray(mask, dtype=np.float32)[:, :, None] / 255.0  # (size, size, 1)
 
 
-def synth_clip(number, c, num_classes, seed, frame_size=96):
-    """One synthetic clip -> (waveform (N,) float32 in [-1, 1], frames list of (S, S, 3) uint8, meta)."""
+def harmonic_tone(pitch, harmonics, t, rng):
+    """Sum of the first `harmonics` partials below 7 kHz (amplitude 1/k, random phases), peak ~1."""
+    ks = [k for k in range(1, harmonics + 1) if k * pitch < 7000]
+    tone = sum(np.sin(2 * np.pi * k * pitch * t + rng.uniform(0, 2 * np.pi)) / k for k in ks)
+    return tone / sum(1 / k for k in ks)
+
+
+def object_texture(colour, striped, xx, yy, S):
+    """(S, S, 3) fill of an object: its colour, or diagonal bands 4 px wide of it."""
+    if striped:
+        stripes = ((xx + yy) * S // 4 % 2)[:, :, None]
+        return colour * (0.45 + 0.55 * stripes)
+    return np.broadcast_to(colour, (S, S, 3))
+
+
+def synth_clip(number, c, num_classes, seed, frame_size=96, on_slots=(5, 10), offscreen=0.0,
+               silent_objects=0.0, clutter=0, hum=0.0):
+    """One synthetic clip -> (waveform (N,) float32 in [-1, 1], frames list of (S, S, 3) uint8,
+    masks list of (S, S) bool: the pixels of the sounding object, meta).
+    Semantic-noise options (the defaults give the original clips, byte for byte; every option draws
+    from its own generator, so turning one on leaves the rest of the clip unchanged):
+      on_slots        (lo, hi): a clip aims at lo..hi "on" slots of 16; fewer = longer silent stretches
+      offscreen       probability that a run of "on" slots is heard but its object is off screen
+      silent_objects  probability that the clip shows an object of another class that makes no sound
+      clutter         number of static, desaturated shapes in the background (uninformative patches)
+      hum             level of a steady background tone at a random pitch from an off-screen source"""
     rng = np.random.default_rng((seed, number))
     sig = synth_class(c, num_classes)
-    # which of the 16 slots show/sound the object: runs of 2-4 slots, 5..13 slots in all
+    # which of the 16 slots show/sound the object: runs of 2-4 slots, on_slots[0]..on_slots[1] (+3) in all
     on = np.zeros(SYNTH_FRAMES, dtype=bool)
-    target = rng.integers(5, 11)
+    target = rng.integers(on_slots[0], on_slots[1] + 1)
+    runs = []  # (start, length) of each run drawn
     while on.sum() < target:
         n = rng.integers(2, 5)
         s = rng.integers(0, SYNTH_FRAMES - n + 1)
         on[s:s + n] = True
+        runs.append((s, n))
     pitch_u = rng.uniform()  # instance signal: pitch offset <-> height
     loud_u = rng.uniform()  # instance signal: loudness <-> size
+    # semantic noise, each from its own generator
+    visible = on.copy()  # slots whose sounding object is on screen
+    rng_off = np.random.default_rng((seed, number, 1))
+    for s, n in runs:
+        if rng_off.uniform() < offscreen:
+            visible[s:s + n] = False
 
     # audio: class tone in the "on" slots + background noise (+ clicks)
     num_samples = SYNTH_SECONDS * SAMPLE_RATE
@@ -917,9 +995,7 @@ def synth_clip(number, c, num_classes, seed, frame_size=96):
         envelope[a:a + n] *= np.linspace(0, 1, n)
         envelope[b - n:b] *= np.linspace(1, 0, n)
     pitch = sig['pitch'] * 2 ** ((pitch_u * 4 - 2) / 12)  # +-2 semitones
-    ks = [k for k in range(1, sig['harmonics'] + 1) if k * pitch < 7000]
-    tone = sum(np.sin(2 * np.pi * k * pitch * t + rng.uniform(0, 2 * np.pi)) / k for k in ks)
-    tone /= sum(1 / k for k in ks)
+    tone = harmonic_tone(pitch, sig['harmonics'], t, rng)
     if sig['tremolo']:
         tone *= 0.5 * (1 - np.cos(2 * np.pi * sig['tremolo'] * t + rng.uniform(0, 2 * np.pi)))
     loudness = 0.08 + 0.22 * loud_u
@@ -927,6 +1003,11 @@ def synth_clip(number, c, num_classes, seed, frame_size=96):
     if rng.uniform() < 0.3:  # distractor: noise clicks at random moments
         for start in rng.integers(0, num_samples - 320, size=3):
             waveform[start:start + 320] += rng.normal(0, 0.15, 320)
+    hum_pitch = None
+    if hum > 0:  # a steady tone from an off-screen source, anywhere in the classes' pitch range
+        rng_hum = np.random.default_rng((seed, number, 2))
+        hum_pitch = 200.0 * 16 ** rng_hum.uniform()
+        waveform = waveform + hum * rng_hum.uniform(0.5, 1) * harmonic_tone(hum_pitch, 2, t, rng_hum)
     waveform = np.clip(waveform, -1, 1).astype(np.float32)
 
     # frames: tinted grey background with a gradient, object only in "on" frames
@@ -939,36 +1020,78 @@ def synth_clip(number, c, num_classes, seed, frame_size=96):
         d_shape = SHAPES[rng.integers(len(SHAPES))]
         m = shape_mask(d_shape, *rng.uniform(0.2 * S, 0.8 * S, 2), 0.12 * S, S)
         background = background * (1 - m) + 0.7 * m
+    if clutter:  # static desaturated shapes: background patches that say nothing about the sound
+        rng_clutter = np.random.default_rng((seed, number, 3))
+        for _ in range(clutter):
+            hue, sat, val = rng_clutter.uniform(), rng_clutter.uniform(0.1, 0.3), rng_clutter.uniform(0.3, 0.8)
+            m = shape_mask(SHAPES[rng_clutter.integers(len(SHAPES))], *rng_clutter.uniform(0, S, 2),
+                           S * rng_clutter.uniform(0.06, 0.16), S)
+            background = background * (1 - m) + np.array(colorsys.hsv_to_rgb(hue, sat, val)) * m
+    silent = None  # (slots shown, shape mask, texture) of a visible object that makes no sound
+    rng_silent = np.random.default_rng((seed, number, 4))
+    if rng_silent.uniform() < silent_objects:
+        other = synth_class((c + rng_silent.integers(1, num_classes)) % num_classes, num_classes)
+        shown = np.zeros(SYNTH_FRAMES, dtype=bool)
+        n = rng_silent.integers(4, 11)
+        s = rng_silent.integers(0, SYNTH_FRAMES - n + 1)
+        shown[s:s + n] = True
+        r = S * rng_silent.uniform(0.12, 0.22)
+        m = shape_mask(other['shape'], *rng_silent.uniform(r, S - r, 2), r, S)
+        hsv = (other['hue'], rng_silent.uniform(0.85, 1), rng_silent.uniform(0.8, 1))
+        silent = (shown, m, object_texture(np.array(colorsys.hsv_to_rgb(*hsv)), other['striped'], xx, yy, S))
     colour = np.array(colorsys.hsv_to_rgb(sig['hue'], rng.uniform(0.85, 1), rng.uniform(0.8, 1)))
-    if sig['striped']:
-        stripes = ((xx + yy) * S // 4 % 2)[:, :, None]  # diagonal bands 4 px wide
-        texture = colour * (0.45 + 0.55 * stripes)  # (S, S, 3)
-    else:
-        texture = np.broadcast_to(colour, (S, S, 3))
+    texture = object_texture(colour, sig['striped'], xx, yy, S)
     radius = S * (0.12 + 0.1 * loud_u)
     cy = S * (0.75 - 0.5 * pitch_u)
     cx = rng.uniform(radius, S - radius)
     drift = rng.uniform(-1.5, 1.5)  # px per frame
-    frames = []
+    frames, masks = [], []
     for i in range(SYNTH_FRAMES):
         img = background.copy()
+        if silent is not None and silent[0][i]:
+            img = img * (1 - silent[1]) + silent[2] * silent[1]
+        mask = np.zeros((S, S), dtype=bool)
         if on[i]:
             x = np.clip(cx + drift * i, radius, S - radius)
-            m = shape_mask(sig['shape'], x, cy + rng.uniform(-1, 1), radius, S)
-            img = img * (1 - m) + texture * m
+            m = shape_mask(sig['shape'], x, cy + rng.uniform(-1, 1), radius, S)  # drawn even off screen: same draws
+            if visible[i]:
+                img = img * (1 - m) + texture * m
+                mask = m[:, :, 0] > 0.5
         img = img + rng.normal(0, 0.02, (S, S, 3))  # pixel noise
         frames.append((np.clip(img, 0, 1) * 255).round().astype(np.uint8))
+        masks.append(mask)
     meta = dict(cls=c, on=on.astype(int).tolist(), pitch=round(pitch, 2),
                 loudness=round(loudness, 4), radius=round(radius, 2), height=round(cy, 2))
-    return waveform, frames, meta
+    if offscreen > 0:
+        meta['visible'] = visible.astype(int).tolist()
+    if silent is not None:
+        meta['silent_object'] = silent[0].astype(int).tolist()
+    if hum_pitch is not None:
+        meta['hum_pitch'] = round(hum_pitch, 2)
+    return waveform, frames, masks, meta
 
 
-def make_synthetic(out, num_clips=400, seed=0, num_classes=10, frame_size=96):
-    """Writes DIR/audio/{id}.wav, DIR/frame_{i}/{id}.jpg, train.json, eval.json, labels.csv
-    (and synth_meta.json: each clip's class and on/off pattern, for checks)."""
+SYNTH_NOISE = dict(on_slots=(5, 10), offscreen=0.0, silent_objects=0.0, clutter=0, hum=0.0)  # synth_clip's defaults
+
+
+def make_synthetic(out, num_clips=400, seed=0, num_classes=10, frame_size=96, **noise):
+    """Writes DIR/audio/{id}.wav, DIR/frame_{i}/{id}.jpg, DIR/mask_{i}/{id}.png (the sounding object's
+    pixels), train.json, eval.json, labels.csv, synth_meta.json (each clip's class and on/off pattern,
+    for checks) and synth_config.json (the generator settings). noise: synth_clip's semantic-noise
+    options (SYNTH_NOISE holds the defaults)."""
+    unknown = set(noise) - set(SYNTH_NOISE)
+    if unknown:
+        raise ValueError(f"unknown synthetic-data options {sorted(unknown)}; known: {sorted(SYNTH_NOISE)}")
+    noise = {**SYNTH_NOISE, **noise}
+    lo, hi = noise['on_slots']
+    if not 1 <= lo <= hi <= SYNTH_FRAMES:
+        raise ValueError(f"on_slots must satisfy 1 <= lo <= hi <= {SYNTH_FRAMES}, got {noise['on_slots']}")
+    if noise['silent_objects'] > 0 and num_classes < 2:
+        raise ValueError('silent_objects shows an object of another class: it needs num_classes >= 2')
     os.makedirs(os.path.join(out, 'audio'), exist_ok=True)
     for i in range(SYNTH_FRAMES):
         os.makedirs(os.path.join(out, f'frame_{i}'), exist_ok=True)
+        os.makedirs(os.path.join(out, f'mask_{i}'), exist_ok=True)
     mids = [f'syn_{c}' for c in range(num_classes)]
     with open(os.path.join(out, 'labels.csv'), 'w', newline='') as f:
         writer = csv.writer(f)
@@ -983,10 +1106,11 @@ def make_synthetic(out, num_clips=400, seed=0, num_classes=10, frame_size=96):
     for number in tqdm(range(num_clips), desc='synth clips'):
         c = number % num_classes  # balanced classes
         clip_id = f'syn{number:05d}'
-        waveform, frames, meta[clip_id] = synth_clip(number, c, num_classes, seed, frame_size)
+        waveform, frames, masks, meta[clip_id] = synth_clip(number, c, num_classes, seed, frame_size, **noise)
         sf.write(os.path.join(out, 'audio', f'{clip_id}.wav'), waveform, SAMPLE_RATE, subtype='PCM_16')
-        for i, frame in enumerate(frames):
+        for i, (frame, mask) in enumerate(zip(frames, masks)):
             Image.fromarray(frame).save(frame_path(out, i, clip_id), quality=90)
+            Image.fromarray(mask.astype(np.uint8) * 255).save(mask_path(out, i, clip_id))
         split = 'eval' if (number // num_classes) % 5 == 4 else 'train'  # every 5th clip per class
         splits[split].append(dict(video_id=clip_id, wav=f'audio/{clip_id}.wav', video_path='.',
                                   labels=mids[c]))
@@ -995,6 +1119,9 @@ def make_synthetic(out, num_clips=400, seed=0, num_classes=10, frame_size=96):
             json.dump({'data': entries}, f, indent=1)
     with open(os.path.join(out, 'synth_meta.json'), 'w') as f:
         json.dump(meta, f)
+    with open(os.path.join(out, 'synth_config.json'), 'w') as f:
+        json.dump(dict(num_clips=num_clips, seed=seed, num_classes=num_classes, frame_size=frame_size,
+                       **{k: list(v) if isinstance(v, tuple) else v for k, v in noise.items()}), f, indent=1)
     print(f"wrote {num_clips} clips ({len(splits['train'])} train, {len(splits['eval'])} eval, "
           f"{num_classes} classes) to {out}")
 
@@ -1414,6 +1541,15 @@ if __name__ == '__main__':
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--num_classes', type=int, default=10)
     p.add_argument('--frame_size', type=int, default=96, help='JPEG side in pixels')
+    p.add_argument('--on_slots', type=int, nargs=2, default=[5, 10], metavar=('LO', 'HI'),
+                   help='semantic noise: "on" slots per clip (of 16); fewer = longer silent stretches')
+    p.add_argument('--offscreen', type=float, default=0.0,
+                   help='semantic noise: probability that a sound event\'s object is off screen')
+    p.add_argument('--silent_objects', type=float, default=0.0,
+                   help='semantic noise: probability that a clip shows an object of another class making no sound')
+    p.add_argument('--clutter', type=int, default=0, help='semantic noise: static desaturated background shapes')
+    p.add_argument('--hum', type=float, default=0.0,
+                   help='semantic noise: level of a steady off-screen background tone (0.05: about the clicks)')
     p = sub.add_parser('prepare', help='raw videos -> CAV-MAE layout with ffmpeg')
     p.add_argument('--videos', required=True, help='a directory of videos or a text file of paths')
     p.add_argument('--out', required=True)
@@ -1466,7 +1602,9 @@ if __name__ == '__main__':
     args = parser.parse_args()
 
     if args.command == 'synth':
-        make_synthetic(args.out, args.num_clips, args.seed, args.num_classes, args.frame_size)
+        make_synthetic(args.out, args.num_clips, args.seed, args.num_classes, args.frame_size,
+                       on_slots=tuple(args.on_slots), offscreen=args.offscreen, silent_objects=args.silent_objects,
+                       clutter=args.clutter, hum=args.hum)
     elif args.command == 'prepare':
         sys.exit(1 if prepare(args.videos, args.out, args.num_frames, args.short_side, args.workers) else 0)
     elif args.command == 'audioset':

@@ -4,9 +4,17 @@ Evaluation with the papers' protocols (SPEC section 8), so results compare with 
   retrieval    zero-shot clip-to-clip retrieval, V->A and A->V: R@1/5/10 (percent) and median rank
   probe        frozen encoders, attention probe (CLS + 2 transformer layers) on the T per-frame
                [g_a; g_v] vectors: mAP (multi-label) or top-1 (single-label); --modality a|v: unimodal
-  localize     sound-prompted localisation: cos(g_a, visual patch tokens) over the frame, one PNG per clip
+  localize     sound-prompted localisation: cos(g_a, visual patch tokens) over the frame, one PNG per clip;
+               with object masks, cIoU@0.5 / AUC / pointing game of the model and of a centre prior
   reconstruct  original / masked / reconstructed spectrogram and frame for a few clips, one PNG
-  embed        PCA of clip-level audio (circles) and visual (triangles) embeddings coloured by class
+  embed        PCA or t-SNE of clip-level audio (circles) and visual (triangles) embeddings coloured by
+               class, one checkpoint or two side by side (TG-DP supplement, Fig. 2)
+  cases        retrieval case study: the top-k frames of a few audio queries, two checkpoints side by
+               side, the true match outlined (TG-DP supplement, Fig. 3)
+  dynamics     reconstruction (audio, visual) and contrastive loss per step of several runs from their
+               log.jsonl (TG-DP supplement, Fig. 1)
+  ablate       TG-DP Tables 5-8 and the CAV-MAE Sync baseline on synthetic clips: trains every row for
+               several seeds with train.py, table (mean +- std) + JSON + PNG with learning curves
 
 Examples:
   python evaluate.py retrieval --ckpt out/ckpt.pt --data vgg_retrieval.json --strategy diag_mean block_max --out r.json
@@ -14,12 +22,17 @@ Examples:
   python evaluate.py localize --ckpt out/ckpt.pt --data eval.json --out loc/
   python evaluate.py reconstruct --ckpt out/ckpt.pt --data eval.json --out rec/
   python evaluate.py embed --ckpt out/ckpt.pt --data eval.json --label_csv labels.csv --out embed.png
+  python evaluate.py embed --method tsne --ckpt out/sync/ckpt.pt --compare out/tgdp/ckpt.pt --data eval.json \
+      --label_csv labels.csv --out tsne.png
+  python evaluate.py cases --ckpt out/sync/ckpt.pt --compare out/tgdp/ckpt.pt --data eval.json --out cases.png
+  python evaluate.py dynamics --logs out/sync/log.jsonl out/tgdp/log.jsonl --out dynamics.png
+  python evaluate.py ablate --quick            # about 10 min on 2 CPU cores; without --quick about an hour
 
 --ckpt takes a train.py checkpoint (--weights teacher picks its EMA teacher) or an official CAV-MAE Sync /
 TG-DP release. Features of a (checkpoint, dataset) pair are extracted once (clips x frames batched into one
 forward) and, with --cache DIR, stored so that re-running with another strategy or probe costs nothing.
 Functions for other scripts: load_model, extract_features, similarity, retrieval_metrics, retrieval,
-mean_average_precision, train_probe.
+mean_average_precision, train_probe, localization_scores, tsne, ablate.
 """
 import argparse
 import contextlib
@@ -28,6 +41,8 @@ import hashlib
 import json
 import math
 import os
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -488,16 +503,34 @@ def _safe_name(clip_id):
     return ''.join(ch if ch.isalnum() or ch in '-_.' else '_' for ch in str(clip_id))
 
 
-@torch.no_grad()
 def localize_scale(H, W, display=224):
     """Integer enlargement of localisation panels so that each is at least `display` pixels wide or high."""
     return max(1, math.ceil(display / max(H, W)))
 
 
+def localization_map(model, audio, image):
+    """Sound-prompted localisation map: cos(g_a, visual patch token) per patch, bilinearly upsampled
+    to the frame. audio (B, L, F), image (B, 3, H, W) -> (B, H, W) float32 in [-1, 1]."""
+    with autocast(audio.device):
+        g_a, _, _, tokens_v = model.forward_features(audio, image)
+    cos = F.cosine_similarity(g_a.float()[:, None], tokens_v.float(), dim=-1)  # (B, Nv)
+    H, W = image.shape[-2:]
+    return F.interpolate(cos.view(-1, 1, *model.grid_v), size=(H, W), mode='bilinear', align_corners=False)[:, 0]
+
+
+def mask_outline(mask):
+    """(H, W) bool -> (H, W) bool: the mask's pixels with one of their 8 neighbours outside it (or off the frame)."""
+    m = F.pad(mask[None, None].float(), (1, 1, 1, 1))  # (1, 1, H + 2, W + 2), outside = 0
+    inner = -F.max_pool2d(-m, 3, stride=1)[0, 0]  # (H, W) erosion: 1 where the whole 3x3 neighbourhood is inside
+    return mask & (inner < 0.5)
+
+
+@torch.no_grad()
 def localize(model, dataset, out_dir, frame=None, num_clips=16, batch_size=8, device='cpu', num_workers=0, alpha=0.5):
     """Sound-prompted localisation: for frame t (middle by default) of each clip, the cosine between
     g_a of segment t and every visual patch token of frame t, bilinearly upsampled to the frame,
-    min-max scaled per frame (red = most similar) and overlaid on it. Writes out_dir/<id>.png =
+    min-max scaled per frame (red = most similar) and overlaid on it; where the dataset gives masks,
+    the sounding object's outline is drawn in white on the overlay. Writes out_dir/<id>.png =
     [frame | heat map overlay], (2W, H) enlarged by localize_scale. Returns the paths."""
     os.makedirs(out_dir, exist_ok=True)
     paths = []
@@ -507,15 +540,14 @@ def localize(model, dataset, out_dir, frame=None, num_clips=16, batch_size=8, de
         if not 0 <= t < T:
             raise ValueError(f'--frame {t} is outside 0..{T - 1}')
         audio, image = batch['audio'][:, t].to(device), batch['image'][:, t].to(device)  # (B, L, F), (B, 3, H, W)
-        with autocast(device):
-            g_a, _, _, tokens_v = model.forward_features(audio, image)
-        cos = F.cosine_similarity(g_a.float()[:, None], tokens_v.float(), dim=-1)  # (B, Nv)
+        heat = localization_map(model, audio, image)  # (B, H, W)
         H, W = image.shape[-2:]
-        heat = F.interpolate(cos.view(-1, 1, *model.grid_v), size=(H, W), mode='bilinear', align_corners=False)[:, 0]
         for b, clip_id in enumerate(batch['id']):
             rgb = frame_to_rgb(image[b])  # (H, W, 3)
             hot = colormap(_unit_range(heat[b].cpu()), TURBO)
             overlay = (rgb * (1 - alpha) + hot * alpha).round().astype(np.uint8)
+            if 'mask' in batch:
+                overlay[mask_outline(batch['mask'][b, t]).numpy()] = 255
             canvas = Image.new('RGB', (2 * W, H))
             canvas.paste(Image.fromarray(rgb), (0, 0))
             canvas.paste(Image.fromarray(overlay), (W, 0))
@@ -523,6 +555,87 @@ def localize(model, dataset, out_dir, frame=None, num_clips=16, batch_size=8, de
             paths.append(os.path.join(out_dir, _safe_name(clip_id) + '.png'))
             canvas.resize((2 * W * s, H * s), Image.BICUBIC).save(paths[-1])
     return paths
+
+
+# Sound-source localisation metrics as on Flickr-SoundNet / VGG-SS, with the conventions of the LVS
+# (Chen et al., CVPR 2021) and EZ-VSL (Mo & Morgado, ECCV 2022) evaluation code: the map is min-max
+# normalised, the pixels at or above its median value are the prediction P, and against the
+# ground truth G, cIoU = |P and G| / (|G| + |P without G|) (the IoU for a binary G). Reported: the
+# share of frames with cIoU >= 0.5 ("cIoU" / AP50 in those papers), the area under that share as a
+# function of the threshold 0, 0.05, ..., 1 (trapezoids: "AUC"), the mean cIoU, and the pointing game
+# (the map's maximum falls inside G; exact mask, no tolerance).
+AUC_THRESHOLDS = [0.05 * i for i in range(21)]
+
+
+def centre_prior(H, W):
+    """(H, W) map of the centre-prior baseline: minus the distance to the frame centre."""
+    y = torch.arange(H, dtype=torch.float32)[:, None] - (H - 1) / 2
+    x = torch.arange(W, dtype=torch.float32)[None] - (W - 1) / 2
+    return -(x ** 2 + y ** 2).sqrt()
+
+
+def ciou(heat, gt, top=0.5):
+    """cIoU of one map heat (H, W) against a ground truth gt (H, W), bool or consensus weights in [0, 1].
+    The prediction is the pixels at or above the value of rank int(HW (1 - top)) in ascending order:
+    about the `top` share of the frame (0.5, the median, in the LVS / EZ-VSL code). With a binary G
+    inside P, cIoU = |G| / |P|: it cannot exceed (object share) / top."""
+    heat, gt = heat.double().flatten(), gt.double().flatten()
+    heat = _unit_range(heat)
+    threshold = heat.sort().values[int(heat.numel() * (1 - top))]
+    pred = (heat >= threshold).double()
+    return ((pred * gt).sum() / (gt.sum() + (pred * (gt == 0)).sum())).item()
+
+
+def pointing_hit(heat, gt):
+    """Whether the (first) maximum of heat (H, W) lies on the object: gt (H, W) > 0 there."""
+    return bool(gt.flatten()[heat.flatten().argmax()] > 0)
+
+
+def localization_summary(cious, hits):
+    """Per-frame cIoUs and pointing hits -> cIoU@0.5, AUC, mean cIoU, pointing (percent), frames."""
+    c = np.asarray(cious, dtype=np.float64)
+    success = [float((c >= thr).mean()) for thr in AUC_THRESHOLDS]
+    auc = sum((AUC_THRESHOLDS[i + 1] - AUC_THRESHOLDS[i]) * (success[i] + success[i + 1]) / 2 for i in range(20))
+    return {'cIoU@0.5': 100.0 * float((c >= 0.5).mean()), 'AUC': 100.0 * auc, 'mean cIoU': 100.0 * float(c.mean()),
+            'pointing': 100.0 * float(np.mean(hits)), 'frames': int(len(c))}
+
+
+@torch.no_grad()
+def localization_scores(model, dataset, batch_size=8, device='cpu', num_workers=0, num_clips=None, top=0.5):
+    """Localisation metrics of the model and of the centre prior over every frame (of the first
+    num_clips clips) whose mask file exists and is not empty; dataset: eval mode with masks=True;
+    top: the share of the frame predicted for cIoU (ciou).
+    Returns {'model': summary, 'centre prior': summary, 'skipped': {...}, 'per_frame': [...]}."""
+    scores = {'model': ([], []), 'centre prior': ([], [])}
+    per_frame, no_file, empty = [], 0, 0
+    loader = _loader(dataset, num_clips or len(dataset), batch_size, num_workers)
+    for batch in tqdm(loader, desc='localisation metrics', leave=False):
+        has, mask = batch['has_mask'], batch['mask']  # (B, T), (B, T, H, W)
+        no_file += int((~has).sum())
+        use = has & mask.flatten(2).any(dim=2)  # (B, T)
+        empty += int((has & ~use).sum())
+        if not use.any():
+            continue
+        b_idx, t_idx = use.nonzero(as_tuple=True)
+        heat = localization_map(model, batch['audio'][b_idx, t_idx].to(device),
+                                batch['image'][b_idx, t_idx].to(device)).cpu()  # (n, H, W)
+        prior = centre_prior(*heat.shape[-2:])
+        for k, (b, t) in enumerate(zip(b_idx.tolist(), t_idx.tolist())):
+            gt = mask[b, t]
+            row = {'id': batch['id'][b], 'frame': t}
+            for name, h in (('model', heat[k]), ('centre prior', prior)):
+                c, hit = ciou(h, gt, top), pointing_hit(h, gt)
+                scores[name][0].append(c)
+                scores[name][1].append(hit)
+                row[name] = {'cIoU': c, 'hit': hit}
+            per_frame.append(row)
+    if not per_frame:
+        raise ValueError(f'no frame has a non-empty mask ({no_file} frames without a mask file, {empty} with an '
+                         f'empty one); masks are 8-bit PNGs at {{video_path}}/mask_{{i}}/{{video_id}}.png')
+    out = {name: localization_summary(*s) for name, s in scores.items()}
+    out['skipped'] = {'no mask file': no_file, 'empty mask': empty}
+    out['per_frame'] = per_frame
+    return out
 
 
 def reconstruct_size(config, num_clips):
@@ -602,55 +715,182 @@ def class_colour(k):
     return int(r * 255), int(g * 255), int(b * 255)
 
 
-def embed_plot(features, out_path, size=800):
-    """PCA (fit jointly) of the clip-level audio and visual embeddings, audio as circles and video as
-    triangles, coloured by class (the first label of each clip; grey for unlabelled clips), with a
-    legend. Each modality is centred first: otherwise the offset between the two modalities takes
-    the first component and hides the classes. Writes a (size, size) PNG."""
-    a, v = clip_embeddings(features['g_a']), clip_embeddings(features['g_v'])  # (N, D) each
-    N = a.shape[0]
-    X = torch.cat([a - a.mean(dim=0), v - v.mean(dim=0)]).double()  # (2N, D)
-    _, S, Vh = torch.linalg.svd(X, full_matrices=False)
-    xy = X @ Vh[:2].T  # (2N, 2)
-    explained = (S[:2] ** 2 / (S ** 2).sum()).tolist()
+def clip_classes(features):
+    """Class of each clip: its first label (-1 without labels)."""
     labels = features['labels']
-    cls = labels.argmax(dim=1).tolist() if labels.numel() else [-1] * N
-    cls = [c if labels.numel() and labels[i, c] > 0 else -1 for i, c in enumerate(cls)]
-    names = features.get('class_names') or []
+    N = features['g_a'].shape[0]
+    if not labels.numel():
+        return [-1] * N
+    return [c if labels[i, c] > 0 else -1 for i, c in enumerate(labels.argmax(dim=1).tolist())]
 
-    canvas = Image.new('RGB', (size, size), 'white')
+
+def top_classes(cls, max_classes):
+    """Indices of the clips whose class is among the max_classes most frequent (ties: lower class id)."""
+    counts = {}
+    for c in cls:
+        if c >= 0:
+            counts[c] = counts.get(c, 0) + 1
+    if not counts:  # no labels: every clip (drawn grey)
+        return list(range(len(cls)))
+    keep = set(sorted(counts, key=lambda c: (-counts[c], c))[:max_classes])
+    return [i for i, c in enumerate(cls) if c in keep]
+
+
+def tsne_conditional(X, perplexity=30.0, tol=1e-5, max_steps=200):
+    """Rows p_{j|i} (N, N) of t-SNE's input affinities for points X (N, D): a Gaussian per point whose
+    precision is found by bisection so that the row's entropy is log(perplexity) (nats)."""
+    X = X.double()
+    N = X.shape[0]
+    if not 1 <= perplexity < N - 1:
+        raise ValueError(f't-SNE perplexity must lie in [1, {N - 1}) for {N} points, got {perplexity}')
+    D = torch.cdist(X, X).square()  # (N, N)
+    off = ~torch.eye(N, dtype=torch.bool)
+    D = D - D.masked_fill(~off, float('inf')).min(dim=1, keepdim=True).values  # nearest neighbour at 0: no underflow
+    D = D.masked_fill(~off, 0.0)
+    beta, lo = torch.ones(N, dtype=torch.float64), torch.zeros(N, dtype=torch.float64)  # precision, lower bound
+    hi = torch.full((N,), float('inf'), dtype=torch.float64)  # upper bound: none yet
+    target = math.log(perplexity)
+    for _ in range(max_steps):
+        P = torch.exp(-beta[:, None] * D) * off  # (N, N), zero diagonal
+        Z = P.sum(dim=1)
+        H = Z.log() + beta * (P * D).sum(dim=1) / Z  # entropy of each normalised row
+        if (H - target).abs().max() < tol:
+            break
+        high = H > target  # too flat: raise the precision
+        lo = torch.where(high, beta, lo)
+        hi = torch.where(high, hi, beta)
+        beta = torch.where(torch.isinf(hi), beta * 2, (lo + hi) / 2)
+    return P / Z[:, None]
+
+
+def tsne_kl_gradient(P, Y, with_kl=True):
+    """KL(P || Q) (None unless with_kl) and its exact gradient (N, 2) for t-SNE's Student-t output
+    affinities q_ij = (1 + |y_i - y_j|^2)^-1 / sum_{k != l} (1 + |y_k - y_l|^2)^-1:
+    dKL/dy_i = 4 sum_j (p_ij - q_ij) (1 + |y_i - y_j|^2)^-1 (y_i - y_j)."""
+    sq = (Y * Y).sum(dim=1)  # (N,)
+    num = (1.0 + (sq[:, None] + sq[None] - 2.0 * Y @ Y.T).clamp(min=0.0)).reciprocal_()  # (N, N)
+    num.fill_diagonal_(0.0)
+    Q = num / num.sum()
+    W = (P - Q).mul_(num)  # (N, N)
+    grad = 4.0 * (W.sum(dim=1, keepdim=True) * Y - W @ Y)
+    if not with_kl:
+        return None, grad
+    nz = P > 0
+    kl = (P[nz] * (P[nz] / Q[nz].clamp(min=1e-300)).log()).sum()
+    return kl.item(), grad
+
+
+def tsne(X, perplexity=30.0, iters=1000, seed=0, exaggeration=12.0, exaggeration_iters=250, learning_rate=None):
+    """t-SNE (van der Maaten & Hinton 2008) with exact gradients: X (N, D) -> (N, 2) float64.
+    Symmetric affinities P = (p_{j|i} + p_{i|j}) / 2N; start from the first two principal components
+    scaled to a standard deviation of 1e-4 (deterministic; seed only breaks PCA's sign ambiguity
+    with a tiny jitter); gradient descent with momentum 0.5 then 0.8, per-coordinate gains
+    (+0.2 / x0.8), early exaggeration of P for the first exaggeration_iters steps, learning rate
+    max(N / exaggeration / 4, 50) by default (as scikit-learn's 'auto'). O(N^2) memory and time per
+    step: a few thousand points take seconds to minutes."""
+    X = X.double()
+    N = X.shape[0]
+    P = tsne_conditional(X, perplexity)
+    P = (P + P.T) / (2 * N)
+    Xc = X - X.mean(dim=0)
+    _, _, Vh = torch.linalg.svd(Xc, full_matrices=False)
+    Y = Xc @ Vh[:2].T  # (N, 2)
+    Y = Y / Y[:, 0].std().clamp(min=1e-12) * 1e-4
+    Y = Y + 1e-6 * torch.randn(N, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    lr = learning_rate or max(N / exaggeration / 4, 50.0)
+    update, gains = torch.zeros_like(Y), torch.ones_like(Y)
+    P_early = P * exaggeration
+    for it in range(iters):
+        early = it < exaggeration_iters
+        _, grad = tsne_kl_gradient(P_early if early else P, Y, with_kl=False)
+        gains = torch.where(update * grad < 0, gains + 0.2, gains * 0.8).clamp(min=0.01)
+        update = (0.5 if early else 0.8) * update - lr * gains * grad
+        Y = Y + update
+    return Y
+
+
+def embedding_coords(features, method='pca', keep=None, perplexity=30.0, seed=0, centre=None):
+    """2-D map of the clip-level audio and visual embeddings of the clips `keep` (default all):
+    (xy (2n, 2): audio rows then visual rows, (x label, y label), title).
+    pca: fit jointly after centring each modality (otherwise the offset between the modalities takes
+    the first component and hides the classes); tsne: on the unit-normalised embeddings as they are,
+    so that a gap between the modalities shows (centre=True: each modality centred first, as pca)."""
+    a, v = clip_embeddings(features['g_a']), clip_embeddings(features['g_v'])  # (N, D) each
+    if keep is not None:
+        a, v = a[keep], v[keep]
+    n = a.shape[0]
+    if method == 'pca':
+        X = torch.cat([a - a.mean(dim=0), v - v.mean(dim=0)]).double()  # (2n, D)
+        _, S, Vh = torch.linalg.svd(X, full_matrices=False)
+        explained = (S[:2] ** 2 / (S ** 2).sum()).tolist()
+        return (X @ Vh[:2].T, (f'PC1 ({explained[0]:.0%} var)', f'PC2 ({explained[1]:.0%})'),
+                f'PCA of clip embeddings (each modality centred): {n} clips')
+    if method == 'tsne':
+        perplexity = min(perplexity, (2 * n - 2) / 3)  # small sets: at most a third of the points
+        X = torch.cat([a - a.mean(dim=0), v - v.mean(dim=0)] if centre else [a, v])
+        return (tsne(X, perplexity, seed=seed), ('t-SNE 1', 't-SNE 2'),
+                f"t-SNE of clip embeddings{' (each modality centred)' if centre else ''}, "
+                f"perplexity {perplexity:.0f}: {n} clips")
+    raise ValueError(f"method must be 'pca' or 'tsne', got {method!r}")
+
+
+def _marker(draw, x, y, r, shape, colour):
+    outline = tuple(int(c * 0.6) for c in colour)
+    if shape == 'circle':
+        draw.ellipse((x - r, y - r, x + r, y + r), fill=colour, outline=outline)
+    else:
+        draw.polygon([(x, y - 1.2 * r), (x - 1.1 * r, y + 0.8 * r), (x + 1.1 * r, y + 0.8 * r)],
+                     fill=colour, outline=outline)
+
+
+def embed_plot(features, out_path, size=800, method='pca', titles=None, max_classes=None, perplexity=30.0,
+               centre=False):
+    """Map of the clip-level audio (circles) and visual (triangles) embeddings coloured by class (the
+    first label of each clip; grey for unlabelled clips), with a legend. features: one dict (one
+    panel) or a list of dicts of the same clips (panels side by side, e.g. two checkpoints; titles
+    name them). method: 'pca' or 'tsne' (embedding_coords; centre: t-SNE of centred modalities).
+    max_classes: only the clips of the most frequent classes. Writes a PNG of
+    (n * (size - legend) + legend, size): (size, size) for one panel."""
+    features = [features] if isinstance(features, dict) else list(features)
+    cls_all = clip_classes(features[0])
+    keep = top_classes(cls_all, max_classes) if max_classes else list(range(len(cls_all)))
+    if not keep:
+        raise ValueError('no clip to draw: no clip has a label among the selected classes')
+    cls = [cls_all[i] for i in keep]
+    names = features[0].get('class_names') or []
+    n, N = len(features), len(keep)
+    legend_w, m = size * 2 // 7, size // 20
+    panel_w = size - legend_w
+    canvas = Image.new('RGB', (n * panel_w + legend_w, size), 'white')
     draw = ImageDraw.Draw(canvas)
     font = ImageFont.load_default()
-    legend_w, m = size * 2 // 7, size // 20
-    box = (m, m, size - legend_w - m // 2, size - m)  # plot area (left, top, right, bottom)
-    draw.rectangle(box, outline=(160, 160, 160))
-    draw.text((m, m // 4), f'PCA of clip embeddings (each modality centred): {N} clips', fill='black', font=font)
-    draw.text((m, size - m + 4), f'PC1 ({explained[0]:.0%} var)', fill='black', font=font)
-    draw.text((2, m - 14), f'PC2 ({explained[1]:.0%})', fill='black', font=font)
-    lo, hi = xy.min(dim=0).values, xy.max(dim=0).values
-    span = (hi - lo).clamp(min=1e-12)
-    inner = 0.92  # keep markers off the frame
-    scale = inner * min((box[2] - box[0]) / span[0].item(), (box[3] - box[1]) / span[1].item())  # equal aspect
-    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
-    mid = (lo + hi) / 2
     r = max(2, size // 160)
+    for p, feats in enumerate(features):
+        xy, (xlabel, ylabel), title = embedding_coords(feats, method, keep, perplexity, centre=centre)
+        x0 = p * panel_w
+        box = (x0 + m, m, x0 + panel_w - m // 2, size - m)  # plot area (left, top, right, bottom)
+        draw.rectangle(box, outline=(160, 160, 160))
+        if titles:
+            title = f'{titles[p]}: {title}'
+        draw.text((x0 + m, m // 4), title, fill='black', font=font)
+        draw.text((x0 + m, size - m + 4), xlabel, fill='black', font=font)
+        draw.text((x0 + 2, m - 14), ylabel, fill='black', font=font)
+        lo, hi = xy.min(dim=0).values, xy.max(dim=0).values
+        span = (hi - lo).clamp(min=1e-12)
+        inner = 0.92  # keep markers off the frame
+        scale = inner * min((box[2] - box[0]) / span[0].item(), (box[3] - box[1]) / span[1].item())  # equal aspect
+        cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+        mid = (lo + hi) / 2
+        order = torch.randperm(2 * N, generator=torch.Generator().manual_seed(0)).tolist()  # no class drawn last on top
+        for i in order:
+            px = cx + scale * (xy[i, 0] - mid[0]).item()
+            py = cy - scale * (xy[i, 1] - mid[1]).item()
+            c = cls[i % N]
+            _marker(draw, px, py, r, 'circle' if i < N else 'triangle', class_colour(c) if c >= 0 else (150, 150, 150))
 
-    def marker(x, y, shape, colour):
-        outline = tuple(int(c * 0.6) for c in colour)
-        if shape == 'circle':
-            draw.ellipse((x - r, y - r, x + r, y + r), fill=colour, outline=outline)
-        else:
-            draw.polygon([(x, y - 1.2 * r), (x - 1.1 * r, y + 0.8 * r), (x + 1.1 * r, y + 0.8 * r)], fill=colour, outline=outline)
-
-    for i in torch.randperm(2 * N, generator=torch.Generator().manual_seed(0)).tolist():  # no class drawn last on top
-        px = cx + scale * (xy[i, 0] - mid[0]).item()
-        py = cy - scale * (xy[i, 1] - mid[1]).item()
-        c = cls[i % N]
-        marker(px, py, 'circle' if i < N else 'triangle', class_colour(c) if c >= 0 else (150, 150, 150))
-
-    lx, ly, line = size - legend_w, m, 16
+    lx, ly, line = n * panel_w, m, 16
     for shape, text in (('circle', 'audio'), ('triangle', 'video')):
-        marker(lx + r, ly + 6, shape, (90, 90, 90))
+        _marker(draw, lx + r, ly + 6, r, shape, (90, 90, 90))
         draw.text((lx + 3 * r + 4, ly), text, fill='black', font=font)
         ly += line
     ly += line // 2
@@ -668,6 +908,471 @@ def embed_plot(features, out_path, size=800):
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     canvas.save(out_path)
     return out_path
+
+
+def nice_ticks(lo, hi, count=5):
+    """About `count` round tick values (1, 2 or 5 times a power of ten apart) within [lo, hi]."""
+    span = hi - lo
+    if span <= 0:
+        return [lo]
+    raw = span / count
+    power = 10 ** math.floor(math.log10(raw))
+    step = next(s * power for s in (1, 2, 5, 10) if s * power >= raw)
+    first = math.ceil(lo / step - 1e-9) * step
+    return [first + k * step for k in range(int((hi - first) / step + 1e-9) + 1)]
+
+
+def _lighter(colour, amount=0.75):
+    return tuple(int(round(c + (255 - c) * amount)) for c in colour)
+
+
+def line_panel(draw, box, series, title='', xlabel='', font=None, ylim=None):
+    """Line chart in box (left, top, right, bottom) of an ImageDraw: series = list of dicts with x, y
+    (lists), colour, and optional lo, hi (a band drawn lighter under the line, e.g. the spread over
+    seeds). Axes with round ticks; ylim (lo, hi) fixes the y range."""
+    font = font or ImageFont.load_default()
+    left, top, right, bottom = box
+    px0, py0, px1, py1 = left + 44, top + 18, right - 8, bottom - 30  # plot area inside the labels
+    xs = [x for s in series for x in s['x']]
+    ys = [y for s in series for y in list(s['y']) + list(s.get('lo') or []) + list(s.get('hi') or [])]
+    draw.text((px0, top + 2), title, fill='black', font=font)
+    if not xs:
+        draw.text((px0, (py0 + py1) // 2), 'no data', fill='black', font=font)
+        return
+    x_lo, x_hi = min(xs), max(xs)
+    y_lo, y_hi = ylim if ylim else (min(ys), max(ys))
+    if x_hi == x_lo:
+        x_lo, x_hi = x_lo - 1, x_hi + 1
+    if y_hi == y_lo:
+        y_lo, y_hi = y_lo - 1, y_hi + 1
+    if not ylim:
+        pad = 0.05 * (y_hi - y_lo)
+        y_lo, y_hi = y_lo - pad, y_hi + pad
+
+    def to_px(x, y):
+        return (px0 + (x - x_lo) / (x_hi - x_lo) * (px1 - px0), py1 - (y - y_lo) / (y_hi - y_lo) * (py1 - py0))
+
+    draw.rectangle((px0, py0, px1, py1), outline=(160, 160, 160))
+    for t in nice_ticks(y_lo, y_hi):
+        _, y = to_px(x_lo, t)
+        draw.line((px0 - 3, y, px0, y), fill='black')
+        draw.line((px0 + 1, y, px1 - 1, y), fill=(235, 235, 235))
+        draw.text((left + 2, y - 6), f'{t:g}', fill='black', font=font)
+    for t in nice_ticks(x_lo, x_hi):
+        x, _ = to_px(t, y_lo)
+        draw.line((x, py1, x, py1 + 3), fill='black')
+        draw.text((x - 8, py1 + 4), f'{t:g}', fill='black', font=font)
+    draw.text(((px0 + px1) // 2 - 20, py1 + 16), xlabel, fill='black', font=font)
+    for s in series:  # bands first, so that no line is hidden under another series' band
+        if s.get('lo') is not None and len(s['x']) > 1:
+            draw.polygon([to_px(x, y) for x, y in zip(s['x'], s['hi'])] +
+                         [to_px(x, y) for x, y in zip(s['x'][::-1], s['lo'][::-1])], fill=_lighter(s['colour']))
+    for s in series:
+        points = [to_px(x, y) for x, y in zip(s['x'], s['y'])]
+        if len(points) > 1:
+            draw.line(points, fill=s['colour'], width=2)
+        for x, y in points:
+            draw.ellipse((x - 2, y - 2, x + 2, y + 2), fill=s['colour'])
+
+
+def legend_row(draw, xy, entries, font=None):
+    """Coloured swatches with labels in one row from xy: entries = [(label, colour)]."""
+    font = font or ImageFont.load_default()
+    x, y = xy
+    for label, colour in entries:
+        draw.rectangle((x, y + 2, x + 18, y + 10), fill=colour)
+        draw.text((x + 22, y), label, fill='black', font=font)
+        x += 22 + int(draw.textlength(label, font=font)) + 16
+
+
+def read_log(path):
+    """train.py's log.jsonl -> (training records {iter: record}, retrieval {iter: results}); a
+    resumed run repeats iterations: the last record of an iteration wins."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'{path}: no such log (train.py writes out_dir/log.jsonl)')
+    train, retrieval = {}, {}
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f'{path}, line {n}: not JSON ({e})') from None
+            if 'retrieval' in record:
+                retrieval[record['iter']] = record['retrieval']
+            else:
+                train[record['iter']] = record
+    return dict(sorted(train.items())), dict(sorted(retrieval.items()))
+
+
+DYNAMICS_KEYS = {'rec_a': 'reconstruction loss, audio', 'rec_v': 'reconstruction loss, visual',
+                 'con': 'contrastive loss (InfoNCE)'}
+
+
+def dynamics_plot(logs, out_path, labels=None, keys=('rec_a', 'rec_v', 'con'), width=1200, height=380):
+    """Training dynamics of two or more runs side by side (TG-DP supplement, Fig. 1): one panel per
+    loss term of train.py's log (logged every log_interval steps), one line per run. Writes a
+    (width, height) PNG and returns {label: {key: (iters, values)}}."""
+    labels = labels or [os.path.basename(os.path.dirname(os.path.abspath(p))) or p for p in logs]
+    if len(labels) != len(logs):
+        raise ValueError(f'{len(logs)} logs but {len(labels)} labels')
+    curves = {}
+    for path, label in zip(logs, labels):
+        train, _ = read_log(path)
+        if not train:
+            raise ValueError(f'{path} holds no training records')
+        curves[label] = {}
+        for key in keys:
+            missing = [it for it, r in train.items() if key not in r]
+            if missing:
+                raise ValueError(f'{path}: iteration {missing[0]} has no {key!r} (keys: {sorted(train[missing[0]])})')
+            curves[label][key] = (list(train), [train[it][key] for it in train])
+    canvas = Image.new('RGB', (width, height), 'white')
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default()
+    colours = {label: class_colour(k) for k, label in enumerate(labels)}
+    legend_row(draw, (10, 6), [(label, colours[label]) for label in labels], font)
+    panel_w = width // len(keys)
+    for j, key in enumerate(keys):
+        series = [dict(x=curves[label][key][0], y=curves[label][key][1], colour=colours[label]) for label in labels]
+        box = (j * panel_w, 24, (j + 1) * panel_w, height)
+        line_panel(draw, box, series, DYNAMICS_KEYS.get(key, key), 'iteration', font)
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    canvas.save(out_path)
+    return curves
+
+
+def case_study(features, queries, k=5, strategy='diag_mean'):
+    """Audio -> visual retrieval for the clips `queries` (list of indices), from the same scores as
+    retrieval() (similarity(g_a, g_v)): (Q, k) candidate indices, best first, their scores, and the
+    rank of each query's true match (ties count against the model, as in retrieval_metrics)."""
+    sim = similarity(features['g_a'][queries], features['g_v'], strategy)  # (Q, N)
+    scores, idx = sim.topk(min(k, sim.shape[1]), dim=1)
+    true = sim[torch.arange(len(queries)), torch.as_tensor(queries)]  # (Q,)
+    return idx, scores, (sim >= true[:, None]).sum(dim=1)
+
+
+def cases_plot(dataset, features, out_path, queries, k=5, titles=None, frame=None, strategy='diag_mean', cell=96):
+    """Retrieval case study (TG-DP supplement, Fig. 3): one row per audio query (its spectrogram
+    segment of frame t, middle by default), then per checkpoint the middle frames of its top-k
+    visual candidates, best first; the true match is outlined in green, and the rank of the true
+    match is written after each group. features: a list of extract_features dicts of `dataset`
+    (one per checkpoint). Returns {'topk': [(Q, k) per checkpoint], 'boxes': {(p, q, j): cell box}}."""
+    features = [features] if isinstance(features, dict) else list(features)
+    titles = titles or [f'checkpoint {p + 1}' for p in range(len(features))]
+    T = features[0]['g_a'].shape[1]
+    t = T // 2 if frame is None else frame
+    if not 0 <= t < T:
+        raise ValueError(f'--frame {t} is outside 0..{T - 1}')
+    Q = len(queries)
+    items = {}
+
+    def item(i):  # eval items load every frame: keep the few that are drawn
+        if i not in items:
+            items[i] = dataset[i]
+        return items[i]
+
+    font = ImageFont.load_default()
+    gap, label_h, spec_w, after = 12, 16, int(1.5 * cell), 70
+    group_w = k * (cell + 4) + after
+    W = 8 + spec_w + gap + len(features) * (group_w + gap)
+    H = 2 * label_h + Q * (cell + label_h + 8)
+    canvas = Image.new('RGB', (W, H), 'white')
+    draw = ImageDraw.Draw(canvas)
+    draw.text((8, 2), f'audio query (frame {t})', fill='black', font=font)
+    topk, boxes = [], {}
+    for p, feats in enumerate(features):
+        idx, _, ranks = case_study(feats, queries, k, strategy)
+        topk.append(idx)
+        x0 = 8 + spec_w + gap + p * (group_w + gap)
+        draw.text((x0, 2), f'{titles[p]}: top {k} frames (A->V, {strategy})', fill='black', font=font)
+        for q in range(Q):
+            y = 2 * label_h + q * (cell + label_h + 8)
+            for j, c in enumerate(idx[q].tolist()):
+                box = (x0 + j * (cell + 4), y, x0 + j * (cell + 4) + cell, y + cell)
+                img = Image.fromarray(frame_to_rgb(item(c)['image'][t])).resize((cell, cell), Image.BICUBIC)
+                canvas.paste(img, box[:2])
+                hit = c == queries[q]
+                draw.rectangle((box[0] - 2, box[1] - 2, box[2] + 1, box[3] + 1),
+                               outline=(0, 200, 0) if hit else (200, 200, 200), width=3 if hit else 1)
+                draw.text((box[0], box[3] + 2), f'{j + 1}', fill='black', font=font)
+                boxes[(p, q, j)] = box
+            draw.text((x0 + k * (cell + 4) + 4, y + cell // 2 - 6), f'match: #{int(ranks[q])}', fill='black', font=font)
+    for q, i in enumerate(queries):
+        y = 2 * label_h + q * (cell + label_h + 8)
+        spec = Image.fromarray(spectrogram_to_rgb(item(i)['audio'][t])).resize((spec_w, cell), Image.BICUBIC)
+        canvas.paste(spec, (8, y))
+        draw.text((8, y + cell + 2), str(item(i)['id'])[:24], fill='black', font=font)
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    canvas.save(out_path)
+    return dict(topk=topk, boxes=boxes)
+
+
+# -----------------------------------------------------------------------------
+# ablation: TG-DP Tables 5-8 and the CAV-MAE Sync baseline at laptop scale
+#
+# Every row trains config/demo.py's model with train.py (a subprocess per run, out of which only the
+# settings below change) on one synthetic data set, for several seeds, and reports the held-out
+# retrieval that train.py logs (diag_mean, 80 clips) at the last iteration. The data design and the
+# training settings are fixed here, before any comparison, and are the same for every row.
+
+ABLATION_DATA = dict(  # data.make_synthetic: the demo's clips plus the kinds of semantic noise TG-DP names
+    num_clips=400, seed=0, num_classes=10, frame_size=96,
+    on_slots=(5, 10),      # the demo's silent stretches: 5-13 of 16 slots hold the event
+    offscreen=0.1,         # a tenth of the sound events have their object off screen
+    silent_objects=0.25,   # a quarter of the clips show an object of another class that makes no sound
+    clutter=2,             # two static desaturated shapes in every background
+    hum=0.02)              # a steady off-screen tone at a random pitch under every clip
+# Chosen before any comparison, from two TG-DP runs only (seed 0, 400 iterations): with on_slots=(4, 8),
+# offscreen=0.2, silent_objects=0.5, clutter=3, hum=0.03 held-out R@1 stayed at chance (1.2% / 2.5%);
+# with the design above it reached 8.8% V->A / 10.0% A->V (chance 1.25%).
+ABLATION_SETTINGS = {  # train.py settings on top of config/demo.py (and the row's), seeds 0..seeds-1
+    'full': dict(seeds=3, max_iters=400, eval_interval=50),
+    'quick': dict(seeds=1, max_iters=200, eval_interval=50),
+}
+ABLATION_RUNS = {  # run name -> the row's train.py settings
+    'sync': dict(method='sync'),
+    'dualpass_75': dict(method='dualpass', contrastive_mask_ratio=0.75),
+    'tgdp': dict(method='tgdp'),  # guided view at contrastive ratio 0.5, with distillation: TG-DP itself
+    'tgdp_ratio0': dict(method='tgdp', contrastive_mask_ratio=0.0),
+    'tgdp_ratio0.2': dict(method='tgdp', contrastive_mask_ratio=0.2),
+    'tgdp_ratio0.65': dict(method='tgdp', contrastive_mask_ratio=0.65),
+    'tgdp_ratio0.75': dict(method='tgdp', contrastive_mask_ratio=0.75),
+    'tgdp_nodis': dict(method='tgdp', dis_weight=0.0),
+    'tgdp_random': dict(method='tgdp', contrastive_masking='random'),
+    'tgdp_gumbel': dict(method='tgdp', contrastive_masking='gumbel'),
+}
+# (title, [(row label, run, paper)]): paper = the paper's (V->A R@1, R@5, R@10, A->V R@1, R@5, R@10)
+# for that row of TG-DP Tables 5-8, None where not filled in.
+ABLATION_TABLES = [
+    ('Table 5: single vs dual pass', [
+        ('CAV-MAE Sync (one pass, 75%)', 'sync', None),
+        ('dual pass, both random 75%', 'dualpass_75', None),
+        ('TG-DP', 'tgdp', None)]),
+    ('Table 6: contrastive mask ratio', [
+        ('0', 'tgdp_ratio0', None), ('0.2', 'tgdp_ratio0.2', None), ('0.5 (TG-DP)', 'tgdp', None),
+        ('0.65', 'tgdp_ratio0.65', None), ('0.75', 'tgdp_ratio0.75', None)]),
+    ('Table 7: distillation', [
+        ('without', 'tgdp_nodis', None), ('with (TG-DP)', 'tgdp', None)]),
+    ('Table 8: contrastive view', [
+        ('random', 'tgdp_random', None), ('guided top-k (TG-DP)', 'tgdp', None),
+        ('Gumbel top-k', 'tgdp_gumbel', None)]),
+]
+RECALLS = [(d, k) for d in ('V->A', 'A->V') for k in ('R@1', 'R@5', 'R@10')]
+
+
+def ablation_data(data_dir, design):
+    """Writes the ablation's synthetic clips into data_dir, or checks that the clips there were made
+    with `design`."""
+    config_path = os.path.join(data_dir, 'synth_config.json')
+    expected = {k: list(v) if isinstance(v, tuple) else v for k, v in design.items()}
+    if os.path.isfile(config_path):
+        with open(config_path) as f:
+            found = json.load(f)
+        found = {k: found.get(k) for k in expected}
+        if found != expected:
+            raise ValueError(f'{data_dir} holds synthetic clips of another design {found}; the ablation needs '
+                             f'{expected}: remove the folder or pass another --data')
+        return
+    data.make_synthetic(data_dir, **design)
+
+
+def train_run(run_dir, settings, data_dir, train_args=()):
+    """One train.py run (config/demo.py + settings) in run_dir, resumed from its checkpoint if a
+    previous attempt stopped; its output goes to run_dir/train.log. Returns the log's records."""
+    os.makedirs(run_dir, exist_ok=True)
+    resume = os.path.isfile(os.path.join(run_dir, 'ckpt.pt'))
+    if not resume and os.path.isfile(os.path.join(run_dir, 'log.jsonl')):
+        os.remove(os.path.join(run_dir, 'log.jsonl'))  # a start from scratch logs from iteration 1 again
+    root = os.path.dirname(os.path.abspath(__file__))
+    cmd = [sys.executable, os.path.join(root, 'train.py'), os.path.join(root, 'config', 'demo.py'),
+           f'--out_dir={run_dir}', f"--train_json={os.path.join(data_dir, 'train.json')}",
+           f"--eval_json={os.path.join(data_dir, 'eval.json')}", f"--label_csv={os.path.join(data_dir, 'labels.csv')}",
+           *[f'--{k}={v}' for k, v in settings.items()], *train_args] + (['--init_from=resume'] if resume else [])
+    with open(os.path.join(run_dir, 'train.log'), 'a') as log:
+        log.write(' '.join(cmd) + '\n')
+        log.flush()
+        proc = subprocess.run(cmd, cwd=root, stdout=log, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        with open(os.path.join(run_dir, 'train.log')) as f:
+            tail = f.read()[-2000:]
+        raise RuntimeError(f'train.py failed in {run_dir} (exit code {proc.returncode}):\n{tail}')
+    return read_log(os.path.join(run_dir, 'log.jsonl'))
+
+
+def ablation_run(out_dir, run, seed, settings, data_dir, design, train_args=()):
+    """Result of one (row, seed): {'settings', 'final': {direction: metrics}, 'curve': [[iter, R@1 V->A,
+    R@1 A->V]]}, from out_dir/runs/<run>/seed<seed>/result.json when a run with the same settings
+    finished there before (resumable)."""
+    run_dir = os.path.join(out_dir, 'runs', run, f'seed{seed}')
+    record = dict(run=run, seed=seed, train=dict(settings, seed=seed), train_args=list(train_args),
+                  data={k: list(v) if isinstance(v, tuple) else v for k, v in design.items()})
+    path = os.path.join(run_dir, 'result.json')
+    if os.path.isfile(path):
+        with open(path) as f:
+            done = json.load(f)
+        if done['settings'] != record:
+            raise ValueError(f'{path} was made with other settings ({done["settings"]} vs {record}); use another --out')
+        return done
+    _, retrieval = train_run(run_dir, dict(settings, seed=seed), data_dir, train_args)
+    last = settings['max_iters']
+    if last not in retrieval:
+        raise RuntimeError(f'{run_dir}/log.jsonl has no retrieval at iteration {last} (found {list(retrieval)})')
+    result = dict(settings=record, final=retrieval[last],
+                  curve=[[it, r['V->A']['R@1'], r['A->V']['R@1']] for it, r in retrieval.items()])
+    with open(path + '.tmp', 'w') as f:
+        json.dump(result, f, indent=1)
+    os.replace(path + '.tmp', path)
+    return result
+
+
+def mean_std(values):
+    """Mean and sample standard deviation (n - 1; None for one value)."""
+    values = [float(v) for v in values]
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else None
+    return mean, std
+
+
+def summarize_runs(results):
+    """{run: [result per seed]} -> {run: {'seeds', 'mean': {direction: {R@k}}, 'std': ..., 'curve': ...}}
+    curve: iterations and, per direction, the mean / min / max R@1 over seeds at each."""
+    summary = {}
+    for run, per_seed in results.items():
+        s = dict(seeds=[r['settings']['seed'] for r in per_seed], mean={'V->A': {}, 'A->V': {}},
+                 std={'V->A': {}, 'A->V': {}}, final={str(r['settings']['seed']): r['final'] for r in per_seed})
+        for d, k in RECALLS:
+            s['mean'][d][k], s['std'][d][k] = mean_std([r['final'][d][k] for r in per_seed])
+        iters = sorted(set.intersection(*[set(it for it, _, _ in r['curve']) for r in per_seed]))
+        curve = dict(iters=iters)
+        for col, d in ((1, 'V->A'), (2, 'A->V')):
+            at = [[dict((row[0], row[col]) for row in r['curve'])[it] for r in per_seed] for it in iters]
+            curve[d] = dict(mean=[sum(v) / len(v) for v in at], min=[min(v) for v in at], max=[max(v) for v in at])
+        s['curve'] = curve
+        summary[run] = s
+    return summary
+
+
+def ablation_table_rows(summary, tables=ABLATION_TABLES):
+    """Printable rows: per table a title row, then per row label | 6 x 'mean ± std' | paper."""
+    rows = []
+    for title, entries in tables:
+        rows.append([title] + [''] * 8)
+        for label, run, paper in entries:
+            if run not in summary:
+                continue
+            s = summary[run]
+            cells = [f"{s['mean'][d][k]:.1f}" + (f" ± {s['std'][d][k]:.1f}" if s['std'][d][k] is not None else '')
+                     for d, k in RECALLS]
+            ref = ['/'.join(f'{x:.1f}' for x in paper[i:i + 3]) if paper else '-' for i in (0, 3)]
+            rows.append(['  ' + label] + cells + ref)
+    return rows
+
+
+ABLATION_HEADER = ['row', 'V->A R@1', 'R@5', 'R@10', 'A->V R@1', 'R@5', 'R@10',
+                   'paper V->A 1/5/10', 'paper A->V 1/5/10']
+
+
+def ablation_design_text(settings, design, train_args=()):
+    """The lines stated next to the table: data design and training settings."""
+    noise = ', '.join(f'{k}={tuple(v) if isinstance(v, list) else v}' for k, v in design.items()
+                      if k not in ('num_clips', 'seed', 'num_classes', 'frame_size'))
+    n = design['num_clips']
+    return [f"data: {n} synthetic clips (data.py synth, seed {design['seed']}), {design['num_classes']} classes, "
+            f"{n - n // 5} train / {n // 5} held out; semantic noise: {noise}",
+            f"training: config/demo.py (1.25 M parameters, CPU, batch 32) for {settings['max_iters']} iterations, "
+            f"the same for every row{', plus ' + ' '.join(train_args) if train_args else ''}; seeds "
+            f"0..{settings['seeds'] - 1}; held-out retrieval (diag_mean) every {settings['eval_interval']} iterations",
+            'cells: mean ± sample standard deviation over seeds (one seed: its value) of R@K (percent) at the '
+            f'last iteration; chance R@1 = {100 / (n // 5):.2f}%']
+
+
+def ablation_plot(summary, out_path, lines, tables=ABLATION_TABLES, width=1600):
+    """PNG: the table (text), then the learning curves of held-out R@1 per table and direction: the mean
+    over seeds as a line, min..max over seeds as a band."""
+    font = ImageFont.load_default()
+    rows = ablation_table_rows(summary, tables)
+    line_h, panel_h = 15, 300
+    table_h = (len(rows) + len(lines) + 4) * line_h
+    canvas = Image.new('RGB', (width, table_h + 2 * panel_h), 'white')
+    draw = ImageDraw.Draw(canvas)
+    cells = [ABLATION_HEADER] + rows
+    widths = [max(int(draw.textlength(str(r[i]), font=font)) for r in cells) + 14 for i in range(len(ABLATION_HEADER))]
+    y = 6
+    for j, row in enumerate(cells):
+        x = 8
+        for i, (cell, w) in enumerate(zip(row, widths)):
+            tw = draw.textlength(str(cell), font=font)
+            draw.text((x if i == 0 else x + w - 14 - tw, y), str(cell), fill='black', font=font)
+            x += w
+        if j == 0:
+            draw.line((8, y + line_h - 1, x, y + line_h - 1), fill='black')
+        y += line_h
+    y += line_h // 2
+    for text in lines:
+        draw.text((8, y), text, fill='black', font=font)
+        y += line_h
+    panel_w = width // len(tables)
+    colours = {run: class_colour(k) for k, run in enumerate(ABLATION_RUNS)}  # a run keeps its colour in every panel
+    top = max([v for s in summary.values() for d in ('V->A', 'A->V') for v in s['curve'][d]['max']] + [1.0])
+    ylim = (0.0, 10 * math.ceil(top / 10))  # one scale for every panel
+    for p, (title, entries) in enumerate(tables):
+        for q, d in enumerate(('V->A', 'A->V')):
+            series = []
+            for label, run, _ in entries:
+                if run in summary:
+                    c = summary[run]['curve']
+                    series.append(dict(x=c['iters'], y=c[d]['mean'], lo=c[d]['min'], hi=c[d]['max'],
+                                       colour=colours[run], label=label))
+            box = (p * panel_w, table_h + q * panel_h, (p + 1) * panel_w, table_h + (q + 1) * panel_h - 24)
+            line_panel(draw, box, series, f'{title.split(":")[0]}, held-out R@1 {d} (%)', 'iteration', font, ylim)
+            legend_row(draw, (box[0] + 8, box[3] + 4), [(s['label'], s['colour']) for s in series], font)
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    canvas.save(out_path)
+    return out_path
+
+
+def ablate(out_dir, mode='full', runs=None, seeds=None, max_iters=None, eval_interval=None, data_dir=None,
+           design=ABLATION_DATA, train_args=(), tables=ABLATION_TABLES):
+    """Trains every (row, seed) of the ablation not done yet in out_dir, then prints the table,
+    writes out_dir/ablation.json and out_dir/ablation.png. seeds / max_iters / eval_interval override
+    ABLATION_SETTINGS[mode] (then the table states the changed settings). Returns the JSON dict."""
+    settings = dict(ABLATION_SETTINGS[mode])
+    for key, value in (('seeds', seeds), ('max_iters', max_iters), ('eval_interval', eval_interval)):
+        if value is not None:
+            settings[key] = value
+    runs = list(runs or ABLATION_RUNS)
+    unknown = [r for r in runs if r not in ABLATION_RUNS]
+    if unknown:
+        raise ValueError(f'unknown ablation runs {unknown}; known: {list(ABLATION_RUNS)}')
+    data_dir = data_dir or os.path.join(out_dir, 'data')
+    ablation_data(data_dir, design)
+    jobs = [(run, seed) for seed in range(settings['seeds']) for run in runs]  # every row's seed 0 first
+    results = {run: [] for run in runs}
+    t0 = time.time()
+    bar = tqdm(jobs, desc='ablation runs', unit='run')
+    for run, seed in bar:
+        bar.set_postfix_str(f'{run} seed {seed}')
+        train_settings = dict(ABLATION_RUNS[run], max_iters=settings['max_iters'],
+                              eval_interval=settings['eval_interval'])
+        r = ablation_run(out_dir, run, seed, train_settings, data_dir, design, train_args)
+        results[run].append(r)
+        bar.write(f"{run} seed {seed}: R@1 V->A {r['final']['V->A']['R@1']:.1f} A->V {r['final']['A->V']['R@1']:.1f}")
+    summary = summarize_runs(results)
+    lines = ablation_design_text(settings, design, train_args)
+    print(f'\nablation ({mode}, {len(jobs)} runs, {time.time() - t0:.0f} s)')
+    print_table(ABLATION_HEADER, ablation_table_rows(summary, tables))
+    print('\n'.join(lines))
+    out = dict(mode=mode, settings=settings, data=design, train_args=list(train_args), notes=lines, runs=summary,
+               tables=[dict(title=title, rows=[dict(label=label, run=run, paper=paper)
+                                               for label, run, paper in entries]) for title, entries in tables])
+    json_path = os.path.join(out_dir, 'ablation.json')
+    with open(json_path, 'w') as f:
+        json.dump(out, f, indent=1)
+    png = ablation_plot(summary, os.path.join(out_dir, 'ablation.png'), lines, tables)
+    print(f'wrote {json_path} and {png}')
+    return out
 
 
 # -----------------------------------------------------------------------------
@@ -757,9 +1462,30 @@ def cmd_probe(args):
 
 def cmd_localize(args):
     model = load_model(args.ckpt, args.device, args.weights)
-    dataset = make_dataset(args.data, None, model.config, args.num_frames)
+    c = model.config
+    dataset = data.AVDataset(args.data, mode='eval', audio_length=c.audio_length, num_mel_bins=c.num_mel_bins,
+                             img_size=c.img_size, num_frames=args.num_frames, masks=True)
     paths = localize(model, dataset, args.out, args.frame, args.num_clips, args.batch_size, args.device, args.num_workers)
     print(f'wrote {len(paths)} heat maps to {args.out}')
+    if not any(os.path.isfile(data.mask_path(clip['video_path'], i, clip['id']))
+               for clip in dataset.clips for i in range(args.num_frames)):
+        print('no object masks ({video_path}/mask_{i}/{video_id}.png): no localisation metrics')
+        return
+    scores = localization_scores(model, dataset, args.batch_size, args.device, args.num_workers, args.metrics_clips,
+                                 args.top)
+    m = scores['model']
+    print(f"\nsound-source localisation, {m['frames']} frames with a non-empty mask "
+          f"(skipped: {scores['skipped']['no mask file']} without a mask file, "
+          f"{scores['skipped']['empty mask']} empty)")
+    if args.top != 0.5:
+        print(f'cIoU with the top {args.top:.0%} of each map predicted (the benchmarks use 50%)')
+    print_table(['map', 'cIoU@0.5', 'AUC', 'mean cIoU', 'pointing'],
+                [[name, s['cIoU@0.5'], s['AUC'], s['mean cIoU'], s['pointing']]
+                 for name, s in scores.items() if name in ('model', 'centre prior')])
+    path = os.path.join(args.out, 'metrics.json')
+    with open(path, 'w') as f:
+        json.dump(dict(ckpt=args.ckpt, weights=args.weights, data=args.data, top=args.top, **scores), f, indent=1)
+    print(f'wrote {path}')
 
 
 def cmd_reconstruct(args):
@@ -770,10 +1496,66 @@ def cmd_reconstruct(args):
     print(f'wrote {out}')
 
 
+def second_checkpoint(args):
+    """args for the --compare checkpoint: the same settings, its own features (and model)."""
+    return argparse.Namespace(**{**vars(args), 'ckpt': args.compare, 'model': None})
+
+
+def checkpoint_titles(args):
+    if args.titles:
+        if len(args.titles) != 1 + bool(args.compare):
+            raise ValueError(f'--titles needs {1 + bool(args.compare)} names, got {len(args.titles)}')
+        return args.titles
+    paths = [args.ckpt] + ([args.compare] if args.compare else [])
+    return [os.path.basename(os.path.dirname(os.path.abspath(p))) or p for p in paths]
+
+
 def cmd_embed(args):
-    feats = features_for(args, args.data, args.label_csv)
-    embed_plot(feats, args.out, args.size)
+    feats = [features_for(args, args.data, args.label_csv)]
+    if args.compare:
+        feats.append(features_for(second_checkpoint(args), args.data, args.label_csv))
+    embed_plot(feats, args.out, args.size, args.method, checkpoint_titles(args), args.max_classes, args.perplexity,
+               args.centre)
     print(f'wrote {args.out}')
+
+
+def cmd_dynamics(args):
+    curves = dynamics_plot(args.logs, args.out, args.labels, args.keys, args.width, args.height)
+    for label, c in curves.items():
+        print(f"{label}: {len(c[args.keys[0]][0])} logged steps, last " +
+              ', '.join(f'{k} {v[1][-1]:.4f}' for k, v in c.items()))
+    print(f'wrote {args.out}')
+
+
+def cmd_cases(args):
+    feats = [features_for(args, args.data)]
+    if args.compare:
+        feats.append(features_for(second_checkpoint(args), args.data))
+    N = feats[0]['g_a'].shape[0]
+    if any(f['ids'] != feats[0]['ids'] for f in feats):
+        raise ValueError('the two checkpoints were evaluated on different clips')
+    if args.queries:
+        queries = args.queries
+        bad = [q for q in queries if not 0 <= q < N]
+        if bad:
+            raise ValueError(f'--queries {bad} outside 0..{N - 1}')
+    else:  # a reproducible random pick
+        order = torch.randperm(N, generator=torch.Generator().manual_seed(args.seed))
+        queries = sorted(order[:args.num_queries].tolist())
+    first = feats[0]['model_args']
+    dataset = data.AVDataset(args.data, mode='eval', audio_length=first['audio_length'],
+                             num_mel_bins=first['num_mel_bins'], img_size=first['img_size'], num_frames=args.num_frames)
+    out = cases_plot(dataset, feats, args.out, queries, args.k, checkpoint_titles(args), args.frame, args.strategy)
+    for p, title in enumerate(checkpoint_titles(args)):
+        ids = feats[0]['ids']
+        print(f'{title}: ' + '  '.join(f"{ids[q]} -> {[ids[c] for c in out['topk'][p][i].tolist()]}"
+                                       for i, q in enumerate(queries)))
+    print(f'wrote {args.out}')
+
+
+def cmd_ablate(args):
+    out = args.out or os.path.join('out', 'ablate_quick' if args.quick else 'ablate')
+    ablate(out, 'quick' if args.quick else 'full', args.runs, args.seeds, args.max_iters, args.eval_interval, args.data)
 
 
 def main(argv=None):
@@ -820,11 +1602,16 @@ def main(argv=None):
     p.add_argument('--out', help='results JSON')
     p.set_defaults(run=cmd_probe)
 
-    p = sub.add_parser('localize', parents=[common], help='sound-prompted localisation heat maps')
+    p = sub.add_parser('localize', parents=[common],
+                       help='sound-prompted localisation heat maps (+ cIoU, AUC, pointing with masks)')
     p.add_argument('--data', required=True)
     p.add_argument('--out', required=True, help='output directory, one PNG per clip')
     p.add_argument('--num_clips', type=int, default=16)
-    p.add_argument('--frame', type=int, help='frame index (default: the middle one)')
+    p.add_argument('--frame', type=int, help='frame index of the pictures (default: the middle one)')
+    p.add_argument('--metrics_clips', type=int, help='metrics over the first N clips (default: all)')
+    p.add_argument('--top', type=float, default=0.5,
+                   help='share of each map predicted for cIoU (0.5 as on Flickr-SoundNet / VGG-SS; '
+                        'smaller for small objects)')
     p.set_defaults(run=cmd_localize)
 
     p = sub.add_parser('reconstruct', parents=[common], help='original / masked / reconstructed grid')
@@ -836,12 +1623,54 @@ def main(argv=None):
     p.add_argument('--seed', type=int, default=0)
     p.set_defaults(run=cmd_reconstruct)
 
-    p = sub.add_parser('embed', parents=[common, cached], help='PCA of clip embeddings coloured by class')
+    compare = argparse.ArgumentParser(add_help=False)
+    compare.add_argument('--compare', help='a second checkpoint, drawn beside the first')
+    compare.add_argument('--titles', nargs='+', help='panel titles (default: the checkpoints\' folder names)')
+
+    p = sub.add_parser('embed', parents=[common, cached, compare],
+                       help='PCA / t-SNE of clip embeddings coloured by class')
     p.add_argument('--data', required=True)
     p.add_argument('--label_csv', required=True)
     p.add_argument('--out', required=True, help='output .png')
-    p.add_argument('--size', type=int, default=800, help='image side in pixels')
+    p.add_argument('--method', choices=('pca', 'tsne'), default='pca')
+    p.add_argument('--perplexity', type=float, default=30.0, help='t-SNE')
+    p.add_argument('--centre', action='store_true',
+                   help='t-SNE: centre each modality first (hides the gap between them)')
+    p.add_argument('--max_classes', type=int, default=10, help='only the clips of the N most frequent classes')
+    p.add_argument('--size', type=int, default=800, help='image height in pixels (and width of one panel + legend)')
     p.set_defaults(run=cmd_embed)
+
+    p = sub.add_parser('cases', parents=[common, cached, compare],
+                       help='retrieval case study: top-k frames of audio queries')
+    p.add_argument('--data', required=True)
+    p.add_argument('--out', required=True, help='output .png')
+    p.add_argument('--queries', type=int, nargs='+', help='query clips (indices in --data; default: a random pick)')
+    p.add_argument('--num_queries', type=int, default=4)
+    p.add_argument('--k', type=int, default=5, help='retrieved clips shown per query')
+    p.add_argument('--frame', type=int, help='frame shown (default: the middle one)')
+    p.add_argument('--strategy', choices=STRATEGIES, default='diag_mean')
+    p.add_argument('--seed', type=int, default=0, help='random pick of the queries')
+    p.set_defaults(run=cmd_cases)
+
+    p = sub.add_parser('dynamics', help="training dynamics: loss terms of train.py's log.jsonl, runs side by side")
+    p.add_argument('--logs', nargs='+', required=True, help='log.jsonl of each run')
+    p.add_argument('--labels', nargs='+', help="run names (default: the logs' folder names)")
+    p.add_argument('--keys', nargs='+', default=['rec_a', 'rec_v', 'con'], help='logged terms, one panel each')
+    p.add_argument('--out', required=True, help='output .png')
+    p.add_argument('--width', type=int, default=1200)
+    p.add_argument('--height', type=int, default=380)
+    p.set_defaults(run=cmd_dynamics)
+
+    p = sub.add_parser('ablate', help='TG-DP Tables 5-8 + CAV-MAE Sync on synthetic clips (trains with train.py)')
+    p.add_argument('--quick', action='store_true',
+                   help='the quick variant (about 10 min on 2 cores) instead of the full one')
+    p.add_argument('--out', help='output folder (default: out/ablate or out/ablate_quick); finished runs are skipped')
+    p.add_argument('--runs', nargs='+', choices=list(ABLATION_RUNS), help='only these rows (default: all)')
+    p.add_argument('--data', help='folder of the synthetic clips (default: OUT/data, written if absent)')
+    p.add_argument('--seeds', type=int, help='override the fixed settings (trials only: the table states it)')
+    p.add_argument('--max_iters', type=int, help='override the fixed settings (trials only)')
+    p.add_argument('--eval_interval', type=int, help='override the fixed settings (trials only)')
+    p.set_defaults(run=cmd_ablate)
 
     args = parser.parse_args(argv)
     args.run(args)

@@ -319,7 +319,7 @@ def test_synth_deterministic(tmp_path):
         data.make_synthetic(str(tmp_path / name), num_clips=20, seed=seed, num_classes=4)
     files = sorted(os.path.relpath(os.path.join(d, f), tmp_path / 'a')
                    for d, _, fs in os.walk(tmp_path / 'a') for f in fs)
-    assert len(files) == 4 + 20 * 17  # train/eval JSON, CSV, meta, and per clip a wav and 16 frames
+    assert len(files) == 5 + 20 * 33  # train/eval JSON, CSV, meta, config, and per clip a wav, 16 frames, 16 masks
     read = lambda name, f: open(os.path.join(tmp_path, name, f), 'rb').read()
     assert all(read('a', f) == read('b', f) for f in files)
     assert read('a', 'audio/syn00000.wav') != read('c', 'audio/syn00000.wav')
