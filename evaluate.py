@@ -1188,7 +1188,7 @@ def train_run(run_dir, settings, data_dir, train_args=()):
     root = os.path.dirname(os.path.abspath(__file__))
     cmd = [sys.executable, os.path.join(root, 'train.py'), os.path.join(root, 'config', 'demo.py'),
            f'--out_dir={run_dir}', f"--train_json={os.path.join(data_dir, 'train.json')}",
-           f"--eval_json={os.path.join(data_dir, 'eval.json')}", f"--label_csv={os.path.join(data_dir, 'labels.csv')}",
+           f"--eval_json={os.path.join(data_dir, 'eval.json')}",
            *[f'--{k}={v}' for k, v in settings.items()], *train_args] + (['--init_from=resume'] if resume else [])
     with open(os.path.join(run_dir, 'train.log'), 'a') as log:
         log.write(' '.join(cmd) + '\n')
