@@ -1,5 +1,5 @@
 """
-Data for TG-DP: the CAV-MAE dataset layout -> training / evaluation batches (SPEC section 2),
+Data for TG-DP: the CAV-MAE dataset layout -> training / evaluation batches (CAV-MAE Sync's input pipeline),
 a built-in synthetic dataset, raw-video preparation with ffmpeg, labelled splits from the official
 AudioSet / VGGSound metadata, and tar shards (webdataset convention) with a training stream.
 
@@ -19,7 +19,7 @@ files written here use them, so a dataset folder can be moved).
 Synthetic data (learnable at tiny scale, no single-modality or whole-clip shortcut):
 - K classes (default 10). Class c = visual signature (hue c/K, one of 5 shapes, solid or striped)
   + sound signature (pitch 200 Hz * 16^(c/(K-1)), 1/3/6 harmonics, steady or 2/4/8 Hz tremolo).
-- Frame i shows the moment t_i = i * 0.64 s, the centre of its fbank segment (SPEC section 2 with
+- Frame i shows the moment t_i = i * 0.64 s, the centre of its fbank segment (segment_bounds with
   S=1024 frames = 10.24 s). Time is cut into 16 slots of 0.64 s around the t_i; each clip switches
   on runs of 2-4 slots (5-13 of 16 in all): in "on" slots the class sound plays and the object is
   drawn, in "off" slots the audio is background only and the frame shows no object. So a frame
@@ -67,7 +67,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 # -----------------------------------------------------------------------------
-# constants (SPEC section 2)
+# constants (the CAV-MAE / CAV-MAE Sync releases' preprocessing)
 
 SAMPLE_RATE = 16000
 WINDOW = 400  # samples per fbank frame (25 ms)
@@ -90,7 +90,8 @@ class ClipError(RuntimeError):
 # audio and frame features (pure functions, reused by other scripts)
 
 def segment_bounds(i, num_frames, num_fbank_frames, length):
-    """fbank rows [start, end) of the segment aligned with frame i of num_frames (SPEC section 2)."""
+    """fbank rows [start, end) of the segment aligned with frame i of num_frames (CAV-MAE Sync's
+    frame-aligned segments)."""
     centre = round(i * num_fbank_frames / num_frames)
     start = max(0, centre - length // 2)
     end = start + length
@@ -897,6 +898,9 @@ class ShardStream(torch.utils.data.IterableDataset):
             epoch, skip = epoch + 1, 0
 
 
+# =============================================================================
+# Tools: synthetic clips, raw-video preparation, labelled splits, loader benchmark. The core above
+# (features, AVDataset, shards) is all that training and evaluation read.
 # -----------------------------------------------------------------------------
 # synthetic clips (design in the module docstring)
 

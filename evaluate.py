@@ -1,5 +1,6 @@
 """
-Evaluation with the papers' protocols (SPEC section 8), so results compare with SPEC section 9.
+Evaluation with the papers' protocols (TG-DP and CAV-MAE Sync: zero-shot retrieval, attention probing,
+sound-prompted localisation), so results compare with their tables.
 
   retrieval    zero-shot clip-to-clip retrieval, V->A and A->V: R@1/5/10 (percent) and median rank
   probe        frozen encoders, attention probe (CLS + 2 transformer layers) on the T per-frame
@@ -18,7 +19,8 @@ Evaluation with the papers' protocols (SPEC section 8), so results compare with 
 
 Examples:
   python evaluate.py retrieval --ckpt out/ckpt.pt --data vgg_retrieval.json --strategy diag_mean block_max --out r.json
-  python evaluate.py probe --ckpt out/ckpt.pt --train as20k.json --eval as_eval.json --label_csv labels.csv --cache feats
+  python evaluate.py probe --ckpt out/ckpt.pt --train as20k.json --eval as_eval.json --label_csv labels.csv \
+      --cache feats
   python evaluate.py localize --ckpt out/ckpt.pt --data eval.json --out loc/
   python evaluate.py reconstruct --ckpt out/ckpt.pt --data eval.json --out rec/
   python evaluate.py embed --ckpt out/ckpt.pt --data eval.json --label_csv labels.csv --out embed.png
@@ -248,7 +250,8 @@ def mean_average_precision(scores, targets):
     threshold, as in sklearn's average_precision_score)."""
     scores, positive = scores.double(), targets > 0
     if scores.shape != positive.shape or scores.dim() != 2:
-        raise ValueError(f'scores and targets must both be (N, C), got {tuple(scores.shape)} and {tuple(targets.shape)}')
+        raise ValueError(f'scores and targets must both be (N, C), '
+                         f'got {tuple(scores.shape)} and {tuple(targets.shape)}')
     has_pos = positive.any(dim=0)  # (C,)
     if not has_pos.any():
         raise ValueError('no class has a positive: mAP is undefined')
@@ -453,6 +456,9 @@ def train_probe(train_x, train_y, eval_x, eval_y, multilabel, lr, epochs, batch_
                 wa_epochs=[wa_start, epochs], probe=probe)
 
 
+# =============================================================================
+# Tools: pictures, localisation metrics, the supplement's figures, the ablation table, the command line.
+# The core above (loading, features, retrieval, probing) is what the papers' numbers come from.
 # -----------------------------------------------------------------------------
 # pictures (Pillow only)
 
@@ -903,7 +909,8 @@ def embed_plot(features, out_path, size=800, method='pca', titles=None, max_clas
         draw.rectangle((lx, ly + 2, lx + 10, ly + 12), fill=class_colour(c))
         name = names[c] if c < len(names) else f'class {c}'
         max_chars = (legend_w - 20) // 6  # about 6 px per character of the default font
-        draw.text((lx + 16, ly), name if len(name) <= max_chars else name[:max_chars - 3] + '...', fill='black', font=font)
+        label = name if len(name) <= max_chars else name[:max_chars - 3] + '...'
+        draw.text((lx + 16, ly), label, fill='black', font=font)
         ly += line
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     canvas.save(out_path)
@@ -1449,7 +1456,8 @@ def cmd_probe(args):
     print()
     print_table(['epoch', 'lr', 'train loss', metric],
                 [[h['epoch'], f"{h['lr']:.2e}", f"{h['loss']:.4f}", h[metric]] for h in out['history']], left=0)
-    print(f"\n{metric}: {out['final']:.1f} with weights averaged over epochs {out['wa_epochs'][0]}-{out['wa_epochs'][1]} "
+    print(f"\n{metric}: {out['final']:.1f} with weights averaged over epochs "
+          f"{out['wa_epochs'][0]}-{out['wa_epochs'][1]} "
           f"({out['last']:.1f} with the last weights)")
     if args.out:
         with open(args.out, 'w') as f:
@@ -1465,7 +1473,8 @@ def cmd_localize(args):
     c = model.config
     dataset = data.AVDataset(args.data, mode='eval', audio_length=c.audio_length, num_mel_bins=c.num_mel_bins,
                              img_size=c.img_size, num_frames=args.num_frames, masks=True)
-    paths = localize(model, dataset, args.out, args.frame, args.num_clips, args.batch_size, args.device, args.num_workers)
+    paths = localize(model, dataset, args.out, args.frame, args.num_clips, args.batch_size, args.device,
+                     args.num_workers)
     print(f'wrote {len(paths)} heat maps to {args.out}')
     if not any(os.path.isfile(data.mask_path(clip['video_path'], i, clip['id']))
                for clip in dataset.clips for i in range(args.num_frames)):
@@ -1563,7 +1572,8 @@ def main(argv=None):
     sub = parser.add_subparsers(dest='command', required=True)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument('--ckpt', required=True, help='train.py checkpoint or official CAV-MAE Sync / TG-DP release')
-    common.add_argument('--weights', choices=('model', 'teacher'), default='model', help='train.py checkpoints: student or EMA teacher')
+    common.add_argument('--weights', choices=('model', 'teacher'), default='model',
+                        help='train.py checkpoints: student or EMA teacher')
     common.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     common.add_argument('--batch_size', type=int, default=8, help='clips per forward (each with all its frames)')
     common.add_argument('--num_workers', type=int, default=min(4, os.cpu_count() or 1), help='data loading processes')
