@@ -539,7 +539,6 @@ class CAVMAESync(nn.Module):
         return out
 
 
-
 # -----------------------------------------------------------------------------
 # analytic FLOP count (matmuls only; they are > 99% of the work)
 
