@@ -1,7 +1,7 @@
 """
-The three TG-DP objectives (SPEC section 4): masked reconstruction, InfoNCE (symmetric with negatives from
-every rank by default; one direction and one rank's negatives as in the CAV-MAE Sync release are settings),
-and distillation towards the teacher's full-view global embeddings.
+The three TG-DP objectives: masked reconstruction (MAE), InfoNCE (symmetric with negatives from every rank
+by default, as the TG-DP release; one direction and one rank's negatives as in the CAV-MAE Sync release are
+settings), and distillation towards the teacher's full-view global embeddings.
 """
 import torch
 import torch.distributed as dist
@@ -28,9 +28,10 @@ def gather_across_ranks(x):
 
 
 def info_nce(g_a, g_v, temperature=0.05, direction='both', negatives='global'):
-    """InfoNCE on L2-normalised global embeddings g_a, g_v (B, D). Returns (loss, top-1 accuracy of the queries).
+    """InfoNCE on L2-normalised global embeddings g_a, g_v (B, D) -> (loss, top-1 accuracy of the queries).
     direction: 'both' (mean of the a->v and v->a cross-entropies: TG-DP's release, the default for every method),
-      'v2a' (visual queries scored against audio candidates only: CAV-MAE Sync's release, bidirect_contrast=False),
+      'v2a' (visual queries scored against audio candidates only: CAV-MAE Sync's release,
+      bidirect_contrast=False),
       'a2v' (audio queries only).
     negatives: 'global' (queries scored against the candidates of every rank, so the negatives span the global
       batch, gradients flow back through the gather: TG-DP's release) or 'local' (this rank's batch only, as a
@@ -56,5 +57,6 @@ def info_nce(g_a, g_v, temperature=0.05, direction='both', negatives='global'):
 
 def distill_loss(g_a, g_v, t_a, t_v):
     """Squared error between student (g) and teacher (t) global embeddings (B, D), mean over batch and
-    features per modality, summed over the two modalities (SPEC section 4 decision)."""
+    features per modality, summed over the two modalities. The mean is this project's decision (TG-DP does not
+    say how the error is averaged): it keeps the loss on the scale of the reconstruction loss."""
     return F.mse_loss(g_a.float(), t_a.float()) + F.mse_loss(g_v.float(), t_v.float())

@@ -1,20 +1,21 @@
 """
-The CAV-MAE Sync backbone with every pass TG-DP needs (SPEC sections 3-5).
+The CAV-MAE Sync backbone with every pass TG-DP needs.
 
 Two ViT encoders (audio, visual) with a learned global token and register tokens, one shared joint
-layer run three ways (audio-only, visual-only, fused), and a joint MAE decoder. Parameter names
-follow the official release so that its checkpoints load with a rename-free conversion.
+layer run three ways (audio-only, visual-only, fused), and a joint MAE decoder (CAV-MAE Sync). Parameter
+names follow the official release so that its checkpoints load with a rename-free conversion.
 
 Passes (each does only the work it needs):
   forward_reconstruction  random masking -> encoders -> fused joint pass -> decoder -> MSE
   forward_contrastive     caller's visible patches -> encoders -> audio/visual joint passes -> g_a, g_v
-  forward_teacher         full inputs -> g_a, g_v and patch priorities from the joint attention
-  forward_sync            one masked encoding feeding both the decoder and the global passes
+  forward_teacher         full inputs -> g_a, g_v and patch priorities from the joint attention (TG-DP)
+  forward_sync            one masked encoding feeding both the decoder and the global passes (CAV-MAE Sync)
+  forward                 a training step's student work in one call: forward_sync, or TG-DP's two views
   forward_features        unmasked inference: g_a, g_v and the patch tokens of the same passes
 
-DiffMAViL's decoder options (SPEC section 7), off by default so the official layout is unchanged:
-diffused_mask_tokens (noised masked patches instead of the mask token) and decoder_attention='cross'
-(masked-position queries attend only to the visible latents).
+DiffMAViL's decoder options, off by default so the official layout is unchanged: diffused_mask_tokens
+(noised masked patches instead of the mask token) and decoder_attention='cross' (masked-position queries
+attend only to the visible latents).
 """
 import argparse
 import os
@@ -46,8 +47,9 @@ class ModelConfig:
     num_registers: int = 8         # per modality
     global_token: bool = True      # False: CAV-MAE style, mean-pooled patch tokens are the embedding
     norm_pix_loss: bool = False    # per-patch normalised reconstruction targets
-    diffused_mask_tokens: bool = False  # DiffMAViL: masked positions get projected, DDPM-noised patches instead of the mask token
-    decoder_attention: str = 'self'     # 'self': joint self-attention decoder; 'cross': masked queries attend to visible latents
+    diffused_mask_tokens: bool = False  # DiffMAViL: masked positions get projected, DDPM-noised patches, no mask token
+    decoder_attention: str = 'self'     # 'self': joint self-attention decoder; 'cross': masked queries attend to
+                                        # the visible latents (DiffMAViL)
 
     def __post_init__(self):
         p = self.patch_size
@@ -58,8 +60,11 @@ class ModelConfig:
             raise ValueError('embed_dim / decoder_embed_dim must be divisible by their number of heads')
         if self.embed_dim % 4 or self.decoder_embed_dim % 4:
             raise ValueError('embed dims must be multiples of 4 for the 2-D sin-cos positional embedding')
+        if self.joint_depth < 1:
+            raise ValueError(f'ModelConfig.joint_depth must be at least 1, got {self.joint_depth}')
         if self.decoder_attention not in ('self', 'cross'):
-            raise ValueError(f"ModelConfig.decoder_attention must be 'self' or 'cross', got {self.decoder_attention!r}")
+            raise ValueError(f"ModelConfig.decoder_attention must be 'self' or 'cross', "
+                             f"got {self.decoder_attention!r}")
 
 
 # -----------------------------------------------------------------------------
@@ -78,28 +83,38 @@ def sincos_pos_embed_2d(dim, grid_h, grid_w):
 
 
 class Attention(nn.Module):
+    """Multi-head self-attention. forward runs PyTorch's fused kernel (SDPA); forward_with_weights computes the
+    softmax explicitly and returns it, for the one pass that reads the weights (the teacher's joint layer)."""
+
     def __init__(self, dim, num_heads):
         super().__init__()
         self.num_heads = num_heads
         self.qkv = nn.Linear(dim, dim * 3)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x, return_attn=False, n_out=None, segments=None):
-        """x (B, N, D) -> (outputs of the first n_out tokens (B, n_out, D), all tokens when None;
-        attention weights (B, H, N, N) of every query when return_attn, else None).
-        segments: lengths of independent sequences packed along N; attention stays within each."""
+    def split_heads(self, x):  # (B, N, D) -> q, k, v, each (B, H, N, hd)
         B, N, D = x.shape
-        q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)  # 3x (B, H, N, hd)
-        attn = None
-        if return_attn:  # explicit weights: only the teacher's joint layer needs them
-            attn = (q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).softmax(dim=-1)  # (B, H, N, N)
-            x = attn[:, :, :n_out] @ v
-        elif segments:
-            x = torch.cat([F.scaled_dot_product_attention(*qkv) for qkv in
-                           zip(q.split(segments, 2), k.split(segments, 2), v.split(segments, 2))], dim=2)  # (B, H, N, hd)
-        else:
-            x = F.scaled_dot_product_attention(q[:, :, :n_out], k, v)  # (B, H, n_out, hd)
-        return self.proj(x.transpose(1, 2).flatten(2)), attn
+        return self.qkv(x).view(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
+
+    def merge_heads(self, x):  # (B, H, n, hd) -> (B, n, D), through the output projection
+        return self.proj(x.transpose(1, 2).flatten(2))
+
+    def forward(self, x, n_out=None, segments=None):
+        """x (B, N, D) -> outputs of the first n_out tokens (B, n_out, D), all N when None; every query attends
+        to all N tokens. segments: lengths of independent sequences packed along N; attention stays within each."""
+        q, k, v = self.split_heads(x)
+        if segments is None:
+            return self.merge_heads(F.scaled_dot_product_attention(q[:, :, :n_out], k, v))  # from (B, H, n_out, hd)
+        if n_out is not None:
+            raise ValueError('Attention: n_out (outputs of the first tokens only) and packed segments do not combine')
+        heads = [F.scaled_dot_product_attention(*qkv) for qkv in zip(*(t.split(segments, dim=2) for t in (q, k, v)))]
+        return self.merge_heads(torch.cat(heads, dim=2))  # from (B, H, N, hd)
+
+    def forward_with_weights(self, x, n_out=None):
+        """forward (one sequence) with an explicit softmax -> (outputs (B, n_out or N, D), weights (B, H, N, N))."""
+        q, k, v = self.split_heads(x)
+        attn = (q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).softmax(dim=-1)  # (B, H, N, N)
+        return self.merge_heads(attn[:, :, :n_out] @ v), attn
 
 
 class MLP(nn.Module):
@@ -114,7 +129,7 @@ class MLP(nn.Module):
 
 class Block(nn.Module):
     """Pre-norm ViT block. The joint block has three LayerNorm pairs: norm1/norm2 for the fused pass,
-    norm*_a for the audio pass and norm*_v for the visual pass, around shared attention and MLP.
+    norm*_a for the audio pass and norm*_v for the visual pass, around shared attention and MLP (CAV-MAE).
     LayerNorm eps is PyTorch's default 1e-5, as in the release (MAE itself uses 1e-6)."""
 
     def __init__(self, dim, num_heads, mlp_ratio, joint=False):
@@ -127,17 +142,28 @@ class Block(nn.Module):
             self.norm1_a, self.norm2_a = nn.LayerNorm(dim), nn.LayerNorm(dim)
             self.norm1_v, self.norm2_v = nn.LayerNorm(dim), nn.LayerNorm(dim)
 
-    def forward(self, x, modality='av', return_attn=False, n_out=None, segments=None):  # -> (first n_out tokens, attention or None)
-        suffix = {'av': '', 'a': '_a', 'v': '_v'}[modality]  # which LayerNorm pair
-        h, attn = self.attn(getattr(self, 'norm1' + suffix)(x), return_attn, n_out, segments)
+    def norms(self, modality):  # the LayerNorm pair of a pass: 'av' (fused, and every non-joint block), 'a', 'v'
+        suffix = {'av': '', 'a': '_a', 'v': '_v'}[modality]
+        return getattr(self, 'norm1' + suffix), getattr(self, 'norm2' + suffix)
+
+    def forward(self, x, modality='av', n_out=None, segments=None):
+        """x (B, N, D) -> (B, n_out or N, D): n_out and segments as in Attention.forward."""
+        norm1, norm2 = self.norms(modality)
+        x = x[:, :n_out] + self.attn(norm1(x), n_out, segments)
+        return x + self.mlp(norm2(x))
+
+    def forward_with_attention(self, x, modality='av', n_out=None):
+        """forward plus the attention weights (B, H, N, N) (explicit softmax: the teacher's joint layer only)."""
+        norm1, norm2 = self.norms(modality)
+        h, attn = self.attn.forward_with_weights(norm1(x), n_out)
         x = x[:, :n_out] + h
-        x = x + self.mlp(getattr(self, 'norm2' + suffix)(x))
-        return x, attn
+        return x + self.mlp(norm2(x)), attn
 
 
 class CrossBlock(nn.Module):
     """Pre-norm cross-attention block of DiffMAViL's decoder: queries x (B, Nq, D) attend to latents (B, Nk, D)
-    (never to each other), then an MLP on the queries. Separate q and kv projections: the latents are only keys/values."""
+    (never to each other), then an MLP on the queries. Separate q and kv projections: the latents are only
+    keys/values."""
 
     def __init__(self, dim, num_heads, mlp_ratio):
         super().__init__()
@@ -153,14 +179,14 @@ class CrossBlock(nn.Module):
     def forward(self, x, latents):
         (B, Nq, D), Nk, H = x.shape, latents.shape[1], self.num_heads
         q = self.q(self.norm_q(x)).view(B, Nq, H, D // H).transpose(1, 2)  # (B, H, Nq, hd)
-        k, v = self.kv(self.norm_kv(latents)).view(B, Nk, 2, H, D // H).permute(2, 0, 3, 1, 4)  # 2x (B, H, Nk, hd)
+        k, v = self.kv(self.norm_kv(latents)).view(B, Nk, 2, H, D // H).permute(2, 0, 3, 1, 4)  # (B, H, Nk, hd) each
         h = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, Nq, D)
         x = x + self.proj(h)
         return x + self.mlp(self.norm2(x))
 
 
 def diffusion_alpha_bar(num_steps=1000):
-    """DiffMAViL's DDPM schedule (SPEC section 7): betas linear from 1e-4 to 0.02 raised to the power 0.8;
+    """DiffMAViL's DDPM schedule: betas linear from 1e-4 to 0.02 raised to the power 0.8;
     returns abar (num_steps,) with abar[t - 1] = prod_{s <= t} (1 - beta_s), t = 1..num_steps."""
     betas = torch.linspace(1e-4, 0.02, num_steps, dtype=torch.float64) ** 0.8
     return torch.cumprod(1.0 - betas, dim=0).float()
@@ -224,11 +250,12 @@ class CAVMAESync(nn.Module):
             self.decoder_modality_a = nn.Parameter(torch.zeros(1, 1, Dd))
             self.decoder_modality_v = nn.Parameter(torch.zeros(1, 1, Dd))
             block = CrossBlock if c.decoder_attention == 'cross' else Block
-            self.decoder_blocks = nn.ModuleList([block(Dd, c.decoder_num_heads, c.mlp_ratio) for _ in range(c.decoder_depth)])
+            self.decoder_blocks = nn.ModuleList([block(Dd, c.decoder_num_heads, c.mlp_ratio)
+                                                 for _ in range(c.decoder_depth)])
             if c.diffused_mask_tokens:  # created only when on: the default state dict stays the official one
                 self.decoder_noise_embed_a = nn.Linear(p * p, Dd)
                 self.decoder_noise_embed_v = nn.Linear(p * p * 3, Dd)
-                self.register_buffer('alpha_bar', diffusion_alpha_bar(), persistent=False)  # (T,), not in the state dict
+                self.register_buffer('alpha_bar', diffusion_alpha_bar(), persistent=False)  # (T,), not saved
             self.decoder_norm = nn.LayerNorm(Dd)
             self.decoder_pred_a = nn.Linear(Dd, p * p)
             self.decoder_pred_v = nn.Linear(Dd, p * p * 3)
@@ -281,55 +308,86 @@ class CAVMAESync(nn.Module):
 
     # --- encoder pieces --------------------------------------------------------
 
+    def add_tokens(self, x, modality):
+        """Patch embeddings x (B, k, D) -> (B, [1 +] k [+ R], D): the global token first when configured, the
+        modality's R register tokens last (CAV-MAE Sync)."""
+        B, R = x.shape[0], self.config.num_registers
+        if self.config.global_token:
+            x = torch.cat([getattr(self, 'cls_token_' + modality).expand(B, -1, -1), x], dim=1)
+        if R:
+            registers = self.register_tokens[:R] if modality == 'a' else self.register_tokens[R:]
+            x = torch.cat([x, registers.expand(B, -1, -1)], dim=1)
+        return x
+
     def encode(self, x, modality):
         """Modality encoder on (visible) patch embeddings x (B, k, D) -> (B, [1 +] k, D), global token
-        first when configured; the registers are appended for the encoder and dropped after it.
-        x may be a tuple of views of the same clips (the student's two passes) -> a tuple of encodings:
-        the views are packed into one sequence, so each linear layer is one matmul for all of them and
-        the backward forms one weight gradient instead of one per view and their sum (the encoders' forward
-        + backward about 15% faster on CPU at batch 2); attention stays within each view."""
-        views = x if isinstance(x, tuple) else (x,)
-        B, R = views[0].shape[0], self.config.num_registers
-        seqs = []
-        for view in views:
-            if self.config.global_token:
-                view = torch.cat([getattr(self, 'cls_token_' + modality).expand(B, -1, -1), view], dim=1)
-            if R:
-                registers = self.register_tokens[:R] if modality == 'a' else self.register_tokens[R:]
-                view = torch.cat([view, registers.expand(B, -1, -1)], dim=1)
-            seqs.append(view)
-        lengths = [seq.shape[1] for seq in seqs]
-        h = torch.cat(seqs, dim=1) if len(seqs) > 1 else seqs[0]  # (B, sum of lengths, D)
+        first when configured; the registers are appended for the encoder and dropped after it."""
+        x = self.add_tokens(x, modality)
         for blk in (self.blocks_a if modality == 'a' else self.blocks_v):
-            h, _ = blk(h, segments=lengths if len(seqs) > 1 else None)
-        out = tuple(seq[:, :n - R] for seq, n in zip(h.split(lengths, dim=1), lengths))
-        return out if isinstance(x, tuple) else out[0]
+            x = blk(x)
+        return x[:, :x.shape[1] - self.config.num_registers]
 
-    def joint(self, x, modality, return_attn=False, tokens=True):
+    def encode_pair(self, x1, x2, modality):
+        """encode of two views of the same clips in one pass (the student's reconstruction and contrastive
+        views): x1 (B, k1, D), x2 (B, k2, D) -> (encode(x1, modality), encode(x2, modality)).
+        The views are packed into one sequence, attention staying within each: every linear layer is one matmul
+        for both, and the backward forms one weight gradient instead of one per view plus their sum (faster)."""
+        seqs = [self.add_tokens(x, modality) for x in (x1, x2)]
+        lengths = [seq.shape[1] for seq in seqs]
+        h = torch.cat(seqs, dim=1)  # (B, n1 + n2, D)
+        for blk in (self.blocks_a if modality == 'a' else self.blocks_v):
+            h = blk(h, segments=lengths)
+        R = self.config.num_registers
+        return tuple(seq[:, :n - R] for seq, n in zip(h.split(lengths, dim=1), lengths))
+
+    def joint(self, x, modality, tokens=True):
         """Joint layer, single-modality pass with the modality's LayerNorms, then norm_a / norm_v.
-        x (B, [1 +] k, D) -> (embedding (B, D), patch tokens (B, k, D) or None, last joint attention or None).
-        tokens=False: only the embedding is wanted, so the last block runs its attention output, projection
-        and MLP for the global token alone (about 3/4 of that block's work would be thrown away)."""
+        x (B, [1 +] k, D) -> (embedding (B, D), patch tokens (B, k, D) or None).
+        tokens=False: only the embedding is wanted, so the last block computes its attention output, projection
+        and MLP for the global token alone (the patch tokens' outputs would be thrown away)."""
         n_out = 1 if self.config.global_token and not tokens else None
         for i, blk in enumerate(self.blocks_u):
-            x, attn = blk(x, modality, return_attn, n_out if i == len(self.blocks_u) - 1 else None)
+            x = blk(x, modality, n_out if i == len(self.blocks_u) - 1 else None)
         x = (self.norm_a if modality == 'a' else self.norm_v)(x)
         if self.config.global_token:
-            return x[:, 0], (x[:, 1:] if tokens else None), attn
-        return x.mean(dim=1), x, attn  # CAV-MAE style: mean-pooled patch tokens
+            return x[:, 0], (x[:, 1:] if tokens else None)
+        return x.mean(dim=1), x  # CAV-MAE style: mean-pooled patch tokens
 
-    def global_embeddings(self, enc_a, enc_v):
-        g_a, _, _ = self.joint(enc_a, 'a', tokens=False)
-        g_v, _, _ = self.joint(enc_v, 'v', tokens=False)
-        return g_a, g_v
+    def joint_attention(self, x, modality):
+        """The teacher's joint pass: joint(x, modality, tokens=False) -> (embedding (B, D), attention weights
+        (B, H, N, N) of the last joint block). The only pass with explicit attention; every other one uses SDPA."""
+        if not self.config.global_token:
+            raise ValueError('teacher-guided masking needs global_token=True '
+                             '(priorities are attention to the global token)')
+        for blk in self.blocks_u[:-1]:
+            x = blk(x, modality)
+        x, attn = self.blocks_u[-1].forward_with_attention(x, modality, n_out=1)  # (B, 1, D): the global token
+        return (self.norm_a if modality == 'a' else self.norm_v)(x[:, 0]), attn
+
+    def global_embeddings(self, enc_a, enc_v):  # encodings -> (g_a, g_v): the joint layer's audio / visual passes
+        return self.joint(enc_a, 'a', tokens=False)[0], self.joint(enc_v, 'v', tokens=False)[0]
 
     def patch_tokens(self, enc):  # encoder output -> its patch tokens only (no global token)
         return enc[:, 1:] if self.config.global_token else enc
 
+    def masked_encode(self, emb, modality, mask_ratio, noise=None, keep=None):
+        """MAE random masking of one modality's embedded patches emb (B, N, D), then its encoder: the start of
+        every training pass. noise: optional uniform (B, N) for the mask. -> (encoding (B, [1 +] k, D),
+        keep (B, k), mask (B, N) with 1 = masked, None). keep (B, k2): the visible patches of a second view of
+        the same clips (TG-DP's contrastive view), encoded with the random one by encode_pair; its encoding
+        (B, [1 +] k2, D) replaces the None."""
+        rand, mask = masking.random_masking(emb.shape[0], emb.shape[1], mask_ratio, emb.device, noise)
+        visible = masking.gather(emb, rand)  # (B, k, D)
+        if keep is None:
+            return self.encode(visible, modality), rand, mask, None
+        enc, enc2 = self.encode_pair(visible, masking.gather(emb, keep), modality)
+        return enc, rand, mask, enc2
+
     # --- decoder -----------------------------------------------------------------
 
     def diffuse(self, x0, t, eps=None):
-        """DDPM forward process: x0 (B, N, P), timesteps t (B,) in 1..T -> x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps."""
+        """DDPM forward process: x0 (B, N, P), timesteps t (B,) in 1..T ->
+        x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps."""
         eps = torch.randn_like(x0) if eps is None else eps
         abar = self.alpha_bar[t - 1].view(-1, 1, 1)  # (B, 1, 1)
         return abar.sqrt() * x0 + (1.0 - abar).sqrt() * eps
@@ -347,15 +405,18 @@ class CAVMAESync(nn.Module):
         ka = xa.shape[1]
         x = torch.cat([xa, xv], dim=1)  # (B, ka + kv, D)
         for blk in self.blocks_u:
-            x, _ = blk(x, 'av')
+            x = blk(x, 'av')
         x = self.decoder_embed(self.norm(x))  # (B, ka + kv, Dd)
         B, _, Dd = x.shape
 
+        if diffusion is not None and not c.diffused_mask_tokens:
+            raise ValueError('diffusion noise given, but diffused_mask_tokens is off: it would be ignored')
         if c.diffused_mask_tokens:
             if patches_a is None or patches_v is None:
                 raise ValueError('diffused_mask_tokens needs the raw input patches: pass patches_a and patches_v')
-            # decision: one timestep per clip, shared by all its patches and both modalities (DiffMAViL draws t per sample).
-            # Every patch is noised and projected (simpler than gathering the masked ones); the visible ones are overwritten.
+            # decision: one timestep per clip, shared by all its patches and both modalities (DiffMAViL draws t per
+            # sample). Every patch is noised and projected (simpler than gathering the masked ones); the visible
+            # ones are overwritten.
             if diffusion is None:
                 t = torch.randint(1, self.alpha_bar.shape[0] + 1, (B,), device=x.device)
                 eps_a, eps_v = torch.randn_like(patches_a), torch.randn_like(patches_v)
@@ -367,15 +428,16 @@ class CAVMAESync(nn.Module):
             base_a = self.mask_token.expand(B, self.num_patches_a, Dd)
             base_v = self.mask_token.expand(B, self.num_patches_v, Dd)
 
-        def place(vis, keep, base):  # visible latents to their positions, base tokens (mask or diffused) everywhere else
+        def place(vis, keep, base):  # visible latents to their positions, base tokens (mask or diffused) elsewhere
             return base.to(vis.dtype).scatter(1, keep.unsqueeze(-1).expand(-1, -1, Dd), vis)  # (B, N, Dd)
         a = place(x[:, :ka], keep_a, base_a) + self.decoder_pos_embed_a + self.decoder_modality_a
         v = place(x[:, ka:], keep_v, base_v) + self.decoder_pos_embed_v + self.decoder_modality_v
         if c.decoder_attention == 'cross':  # per modality: its masked positions query its visible latents
-            return self.cross_decode(a, keep_a, self.decoder_pred_a), self.cross_decode(v, keep_v, self.decoder_pred_v)
+            return (self.cross_decode(a, keep_a, self.decoder_pred_a),
+                    self.cross_decode(v, keep_v, self.decoder_pred_v))
         x = torch.cat([a, v], dim=1)  # (B, Na + Nv, Dd)
         for blk in self.decoder_blocks:
-            x, _ = blk(x)
+            x = blk(x)
         x = self.decoder_norm(x)
         return self.decoder_pred_a(x[:, :self.num_patches_a]), self.decoder_pred_v(x[:, self.num_patches_a:])
 
@@ -388,7 +450,8 @@ class CAVMAESync(nn.Module):
         for blk in self.decoder_blocks:
             q = blk(q, latents)  # the visible latents stay fixed: the same keys/values in every block
         q = pred(self.decoder_norm(q))  # (B, N - k, P)
-        return q.new_zeros(*x.shape[:2], q.shape[-1]).scatter(1, masked.unsqueeze(-1).expand(-1, -1, q.shape[-1]), q)
+        P = q.shape[-1]
+        return q.new_zeros(*x.shape[:2], P).scatter(1, masked.unsqueeze(-1).expand(-1, -1, P), q)
 
     def reconstruction_loss(self, patches_a, patches_v, pred_a, pred_v, mask_a, mask_v):
         loss_a = mae_loss(pred_a, patches_a, mask_a, self.config.norm_pix_loss)
@@ -398,7 +461,7 @@ class CAVMAESync(nn.Module):
 
     # --- the passes ------------------------------------------------------------------
 
-    def _decode_loss(self, audio, image, enc_a, enc_v, keep_a, keep_v, mask_a, mask_v, diffusion=None):
+    def decode_loss(self, audio, image, enc_a, enc_v, keep_a, keep_v, mask_a, mask_v, diffusion=None):
         """Encodings of the randomly masked view -> fused joint pass -> decoder -> loss dict."""
         patches_a, patches_v = self.patchify_audio(audio), self.patchify_image(image)  # the targets
         pred_a, pred_v = self.fused_decode(enc_a, enc_v, keep_a, keep_v, patches_a, patches_v, diffusion)
@@ -409,7 +472,9 @@ class CAVMAESync(nn.Module):
         """Random masking -> encoders -> fused joint pass -> decoder -> per-modality MSE on masked patches.
         audio (B, L, F), image (B, 3, H, W); optional masking noise (B, Na), (B, Nv); diffusion: see
         fused_decode. No global-token passes."""
-        return self.forward_sync(audio, image, mask_ratio_a, mask_ratio_v, noise_a, noise_v, diffusion, embeddings=False)
+        enc_a, keep_a, mask_a, _ = self.masked_encode(self.embed_audio(audio), 'a', mask_ratio_a, noise_a)
+        enc_v, keep_v, mask_v, _ = self.masked_encode(self.embed_image(image), 'v', mask_ratio_v, noise_v)
+        return self.decode_loss(audio, image, enc_a, enc_v, keep_a, keep_v, mask_a, mask_v, diffusion)
 
     def forward_contrastive(self, audio, image, keep_a, keep_v):
         """Caller-chosen visible patches keep_a (B, ka), keep_v (B, kv) -> encoders -> audio and visual
@@ -418,60 +483,59 @@ class CAVMAESync(nn.Module):
         enc_v = self.encode(masking.gather(self.embed_image(image), keep_v), 'v')
         return self.global_embeddings(enc_a, enc_v)
 
-    def forward_sync(self, audio, image, mask_ratio_a=0.75, mask_ratio_v=0.75, noise_a=None, noise_v=None, diffusion=None,
-                     embeddings=True):
+    def forward_sync(self, audio, image, mask_ratio_a=0.75, mask_ratio_v=0.75, noise_a=None, noise_v=None,
+                     diffusion=None):
         """CAV-MAE Sync's single pass: one masked encoding feeds both the fused decoder path and the
-        global-token passes. Returns the reconstruction dict plus g_a, g_v (when embeddings)."""
-        B, device = audio.shape[0], audio.device
-        keep_a, mask_a = masking.random_masking(B, self.num_patches_a, mask_ratio_a, device, noise_a)
-        keep_v, mask_v = masking.random_masking(B, self.num_patches_v, mask_ratio_v, device, noise_v)
-        enc_a = self.encode(masking.gather(self.embed_audio(audio), keep_a), 'a')
-        enc_v = self.encode(masking.gather(self.embed_image(image), keep_v), 'v')
-        out = self._decode_loss(audio, image, enc_a, enc_v, keep_a, keep_v, mask_a, mask_v, diffusion)
-        if embeddings:
-            out['g_a'], out['g_v'] = self.global_embeddings(enc_a, enc_v)
+        global-token passes. Returns forward_reconstruction's dict plus g_a, g_v."""
+        enc_a, keep_a, mask_a, _ = self.masked_encode(self.embed_audio(audio), 'a', mask_ratio_a, noise_a)
+        enc_v, keep_v, mask_v, _ = self.masked_encode(self.embed_image(image), 'v', mask_ratio_v, noise_v)
+        out = self.decode_loss(audio, image, enc_a, enc_v, keep_a, keep_v, mask_a, mask_v, diffusion)
+        out['g_a'], out['g_v'] = self.global_embeddings(enc_a, enc_v)
         return out
 
     def forward_features(self, audio, image, tokens=True):
         """Unmasked inference -> (g_a (B, D), g_v (B, D), tokens_a (B, Na, D), tokens_v (B, Nv, D)),
         embeddings and patch tokens after norm_a / norm_v; tokens=False: (g_a, g_v, None, None), cheaper."""
-        g_a, tokens_a, _ = self.joint(self.encode(self.embed_audio(audio), 'a'), 'a', tokens=tokens)
-        g_v, tokens_v, _ = self.joint(self.encode(self.embed_image(image), 'v'), 'v', tokens=tokens)
+        g_a, tokens_a = self.joint(self.encode(self.embed_audio(audio), 'a'), 'a', tokens=tokens)
+        g_v, tokens_v = self.joint(self.encode(self.embed_image(image), 'v'), 'v', tokens=tokens)
         return g_a, g_v, tokens_a, tokens_v
 
     @torch.no_grad()
     def forward_teacher(self, audio, image, normalize=True):
         """Full, unmasked, unshuffled inputs -> (g_a, g_v, priority_a (B, Na), priority_v (B, Nv)).
         Priority of patch i = head-averaged attention of patch query i to the global key in the last
-        joint layer's audio / visual pass, normalised over patches (SPEC section 5, step 1).
+        joint layer's audio / visual pass, normalised over patches (TG-DP's teacher-guided masking).
         normalize=False: the raw head-averaged attention, as the TG-DP release ranks it (the normalisation
         changes no top-k, but the release's Gumbel reading, masking.gumbel_score_keep, depends on the scale)."""
-        if not self.config.global_token:
-            raise ValueError('teacher-guided masking needs global_token=True (priorities are attention to the global token)')
         out = []
         for modality, x in (('a', self.embed_audio(audio)), ('v', self.embed_image(image))):
-            g, _, attn = self.joint(self.encode(x, modality), modality, return_attn=True, tokens=False)
+            g, attn = self.joint_attention(self.encode(x, modality), modality)
             priority = attn[:, :, 1:, 0].float().mean(dim=1)  # (B, N): patch queries -> global key
             out.append((g, priority / priority.sum(dim=1, keepdim=True) if normalize else priority))
         (g_a, p_a), (g_v, p_v) = out
         return g_a, g_v, p_a, p_v
 
-    def forward(self, audio, image, mask_ratio=0.75, keep_a=None, keep_v=None, noise_a=None, noise_v=None, diffusion=None):
+    def forward(self, audio, image, mask_ratio=0.75, keep_a=None, keep_v=None, noise_a=None, noise_v=None,
+                diffusion=None):
         """The student's work for one training step in one call, so DDP sees a single forward.
-        With keep_a/keep_v: two passes (TG-DP, dual pass) = reconstruction at mask_ratio + contrastive
-        pass on the given visible patches. Without: the single CAV-MAE Sync pass. noise_a/noise_v:
-        optional uniform noise for the random reconstruction masks; diffusion: see fused_decode."""
-        if keep_a is None:
+        With keep_a (B, ka), keep_v (B, kv): two views (TG-DP, dual pass), a reconstruction view randomly
+        masked at mask_ratio and a contrastive view of the given visible patches. Without: the single
+        CAV-MAE Sync pass (forward_sync). noise_a/noise_v: optional uniform noise for the random masks;
+        diffusion: see fused_decode. -> forward_reconstruction's dict plus g_a, g_v (B, D)."""
+        if keep_a is None and keep_v is None:
             return self.forward_sync(audio, image, mask_ratio, mask_ratio, noise_a, noise_v, diffusion)
-        B, device = audio.shape[0], audio.device
-        rec_a, mask_a = masking.random_masking(B, self.num_patches_a, mask_ratio, device, noise_a)
-        rec_v, mask_v = masking.random_masking(B, self.num_patches_v, mask_ratio, device, noise_v)
-        emb_a, emb_v = self.embed_audio(audio), self.embed_image(image)  # (B, N, D): embedded once for both passes
-        # both views of a modality go through its encoder packed together (see encode)
-        enc_rec_a, enc_con_a = self.encode((masking.gather(emb_a, rec_a), masking.gather(emb_a, keep_a)), 'a')
-        enc_rec_v, enc_con_v = self.encode((masking.gather(emb_v, rec_v), masking.gather(emb_v, keep_v)), 'v')
-        out = self._decode_loss(audio, image, enc_rec_a, enc_rec_v, rec_a, rec_v, mask_a, mask_v, diffusion)
-        out['g_a'], out['g_v'] = self.global_embeddings(enc_con_a, enc_con_v)
+        if keep_a is None or keep_v is None:
+            raise ValueError('forward: give the contrastive view of both modalities (keep_a and keep_v) or neither')
+        # embed patches: once per modality, both views gather from them
+        emb_a, emb_v = self.embed_audio(audio), self.embed_image(image)  # (B, Na, D), (B, Nv, D)
+        # masking + encoder: a random view for reconstruction and the given view for the contrastive pass,
+        # each modality's two views packed through its encoder (encode_pair)
+        enc_a, rand_a, mask_a, con_a = self.masked_encode(emb_a, 'a', mask_ratio, noise_a, keep_a)
+        enc_v, rand_v, mask_v, con_v = self.masked_encode(emb_v, 'v', mask_ratio, noise_v, keep_v)
+        # decoder + loss: fused joint pass and MAE decoder on the random view, MSE on its masked patches
+        out = self.decode_loss(audio, image, enc_a, enc_v, rand_a, rand_v, mask_a, mask_v, diffusion)
+        # global tokens: the joint layer's audio and visual passes on the contrastive view
+        out['g_a'], out['g_v'] = self.global_embeddings(con_a, con_v)
         return out
 
 
@@ -495,14 +559,18 @@ def forward_flops(c, mask_ratio, passes):
     audio/visual passes on the same encoding), 'contrastive' (masked encoders, joint audio/visual passes),
     'full' (unmasked encoders and joint audio/visual passes with every token's output: forward_features),
     'teacher' (as 'full', but the last joint block outputs the global token only, with explicit attention).
-    The embedding-only passes ('sync', 'contrastive', 'teacher') skip the patch tokens' outputs in the last joint block.
+    The embedding-only passes ('sync', 'contrastive', 'teacher') skip the patch tokens' outputs in the last joint
+    block.
     The 'decoder' entry follows the decoder options: the self decoder runs its blocks and prediction heads
     on all Na + Nv positions; the cross decoder runs, per modality, its blocks with the masked positions as
     queries and the visible ones as keys/values and predicts the masked positions only; diffused mask
     tokens add the projection of every patch (all are noised and projected, see fused_decode)."""
     p, D, Dd, r = c.patch_size, c.embed_dim, c.decoder_embed_dim, c.mlp_ratio
     Na, Nv = (c.num_mel_bins // p) * (c.audio_length // p), (c.img_size // p) ** 2
-    ka, kv = (Na, Nv) if passes in ('full', 'teacher') else (masking.num_keep(Na, mask_ratio), masking.num_keep(Nv, mask_ratio))
+    if passes in ('full', 'teacher'):
+        ka, kv = Na, Nv
+    else:
+        ka, kv = masking.num_keep(Na, mask_ratio), masking.num_keep(Nv, mask_ratio)
     G, R = int(c.global_token), c.num_registers
     out = {'patch_embed': 2 * (Na * p * p + Nv * 3 * p * p) * D}  # every patch is embedded, then gathered
     out['encoders'] = c.modality_depth * (block_flops(G + ka + R, D, r) + block_flops(G + kv + R, D, r))
@@ -510,8 +578,8 @@ def forward_flops(c, mask_ratio, passes):
         out['joint_fused'] = c.joint_depth * block_flops(ka + kv, D, r)
         Pa, Pv = p * p, p * p * 3  # patch sizes: the prediction heads' (and noise projections') widths
         if c.decoder_attention == 'cross':  # blocks per modality, heads on the masked positions only
-            out['decoder'] = (c.decoder_depth * (cross_block_flops(Na - ka, ka, Dd, r) + cross_block_flops(Nv - kv, kv, Dd, r))
-                              + 2 * ((Na - ka) * Pa + (Nv - kv) * Pv) * Dd)
+            blocks = cross_block_flops(Na - ka, ka, Dd, r) + cross_block_flops(Nv - kv, kv, Dd, r)
+            out['decoder'] = c.decoder_depth * blocks + 2 * ((Na - ka) * Pa + (Nv - kv) * Pv) * Dd
         else:
             out['decoder'] = c.decoder_depth * block_flops(Na + Nv, Dd, r) + 2 * (Na * Pa + Nv * Pv) * Dd
         out['decoder'] += 2 * (ka + kv) * D * Dd  # decoder_embed on the visible latents
@@ -523,7 +591,8 @@ def forward_flops(c, mask_ratio, passes):
                 return c.joint_depth * block_flops(n, D, r)
             # last block, embedding only (Block n_out=1): qkv on all tokens, proj + MLP on the global token,
             # attention of the global query; the teacher's explicit attention also scores every other query
-            last = 6 * n * D * D + 2 * D * D * (1 + 2 * r) + (2 * n * n * D + 2 * n * D if passes == 'teacher' else 4 * n * D)
+            attention = 2 * n * n * D + 2 * n * D if passes == 'teacher' else 4 * n * D
+            last = 6 * n * D * D + 2 * D * D * (1 + 2 * r) + attention
             return (c.joint_depth - 1) * block_flops(n, D, r) + last
         out['joint_global'] = joint_pass(G + ka) + joint_pass(G + kv)
     return out
@@ -591,7 +660,8 @@ def convert_official_state_dict(sd, config=None):
         if name not in expected:
             raise KeyError(f'official checkpoint key {key!r} has no place in CAVMAESync')
         if tuple(value.shape) != tuple(expected[name].shape):
-            raise ValueError(f'official checkpoint key {key!r} has shape {tuple(value.shape)}, expected {tuple(expected[name].shape)}')
+            raise ValueError(f'official checkpoint key {key!r} has shape {tuple(value.shape)}, '
+                             f'expected {tuple(expected[name].shape)}')
         out[name] = value
     missing = sorted(set(expected) - set(out))
     if missing:

@@ -62,10 +62,10 @@ def test_packed_encoder_and_embedding_only_block_under_flash_kernels():
                                decoder_embed_dim=128, decoder_num_heads=2, num_registers=4)).cuda().eval()
     x = torch.randn(8, m.num_patches_v, 256, device='cuda')
     with torch.no_grad(), torch.autocast('cuda', dtype=torch.bfloat16):
-        packed = m.encode((x[:, :5], x[:, 5:]), 'v')
+        packed = m.encode_pair(x[:, :5], x[:, 5:], 'v')
         alone = m.encode(x[:, :5], 'v'), m.encode(x[:, 5:], 'v')
-        g_fast, _, _ = m.joint(alone[0], 'v', tokens=False)  # n_out=1: the global token only
-        g_full, _, _ = m.joint(alone[0], 'v', tokens=True)
+        g_fast, _ = m.joint(alone[0], 'v', tokens=False)  # n_out=1: the global token only
+        g_full, _ = m.joint(alone[0], 'v', tokens=True)
     for p, a in zip(packed, alone):
         assert torch.allclose(p.float(), a.float(), atol=5e-2, rtol=5e-2)
     assert torch.allclose(g_fast.float(), g_full.float(), atol=5e-2, rtol=5e-2)

@@ -218,19 +218,45 @@ def test_only_teacher_joint_layer_computes_explicit_attention(monkeypatch):
     a, v = inputs(m.config)
     explicit = []
     from model import Attention
-    orig = Attention.forward
+    orig = Attention.forward_with_weights
 
-    def spy(self, x, return_attn=False, *args):
-        if return_attn:
-            explicit.append(self)
-        return orig(self, x, return_attn, *args)
-    monkeypatch.setattr(Attention, 'forward', spy)
+    def spy(self, *args, **kw):
+        explicit.append(self)
+        return orig(self, *args, **kw)
+    monkeypatch.setattr(Attention, 'forward_with_weights', spy)
     m.forward_teacher(a, v)
     assert explicit == [m.blocks_u[-1].attn, m.blocks_u[-1].attn]
     explicit.clear()
     m.forward_features(a, v)
     m.forward_reconstruction(a, v)
     assert explicit == []
+
+
+def test_settings_that_would_be_ignored_raise():
+    m = tiny()
+    a, v = inputs(m.config)
+    x = torch.randn(3, 10, m.config.embed_dim)
+    with pytest.raises(ValueError, match='segments'):  # n_out applies to one sequence, not to packed views
+        m.blocks_a[0](x, n_out=1, segments=[4, 6])
+    keep_a = masking.random_masking(3, m.num_patches_a, 0.5)[0]
+    with pytest.raises(ValueError, match='keep_a and keep_v'):  # one contrastive view alone
+        m(a, v, 0.75, keep_a, None)
+    t = torch.ones(3, dtype=torch.long)
+    diffusion = (t, torch.zeros(3, m.num_patches_a, 64), torch.zeros(3, m.num_patches_v, 192))
+    with pytest.raises(ValueError, match='diffused_mask_tokens is off'):
+        m.forward_reconstruction(a, v, 0.75, 0.75, diffusion=diffusion)
+
+
+def test_joint_attention_equals_the_sdpa_joint_pass():
+    m = tiny()
+    a, _ = inputs(m.config)
+    with torch.no_grad():
+        enc = m.encode(m.embed_audio(a), 'a')
+        g, attn = m.joint_attention(enc, 'a')
+        g_sdpa, _ = m.joint(enc, 'a', tokens=False)
+        g_full, _ = m.joint(enc, 'a', tokens=True)
+    assert attn.shape == (3, 4, enc.shape[1], enc.shape[1]) and torch.allclose(attn.sum(-1), torch.ones(()))
+    assert torch.allclose(g, g_sdpa, atol=1e-5) and torch.allclose(g, g_full, atol=1e-5)
 
 
 def test_teacher_priority_is_attention_to_global_key():
