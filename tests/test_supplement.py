@@ -3,7 +3,6 @@ study) and the sound-source localisation metrics (cIoU, AUC, pointing game) agai
 cases and independent re-computations."""
 import dataclasses
 import json
-import math
 import os
 
 import numpy as np
