@@ -14,3 +14,13 @@ def shared_dir():
     if not os.path.isdir(SHARED):
         pytest.skip(f'{SHARED} is absent (it holds the official key layout and sample videos)')
     return SHARED
+
+
+@pytest.fixture
+def one_thread():
+    """Small ops on a shared 2-core machine run several times faster on one thread."""
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

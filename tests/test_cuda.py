@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from test_train import ROOT, read_log
+from test_train import ROOT, read_log, synth  # noqa: F401 (synth: the 40-clip fixture)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='the GPU checklist needs CUDA')
 # small, but with the kernels' shapes: head dim 64 in the encoders and the decoder, 16-pixel patches
@@ -20,14 +20,6 @@ GPU_SMALL = ['--device=cuda', '--backend=nccl', '--num_workers=2', '--audio_leng
              '--decoder_depth=1', '--decoder_num_heads=2', '--num_registers=4', '--batch_size=8', '--log_interval=1',
              '--eval_interval=1000', '--epochs=4.0', '--warmup_epochs=0.5', '--learning_rate=1e-4']
 METHODS = ('tgdp', 'sync', 'dualpass', 'cavmae')
-
-
-@pytest.fixture(scope='module')
-def synth(tmp_path_factory):
-    out = tmp_path_factory.mktemp('synth')
-    subprocess.run([sys.executable, 'data.py', 'synth', '--out', str(out), '--num_clips', '40', '--seed', '0'],
-                   cwd=ROOT, check=True, capture_output=True)
-    return out
 
 
 def train(*args, launcher=(sys.executable,)):

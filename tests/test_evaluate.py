@@ -26,13 +26,7 @@ NUM_CLASSES = 5
 ALL_THREADS = torch.get_num_threads()  # the benchmark uses them all; the other tests one
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small ops on a shared 2-core machine run several times faster on one thread."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 @pytest.fixture(scope='module')

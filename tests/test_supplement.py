@@ -19,12 +19,7 @@ TINY = dict(audio_length=64, img_size=32, embed_dim=64, num_heads=4, modality_de
             decoder_depth=1, decoder_num_heads=4, num_registers=2)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 @pytest.fixture(scope='module')
