@@ -18,7 +18,7 @@ import data
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KALDI = dict(htk_compat=True, use_energy=False, window_type='hanning', num_mel_bins=128,
-             dither=0.0, frame_shift=10)  # SPEC section 2, written out independently of data.py
+             dither=0.0, frame_shift=10)  # the releases' fbank settings, written out independently of data.py
 
 
 def reference_fbank(waveform_16k):
@@ -65,7 +65,7 @@ def synth_dir(tmp_path_factory):
 # features and segments
 
 def test_segment_bounds():
-    # hand-computed from SPEC section 2 with S=1024, T=16 (centre 64*i) and L=416
+    # hand-computed from the frame-aligned segment formula with S=1024, T=16 (centre 64*i) and L=416
     assert data.segment_bounds(0, 16, 1024, 416) == (0, 416)  # clipped at the start
     assert data.segment_bounds(8, 16, 1024, 416) == (304, 720)  # centred on 512
     assert data.segment_bounds(15, 16, 1024, 416) == (608, 1024)  # shifted back from 1168

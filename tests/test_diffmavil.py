@@ -1,5 +1,5 @@
 """
-DiffMAViL's decoder options (SPEC section 7): diffused mask tokens and the cross-attention decoder,
+DiffMAViL's decoder options (the DiffMAViL paper): diffused mask tokens and the cross-attention decoder,
 each checked against an independent reference; plus their analytic FLOPs.
 """
 import math
