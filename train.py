@@ -582,6 +582,7 @@ def shutdown():
     batches.close()  # shut the loader workers down now: they ignore SIGTERM, so exit-time cleanup would hang
     bar.close()
     if ddp:
+        dist.barrier()  # tear down together: a rank that leaves while rank 0 still saves can abort in gloo
         dist.destroy_process_group()
 
 
