@@ -24,7 +24,8 @@ CELLS = {  # name -> settings; 40 clips, batch 8 in 1 process = 4 per rank on 2 
                                    '--gradient_accumulation_steps=2'],
     'tgdp-gumbel-cross-nodis-clip': ['--contrastive_masking=gumbel', '--decoder_attention=cross', '--dis_weight=0.0',
                                      '--grad_clip=0.5'],
-    'sync-curriculum-cross-v2a': ['--method=sync', *CURRICULUM, '--decoder_attention=cross', '--contrastive_direction=v2a'],
+    'sync-curriculum-cross-v2a': ['--method=sync', *CURRICULUM, '--decoder_attention=cross',
+                                  '--contrastive_direction=v2a'],
     'tgdp-curriculum-workers': [*CURRICULUM, '--num_workers=2', '--contrastive_masking=gumbel_proportional'],
     # tar shards: each rank and worker streams its own shards, so 2 ranks see other batches than 1 process
     'tgdp-shards-workers-accum': ['--train_json={shards}', '--eval_json={shards}', '--num_workers=2',
@@ -80,7 +81,8 @@ def test_single_process_run_leaves_a_checkpoint_evaluate_loads(cell, one_process
     from evaluate import extract_features, load_model, make_dataset
     out = one_process(cell)
     records = step_records(out)
-    assert [r['iter'] for r in records] == list(range(1, 7)) and all(torch.isfinite(torch.tensor(r['loss'])) for r in records)
+    assert [r['iter'] for r in records] == list(range(1, 7))
+    assert all(torch.isfinite(torch.tensor(r['loss'])) for r in records)
     ckpt = load_ckpt(out)
     for weights in ('model', 'teacher') if ckpt['teacher'] is not None else ('model',):
         model = load_model(str(out / 'ckpt.pt'), weights=weights)
@@ -102,7 +104,8 @@ def test_two_gloo_ranks_match_one_process(cell, one_process, synth, tmp_path):
     log1, log2 = step_records(one), step_records(tmp_path)
     assert len(log1) == len(log2) == 6
     if 'shards' in cell:  # other clips per batch by design: the ranks just keep in step (equal batch counts)
-        assert [(r['iter'], r['epoch'], r['batch_size']) for r in log1] == [(r['iter'], r['epoch'], r['batch_size']) for r in log2]
+        steps = [[(r['iter'], r['epoch'], r['batch_size']) for r in log] for log in (log1, log2)]
+        assert steps[0] == steps[1]
         return
     for r1, r2 in zip(log1, log2):
         assert r1['batch_size'] == r2['batch_size'] and r1['mask_ratio'] == r2['mask_ratio']
@@ -153,7 +156,8 @@ def test_loader_workers_live_across_epochs(synth, tmp_path):
     """Four epochs with 2 workers: the items come from the same 2 worker processes throughout."""
     pids = tmp_path / 'pids'
     code = ('import os, sys, runpy, data; get = data.AVDataset.__getitem__\n'
-            f'def spy(self, i):\n    open({str(pids)!r}, "a").write(f"{{os.getpid()}} {{self.epoch}}\\n"); return get(self, i)\n'
+            'def spy(self, i):\n'
+            f'    open({str(pids)!r}, "a").write(f"{{os.getpid()}} {{self.epoch}}\\n"); return get(self, i)\n'
             'data.AVDataset.__getitem__ = spy; sys.argv = ["train.py"] + sys.argv[1:]\n'
             'runpy.run_path("train.py", run_name="__main__")')
     run([sys.executable, '-c', code, *TINY, f'--train_json={synth / "train.json"}', f'--out_dir={tmp_path}',
@@ -207,9 +211,10 @@ def test_retrieval_during_training_is_spread_over_the_ranks(synth, tmp_path):
         f'    open({str(spy_log)!r}, "a").write(f"timeout {{kw.get(\'timeout\')}}\\n")\n'
         '    return init(*args, **kw)\n'
         'evaluate.extract_features, dist.init_process_group = spy_extract, spy_init\n'
-        f'sys.argv = ["train.py"] + sys.argv[1:]\nrunpy.run_path({os.path.join(ROOT, "train.py")!r}, run_name="__main__")\n')
-    cmd = command('tgdp', synth, tmp_path, '--max_iters=1', '--num_workers=1', '--timeout_minutes=90', launcher=TORCHRUN,
-                  batch_size=4)
+        'sys.argv = ["train.py"] + sys.argv[1:]\n'
+        f'runpy.run_path({os.path.join(ROOT, "train.py")!r}, run_name="__main__")\n')
+    cmd = command('tgdp', synth, tmp_path, '--max_iters=1', '--num_workers=1', '--timeout_minutes=90',
+                  launcher=TORCHRUN, batch_size=4)
     run([*TORCHRUN, str(wrapper), *cmd[len(TORCHRUN) + 1:]])
     lines = sorted(spy_log.read_text().splitlines())
     assert lines == ['extract 0 20 1', 'extract 1 20 1', 'timeout 1:30:00', 'timeout 1:30:00'], lines
