@@ -11,23 +11,11 @@ import pytest
 import losses
 import masking
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ['--device=cpu', '--dtype=float32', '--compile=False', '--backend=gloo', '--num_workers=0',
-        '--audio_length=64', '--num_mel_bins=32', '--img_size=32', '--patch_size=8', '--embed_dim=48', '--num_heads=4',
-        '--modality_depth=1', '--decoder_embed_dim=32', '--decoder_depth=1', '--decoder_num_heads=4',
-        '--num_registers=2', '--batch_size=4', '--log_interval=1', '--eval_interval=1000', '--max_iters=2']
-
-
-@pytest.fixture(scope='module')
-def synth(tmp_path_factory):
-    out = tmp_path_factory.mktemp('synth')
-    subprocess.run([sys.executable, 'data.py', 'synth', '--out', str(out), '--num_clips', '20', '--seed', '0'],
-                   cwd=ROOT, check=True, capture_output=True)
-    return out
+from test_train import ROOT, TINY, synth  # noqa: F401 (synth: the 40-clip fixture)
 
 
 def run_train(args, monkeypatch):
-    monkeypatch.setattr(sys, 'argv', ['train.py', *TINY, *args])
+    monkeypatch.setattr(sys, 'argv', ['train.py', *TINY, '--max_iters=2', *args])
     monkeypatch.chdir(ROOT)
     handler = signal.getsignal(signal.SIGTERM)
     try:
