@@ -11,6 +11,7 @@ $ torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=10.0.0.1 --
 Settings are the globals below, overridden by config files and --key=value, in that order.
 """
 import ast
+import functools
 import itertools
 import json
 import math
@@ -232,6 +233,7 @@ if not bench:
                  f'fewer than the {world_size} ranks that share it')
 
 
+@functools.cache  # called per step and per shard batch; fixed once the data is known
 def epoch_iters(epoch):  # optimiser steps in an epoch
     if bench:
         return bench_warmup + bench_iters
