@@ -261,17 +261,23 @@ def read_label_csv(label_csv):
     return mid_to_index, names
 
 
-def label_vector(labels, mid_to_index, num_classes, where, clip_id, require_labels=False):
-    """'mid1,mid2' -> float32 multi-hot (num_classes,); empty labels give zeros unless require_labels."""
-    label = torch.zeros(num_classes)
-    if not num_classes:
-        return label
+def label_indices(labels, mid_to_index, where, clip_id, require_labels=False):
+    """'mid1,mid2' -> sorted class indices; [] without a label CSV (empty mid_to_index). A clip keeps its
+    indices, not a multi-hot vector: 2 M AudioSet clips x 527 classes would be 4 GB of float32."""
+    if not mid_to_index:
+        return []
     mids = [m.strip() for m in labels.split(',') if m.strip()]
     unknown = [m for m in mids if m not in mid_to_index]
     if unknown or (require_labels and not mids):
         problem = f"unknown label ids {unknown}" if unknown else "no labels"
         raise ValueError(f"{where}: clip '{clip_id}' has {problem}")
-    label[[mid_to_index[m] for m in mids]] = 1.0  # no labels: all zero
+    return sorted({mid_to_index[m] for m in mids})
+
+
+def multi_hot(indices, num_classes):
+    """class indices -> float32 multi-hot (num_classes,); no indices give zeros."""
+    label = torch.zeros(num_classes)
+    label[indices] = 1.0
     return label
 
 
@@ -343,13 +349,13 @@ def check_clip(clip, num_frames):
 
 
 def load_item(clip, mode, epoch, seed, audio_length, num_mel_bins, img_size, num_frames, time_shift):
-    """One clip (a row of read_clip_table + 'label') -> the dataset item (AVDataset's docstring).
+    """One clip (a row of read_clip_table) -> the dataset item (AVDataset's docstring) without its label.
     Train mode draws the frame and the time shift from (seed, epoch, clip index): a pure function, so
     the same clip gives the same item from files or shards, in any worker, rank, or order."""
     T, L = num_frames, audio_length
     if 'tar' in clip and 'members' not in clip:  # read the headers once per item
         clip = dict(clip, members=tar_members(clip['tar'], clip['offset'], clip['end']))
-    item = dict(label=clip['label'], id=clip['id'])
+    item = dict(id=clip['id'])
     if mode == 'train':
         rng = np.random.default_rng((seed, epoch, clip['index']))
         frame = int(rng.integers(T))
@@ -407,8 +413,7 @@ class AVDataset(torch.utils.data.Dataset):
         self.num_classes = len(self.class_names)
         where = f"{data_json} (label CSV {label_csv})"
         for clip in self.clips:
-            clip['label'] = label_vector(clip.pop('labels'), mid_to_index, self.num_classes, where, clip['id'],
-                                         require_labels)
+            clip['classes'] = label_indices(clip.pop('labels'), mid_to_index, where, clip['id'], require_labels)
         if skip_bad:
             self._drop_bad_clips(data_json, bad_list)
 
@@ -438,6 +443,7 @@ class AVDataset(torch.utils.data.Dataset):
         clip = self.clips[index]
         item = load_item(clip, self.mode, self.epoch, self.seed, self.audio_length,
                          self.num_mel_bins, self.img_size, self.num_frames, self.time_shift)
+        item['label'] = multi_hot(clip['classes'], self.num_classes)
         if self.masks:
             frames = [item['frame']] if self.mode == 'train' else range(self.num_frames)
             paths = [mask_path(clip['video_path'], i, clip['id']) for i in frames]
@@ -889,9 +895,9 @@ class ShardStream(torch.utils.data.IterableDataset):
                     continue
                 items = []
                 for clip in clips:
-                    clip = dict(clip, label=label_vector(clip['labels'], self.mid_to_index, len(self.class_names),
-                                                         self.where, clip['id']))
-                    items.append(load_item(clip, 'train', epoch, self.seed, **self.item_args))
+                    classes = label_indices(clip['labels'], self.mid_to_index, self.where, clip['id'])
+                    item = load_item(clip, 'train', epoch, self.seed, **self.item_args)
+                    items.append(dict(item, label=multi_hot(classes, len(self.class_names))))
                 batch = collate(items)
                 batch['epoch'], batch['batch'] = epoch, j * W + worker
                 yield batch

@@ -362,7 +362,7 @@ class AugmentedClips(torch.utils.data.Dataset):
         rng = np.random.default_rng((self.seed, self.epoch, pos))
         clip = ds.clips[self.order[pos]]
         wav, image = self._load(clip)
-        label = clip['label']
+        label = data.multi_hot(clip['classes'], ds.num_classes)
         if rng.random() < self.mixup:
             other = ds.clips[int(rng.integers(len(ds)))]
             lam = float(rng.beta(10, 10))
@@ -371,7 +371,7 @@ class AugmentedClips(torch.utils.data.Dataset):
             wav = lam * wav + (1 - lam) * wav2
             wav = wav - wav.mean()
             image = lam * image + (1 - lam) * image2
-            label = lam * label + (1 - lam) * other['label']
+            label = lam * label + (1 - lam) * data.multi_hot(other['classes'], ds.num_classes)
         wav = torch.roll(wav, int(rng.integers(-data.MAX_TIME_SHIFT, data.MAX_TIME_SHIFT + 1)))
         fbank = data.fbank_frames(wav, ds.num_mel_bins)  # (1024, F)
         T = ds.num_frames

@@ -285,11 +285,13 @@ def test_pretraining_needs_no_labels_probing_does(tmp_path):
     # prepare writes empty labels and the shipped configs set label_csv: training must still load
     json_path, csv_path = write_clips(str(tmp_path), num_clips=3, seconds=1.0, labels=(), frame_size=16)
     entries = json.load(open(json_path))['data']
-    entries[1]['labels'] = 'b'
+    entries[1]['labels'], entries[2]['labels'] = 'b', 'b, a'
     json.dump({'data': entries}, open(json_path, 'w'))
     for mode in ('train', 'eval'):
         ds = small(json_path, label_csv=csv_path, mode=mode, img_size=16)
-        assert [ds[i]['label'].tolist() for i in range(3)] == [[0, 0], [0, 1], [0, 0]]
+        assert [ds[i]['label'].tolist() for i in range(3)] == [[0, 0], [0, 1], [1, 1]]
+        # a clip keeps class indices, not a (num_classes,) vector (AudioSet-2M: 4 GB of them)
+        assert [c['classes'] for c in ds.clips] == [[], [1], [0, 1]]
     import evaluate  # probing / embedding plots: labels required, the error names the clip
     config = types.SimpleNamespace(audio_length=128, num_mel_bins=128, img_size=16)
     with pytest.raises(ValueError, match="clip 'clip0' has no labels"):
