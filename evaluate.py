@@ -43,6 +43,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -136,15 +137,25 @@ def _file_stamp(path):
     return [os.path.abspath(path), st.st_size, st.st_mtime_ns]
 
 
+def _data_stamp(spec):
+    """A dataset JSON's stamp, or a shard set's: every shard file and the index.json beside them."""
+    if not data.is_shard_set(spec):
+        return _file_stamp(spec)
+    paths = [path for path, _ in data.shard_tables(spec)]
+    index = os.path.join(os.path.dirname(paths[0]), 'index.json')
+    return [_file_stamp(p) for p in paths + ([index] if os.path.isfile(index) else [])]
+
+
 def features_for(args, data_json, label_csv=None):
     """extract_features for (args.ckpt, data_json), through the --cache directory when given: the
     model is only loaded when the features are not cached. Adds 'model_args' to the dict."""
-    stamps = [_file_stamp(args.ckpt), args.weights, _file_stamp(data_json),
+    stamps = [_file_stamp(args.ckpt), args.weights, _data_stamp(data_json),
               _file_stamp(label_csv) if label_csv else None, args.num_frames]
     path = None
     if args.cache:
         key = hashlib.sha1(json.dumps(stamps).encode()).hexdigest()[:16]
-        path = os.path.join(args.cache, f'{os.path.splitext(os.path.basename(data_json))[0]}-{key}.pt')
+        name = re.sub(r'[^\w.-]', '_', os.path.splitext(os.path.basename(data_json.rstrip('/')))[0])  # braces
+        path = os.path.join(args.cache, f'{name}-{key}.pt')
         if os.path.exists(path):
             print(f'features of {data_json}: cached in {path}')
             return torch.load(path, weights_only=True)
