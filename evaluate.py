@@ -7,6 +7,8 @@ sound-prompted localisation), so results compare with their tables.
                [g_a; g_v] vectors: mAP (multi-label) or top-1 (single-label); --modality a|v: unimodal
   localize     sound-prompted localisation: cos(g_a, visual patch tokens) over the frame, one PNG per clip;
                with object masks, cIoU@0.5 / AUC / pointing game of the model and of a centre prior
+  views        what TG-DP's contrastive views keep (a teacher checkpoint): teacher priority mass, overlap of
+               the kept patches across clips, share of the sounding object's pixels (with masks)
   reconstruct  original / masked / reconstructed spectrogram and frame for a few clips, one PNG
   embed        PCA or t-SNE of clip-level audio (circles) and visual (triangles) embeddings coloured by
                class, one checkpoint or two side by side (TG-DP supplement, Fig. 2)
@@ -22,6 +24,7 @@ Examples:
   python evaluate.py probe --ckpt out/ckpt.pt --train as20k.json --eval as_eval.json --label_csv labels.csv \
       --cache feats
   python evaluate.py localize --ckpt out/ckpt.pt --data eval.json --out loc/
+  python evaluate.py views --ckpt out/ckpt.pt --weights teacher --data eval.json
   python evaluate.py reconstruct --ckpt out/ckpt.pt --data eval.json --out rec/
   python evaluate.py embed --ckpt out/ckpt.pt --data eval.json --label_csv labels.csv --out embed.png
   python evaluate.py embed --method tsne --ckpt out/sync/ckpt.pt --compare out/tgdp/ckpt.pt --data eval.json \
@@ -57,6 +60,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 import data
+import masking
 from model import KIND_NAMES, CAVMAESync, ModelConfig, checkpoint_kind, load_weights, read_checkpoint
 
 STRATEGIES = ('diag_mean', 'block_mean', 'diag_max', 'block_max')
@@ -652,6 +656,59 @@ def localization_scores(model, dataset, batch_size=8, device='cpu', num_workers=
     out = {name: localization_summary(*s) for name, s in scores.items()}
     out['skipped'] = {'no mask file': no_file, 'empty mask': empty}
     out['per_frame'] = per_frame
+    return out
+
+
+def keep_overlap(keep, groups, num_patches):
+    """Mean Jaccard overlap |K_i & K_j| / |K_i | K_j| of the kept patch sets keep (n, k) over the pairs
+    (i, j) with groups[i] != groups[j] (frames of different clips)."""
+    hot = torch.zeros(keep.shape[0], num_patches).scatter_(1, keep.cpu(), 1.0)  # (n, N)
+    inter = hot @ hot.T  # (n, n)
+    jaccard = inter / (2 * keep.shape[1] - inter)
+    other = groups[:, None] != groups[None, :]
+    return float(jaccard[other].mean())
+
+
+@torch.no_grad()
+def view_scores(model, dataset, mask_ratio=0.5, batch_size=8, device='cpu', num_workers=0, num_clips=None, seed=0):
+    """What each contrastive view of TG-DP shows the student, from a teacher (load_model(weights='teacher'))
+    on every frame of the first num_clips clips; dataset: eval mode, masks=True adds the object measure.
+    Per masking in masking.CONTRASTIVE_MASKINGS and modality: 'priority' the teacher priority mass the kept
+    patches hold (a uniform priority gives 1 - mask_ratio), 'overlap' keep_overlap across clips; visual
+    'object' the share of the sounding object's pixels inside kept patches (frames with a non-empty mask).
+    Returns {masking: {'a': {...}, 'v': {...}}} with values in percent."""
+    gen = torch.Generator().manual_seed(seed)
+    raw = {'a': [], 'v': []}
+    objects, groups = [], []
+    for n, batch in enumerate(tqdm(_loader(dataset, num_clips or len(dataset), batch_size, num_workers),
+                                   desc='teacher views', leave=False)):
+        B, T = batch['audio'].shape[:2]
+        with autocast(device):
+            _, _, p_a, p_v = model.forward_teacher(batch['audio'].flatten(0, 1).to(device),
+                                                   batch['image'].flatten(0, 1).to(device), normalize=False)
+        raw['a'].append(p_a.float().cpu())
+        raw['v'].append(p_v.float().cpu())
+        groups.append(torch.arange(B).repeat_interleave(T) + n * batch_size)
+        if 'mask' in batch:
+            p = model.config.patch_size
+            m = batch['mask'].flatten(0, 1).float()  # (B T, H, W)
+            objects.append(m.unfold(1, p, p).unfold(2, p, p).sum((-1, -2)).flatten(1))  # (B T, Nv) pixels per patch
+    groups = torch.cat(groups)
+    objects = torch.cat(objects) if objects else None
+    out = {}
+    for method in masking.CONTRASTIVE_MASKINGS:
+        out[method] = {}
+        for modality in ('a', 'v'):
+            priority = torch.cat(raw[modality])  # (n, N)
+            noise = torch.rand(priority.shape, generator=gen)
+            normalized = priority / priority.sum(dim=1, keepdim=True)
+            keep = masking.contrastive_keep(method, priority if method == 'gumbel' else normalized, mask_ratio, noise)
+            s = dict(priority=100 * float(normalized.gather(1, keep).sum(1).mean()),
+                     overlap=100 * keep_overlap(keep, groups, priority.shape[1]))
+            has = objects.sum(1) > 0 if objects is not None else torch.zeros(0, dtype=torch.bool)
+            if modality == 'v' and has.any():
+                s['object'] = 100 * float((objects.gather(1, keep).sum(1)[has] / objects.sum(1)[has]).mean())
+            out[method][modality] = s
     return out
 
 
@@ -1479,6 +1536,31 @@ def cmd_probe(args):
         print(f'wrote {args.out}')
 
 
+def cmd_views(args):
+    if args.weights != 'teacher':
+        print('views: the priorities come from --weights model (train.py guides with --weights teacher)')
+    model = load_model(args.ckpt, args.device, args.weights)
+    c = model.config
+    dataset = data.AVDataset(args.data, mode='eval', audio_length=c.audio_length, num_mel_bins=c.num_mel_bins,
+                             img_size=c.img_size, num_frames=args.num_frames, masks=True)
+    scores = view_scores(model, dataset, args.mask_ratio, args.batch_size, args.device, args.num_workers,
+                         args.num_clips, args.seed)
+    n = min(args.num_clips or len(dataset), len(dataset))
+    print(f'\ncontrastive views at mask ratio {args.mask_ratio} from the teacher priorities of {n} clips x '
+          f'{args.num_frames} frames (percent; a uniformly random view keeps {100 * (1 - args.mask_ratio):.0f}% '
+          'of any priority or object)')
+    print_table(['view', 'audio priority kept', 'audio overlap', 'visual priority kept', 'visual overlap',
+                 'object pixels kept'],
+                [[m, s['a']['priority'], s['a']['overlap'], s['v']['priority'], s['v']['overlap'],
+                  s['v'].get('object', '-')] for m, s in scores.items()])
+    print('overlap: mean Jaccard of the kept patch sets of two frames of different clips')
+    if args.out:
+        with open(args.out, 'w') as f:
+            json.dump(dict(ckpt=args.ckpt, weights=args.weights, data=args.data, mask_ratio=args.mask_ratio,
+                           views=scores), f, indent=1)
+        print(f'wrote {args.out}')
+
+
 def cmd_localize(args):
     model = load_model(args.ckpt, args.device, args.weights)
     c = model.config
@@ -1634,6 +1716,15 @@ def main(argv=None):
                    help='share of each map predicted for cIoU (0.5 as on Flickr-SoundNet / VGG-SS; '
                         'smaller for small objects)')
     p.set_defaults(run=cmd_localize)
+
+    p = sub.add_parser('views', parents=[common],
+                       help="what TG-DP's contrastive views keep: teacher priority, overlap across clips, object")
+    p.add_argument('--data', required=True)
+    p.add_argument('--mask_ratio', type=float, default=0.5, help='contrastive mask ratio')
+    p.add_argument('--num_clips', type=int, help='the first N clips (default: all)')
+    p.add_argument('--seed', type=int, default=0, help='noise of the random and Gumbel views')
+    p.add_argument('--out', help='results JSON')
+    p.set_defaults(run=cmd_views)
 
     p = sub.add_parser('reconstruct', parents=[common], help='original / masked / reconstructed grid')
     p.add_argument('--data', required=True)
