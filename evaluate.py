@@ -31,7 +31,7 @@ Examples:
       --label_csv labels.csv --out tsne.png
   python evaluate.py cases --ckpt out/sync/ckpt.pt --compare out/tgdp/ckpt.pt --data eval.json --out cases.png
   python evaluate.py dynamics --logs out/sync/log.jsonl out/tgdp/log.jsonl --out dynamics.png
-  python evaluate.py ablate --quick            # about 10 min on 2 CPU cores; without --quick about an hour
+  python evaluate.py ablate --quick            # about 10 min on 2 CPU cores; without --quick about 80 min
 
 --ckpt takes a train.py checkpoint (--weights teacher picks its EMA teacher) or an official CAV-MAE Sync /
 TG-DP release. Features of a (checkpoint, dataset) pair are extracted once (clips x frames batched into one
@@ -1345,6 +1345,31 @@ def ablation_table_rows(summary, tables=ABLATION_TABLES):
     return rows
 
 
+def paired_wins(summary, reference='tgdp'):
+    """{run: {direction: {R@K: [seeds where run > reference, seeds both have]}}} for every run but the reference.
+    A seed pairs two rows: train.py seeds the initial weights and the batch order with it, so the rows of one
+    seed start from the same model and see the same batches; only the row's settings differ."""
+    out = {}
+    for run, s in summary.items():
+        if run == reference or reference not in summary:
+            continue
+        ref = summary[reference]['final']
+        seeds = [seed for seed in s['final'] if seed in ref]
+        out[run] = {d: {k: [sum(s['final'][seed][d][k] > ref[seed][d][k] for seed in seeds), len(seeds)]
+                        for _, k in RECALLS[:3]} for d in ('V->A', 'A->V')}
+    return out
+
+
+def paired_rows(paired, tables=ABLATION_TABLES):
+    """Printable rows of paired_wins: label | 6 x 'better/seeds', in the tables' order, each run once."""
+    labels = {}
+    for title, entries in tables:
+        for label, run, _ in entries:
+            labels.setdefault(run, f"{title.split(':')[0]}: {label}")
+    return [[labels.get(run, run)] + ['{}/{}'.format(*paired[run][d][k]) for d, k in RECALLS]
+            for run in labels if run in paired]
+
+
 ABLATION_HEADER = ['row', 'V->A R@1', 'R@5', 'R@10', 'A->V R@1', 'R@5', 'R@10',
                    'paper V->A 1/5/10', 'paper A->V 1/5/10']
 
@@ -1439,7 +1464,13 @@ def ablate(out_dir, mode='full', runs=None, seeds=None, max_iters=None, eval_int
     print(f'\nablation ({mode}, {len(jobs)} runs, {time.time() - t0:.0f} s)')
     print_table(ABLATION_HEADER, ablation_table_rows(summary, tables))
     print('\n'.join(lines))
+    paired = paired_wins(summary)
+    if paired:
+        print('\nseeds on which the row beats TG-DP (strictly higher R@K; a seed pairs the rows: same initial '
+              'weights, same batches)')
+        print_table(['row'] + ABLATION_HEADER[1:7], paired_rows(paired, tables))
     out = dict(mode=mode, settings=settings, data=design, train_args=list(train_args), notes=lines, runs=summary,
+               paired=paired,
                tables=[dict(title=title, rows=[dict(label=label, run=run, paper=paper)
                                                for label, run, paper in entries]) for title, entries in tables])
     json_path = os.path.join(out_dir, 'ablation.json')

@@ -49,6 +49,13 @@ def test_ablate_tiny_table_equals_the_runs(tmp_path, capsys, monkeypatch):
         assert s['curve']['V->A']['min'] == pytest.approx(np.min(curves, axis=0).tolist())
         line = next(l for l in printed.splitlines() if l.strip().startswith(label))
         assert ' '.join(line[len(label) + 2:].split()).startswith(' '.join(' '.join(cells).split()))
+    # seed-paired comparison with TG-DP
+    sync, tgdp = saved['runs']['sync']['final'], saved['runs']['tgdp']['final']
+    paired_line = [l for l in printed.splitlines() if l.startswith('Table 5: CAV-MAE Sync')][-1].split()[-6:]
+    for i, (d, k) in enumerate(evaluate.RECALLS):
+        better = sum(sync[seed][d][k] > tgdp[seed][d][k] for seed in ('0', '1'))
+        assert saved['paired']['sync'][d][k] == [better, 2] and paired_line[i] == f'{better}/2'
+    assert set(saved['paired']) == {'sync'}
     # the settings are stated next to the table
     assert f"offscreen={DESIGN['offscreen']}" in printed and '2 iterations' in printed
 
