@@ -31,7 +31,7 @@ Examples:
       --label_csv labels.csv --out tsne.png
   python evaluate.py cases --ckpt out/sync/ckpt.pt --compare out/tgdp/ckpt.pt --data eval.json --out cases.png
   python evaluate.py dynamics --logs out/sync/log.jsonl out/tgdp/log.jsonl --out dynamics.png
-  python evaluate.py ablate --quick            # about 10 min on 2 CPU cores; without --quick about 80 min
+  python evaluate.py ablate --quick            # 13 min on 2 CPU cores; without --quick about 80 min
 
 --ckpt takes a train.py checkpoint (--weights teacher picks its EMA teacher) or an official CAV-MAE Sync /
 TG-DP release. Features of a (checkpoint, dataset) pair are extracted once (clips x frames batched into one
