@@ -37,7 +37,7 @@ Examples:
 TG-DP release. Features of a (checkpoint, dataset) pair are extracted once (clips x frames batched into one
 forward) and, with --cache DIR, stored so that re-running with another strategy or probe costs nothing.
 Functions for other scripts: load_model, extract_features, similarity, retrieval_metrics, retrieval,
-mean_average_precision, train_probe, localization_scores, tsne, ablate.
+mean_average_precision, train_probe, localization_scores, view_scores, tsne, ablate.
 """
 import argparse
 import contextlib
@@ -663,10 +663,13 @@ def keep_overlap(keep, groups, num_patches):
     """Mean Jaccard overlap |K_i & K_j| / |K_i | K_j| of the kept patch sets keep (n, k) over the pairs
     (i, j) with groups[i] != groups[j] (frames of different clips)."""
     hot = torch.zeros(keep.shape[0], num_patches).scatter_(1, keep.cpu(), 1.0)  # (n, N)
-    inter = hot @ hot.T  # (n, n)
-    jaccard = inter / (2 * keep.shape[1] - inter)
-    other = groups[:, None] != groups[None, :]
-    return float(jaccard[other].mean())
+    total, pairs = 0.0, 0
+    for i in range(0, len(hot), 1024):  # 1024 rows of the (n, n) pair matrix at a time
+        inter = hot[i:i + 1024] @ hot.T  # (c, n)
+        other = groups[i:i + 1024, None] != groups[None, :]
+        total += float((inter / (2 * keep.shape[1] - inter))[other].sum())
+        pairs += int(other.sum())
+    return total / pairs
 
 
 @torch.no_grad()
@@ -695,6 +698,7 @@ def view_scores(model, dataset, mask_ratio=0.5, batch_size=8, device='cpu', num_
             objects.append(m.unfold(1, p, p).unfold(2, p, p).sum((-1, -2)).flatten(1))  # (B T, Nv) pixels per patch
     groups = torch.cat(groups)
     objects = torch.cat(objects) if objects else None
+    has = objects.sum(1) > 0 if objects is not None else torch.zeros(0, dtype=torch.bool)  # frames with an object
     out = {}
     for method in masking.CONTRASTIVE_MASKINGS:
         out[method] = {}
@@ -705,7 +709,6 @@ def view_scores(model, dataset, mask_ratio=0.5, batch_size=8, device='cpu', num_
             keep = masking.contrastive_keep(method, priority if method == 'gumbel' else normalized, mask_ratio, noise)
             s = dict(priority=100 * float(normalized.gather(1, keep).sum(1).mean()),
                      overlap=100 * keep_overlap(keep, groups, priority.shape[1]))
-            has = objects.sum(1) > 0 if objects is not None else torch.zeros(0, dtype=torch.bool)
             if modality == 'v' and has.any():
                 s['object'] = 100 * float((objects.gather(1, keep).sum(1)[has] / objects.sum(1)[has]).mean())
             out[method][modality] = s
