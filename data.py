@@ -190,6 +190,18 @@ def load_segment_fbank(path, clip_id, num_mel_bins, start, end, shift=0):
         return fbank_rows(read, num_samples, num_mel_bins, start, end)
 
 
+def resized_size(w, h, img_size):
+    """(width, height) with the shorter side at img_size, as torchvision's Resize computes it."""
+    return (img_size, int(img_size * h / w)) if w <= h else (int(img_size * w / h), img_size)
+
+
+def resize_centre_crop(img, size, img_size, resample):
+    """PIL image -> resized to size (resized_size), then the centre (img_size, img_size) as CenterCrop."""
+    img = img.resize(size, resample)  # a no-op copy when already that size
+    left, top = int(round((size[0] - img_size) / 2.0)), int(round((size[1] - img_size) / 2.0))
+    return img.crop((left, top, left + img_size, top + img_size))
+
+
 def load_frame(path, img_size, clip_id='', draft=False):
     """JPEG -> (3, img_size, img_size): shorter side to img_size (bicubic), centre crop, normalised.
     Sizes are computed as torchvision's Resize/CenterCrop do, as in the reference pipeline.
@@ -201,19 +213,13 @@ def load_frame(path, img_size, clip_id='', draft=False):
         raise ClipError(f"clip '{clip_id}': frame file not found: {path}")
     try:
         with Image.open(path if isinstance(path, str) else io.BytesIO(path.readall())) as img:
-            w, h = img.size
-            if w <= h:
-                new_w, new_h = img_size, int(img_size * h / w)
-            else:
-                new_w, new_h = int(img_size * w / h), img_size
+            size = resized_size(*img.size, img_size)  # of the full frame, also when draft decodes it smaller
             if draft:
-                img.draft('RGB', (new_w, new_h))
+                img.draft('RGB', size)
             img = img.convert('RGB')
     except Exception as e:
         raise ClipError(f"clip '{clip_id}': cannot read frame file {path}: {e}") from e
-    img = img.resize((new_w, new_h), Image.BICUBIC)  # a no-op copy when already that size
-    left, top = int(round((new_w - img_size) / 2.0)), int(round((new_h - img_size) / 2.0))
-    img = img.crop((left, top, left + img_size, top + img_size))
+    img = resize_centre_crop(img, size, img_size, Image.BICUBIC)
     x = torch.from_numpy(np.array(img)).permute(2, 0, 1).float()  # (3, H, W) in 0..255 (np.array: writable uint8)
     scale = 255.0 * torch.tensor(IMAGE_STD)[:, None, None]
     return x.sub_(255.0 * torch.tensor(IMAGE_MEAN)[:, None, None]).div_(scale)  # in place: no more copies
@@ -236,11 +242,8 @@ def load_mask(path, img_size, clip_id=''):
             img = img.convert('L')
     except Exception as e:
         raise ClipError(f"clip '{clip_id}': cannot read mask file {path}: {e}") from e
-    w, h = img.size
-    new_w, new_h = (img_size, int(img_size * h / w)) if w <= h else (int(img_size * w / h), img_size)
-    img = img.resize((new_w, new_h), Image.NEAREST)
-    left, top = int(round((new_w - img_size) / 2.0)), int(round((new_h - img_size) / 2.0))
-    return torch.from_numpy(np.array(img.crop((left, top, left + img_size, top + img_size))) > 0)
+    img = resize_centre_crop(img, resized_size(*img.size, img_size), img_size, Image.NEAREST)
+    return torch.from_numpy(np.array(img) > 0)
 
 
 # -----------------------------------------------------------------------------

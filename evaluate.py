@@ -91,13 +91,14 @@ def load_model(ckpt_path, device='cpu', weights='model'):
     return model.to(device).eval()
 
 
-def make_dataset(data_json, label_csv, config, num_frames=16):
+def make_dataset(data_json, label_csv, config, num_frames=16, masks=False):
     """Eval-mode dataset (all T frames and their aligned segments) at the model's input sizes, from a
     dataset JSON or a shard set (data.AVDataset: shard folder, index.json, brace pattern). With a
-    label CSV every clip must carry labels (probing and the embedding plot score and colour by them)."""
+    label CSV every clip must carry labels (probing and the embedding plot score and colour by them);
+    masks: the object masks too (localisation, views)."""
     return data.AVDataset(data_json, label_csv=label_csv, mode='eval', audio_length=config.audio_length,
                           num_mel_bins=config.num_mel_bins, img_size=config.img_size, num_frames=num_frames,
-                          require_labels=label_csv is not None)
+                          require_labels=label_csv is not None, masks=masks)
 
 
 def autocast(device):
@@ -1574,9 +1575,7 @@ def cmd_views(args):
     if args.weights != 'teacher':
         print('views: the priorities come from --weights model (train.py guides with --weights teacher)')
     model = load_model(args.ckpt, args.device, args.weights)
-    c = model.config
-    dataset = data.AVDataset(args.data, mode='eval', audio_length=c.audio_length, num_mel_bins=c.num_mel_bins,
-                             img_size=c.img_size, num_frames=args.num_frames, masks=True)
+    dataset = make_dataset(args.data, None, model.config, args.num_frames, masks=True)
     scores = view_scores(model, dataset, args.mask_ratio, args.batch_size, args.device, args.num_workers,
                          args.num_clips, args.seed)
     n = min(args.num_clips or len(dataset), len(dataset))
@@ -1597,9 +1596,7 @@ def cmd_views(args):
 
 def cmd_localize(args):
     model = load_model(args.ckpt, args.device, args.weights)
-    c = model.config
-    dataset = data.AVDataset(args.data, mode='eval', audio_length=c.audio_length, num_mel_bins=c.num_mel_bins,
-                             img_size=c.img_size, num_frames=args.num_frames, masks=True)
+    dataset = make_dataset(args.data, None, model.config, args.num_frames, masks=True)
     paths = localize(model, dataset, args.out, args.frame, args.num_clips, args.batch_size, args.device,
                      args.num_workers)
     print(f'wrote {len(paths)} heat maps to {args.out}')
@@ -1678,9 +1675,7 @@ def cmd_cases(args):
     else:  # a reproducible random pick
         order = torch.randperm(N, generator=torch.Generator().manual_seed(args.seed))
         queries = sorted(order[:args.num_queries].tolist())
-    first = feats[0]['model_args']
-    dataset = data.AVDataset(args.data, mode='eval', audio_length=first['audio_length'],
-                             num_mel_bins=first['num_mel_bins'], img_size=first['img_size'], num_frames=args.num_frames)
+    dataset = make_dataset(args.data, None, ModelConfig(**feats[0]['model_args']), args.num_frames)
     out = cases_plot(dataset, feats, args.out, queries, args.k, checkpoint_titles(args), args.frame, args.strategy)
     for p, title in enumerate(checkpoint_titles(args)):
         ids = feats[0]['ids']
@@ -1809,7 +1804,7 @@ def main(argv=None):
 
     p = sub.add_parser('ablate', help='TG-DP Tables 5-8 + CAV-MAE Sync on synthetic clips (trains with train.py)')
     p.add_argument('--quick', action='store_true',
-                   help='the quick variant (about 10 min on 2 cores) instead of the full one')
+                   help='the quick variant (13 min on 2 cores) instead of the full one (about 80 min)')
     p.add_argument('--out', help='output folder (default: out/ablate or out/ablate_quick); finished runs are skipped')
     p.add_argument('--runs', nargs='+', choices=list(ABLATION_RUNS), help='only these rows (default: all)')
     p.add_argument('--data', help='folder of the synthetic clips (default: OUT/data, written if absent)')
