@@ -1245,7 +1245,7 @@ def ablation_data(data_dir, design):
     """Writes the ablation's synthetic clips into data_dir, or checks that the clips there were made
     with `design`."""
     config_path = os.path.join(data_dir, 'synth_config.json')
-    expected = {k: list(v) if isinstance(v, tuple) else v for k, v in design.items()}
+    expected = json.loads(json.dumps(design))  # tuples as JSON lists, as synth_config.json holds them
     if os.path.isfile(config_path):
         with open(config_path) as f:
             found = json.load(f)
@@ -1286,7 +1286,7 @@ def ablation_run(out_dir, run, seed, settings, data_dir, design, train_args=()):
     finished there before (resumable)."""
     run_dir = os.path.join(out_dir, 'runs', run, f'seed{seed}')
     record = dict(run=run, seed=seed, train=dict(settings, seed=seed), train_args=list(train_args),
-                  data={k: list(v) if isinstance(v, tuple) else v for k, v in design.items()})
+                  data=json.loads(json.dumps(design)))  # as result.json holds it
     path = os.path.join(run_dir, 'result.json')
     if os.path.isfile(path):
         with open(path) as f:
