@@ -61,7 +61,7 @@ from tqdm import tqdm
 
 import data
 import masking
-from model import KIND_NAMES, CAVMAESync, ModelConfig, checkpoint_kind, load_weights, read_checkpoint
+from model import KIND_NAMES, CAVMAESync, ModelConfig, checkpoint_kind, load_weights, read_checkpoint, warmup_cosine
 
 STRATEGIES = ('diag_mean', 'block_mean', 'diag_max', 'block_max')
 
@@ -424,11 +424,8 @@ def train_probe(train_x, train_y, eval_x, eval_y, multilabel, lr, epochs, batch_
     total = epochs * steps_per_epoch
     warmup = max(1, round(warmup_frac * total))
 
-    def lr_at(step):  # linear warmup, then cosine from lr down to min_lr
-        if step < warmup:
-            return lr * (step + 1) / warmup
-        progress = (step - warmup) / max(1, total - warmup)
-        return min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
+    def lr_at(step):
+        return warmup_cosine(step, total, warmup, lr, min_lr)
 
     beta = torch.distributions.Beta(torch.tensor(10.0), torch.tensor(10.0))
     metric_name = 'mAP' if multilabel else 'top-1'

@@ -18,6 +18,7 @@ DiffMAViL's decoder options, off by default so the official layout is unchanged:
 attend only to the visible latents).
 """
 import argparse
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -607,6 +608,15 @@ def make_teacher(student):
     teacher.load_state_dict({k: v for k, v in student.state_dict().items() if k in teacher.state_dict()})
     teacher.requires_grad_(False)
     return teacher.eval()
+
+
+def warmup_cosine(step, total, warmup, start, end):
+    """Linear warmup from 0 to `start` over `warmup` steps, then a half cosine from `start` down (or up) to `end`
+    at step `total`: pretraining's and probing's learning rate, and (warmup 0) the teacher's EMA momentum ramp."""
+    if step < warmup:
+        return start * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return end + 0.5 * (1.0 + math.cos(math.pi * progress)) * (start - end)
 
 
 @torch.no_grad()

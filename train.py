@@ -33,7 +33,7 @@ import masking
 from data import AVDataset, ShardStream, collate, is_shard_set
 from evaluate import extract_features, retrieval
 from losses import distill_loss, info_nce
-from model import CAVMAESync, ModelConfig, ema_update, forward_flops, load_weights, make_teacher
+from model import CAVMAESync, ModelConfig, ema_update, forward_flops, load_weights, make_teacher, warmup_cosine
 
 # -----------------------------------------------------------------------------
 # default config: the TG-DP paper setting
@@ -272,15 +272,11 @@ def step_mask_ratio(it):  # reconstruction mask ratio of an iteration
 
 
 def get_lr(it):  # linear warmup, then cosine decay to min_lr over the remaining iterations
-    if it < warmup_iters:
-        return learning_rate * (it + 1) / warmup_iters
-    progress = (it - warmup_iters) / max(1, max_iters - warmup_iters)
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0))) * (learning_rate - min_lr)
+    return warmup_cosine(it, max_iters, warmup_iters, learning_rate, min_lr)
 
 
 def get_momentum(it):  # EMA momentum: cosine ramp from ema_momentum to ema_momentum_end
-    ramp = 0.5 * (1.0 + math.cos(math.pi * it / max(1, max_iters)))  # 1 -> 0
-    return ema_momentum_end - (ema_momentum_end - ema_momentum) * ramp
+    return warmup_cosine(it, max_iters, 0, ema_momentum, ema_momentum_end)
 
 
 class EpochItems(Dataset):
