@@ -18,6 +18,7 @@ DiffMAViL's decoder options, off by default so the official layout is unchanged:
 attend only to the visible latents).
 """
 import argparse
+import contextlib
 import math
 import os
 import re
@@ -608,6 +609,14 @@ def make_teacher(student):
     teacher.load_state_dict({k: v for k, v in student.state_dict().items() if k in teacher.state_dict()})
     teacher.requires_grad_(False)
     return teacher.eval()
+
+
+def autocast(device, dtype):
+    """The one mixed-precision policy, chosen by the caller: 'float32' runs in full precision, 'bfloat16' /
+    'float16' under torch.autocast on the device's type (train.py's dtype setting, evaluate.py's --dtype)."""
+    if dtype == 'float32':
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=getattr(torch, dtype))
 
 
 def warmup_cosine(step, total, warmup, start, end):

@@ -33,7 +33,8 @@ import masking
 from data import AVDataset, ShardStream, collate, is_shard_set
 from evaluate import extract_features, retrieval
 from losses import distill_loss, info_nce
-from model import CAVMAESync, ModelConfig, ema_update, forward_flops, load_weights, make_teacher, warmup_cosine
+from model import (CAVMAESync, ModelConfig, autocast, ema_update, forward_flops, load_weights, make_teacher,
+                   warmup_cosine)
 
 # -----------------------------------------------------------------------------
 # default config: the TG-DP paper setting
@@ -182,7 +183,7 @@ torch.manual_seed(seed)
 if device_type == 'cuda':
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-autocast = nullcontext() if dtype == 'float32' else torch.autocast(device_type, dtype=getattr(torch, dtype))
+mixed_precision = autocast(device, dtype)  # entered around every micro-step's forward
 
 
 def sync_device():  # wait for the GPU's queued work (timing)
@@ -475,7 +476,7 @@ def train_step(batches, rec_mask_ratio):
         audio, image = next(batches)
         sync_grads = not ddp or micro_step == gradient_accumulation_steps - 1  # all-reduce only on the last
         with (nullcontext() if sync_grads else model.no_sync()):
-            with autocast:
+            with mixed_precision:
                 loss, terms = losses_for(audio, image, rec_mask_ratio)
             scaler.scale(loss / gradient_accumulation_steps).backward()
         for k, v in terms.items():
