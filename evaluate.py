@@ -133,7 +133,7 @@ def frame_vectors(model, audio, image, embedding='joint'):
 
 
 @torch.no_grad()
-def extract_features(model, dataset, dtype='float32', batch_size=8, device='cpu', num_workers=0,
+def extract_features(model, dataset, batch_size=8, device='cpu', num_workers=0, dtype='float32',
                      embedding='joint'):
     """frame_vectors of every clip, each batch of clips x frames in one forward, under the caller's
     precision model.autocast(device, dtype) ('float32' | 'bfloat16' | 'float16'). batch_size counts
@@ -197,7 +197,7 @@ def features_for(ckpt, data_json, label_csv=None, weights='model', embedding='jo
     model = get_model() if get_model else load_model(ckpt, device, weights)
     dataset = make_dataset(data_json, label_csv, model.config, num_frames)
     t0 = time.time()
-    feats = extract_features(model, dataset, dtype, batch_size, device, num_workers, embedding)
+    feats = extract_features(model, dataset, batch_size, device, num_workers, dtype, embedding)
     feats['model_args'] = dataclasses.asdict(model.config)
     N, T, _ = feats['g_a'].shape
     print(f'features of {data_json}: {N} clips x {T} frames in {time.time() - t0:.1f} s')
@@ -532,7 +532,7 @@ def augmented_inputs(model, dataset, modality='av', embedding='global', seed=0, 
     AugmentedClips."""
     def epoch_inputs(epoch, order):
         clips = AugmentedClips(dataset, order, epoch, seed, mixup)
-        feats = extract_features(model, clips, dtype, batch_size, device, num_workers, embedding)
+        feats = extract_features(model, clips, batch_size, device, num_workers, dtype, embedding)
         return probe_inputs(feats, modality), feats['labels']
     return epoch_inputs
 
