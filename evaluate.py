@@ -463,6 +463,23 @@ def mixed_cached_batches(train_x, train_y, order, batch_size, mixup, gen, beta):
         yield x, y
 
 
+def probe_steps(probe, optimizer, loss_fn, batches, lr_at, step):
+    """One epoch of optimiser steps on batches of (x, y), the learning rate lr_at(step) at each.
+    -> (sum of the clips' losses, the next step)."""
+    probe.train()
+    total_loss = 0.0
+    for x, y in batches:
+        for group in optimizer.param_groups:
+            group['lr'] = lr_at(step)
+        loss = loss_fn(probe(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total_loss += loss.item() * len(x)
+        step += 1
+    return total_loss, step
+
+
 def train_probe(train_x, train_y, eval_x, eval_y, multilabel, lr, epochs, batch_size=48,
                 num_heads=12, mixup=0.5, wa_start=3, warmup_frac=0.1, min_lr=0.0, weight_decay=5e-7,
                 device='cpu', seed=0, balanced=False, epoch_inputs=None):
@@ -472,10 +489,10 @@ def train_probe(train_x, train_y, eval_x, eval_y, multilabel, lr, epochs, batch_
     wa_start..epochs (1-based). Each epoch draws N clips: a permutation, or with balanced=True with
     replacement in proportion to class_balanced_weights(train_y). Augmentation: epoch_inputs, a
     function (epoch, order) -> (x (N, T, dim), y (N, C)) giving the features of the clips `order`
-    extracted from augmented inputs (augmented_inputs: the papers' recipe); without it, the quick
-    option: mixup of the cached features (mixed_cached_batches). Loss: BCE for multi-label data,
-    cross-entropy otherwise. Returns a dict with per-epoch history, the metric of the last weights
-    ('last') and of the averaged weights ('final')."""
+    extracted from augmented inputs (augmented_inputs: the papers' recipe; train_x may then be
+    None); without it, the quick option: mixup of the cached features (mixed_cached_batches). Loss:
+    BCE for multi-label data, cross-entropy otherwise. Returns a dict with per-epoch history, the
+    metric of the last weights ('last') and of the averaged weights ('final')."""
     if not 1 <= wa_start <= epochs:
         raise ValueError(f'wa_start={wa_start} must lie in 1..epochs={epochs}')
     if not multilabel and (train_y.sum(dim=1) == 0).any():
@@ -484,13 +501,17 @@ def train_probe(train_x, train_y, eval_x, eval_y, multilabel, lr, epochs, batch_
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # the probe's initialisation and the Beta draws
     weights = class_balanced_weights(train_y) if balanced else None
-    train_x, train_y = train_x.to(device), train_y.float().to(device)  # frozen features: moved once
-    N, T, dim = train_x.shape
-    probe = AttentionProbe(dim, train_y.shape[1], num_heads).to(device)
+    if train_x is None and epoch_inputs is None:
+        raise ValueError('train_probe needs train_x (cached features) or epoch_inputs')
+    if train_x is not None:
+        train_x = train_x.to(device)  # frozen features: moved once
+    train_y, N = train_y.float().to(device), len(train_y)
+    probe = AttentionProbe(eval_x.shape[-1], train_y.shape[1], num_heads).to(device)
     optimizer = torch.optim.Adam(probe.parameters(), lr=lr, betas=(0.95, 0.999),
                                  weight_decay=weight_decay)
     total = epochs * -(-N // batch_size)  # optimiser steps
     warmup = max(1, round(warmup_frac * total))
+    lr_at = functools.partial(warmup_cosine, total=total, warmup=warmup, start=lr, end=min_lr)
     beta = torch.distributions.Beta(torch.tensor(10.0), torch.tensor(10.0))
     loss_fn = F.binary_cross_entropy_with_logits if multilabel else F.cross_entropy
     metric_name = 'mAP' if multilabel else 'top-1'
@@ -502,20 +523,10 @@ def train_probe(train_x, train_y, eval_x, eval_y, multilabel, lr, epochs, batch_
         else:  # features of augmented inputs, in the epoch's order: not mixed again
             epoch_x, epoch_y = (t.to(device) for t in epoch_inputs(epoch, order))  # (N, T, dim), y
             batches = zip(epoch_x.split(batch_size), epoch_y.float().split(batch_size))
-        probe.train()
-        total_loss = 0.0
-        for x, y in batches:
-            for group in optimizer.param_groups:
-                group['lr'] = warmup_cosine(step, total, warmup, lr, min_lr)
-            loss = loss_fn(probe(x), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total_loss += loss.item() * len(x)
-            step += 1
+        total_loss, step = probe_steps(probe, optimizer, loss_fn, batches, lr_at, step)
         metric = probe_metric(_probe_scores(probe, eval_x, device), eval_y, multilabel)
-        history.append(dict(epoch=epoch, lr=warmup_cosine(step - 1, total, warmup, lr, min_lr),
-                            loss=total_loss / N, **{metric_name: metric}))
+        history.append(dict(epoch=epoch, lr=lr_at(step - 1), loss=total_loss / N,
+                            **{metric_name: metric}))
         if epoch >= wa_start:  # running sum of end-of-epoch weights
             sd = {k: v.detach().clone().float() for k, v in probe.state_dict().items()}
             wa_sum = sd if wa_sum is None else {k: wa_sum[k] + sd[k] for k in sd}
@@ -1610,38 +1621,48 @@ def probe_report(out, eval_scores, eval_labels):
     return report
 
 
+def probe_training_split(args, get_model, extract):
+    """-> (x_train (N, T, dim) or None, train labels (N, C), epoch_inputs or None). --augment cached:
+    the cached features of --train; input: no plain pass over --train (every epoch extracts its own
+    features from augmented inputs), the labels come from the dataset."""
+    if args.augment == 'cached':
+        train = features_for(args.ckpt, args.train, args.label_csv, args.weights, args.probe_input,
+                             args.num_frames, args.cache, get_model, **extract)
+        return probe_inputs(train, args.modality), train['labels'], None
+    model = get_model()
+    dataset = make_dataset(args.train, args.label_csv, model.config, args.num_frames)
+    labels = torch.stack([data.multi_hot(c['classes'], dataset.num_classes) for c in dataset.clips])
+    epoch_inputs = augmented_inputs(model, dataset, args.modality, args.probe_input, args.seed,
+                                    args.mixup, **extract)
+    return None, labels, epoch_inputs
+
+
 def cmd_probe(args):
     get_model = functools.cache(lambda: load_model(args.ckpt, args.device, args.weights))
     extract = dict(dtype=args.dtype, batch_size=args.batch_size, device=args.device,
                    num_workers=args.num_workers)
-    train, test = (features_for(args.ckpt, split, args.label_csv, args.weights, args.probe_input,
-                                args.num_frames, args.cache, get_model, **extract)
-                   for split in (args.train, args.eval))
-    if train['labels'].shape[1] == 0 or train['labels'].shape[1] != test['labels'].shape[1]:
+    test = features_for(args.ckpt, args.eval, args.label_csv, args.weights, args.probe_input,
+                        args.num_frames, args.cache, get_model, **extract)
+    x_train, train_labels, epoch_inputs = probe_training_split(args, get_model, extract)
+    if train_labels.shape[1] == 0 or train_labels.shape[1] != test['labels'].shape[1]:
         raise ValueError(f'--train and --eval need labels from the same --label_csv '
                          f'{args.label_csv}')
     multilabel, balanced = probe_settings(args.label_csv, args.label_type, args.balanced,
-                                          train['labels'], test['labels'])
+                                          train_labels, test['labels'])
     # the papers' probing: AS-20K (multi-label) lr 5e-2, 15 epochs; VGGSound (single-label) 1e-3, 10
     lr = args.lr if args.lr is not None else (5e-2 if multilabel else 1e-3)
     epochs = args.epochs if args.epochs is not None else (15 if multilabel else 10)
-    num_heads = args.probe_heads or train['model_args']['num_heads']
-    x_train, x_eval = probe_inputs(train, args.modality), probe_inputs(test, args.modality)
-    print(f"probe: {args.probe_input} vectors, modality {args.modality}, "
-          f"{x_train.shape[0]} train / {x_eval.shape[0]} eval clips x {x_train.shape[1]} frames x "
-          f"{x_train.shape[2]}-d, {train['labels'].shape[1]} classes, "
+    num_heads = args.probe_heads or test['model_args']['num_heads']
+    x_eval = probe_inputs(test, args.modality)
+    print(f"probe: {args.probe_input} vectors, modality {args.modality}, {len(train_labels)} train / "
+          f"{x_eval.shape[0]} eval clips x {x_eval.shape[1]} frames x {x_eval.shape[2]}-d, "
+          f"{train_labels.shape[1]} classes, "
           f"{'multi-label: BCE, mAP' if multilabel else 'single-label: cross-entropy, top-1'}, "
           f"{'class-balanced sampling, ' if balanced else ''}mixup {args.mixup:g} of the "
-          f"{'inputs + time shift' if args.augment == 'input' else 'cached features'}, lr {lr:g} "
+          f"{'inputs + time shift' if epoch_inputs else 'cached features'}, lr {lr:g} "
           f'(warmup {args.warmup_frac:.0%}, cosine to {args.min_lr:g}), {epochs} epochs, '
           f'batch {args.probe_batch_size}, {num_heads} heads')
-    epoch_inputs = None
-    if args.augment == 'input':
-        model = get_model()
-        dataset = make_dataset(args.train, args.label_csv, model.config, args.num_frames)
-        epoch_inputs = augmented_inputs(model, dataset, args.modality, args.probe_input, args.seed,
-                                        args.mixup, **extract)
-    out = train_probe(x_train, train['labels'], x_eval, test['labels'], multilabel, lr, epochs,
+    out = train_probe(x_train, train_labels, x_eval, test['labels'], multilabel, lr, epochs,
                       args.probe_batch_size, num_heads, args.mixup, args.wa_start, args.warmup_frac,
                       args.min_lr, device=args.device, seed=args.seed, balanced=balanced,
                       epoch_inputs=epoch_inputs)
@@ -1650,9 +1671,9 @@ def cmd_probe(args):
         with open(args.out, 'w') as f:
             json.dump(dict(ckpt=args.ckpt, weights=args.weights, train=args.train, eval=args.eval,
                            probe_input=args.probe_input, modality=args.modality, lr=lr,
-                           epochs=epochs, metric=out['metric'], balanced=balanced, augment=args.augment,
-                           dtype=args.dtype, final=out['final'], last=out['last'],
-                           history=out['history'], **report), f, indent=2)
+                           epochs=epochs, metric=out['metric'], balanced=balanced,
+                           augment=args.augment, dtype=args.dtype, final=out['final'],
+                           last=out['last'], history=out['history'], **report), f, indent=2)
         print(f'wrote {args.out}')
 
 
