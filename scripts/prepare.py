@@ -25,8 +25,8 @@ now, have no audio track, failed, and were left as recorded.
 Exit status:
   0  every listed video is prepared or recorded in failed.json (some failures are normal)
   1  nothing could be prepared: no clip in OUT/data.json (e.g. every video failed)
-  2  nothing was started: bad arguments, an unreadable or empty video list, clip ids shared by
-     several videos, or no ffmpeg on PATH
+  2  an error stopped the run, before any video in these cases: bad arguments, an unreadable or
+     empty video list, clip ids shared by several videos, no ffmpeg on PATH
 """
 import os, sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the core, one folder up
