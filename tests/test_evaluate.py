@@ -18,6 +18,7 @@ import evaluate
 from evaluate import (STRATEGIES, extract_features, load_model, mean_average_precision, retrieval,
                       retrieval_metrics, similarity, train_probe)
 from model import CAVMAESync, ModelConfig, make_teacher
+from scripts.synth import make_synthetic
 
 TINY = dict(audio_length=64, img_size=32, embed_dim=64, num_heads=4, modality_depth=1, decoder_embed_dim=32,
             decoder_depth=1, decoder_num_heads=4, num_registers=2)
