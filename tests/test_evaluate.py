@@ -18,6 +18,7 @@ import evaluate
 from evaluate import (STRATEGIES, extract_features, load_model, mean_average_precision, retrieval,
                       retrieval_metrics, similarity, train_probe)
 from model import CAVMAESync, ModelConfig, make_teacher
+from scripts.shard import write_shards
 from scripts.synth import make_synthetic
 
 TINY = dict(audio_length=64, img_size=32, embed_dim=64, num_heads=4, modality_depth=1, decoder_embed_dim=32,
@@ -27,13 +28,6 @@ ALL_THREADS = torch.get_num_threads()  # the benchmark uses them all; the other 
 
 
 pytestmark = pytest.mark.usefixtures('one_thread')
-
-
-try:  # the tools' home after helper datatools' move to scripts/, and before it
-    from scripts.shard import write_shards
-    from scripts.synth import make_synthetic
-except ImportError:
-    from data import make_synthetic, write_shards
 
 
 @pytest.fixture(scope='module')
