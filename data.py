@@ -62,9 +62,33 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import soundfile as sf
 import torch
-import torchaudio
 from PIL import Image, ImageDraw
 from tqdm import tqdm
+
+
+def torchaudio_error(error):
+    """Why torchaudio did not load, for a person: in practice a torchaudio wheel built for another torch (its
+    native library then misses a symbol), so name the installed pair and the pinned one."""
+    from importlib import metadata
+    versions = {}
+    for name in ('torch', 'torchaudio'):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = 'not installed'
+    requirements = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'requirements.txt')
+    pins = [line.strip() for line in open(requirements) if line.startswith(('torch=', 'torchaudio='))] \
+        if os.path.isfile(requirements) else []
+    return (f"error: torchaudio does not load ({type(error).__name__}: {error})\n"
+            f"installed: torch {versions['torch']} with torchaudio {versions['torchaudio']}; this project pins "
+            f"{' with '.join(pins) or 'torch==2.11.0 with torchaudio==2.11.0'}. A torchaudio wheel only loads with "
+            f"the torch it was built for: run `pip install -r requirements.txt` in a new virtual environment.")
+
+
+try:
+    import torchaudio
+except (ImportError, OSError) as e:  # OSError: libtorchaudio.so built against another torch
+    sys.exit(torchaudio_error(e))
 
 # -----------------------------------------------------------------------------
 # constants (the CAV-MAE / CAV-MAE Sync releases' preprocessing)
