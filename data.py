@@ -202,8 +202,20 @@ def resize_centre_crop(img, size, img_size, resample):
     return img.crop((left, top, left + img_size, top + img_size))
 
 
-def load_frame(path, img_size, clip_id='', draft=False):
-    """JPEG -> (3, img_size, img_size): shorter side to img_size (bicubic), centre crop, normalised.
+def fit_frame(img, img_size, resample, geometry='crop', size=None):
+    """PIL image -> (img_size, img_size). geometry 'crop': shorter side to img_size, centre crop (the
+    training and evaluation pipeline); 'full': the whole frame resized to img_size x img_size, as the
+    Flickr-SoundNet / VGG-SS localisation code (EZ-VSL) does, so that boxes keep full-frame coordinates."""
+    if geometry == 'full':
+        return img.resize((img_size, img_size), resample)
+    if geometry != 'crop':
+        raise ValueError(f"geometry must be 'crop' or 'full', got {geometry!r}")
+    return resize_centre_crop(img, size or resized_size(*img.size, img_size), img_size, resample)
+
+
+def load_frame(path, img_size, clip_id='', draft=False, geometry='crop'):
+    """JPEG -> (3, img_size, img_size): shorter side to img_size (bicubic), centre crop, normalised
+    (geometry='full': the whole frame resized instead, fit_frame).
     Sizes are computed as torchvision's Resize/CenterCrop do, as in the reference pipeline.
     draft: let the JPEG decoder scale by 1/2, 1/4 or 1/8 while decoding when the result still covers
     the target size: a 1280x720 frame loads 2.4x faster, within 0.75 of 255 levels on average of the
@@ -219,7 +231,7 @@ def load_frame(path, img_size, clip_id='', draft=False):
             img = img.convert('RGB')
     except Exception as e:
         raise ClipError(f"clip '{clip_id}': cannot read frame file {path}: {e}") from e
-    img = resize_centre_crop(img, size, img_size, Image.BICUBIC)
+    img = fit_frame(img, img_size, Image.BICUBIC, geometry, size)
     x = torch.from_numpy(np.array(img)).permute(2, 0, 1).float()  # (3, H, W) in 0..255 (np.array: writable uint8)
     scale = 255.0 * torch.tensor(IMAGE_STD)[:, None, None]
     return x.sub_(255.0 * torch.tensor(IMAGE_MEAN)[:, None, None]).div_(scale)  # in place: no more copies
@@ -230,20 +242,22 @@ def frame_path(video_path, i, clip_id):
 
 
 def mask_path(video_path, i, clip_id):
-    """Object mask of frame i: an 8-bit PNG the size of the frame file, nonzero = sounding object."""
+    """Object mask of frame i: an 8-bit PNG the size of the frame file, grey level / 255 = the weight of
+    the sounding object at that pixel (0 = background)."""
     return os.path.join(video_path, f'mask_{i}', f'{clip_id}.png')
 
 
-def load_mask(path, img_size, clip_id=''):
-    """Mask PNG -> (img_size, img_size) bool, with load_frame's geometry (shorter side to img_size,
-    centre crop; nearest-neighbour resampling so that it stays binary)."""
+def load_mask(path, img_size, clip_id='', geometry='crop'):
+    """Mask PNG -> (img_size, img_size) float32 weights in [0, 1] (grey level / 255: a binary mask
+    gives 0 / 1, Flickr's annotator consensus 0.5 / 1), with load_frame's geometry (fit_frame;
+    nearest-neighbour resampling, so that no new grey levels appear)."""
     try:
         with Image.open(path) as img:
             img = img.convert('L')
     except Exception as e:
         raise ClipError(f"clip '{clip_id}': cannot read mask file {path}: {e}") from e
-    img = resize_centre_crop(img, resized_size(*img.size, img_size), img_size, Image.NEAREST)
-    return torch.from_numpy(np.array(img) > 0)
+    img = fit_frame(img, img_size, Image.NEAREST, geometry)
+    return torch.from_numpy(np.array(img)).float().div_(255.0)
 
 
 # -----------------------------------------------------------------------------
@@ -351,10 +365,12 @@ def check_clip(clip, num_frames):
     return None
 
 
-def load_item(clip, mode, epoch, seed, audio_length, num_mel_bins, img_size, num_frames, time_shift):
+def load_item(clip, mode, epoch, seed, audio_length, num_mel_bins, img_size, num_frames, time_shift,
+              geometry='crop'):
     """One clip (a row of read_clip_table) -> the dataset item (AVDataset's docstring) without its label.
     Train mode draws the frame and the time shift from (seed, epoch, clip index): a pure function, so
-    the same clip gives the same item from files or shards, in any worker, rank, or order."""
+    the same clip gives the same item from files or shards, in any worker, rank, or order.
+    geometry: of the eval-mode frames (fit_frame)."""
     T, L = num_frames, audio_length
     if 'tar' in clip and 'members' not in clip:  # read the headers once per item
         clip = dict(clip, members=tar_members(clip['tar'], clip['offset'], clip['end']))
@@ -372,7 +388,8 @@ def load_item(clip, mode, epoch, seed, audio_length, num_mel_bins, img_size, num
         fbank = fbank_frames(load_waveform(clip_wav(clip), clip['id']), num_mel_bins)  # (1024, F), once per clip
         audio = torch.stack([fbank[slice(*segment_bounds(i, T, TARGET_FRAMES, L))]
                              for i in range(T)])  # (T, L, F)
-        image = torch.stack([load_frame(clip_frame(clip, i), img_size, clip['id']) for i in range(T)])  # (T, 3, H, W)
+        image = torch.stack([load_frame(clip_frame(clip, i), img_size, clip['id'], geometry=geometry)
+                             for i in range(T)])  # (T, 3, H, W)
     item['audio'] = (audio - FBANK_MEAN) / FBANK_STD
     item['image'] = image
     return item
@@ -388,9 +405,11 @@ class AVDataset(torch.utils.data.Dataset):
     label: float32 multi-hot (num_classes,), length 0 without a label CSV. A clip with no labels gets
     an all-zero label unless require_labels (probing needs labels, pretraining does not); label ids
     that are not in the CSV are always an error (a wrong CSV).
-    masks=True adds mask (T, H, W) / (H, W) bool (the sounding object's pixels, from
-    {video_path}/mask_{i}/{video_id}.png, see mask_path) and has_mask (T,) / () bool: False where a
-    frame has no mask file (its mask is then all False). JSON datasets only.
+    masks=True adds mask (T, H, W) / (H, W) float32 weights in [0, 1] (the sounding object's pixels,
+    from {video_path}/mask_{i}/{video_id}.png, see mask_path) and has_mask (T,) / () bool: False where
+    a frame has no mask file (its mask is then all 0). JSON datasets only.
+    geometry (eval mode): 'crop' (default, the training pipeline's) or 'full' (the whole frame and its
+    mask resized, the localisation benchmarks' geometry; fit_frame).
     audio_length, num_mel_bins, img_size come from the model config; time_shift acts in train mode
     only. skip_bad=True checks every file at start-up, drops clips with a missing or unreadable
     wav/frame, prints the count and writes their ids to bad_list (default: next to the JSON,
@@ -398,7 +417,7 @@ class AVDataset(torch.utils.data.Dataset):
 
     def __init__(self, data_json, label_csv=None, mode='train', audio_length=416,
                  num_mel_bins=128, img_size=224, num_frames=16, time_shift=False, seed=0,
-                 skip_bad=False, bad_list=None, require_labels=False, masks=False):
+                 skip_bad=False, bad_list=None, require_labels=False, masks=False, geometry='crop'):
         if mode not in ('train', 'eval'):
             raise ValueError(f"mode must be 'train' or 'eval', got {mode!r}")
         if not 0 < audio_length <= TARGET_FRAMES:
@@ -406,7 +425,9 @@ class AVDataset(torch.utils.data.Dataset):
         self.mode, self.audio_length, self.num_mel_bins = mode, audio_length, num_mel_bins
         self.img_size, self.num_frames = img_size, num_frames
         self.time_shift, self.seed, self.epoch = time_shift, seed, 0
-        self.masks = masks
+        if geometry not in ('crop', 'full') or (geometry == 'full' and mode == 'train'):
+            raise ValueError(f"geometry must be 'crop' or, in eval mode, 'full'; got {geometry!r} ({mode})")
+        self.masks, self.geometry = masks, geometry
         self.clips = read_clip_table(data_json)
         if masks and self.clips and 'video_path' not in self.clips[0]:
             raise ValueError(f'{data_json}: masks=True needs a dataset JSON (shards carry no masks)')
@@ -445,14 +466,15 @@ class AVDataset(torch.utils.data.Dataset):
     def __getitem__(self, index):
         clip = self.clips[index]
         item = load_item(clip, self.mode, self.epoch, self.seed, self.audio_length,
-                         self.num_mel_bins, self.img_size, self.num_frames, self.time_shift)
+                         self.num_mel_bins, self.img_size, self.num_frames, self.time_shift, self.geometry)
         item['label'] = multi_hot(clip['classes'], self.num_classes)
         if self.masks:
             frames = [item['frame']] if self.mode == 'train' else range(self.num_frames)
             paths = [mask_path(clip['video_path'], i, clip['id']) for i in frames]
             has = torch.tensor([os.path.isfile(p) for p in paths])  # (T,)
-            empty = torch.zeros(self.img_size, self.img_size, dtype=torch.bool)
-            mask = torch.stack([load_mask(p, self.img_size, clip['id']) if ok else empty for p, ok in zip(paths, has)])
+            empty = torch.zeros(self.img_size, self.img_size)
+            mask = torch.stack([load_mask(p, self.img_size, clip['id'], self.geometry) if ok else empty
+                                for p, ok in zip(paths, has)])  # (T, H, W)
             item['mask'], item['has_mask'] = (mask[0], has[0]) if self.mode == 'train' else (mask, has)
         return item
 
