@@ -216,8 +216,8 @@ if not bench:
         if not path or not (os.path.isfile(path) or is_shard_set(path)):
             sys.exit(f'error: {key}={path!r} is neither a file nor a shard set. '
                      f'For a demo on built-in synthetic clips run\n'
-                     f'  python data.py synth --out data_synth && python train.py config/demo.py\n'
-                     f'for real videos see `python data.py prepare --help` and the README.')
+                     f'  python scripts/synth.py --out data_synth && python train.py config/demo.py\n'
+                     f'for real videos see `python scripts/prepare.py --help` and the README.')
     data_args = dict(audio_length=audio_length, num_mel_bins=num_mel_bins, img_size=img_size, num_frames=num_frames)
     if is_shard_set(train_json):  # sequential reads: each rank and loader worker streams its own shards
         stream = ShardStream(train_json, [epoch_batch_size(e) for e in range(math.ceil(epochs) or 1)], seed=seed,

@@ -15,6 +15,7 @@ import torchaudio
 from PIL import Image
 
 import data
+from scripts.synth import make_synthetic
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KALDI = dict(htk_compat=True, use_energy=False, window_type='hanning', num_mel_bins=128,
@@ -57,7 +58,7 @@ def small(json_path, **kwargs):
 @pytest.fixture(scope='module')
 def synth_dir(tmp_path_factory):
     out = str(tmp_path_factory.mktemp('synth'))
-    data.make_synthetic(out, num_clips=100, seed=0)
+    make_synthetic(out, num_clips=100, seed=0)
     return out
 
 
@@ -318,7 +319,7 @@ def test_short_clips_are_padded(tmp_path):
 
 def test_synth_deterministic(tmp_path):
     for name, seed in (('a', 3), ('b', 3), ('c', 4)):
-        data.make_synthetic(str(tmp_path / name), num_clips=20, seed=seed, num_classes=4)
+        make_synthetic(str(tmp_path / name), num_clips=20, seed=seed, num_classes=4)
     files = sorted(os.path.relpath(os.path.join(d, f), tmp_path / 'a')
                    for d, _, fs in os.walk(tmp_path / 'a') for f in fs)
     assert len(files) == 5 + 20 * 33  # train/eval JSON, CSV, meta, config, and per clip a wav, 16 frames, 16 masks

@@ -19,6 +19,7 @@ import evaluate
 from evaluate import (STRATEGIES, extract_features, load_model, mean_average_precision, retrieval,
                       retrieval_metrics, similarity, train_probe)
 from model import CAVMAESync, ModelConfig, make_teacher
+from scripts.synth import make_synthetic
 
 TINY = dict(audio_length=64, img_size=32, embed_dim=64, num_heads=4, modality_depth=1, decoder_embed_dim=32,
             decoder_depth=1, decoder_num_heads=4, num_registers=2)
@@ -33,7 +34,7 @@ pytestmark = pytest.mark.usefixtures('one_thread')
 def synth(tmp_path_factory):
     """100 synthetic clips of 5 classes (80 train, 20 eval), frames already at the tiny model's size."""
     out = str(tmp_path_factory.mktemp('synth'))
-    data.make_synthetic(out, num_clips=100, seed=0, num_classes=NUM_CLASSES, frame_size=32)
+    make_synthetic(out, num_clips=100, seed=0, num_classes=NUM_CLASSES, frame_size=32)
     return dict(train=os.path.join(out, 'train.json'), eval=os.path.join(out, 'eval.json'),
                 labels=os.path.join(out, 'labels.csv'))
 

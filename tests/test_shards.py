@@ -13,6 +13,7 @@ import soundfile as sf
 import torch
 
 import data
+from scripts.synth import make_synthetic
 
 SMALL = dict(audio_length=128, img_size=32, time_shift=True)
 
@@ -21,7 +22,7 @@ SMALL = dict(audio_length=128, img_size=32, time_shift=True)
 def synth(tmp_path_factory):
     """30 synthetic clips (32 px frames) and their shards, 4 clips per shard."""
     root = tmp_path_factory.mktemp('shards')
-    data.make_synthetic(str(root / 'syn'), num_clips=30, frame_size=32)
+    make_synthetic(str(root / 'syn'), num_clips=30, frame_size=32)
     json_path, labels = str(root / 'syn' / 'train.json'), str(root / 'syn' / 'labels.csv')
     data.write_shards(json_path, str(root / 'sh'), shard_size=4)
     return dict(root=root, json=json_path, labels=labels, shards=str(root / 'sh'))

@@ -14,6 +14,7 @@ from PIL import Image
 import data
 import evaluate
 from model import CAVMAESync, ModelConfig, make_teacher
+from scripts.synth import make_synthetic
 
 TINY = dict(audio_length=64, img_size=32, embed_dim=64, num_heads=4, modality_depth=1, decoder_embed_dim=32,
             decoder_depth=1, decoder_num_heads=4, num_registers=2)
@@ -26,7 +27,7 @@ pytestmark = pytest.mark.usefixtures('one_thread')
 def synth(tmp_path_factory):
     """40 clips of 4 classes (32 train, 8 eval) with object masks, frames at the tiny model's size."""
     out = str(tmp_path_factory.mktemp('synth'))
-    data.make_synthetic(out, num_clips=40, seed=0, num_classes=4, frame_size=32)
+    make_synthetic(out, num_clips=40, seed=0, num_classes=4, frame_size=32)
     return dict(dir=out, train=os.path.join(out, 'train.json'), eval=os.path.join(out, 'eval.json'),
                 labels=os.path.join(out, 'labels.csv'))
 

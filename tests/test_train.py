@@ -23,7 +23,7 @@ TINY = ['--device=cpu', '--dtype=float32', '--compile=False', '--backend=gloo', 
 @pytest.fixture(scope='module')
 def synth(tmp_path_factory):
     out = tmp_path_factory.mktemp('synth')
-    subprocess.run([sys.executable, 'data.py', 'synth', '--out', str(out), '--num_clips', '40', '--seed', '0'],
+    subprocess.run([sys.executable, 'scripts/synth.py', '--out', str(out), '--num_clips', '40', '--seed', '0'],
                    cwd=ROOT, check=True, capture_output=True)
     return out
 
@@ -53,7 +53,7 @@ def test_config_errors_are_clear(tmp_path):
     proc = train('--method=tgdpp', out_dir=tmp_path, check=False)
     assert proc.returncode != 0 and "method must be" in proc.stderr
     proc = train(out_dir=tmp_path, check=False)  # no train_json
-    assert proc.returncode != 0 and 'python data.py synth' in proc.stderr
+    assert proc.returncode != 0 and 'python scripts/synth.py' in proc.stderr
 
 
 def test_two_gloo_ranks_match_one_process_on_the_same_global_batch(synth, tmp_path):
@@ -153,7 +153,7 @@ def test_demo_learns_cross_modal_retrieval(tmp_path):
     """config/demo.py on the default synthetic clips, shortened: held-out retrieval R@1 in both
     directions is several times chance."""
     data = tmp_path / 'synth'
-    subprocess.run([sys.executable, 'data.py', 'synth', '--out', str(data), '--num_clips', '400', '--seed', '0'],
+    subprocess.run([sys.executable, 'scripts/synth.py', '--out', str(data), '--num_clips', '400', '--seed', '0'],
                    cwd=ROOT, check=True, capture_output=True)
     cmd = [sys.executable, 'train.py', 'config/demo.py', f'--train_json={data / "train.json"}',
            f'--eval_json={data / "eval.json"}', f'--out_dir={tmp_path / "out"}',
