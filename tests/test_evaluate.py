@@ -1,5 +1,6 @@
 """evaluate.py: retrieval scoring and metrics against slow references, mAP, the probe, checkpoint
-loading, feature extraction and caching, and the three picture commands on a tiny synthetic set."""
+loading, feature extraction and caching on a tiny synthetic set (the tools' tests: test_localize, test_views,
+test_pictures, test_ablate)."""
 import argparse
 import dataclasses
 import json
@@ -12,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 import data
 import evaluate
@@ -451,46 +451,3 @@ def test_probe_cli_beats_chance_on_synthetic_clips(synth, ckpt, features, tmp_pa
         finals[modality] = result['final']
     print(f'probe top-1 on synthetic clips: {finals}')
     assert finals['av'] >= 50 and finals['a'] >= 50 and finals['v'] >= 30  # the 32-px frames give 4 patches
-
-
-# --- pictures ---------------------------------------------------------------------------------
-
-def assert_png(path, size):
-    with Image.open(path) as img:
-        assert img.format == 'PNG' and img.size == size
-        pixels = np.asarray(img.convert('RGB'))
-    assert pixels.std() > 5, f'{path} is (nearly) constant'
-    return pixels
-
-
-def test_localize_writes_heat_maps(synth, ckpt, tmp_path):
-    out = str(tmp_path / 'loc')
-    evaluate.main(['localize', '--ckpt', ckpt, '--data', synth['eval'], '--out', out, '--num_clips', '3',
-                   '--num_workers', '0', '--batch_size', '2'])
-    files = sorted(f for f in os.listdir(out) if f.endswith('.png'))
-    assert len(files) == 3 and os.path.isfile(os.path.join(out, 'metrics.json'))  # the synthetic clips have masks
-    s = evaluate.localize_scale(32, 32)
-    assert s * 32 >= 224
-    for name in files:
-        pixels = assert_png(os.path.join(out, name), (2 * 32 * s, 32 * s))
-        assert np.abs(pixels[:, :32 * s].astype(int) - pixels[:, 32 * s:]).mean() > 5  # the overlay changed the frame
-
-
-def test_reconstruct_writes_grid(synth, ckpt, tmp_path):
-    out = str(tmp_path / 'rec')
-    evaluate.main(['reconstruct', '--ckpt', ckpt, '--data', synth['eval'], '--out', out, '--num_clips', '2',
-                   '--num_workers', '0'])
-    pixels = assert_png(os.path.join(out, 'reconstruction.png'), evaluate.reconstruct_size(ModelConfig(**TINY), 2))
-    assert (pixels == evaluate.MASK_GREY).all(axis=-1).any()  # masked patches are drawn grey
-    with pytest.raises(ValueError, match='decoder'):
-        evaluate.main(['reconstruct', '--ckpt', ckpt, '--weights', 'teacher', '--data', synth['eval'],
-                       '--out', out, '--num_workers', '0'])
-
-
-def test_embed_writes_pca_plot(synth, ckpt, features, tmp_path):
-    out = str(tmp_path / 'embed.png')
-    evaluate.main(['embed', '--ckpt', ckpt, '--data', synth['eval'], '--label_csv', synth['labels'],
-                   '--cache', features['cache'], '--out', out, '--size', '400'])
-    pixels = assert_png(out, (400, 400))
-    for k in range(NUM_CLASSES):  # every class colour is drawn
-        assert (pixels == evaluate.class_colour(k)).all(axis=-1).any()
