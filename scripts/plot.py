@@ -212,3 +212,8 @@ def legend_row(draw, xy, entries, font=None):
         draw.rectangle((x, y + 2, x + 18, y + 10), fill=colour)
         draw.text((x + 22, y), label, fill='black', font=font)
         x += 22 + int(draw.textlength(label, font=font)) + 16
+
+
+if __name__ == '__main__':
+    import argparse
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
