@@ -1,9 +1,9 @@
 """
-Retrieval case study (TG-DP supplement, Fig. 3): the top-k frames of a few audio queries, one checkpoint
-or two side by side, the true match outlined.
+Retrieval case study (TG-DP supplement, Fig. 3): the top-k frames of a few audio queries, one
+checkpoint or two side by side, the true match outlined.
 
-    python scripts/cases.py --ckpt out/sync/ckpt.pt --compare out/tgdp/ckpt.pt --data eval.json --out cases.png \
-        [--queries 3 17 42 | --num_queries 4] [--k 5]
+    python scripts/cases.py --ckpt out/sync/ckpt.pt --compare out/tgdp/ckpt.pt --data eval.json \
+        --out cases.png [--queries 3 17 42 | --num_queries 4] [--k 5]
 
 For each audio query (--queries, indices in --data, or a reproducible random pick of --num_queries
 from --seed): the query's spectrogram segment of frame --frame (the middle one by default), then per
@@ -22,26 +22,29 @@ from PIL import Image, ImageDraw, ImageFont
 
 from evaluate import STRATEGIES, features_for, make_dataset, similarity
 from model import ModelConfig
-from scripts.plot import (add_model_args, checkpoint_titles, frame_to_rgb, parse_model_args, save_png,
-                          spectrogram_to_rgb)
+from scripts.plot import (add_model_args, checkpoint_titles, frame_to_rgb, parse_model_args,
+                          save_png, spectrogram_to_rgb)
 
 
 def case_study(features, queries, k=5, strategy='diag_mean'):
     """Audio -> visual retrieval for the clips `queries` (list of indices), from the same scores as
-    evaluate.retrieval (similarity(g_a, g_v)): (Q, k) candidate indices, best first, their scores, and the
-    rank of each query's true match (ties count against the model, as in retrieval_metrics)."""
+    evaluate.retrieval (similarity(g_a, g_v)): (Q, k) candidate indices, best first, their scores,
+    and the rank of each query's true match (ties count against the model, as in
+    retrieval_metrics)."""
     sim = similarity(features['g_a'][queries], features['g_v'], strategy)  # (Q, N)
     scores, idx = sim.topk(min(k, sim.shape[1]), dim=1)
     true = sim[torch.arange(len(queries)), torch.as_tensor(queries)]  # (Q,)
     return idx, scores, (sim >= true[:, None]).sum(dim=1)
 
 
-def cases_plot(dataset, features, out_path, queries, k=5, titles=None, frame=None, strategy='diag_mean', cell=96):
+def cases_plot(dataset, features, out_path, queries, k=5, titles=None, frame=None,
+               strategy='diag_mean', cell=96):
     """Retrieval case study (TG-DP supplement, Fig. 3): one row per audio query (its spectrogram
     segment of frame t, middle by default), then per checkpoint the middle frames of its top-k
     visual candidates, best first; the true match is outlined in green, and the rank of the true
     match is written after each group. features: a list of extract_features dicts of `dataset`
-    (one per checkpoint). Returns {'topk': [(Q, k) per checkpoint], 'boxes': {(p, q, j): cell box}}."""
+    (one per checkpoint). Returns {'topk': [(Q, k) per checkpoint], 'boxes': {(p, q, j): cell
+    box}}."""
     features = [features] if isinstance(features, dict) else list(features)
     titles = titles or [f'checkpoint {p + 1}' for p in range(len(features))]
     T = features[0]['g_a'].shape[1]
@@ -69,22 +72,27 @@ def cases_plot(dataset, features, out_path, queries, k=5, titles=None, frame=Non
         idx, _, ranks = case_study(feats, queries, k, strategy)
         topk.append(idx)
         x0 = 8 + spec_w + gap + p * (group_w + gap)
-        draw.text((x0, 2), f'{titles[p]}: top {k} frames (A->V, {strategy})', fill='black', font=font)
+        draw.text((x0, 2), f'{titles[p]}: top {k} frames (A->V, {strategy})', fill='black',
+                  font=font)
         for q in range(Q):
             y = 2 * label_h + q * (cell + label_h + 8)
             for j, c in enumerate(idx[q].tolist()):
                 box = (x0 + j * (cell + 4), y, x0 + j * (cell + 4) + cell, y + cell)
-                img = Image.fromarray(frame_to_rgb(item(c)['image'][t])).resize((cell, cell), Image.BICUBIC)
+                img = Image.fromarray(frame_to_rgb(item(c)['image'][t])).resize((cell, cell),
+                                                                                Image.BICUBIC)
                 canvas.paste(img, box[:2])
                 hit = c == queries[q]
                 draw.rectangle((box[0] - 2, box[1] - 2, box[2] + 1, box[3] + 1),
-                               outline=(0, 200, 0) if hit else (200, 200, 200), width=3 if hit else 1)
+                               outline=(0, 200, 0) if hit else (200, 200, 200),
+                               width=3 if hit else 1)
                 draw.text((box[0], box[3] + 2), f'{j + 1}', fill='black', font=font)
                 boxes[(p, q, j)] = box
-            draw.text((x0 + k * (cell + 4) + 4, y + cell // 2 - 6), f'match: #{int(ranks[q])}', fill='black', font=font)
+            draw.text((x0 + k * (cell + 4) + 4, y + cell // 2 - 6), f'match: #{int(ranks[q])}',
+                      fill='black', font=font)
     for q, i in enumerate(queries):
         y = 2 * label_h + q * (cell + label_h + 8)
-        spec = Image.fromarray(spectrogram_to_rgb(item(i)['audio'][t])).resize((spec_w, cell), Image.BICUBIC)
+        spec = Image.fromarray(spectrogram_to_rgb(item(i)['audio'][t])).resize((spec_w, cell),
+                                                                               Image.BICUBIC)
         canvas.paste(spec, (8, y))
         draw.text((8, y + cell + 2), str(item(i)['id'])[:24], fill='black', font=font)
     save_png(canvas, out_path)
@@ -103,14 +111,17 @@ def pick_queries(queries, num_queries, num_clips, seed):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(parser)
     parser.add_argument('--cache', help='directory for extracted features, reused across runs')
     parser.add_argument('--compare', help='a second checkpoint, drawn beside the first')
-    parser.add_argument('--titles', nargs='+', help="panel titles (default: the checkpoints' folder names)")
+    parser.add_argument('--titles', nargs='+',
+                        help="panel titles (default: the checkpoints' folder names)")
     parser.add_argument('--data', required=True, help='dataset JSON or shard set')
     parser.add_argument('--out', required=True, help='output .png')
-    parser.add_argument('--queries', type=int, nargs='+', help='query clips (indices in --data; default: a random pick)')
+    parser.add_argument('--queries', type=int, nargs='+',
+                        help='query clips (indices in --data; default: a random pick)')
     parser.add_argument('--num_queries', type=int, default=4)
     parser.add_argument('--k', type=int, default=5, help='retrieved clips shown per query')
     parser.add_argument('--frame', type=int, help='frame shown (default: the middle one)')

@@ -2,12 +2,14 @@
 Training dynamics (TG-DP supplement, Fig. 1): the loss terms of two or more runs side by side, from
 their train.py log.jsonl.
 
-    python scripts/dynamics.py --logs out/sync/log.jsonl out/tgdp/log.jsonl [--labels sync tgdp] --out dynamics.png
+    python scripts/dynamics.py --logs out/sync/log.jsonl out/tgdp/log.jsonl [--labels sync tgdp] \
+        --out dynamics.png
 
-One panel per logged term (--keys, default the reconstruction losses rec_a, rec_v and the contrastive
-loss con; e.g. dis for distillation), one line per run, per logged step (train.py logs every
-log_interval iterations). A resumed run repeats iterations: the last record of an iteration counts.
-Runs are named by --labels or by their logs' folder names; the last value of every term is printed.
+One panel per logged term (--keys, default the reconstruction losses rec_a, rec_v and the
+contrastive loss con; e.g. dis for distillation), one line per run, per logged step (train.py logs
+every log_interval iterations). A resumed run repeats iterations: the last record of an iteration
+counts. Runs are named by --labels or by their logs' folder names; the last value of every term is
+printed.
 """
 import os, sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the core, one folder up
@@ -53,12 +55,14 @@ def run_curves(path, keys):
     for key in keys:
         missing = [it for it, r in train.items() if key not in r]
         if missing:
-            raise ValueError(f'{path}: iteration {missing[0]} has no {key!r} (keys: {sorted(train[missing[0]])})')
+            raise ValueError(f'{path}: iteration {missing[0]} has no {key!r} '
+                             f'(keys: {sorted(train[missing[0]])})')
         curves[key] = (list(train), [train[it][key] for it in train])
     return curves
 
 
-def dynamics_plot(logs, out_path, labels=None, keys=('rec_a', 'rec_v', 'con'), width=1200, height=380):
+def dynamics_plot(logs, out_path, labels=None, keys=('rec_a', 'rec_v', 'con'), width=1200,
+                  height=380):
     """Training dynamics of two or more runs side by side (TG-DP supplement, Fig. 1): one panel per
     loss term of train.py's log (logged every log_interval steps), one line per run. Writes a
     (width, height) PNG and returns {label: {key: (iters, values)}}."""
@@ -73,7 +77,8 @@ def dynamics_plot(logs, out_path, labels=None, keys=('rec_a', 'rec_v', 'con'), w
     legend_row(draw, (10, 6), [(label, colours[label]) for label in labels], font)
     panel_w = width // len(keys)
     for j, key in enumerate(keys):
-        series = [dict(x=curves[label][key][0], y=curves[label][key][1], colour=colours[label]) for label in labels]
+        series = [dict(x=curves[label][key][0], y=curves[label][key][1],
+                       colour=colours[label]) for label in labels]
         box = (j * panel_w, 24, (j + 1) * panel_w, height)
         line_panel(draw, box, series, DYNAMICS_KEYS.get(key, key), 'iteration', font)
     save_png(canvas, out_path)
@@ -81,10 +86,12 @@ def dynamics_plot(logs, out_path, labels=None, keys=('rec_a', 'rec_v', 'con'), w
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--logs', nargs='+', required=True, help='log.jsonl of each run')
     parser.add_argument('--labels', nargs='+', help="run names (default: the logs' folder names)")
-    parser.add_argument('--keys', nargs='+', default=['rec_a', 'rec_v', 'con'], help='logged terms, one panel each')
+    parser.add_argument('--keys', nargs='+', default=['rec_a', 'rec_v', 'con'],
+                        help='logged terms, one panel each')
     parser.add_argument('--out', required=True, help='output .png')
     parser.add_argument('--width', type=int, default=1200)
     parser.add_argument('--height', type=int, default=380)

@@ -2,23 +2,24 @@
 Embedding map (TG-DP supplement, Fig. 2): PCA or t-SNE of the clip-level audio (circles) and visual
 (triangles) embeddings, coloured by class, one checkpoint or two side by side.
 
-    python scripts/embed.py --ckpt out/ckpt.pt --data eval.json --label_csv labels.csv --out embed.png
-    python scripts/embed.py --method tsne --ckpt out/sync/ckpt.pt --compare out/tgdp/ckpt.pt --data eval.json \
-        --label_csv labels.csv --out tsne.png
+    python scripts/embed.py --ckpt out/ckpt.pt --data eval.json --label_csv labels.csv \
+        --out embed.png
+    python scripts/embed.py --method tsne --ckpt out/sync/ckpt.pt --compare out/tgdp/ckpt.pt \
+        --data eval.json --label_csv labels.csv --out tsne.png
 
-A clip's embedding per modality is the mean of its L2-normalised per-frame global tokens (g_a, g_v, as
-retrieval scores them), normalised again; its colour is its first label (grey without one); only the
-clips of the --max_classes most frequent classes are drawn, with a legend.
+A clip's embedding per modality is the mean of its L2-normalised per-frame global tokens (g_a, g_v,
+as retrieval scores them), normalised again; its colour is its first label (grey without one); only
+the clips of the --max_classes most frequent classes are drawn, with a legend.
 
   pca   one fit on both modalities after centring each (otherwise the offset between the modalities
         takes the first component and hides the classes); the axes give the explained variance
-  tsne  exact-gradient t-SNE written here (van der Maaten & Hinton 2008): perplexity --perplexity (30;
-        at most a third of the points for small sets), PCA start, early exaggeration 12 for 250 of 1000
-        steps, momentum 0.5 then 0.8, adaptive gains, learning rate max(N / 48, 50). It runs on the
-        unit embeddings as they are, so a gap between the modalities shows (the demo-size models keep
-        audio and video apart), or with --centre on each modality centred, as pca does (class
-        structure across the modalities). O(N^2) per step: 1000 points (500 clips) take about 35 s on
-        one busy core, a few thousand some minutes.
+  tsne  exact-gradient t-SNE written here (van der Maaten & Hinton 2008): perplexity --perplexity
+        (30; at most a third of the points for small sets), PCA start, early exaggeration 12 for 250
+        of 1000 steps, momentum 0.5 then 0.8, adaptive gains, learning rate max(N / 48, 50). It runs
+        on the unit embeddings as they are, so a gap between the modalities shows (the demo-size
+        models keep audio and video apart), or with --centre on each modality centred, as pca does
+        (class structure across the modalities). O(N^2) per step: 1000 points (500 clips) take about
+        35 s on one busy core, a few thousand some minutes.
 
 --compare C2 draws a second checkpoint's map beside the first (--titles names the panels; default:
 the checkpoints' folder names). --cache DIR keeps the extracted features for the next run.
@@ -34,11 +35,12 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
 from evaluate import features_for
-from scripts.plot import add_model_args, checkpoint_titles, class_colour, marker, parse_model_args, save_png
+from scripts.plot import (add_model_args, checkpoint_titles, class_colour, marker, parse_model_args,
+                          save_png)
 
 
 def clip_embeddings(g):
-    """(N, T, D) per-frame embeddings -> (N, D) clip embeddings: mean of the L2-normalised frames."""
+    """(N, T, D) per-frame embeddings -> (N, D) clip embeddings: mean of the unit frames, unit."""
     return F.normalize(F.normalize(g.float(), dim=-1).mean(dim=1), dim=-1)
 
 
@@ -52,7 +54,7 @@ def clip_classes(features):
 
 
 def top_classes(cls, max_classes):
-    """Indices of the clips whose class is among the max_classes most frequent (ties: lower class id)."""
+    """Indices of the clips whose class is among the max_classes most frequent (ties: lower id)."""
     counts = {}
     for c in cls:
         if c >= 0:
@@ -67,17 +69,20 @@ def top_classes(cls, max_classes):
 # t-SNE
 
 def tsne_conditional(X, perplexity=30.0, tol=1e-5, max_steps=200):
-    """Rows p_{j|i} (N, N) of t-SNE's input affinities for points X (N, D): a Gaussian per point whose
-    precision is found by bisection so that the row's entropy is log(perplexity) (nats)."""
+    """Rows p_{j|i} (N, N) of t-SNE's input affinities for points X (N, D): a Gaussian per point
+    whose precision is found by bisection so that the row's entropy is log(perplexity) (nats)."""
     X = X.double()
     N = X.shape[0]
     if not 1 <= perplexity < N - 1:
-        raise ValueError(f't-SNE perplexity must lie in [1, {N - 1}) for {N} points, got {perplexity}')
+        raise ValueError(f't-SNE perplexity must lie in [1, {N - 1}) for {N} points, '
+                         f'got {perplexity}')
     D = torch.cdist(X, X).square()  # (N, N)
     off = ~torch.eye(N, dtype=torch.bool)
-    D = D - D.masked_fill(~off, float('inf')).min(dim=1, keepdim=True).values  # nearest neighbour at 0
+    nearest = D.masked_fill(~off, float('inf')).min(dim=1, keepdim=True).values  # (N, 1)
+    D = D - nearest  # the nearest neighbour at 0: no underflow
     D = D.masked_fill(~off, 0.0)
-    beta, lo = torch.ones(N, dtype=torch.float64), torch.zeros(N, dtype=torch.float64)  # precision, lower bound
+    beta = torch.ones(N, dtype=torch.float64)  # precision
+    lo = torch.zeros(N, dtype=torch.float64)  # its lower bound
     hi = torch.full((N,), float('inf'), dtype=torch.float64)  # upper bound: none yet
     target = math.log(perplexity)
     for _ in range(max_steps):
@@ -110,7 +115,8 @@ def tsne_kl_gradient(P, Y, with_kl=True):
     return kl.item(), grad
 
 
-def tsne(X, perplexity=30.0, iters=1000, seed=0, exaggeration=12.0, exaggeration_iters=250, learning_rate=None):
+def tsne(X, perplexity=30.0, iters=1000, seed=0, exaggeration=12.0, exaggeration_iters=250,
+         learning_rate=None):
     """t-SNE (van der Maaten & Hinton 2008) with exact gradients: X (N, D) -> (N, 2) float64.
     Symmetric affinities P = (p_{j|i} + p_{i|j}) / 2N; start from the first two principal components
     scaled to a standard deviation of 1e-4 (deterministic; seed only breaks PCA's sign ambiguity
@@ -126,7 +132,8 @@ def tsne(X, perplexity=30.0, iters=1000, seed=0, exaggeration=12.0, exaggeration
     _, _, Vh = torch.linalg.svd(Xc, full_matrices=False)
     Y = Xc @ Vh[:2].T  # (N, 2)
     Y = Y / Y[:, 0].std().clamp(min=1e-12) * 1e-4
-    Y = Y + 1e-6 * torch.randn(N, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    Y = Y + 1e-6 * torch.randn(N, 2, dtype=torch.float64,
+                               generator=torch.Generator().manual_seed(seed))
     lr = learning_rate or max(N / exaggeration / 4, 50.0)
     update, gains = torch.zeros_like(Y), torch.ones_like(Y)
     P_early = P * exaggeration
@@ -147,7 +154,8 @@ def embedding_coords(features, method='pca', keep=None, perplexity=30.0, seed=0,
     (xy (2n, 2): audio rows then visual rows, (x label, y label), title).
     pca: fit jointly after centring each modality (otherwise the offset between the modalities takes
     the first component and hides the classes); tsne: on the unit-normalised embeddings as they are,
-    so that a gap between the modalities shows (centre=True: each modality centred first, as pca)."""
+    so that a gap between the modalities shows (centre=True: each modality centred first, as
+    pca)."""
     a, v = clip_embeddings(features['g_a']), clip_embeddings(features['g_v'])  # (N, D) each
     if keep is not None:
         a, v = a[keep], v[keep]
@@ -168,7 +176,7 @@ def embedding_coords(features, method='pca', keep=None, perplexity=30.0, seed=0,
 
 
 def draw_panel(draw, x0, panel_w, size, coords, cls, r, font):
-    """One checkpoint's map in the panel starting at x0: frame, titles, markers (audio circles first)."""
+    """One checkpoint's map in the panel starting at x0: frame, titles, markers."""
     xy, (xlabel, ylabel), title = coords
     N, m = len(cls), size // 20
     box = (x0 + m, m, x0 + panel_w - m // 2, size - m)  # plot area (left, top, right, bottom)
@@ -179,19 +187,22 @@ def draw_panel(draw, x0, panel_w, size, coords, cls, r, font):
     lo, hi = xy.min(dim=0).values, xy.max(dim=0).values
     span = (hi - lo).clamp(min=1e-12)
     inner = 0.92  # keep markers off the frame
-    scale = inner * min((box[2] - box[0]) / span[0].item(), (box[3] - box[1]) / span[1].item())  # equal aspect
+    # equal aspect
+    scale = inner * min((box[2] - box[0]) / span[0].item(), (box[3] - box[1]) / span[1].item())
     cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
     mid = (lo + hi) / 2
-    order = torch.randperm(2 * N, generator=torch.Generator().manual_seed(0)).tolist()  # no class drawn last on top
+    # a fixed shuffled drawing order: no class is drawn last, on top of the others
+    order = torch.randperm(2 * N, generator=torch.Generator().manual_seed(0)).tolist()
     for i in order:
         px = cx + scale * (xy[i, 0] - mid[0]).item()
         py = cy - scale * (xy[i, 1] - mid[1]).item()
         c = cls[i % N]
-        marker(draw, px, py, r, 'circle' if i < N else 'triangle', class_colour(c) if c >= 0 else (150, 150, 150))
+        marker(draw, px, py, r, 'circle' if i < N else 'triangle',
+               class_colour(c) if c >= 0 else (150, 150, 150))
 
 
 def draw_legend(draw, lx, size, legend_w, cls, names, r, font):
-    """Marker shapes, then one swatch per class present (truncated names; '... N more' when full)."""
+    """Marker shapes, then one swatch per class present (names truncated; '... N more' if full)."""
     m, line = size // 20, 16
     ly = m
     for shape, text in (('circle', 'audio'), ('triangle', 'video')):
@@ -213,13 +224,13 @@ def draw_legend(draw, lx, size, legend_w, cls, names, r, font):
         ly += line
 
 
-def embed_plot(features, out_path, size=800, method='pca', titles=None, max_classes=None, perplexity=30.0,
-               centre=False):
-    """Map of the clip-level audio (circles) and visual (triangles) embeddings coloured by class (the
-    first label of each clip; grey for unlabelled clips), with a legend. features: one dict (one
-    panel) or a list of dicts of the same clips (panels side by side, e.g. two checkpoints; titles
-    name them). method: 'pca' or 'tsne' (embedding_coords; centre: t-SNE of centred modalities).
-    max_classes: only the clips of the most frequent classes. Writes a PNG of
+def embed_plot(features, out_path, size=800, method='pca', titles=None, max_classes=None,
+               perplexity=30.0, centre=False):
+    """Map of the clip-level audio (circles) and visual (triangles) embeddings coloured by class
+    (the first label of each clip; grey for unlabelled clips), with a legend. features: one dict
+    (one panel) or a list of dicts of the same clips (panels side by side, e.g. two checkpoints;
+    titles name them). method: 'pca' or 'tsne' (embedding_coords; centre: t-SNE of centred
+    modalities). max_classes: only the clips of the most frequent classes. Writes a PNG of
     (n * (size - legend) + legend, size): (size, size) for one panel."""
     features = [features] if isinstance(features, dict) else list(features)
     cls_all = clip_classes(features[0])
@@ -237,16 +248,19 @@ def embed_plot(features, out_path, size=800, method='pca', titles=None, max_clas
         xy, labels, title = embedding_coords(feats, method, keep, perplexity, centre=centre)
         title = f'{titles[p]}: {title}' if titles else title
         draw_panel(draw, p * panel_w, panel_w, size, (xy, labels, title), cls, r, font)
-    draw_legend(draw, len(features) * panel_w, size, legend_w, cls, features[0].get('class_names') or [], r, font)
+    draw_legend(draw, len(features) * panel_w, size, legend_w, cls,
+                features[0].get('class_names') or [], r, font)
     return save_png(canvas, out_path)
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(parser)
     parser.add_argument('--cache', help='directory for extracted features, reused across runs')
     parser.add_argument('--compare', help='a second checkpoint, drawn beside the first')
-    parser.add_argument('--titles', nargs='+', help="panel titles (default: the checkpoints' folder names)")
+    parser.add_argument('--titles', nargs='+',
+                        help="panel titles (default: the checkpoints' folder names)")
     parser.add_argument('--data', required=True, help='dataset JSON or shard set')
     parser.add_argument('--label_csv', required=True)
     parser.add_argument('--out', required=True, help='output .png')
@@ -254,15 +268,18 @@ def main(argv=None):
     parser.add_argument('--perplexity', type=float, default=30.0, help='t-SNE')
     parser.add_argument('--centre', action='store_true',
                         help='t-SNE: centre each modality first (hides the gap between them)')
-    parser.add_argument('--max_classes', type=int, default=10, help='only the clips of the N most frequent classes')
-    parser.add_argument('--size', type=int, default=800, help='image height in pixels (and width of one panel + legend)')
+    parser.add_argument('--max_classes', type=int, default=10,
+                        help='only the clips of the N most frequent classes')
+    parser.add_argument('--size', type=int, default=800,
+                        help='image height in pixels (and width of one panel + legend)')
     args = parse_model_args(parser, argv)
     titles = checkpoint_titles(args.ckpt, args.compare, args.titles)
     feats = [features_for(args, args.data, args.label_csv)]
     if args.compare:
         feats.append(features_for(argparse.Namespace(**{**vars(args), 'ckpt': args.compare, 'model': None}), args.data,
                                   args.label_csv))
-    embed_plot(feats, args.out, args.size, args.method, titles, args.max_classes, args.perplexity, args.centre)
+    embed_plot(feats, args.out, args.size, args.method, titles, args.max_classes, args.perplexity,
+               args.centre)
     print(f'wrote {args.out}')
 
 

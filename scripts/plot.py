@@ -2,7 +2,8 @@
 Shared Pillow helpers of the picture tools (scripts/localize.py, reconstruct.py, embed.py, cases.py,
 dynamics.py, ablate.py): colour maps and the class palette, frames and spectrograms as RGB arrays,
 markers, line charts with round ticks, legends, panel titles; and the model options every tool's
-command line shares. Pillow only, no plotting library. A library for the other scripts, not a program.
+command line shares. Pillow only, no plotting library. A library for the other scripts, not a
+program.
 """
 import os, sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the core, one folder up
@@ -15,11 +16,11 @@ from PIL import ImageFont
 import data
 
 # anchor colours of two perceptual colour maps, linearly interpolated
-TURBO = [(48, 18, 59), (70, 134, 251), (27, 229, 181), (164, 252, 60), (251, 185, 56), (228, 70, 10),
-         (122, 4, 3)]
+TURBO = [(48, 18, 59), (70, 134, 251), (27, 229, 181), (164, 252, 60), (251, 185, 56),
+         (228, 70, 10), (122, 4, 3)]
 MAGMA = [(0, 0, 4), (59, 15, 112), (140, 41, 129), (222, 73, 104), (254, 159, 109), (252, 253, 191)]
-PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
-           (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]  # tab10
+PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
+           (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]  # tab10
 
 
 def colormap(x, anchors):
@@ -85,7 +86,7 @@ def save_png(canvas, path):
 
 
 def checkpoint_titles(ckpt, compare=None, titles=None):
-    """Panel titles of one checkpoint or two side by side: titles, or the checkpoints' folder names."""
+    """Panel titles of one checkpoint or two side by side: titles, or the checkpoints' folders."""
     paths = [ckpt] + ([compare] if compare else [])
     if titles:
         if len(titles) != len(paths):
@@ -100,7 +101,7 @@ def default_dtype(device):
 
 
 def add_model_args(parser):
-    """The options of a tool that runs a checkpoint: --ckpt, --weights, --device, --dtype, batching."""
+    """The options of a tool that runs a checkpoint: --ckpt, --weights, --device, --dtype, ..."""
     parser.add_argument('--ckpt', required=True,
                         help='train.py checkpoint or official CAV-MAE Sync / TG-DP release')
     parser.add_argument('--weights', choices=('model', 'teacher'), default='model',
@@ -108,10 +109,12 @@ def add_model_args(parser):
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     parser.add_argument('--dtype', choices=('float32', 'bfloat16', 'float16'),
                         help="autocast precision (default: 'bfloat16' on cuda, 'float32' on cpu)")
-    parser.add_argument('--batch_size', type=int, default=8, help='clips per forward (each with all its frames)')
+    parser.add_argument('--batch_size', type=int, default=8,
+                        help='clips per forward (each with all its frames)')
     parser.add_argument('--num_workers', type=int, default=min(4, os.cpu_count() or 1),
                         help='data loading processes')
-    parser.add_argument('--num_frames', type=int, default=16, help='frames (and aligned segments) per clip')
+    parser.add_argument('--num_frames', type=int, default=16,
+                        help='frames (and aligned segments) per clip')
 
 
 def parse_model_args(parser, argv=None):
@@ -141,9 +144,10 @@ def lighter(colour, amount=0.75):
 
 
 def data_range(series, ylim=None):
-    """(x_lo, x_hi, y_lo, y_hi) of the series (bands included), widened when flat, y padded by 5%."""
+    """(x_lo, x_hi, y_lo, y_hi) of the series (bands included), widened when flat, y padded 5%."""
     xs = [x for s in series for x in s['x']]
-    ys = [y for s in series for y in list(s['y']) + list(s.get('lo') or []) + list(s.get('hi') or [])]
+    ys = [y for s in series
+          for y in list(s['y']) + list(s.get('lo') or []) + list(s.get('hi') or [])]
     x_lo, x_hi = min(xs), max(xs)
     y_lo, y_hi = ylim if ylim else (min(ys), max(ys))
     if x_hi == x_lo:
@@ -174,9 +178,9 @@ def draw_axes(draw, left, plot, ranges, to_px, xlabel, font):
 
 
 def line_panel(draw, box, series, title='', xlabel='', font=None, ylim=None):
-    """Line chart in box (left, top, right, bottom) of an ImageDraw: series = list of dicts with x, y
-    (lists), colour, and optional lo, hi (a band drawn lighter under the line, e.g. the spread over
-    seeds). Axes with round ticks; ylim (lo, hi) fixes the y range."""
+    """Line chart in box (left, top, right, bottom) of an ImageDraw: series = list of dicts with x,
+    y (lists), colour, and optional lo, hi (a band drawn lighter under the line, e.g. the spread
+    over seeds). Axes with round ticks; ylim (lo, hi) fixes the y range."""
     font = font or ImageFont.load_default()
     left, top, right, bottom = box
     plot = px0, py0, px1, py1 = left + 44, top + 18, right - 8, bottom - 30  # inside the labels
@@ -216,4 +220,5 @@ def legend_row(draw, xy, entries, font=None):
 
 if __name__ == '__main__':
     import argparse
-    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
+    argparse.ArgumentParser(description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()

@@ -1,6 +1,6 @@
-"""The picture tools: scripts/dynamics.py (TG-DP supplement Fig. 1), scripts/embed.py with its t-SNE (Fig. 2),
-scripts/cases.py (Fig. 3) and scripts/reconstruct.py, against independent re-computations and on a tiny
-synthetic set with random tiny checkpoints (nothing is trained)."""
+"""The picture tools: scripts/dynamics.py (TG-DP supplement Fig. 1), scripts/embed.py with its t-SNE
+(Fig. 2), scripts/cases.py (Fig. 3) and scripts/reconstruct.py, against independent re-computations
+and on a tiny synthetic set with random tiny checkpoints (nothing is trained)."""
 import argparse
 import dataclasses
 import json
@@ -19,8 +19,8 @@ from scripts import cases, dynamics, embed, reconstruct
 from scripts.plot import class_colour
 from scripts.synth import make_synthetic
 
-TINY = dict(audio_length=64, img_size=32, embed_dim=64, num_heads=4, modality_depth=1, decoder_embed_dim=32,
-            decoder_depth=1, decoder_num_heads=4, num_registers=2)
+TINY = dict(audio_length=64, img_size=32, embed_dim=64, num_heads=4, modality_depth=1,
+            decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=4, num_registers=2)
 NUM_CLASSES = 4
 
 pytestmark = pytest.mark.usefixtures('one_thread')
@@ -28,7 +28,7 @@ pytestmark = pytest.mark.usefixtures('one_thread')
 
 @pytest.fixture(scope='module')
 def synth(tmp_path_factory):
-    """40 clips of 4 classes (32 train, 8 eval) with object masks, frames at the tiny model's size."""
+    """40 clips of 4 classes (32 train, 8 eval) with object masks, frames at the tiny model size."""
     out = str(tmp_path_factory.mktemp('synth'))
     make_synthetic(out, num_clips=40, seed=0, num_classes=NUM_CLASSES, frame_size=32)
     return dict(dir=out, train=os.path.join(out, 'train.json'), eval=os.path.join(out, 'eval.json'),
@@ -77,18 +77,22 @@ def write_log(path, rows):
     with open(path, 'w') as f:
         for it, a, v, c in rows:
             f.write(json.dumps(dict(iter=it, rec_a=a, rec_v=v, con=c, loss=a + v + c)) + '\n')
-        f.write(json.dumps({'iter': rows[-1][0], 'retrieval': {'V->A': {'R@1': 1.0}, 'A->V': {'R@1': 2.0}}}) + '\n')
+        f.write(json.dumps({'iter': rows[-1][0],
+                            'retrieval': {'V->A': {'R@1': 1.0}, 'A->V': {'R@1': 2.0}}}) + '\n')
 
 
 def test_dynamics_plots_each_run_and_term(tmp_path, capsys):
     a, b = str(tmp_path / 'tgdp' / 'log.jsonl'), str(tmp_path / 'sync' / 'log.jsonl')
     write_log(a, [(20, 1.0, 0.8, 3.0), (40, 0.7, 0.6, 2.0), (60, 0.5, 0.4, 1.0)])
-    write_log(b, [(20, 1.1, 0.9, 3.3), (40, 0.9, 0.8, 2.9), (40, 0.8, 0.7, 2.5), (60, 0.6, 0.5, 2.2)])  # resumed at 40
+    write_log(b,
+              [(20, 1.1, 0.9, 3.3), (40, 0.9, 0.8, 2.9), (40, 0.8, 0.7, 2.5),
+               (60, 0.6, 0.5, 2.2)])  # resumed at 40
     out = str(tmp_path / 'dyn.png')
     dynamics.main(['--logs', a, b, '--out', out, '--width', '900', '--height', '300'])
     curves = dynamics.dynamics_plot([a, b], out, width=900, height=300)
     assert curves['tgdp']['con'] == ([20, 40, 60], [3.0, 2.0, 1.0])
-    assert curves['sync']['rec_a'] == ([20, 40, 60], [1.1, 0.8, 0.6])  # the resumed iteration's last record
+    assert curves['sync']['rec_a'] == ([20, 40, 60],
+                                       [1.1, 0.8, 0.6])  # the resumed iteration's last record
     pixels = png(out)
     assert pixels.shape == (300, 900, 3)
     for k in range(3):  # every panel holds both runs' lines
@@ -145,8 +149,10 @@ def test_tsne_keeps_well_separated_clusters_as_neighbours():
 
 def test_embed_tsne_two_checkpoints(synth, ckpts, tmp_path):
     out = str(tmp_path / 'tsne.png')
-    embed.main(['--ckpt', ckpts[0], '--compare', ckpts[1], '--method', 'tsne', '--data', synth['train'],
-                '--label_csv', synth['labels'], '--out', out, '--size', '400', '--num_workers', '0'])
+    embed.main(['--ckpt', ckpts[0], '--compare', ckpts[1], '--method', 'tsne', '--data',
+                synth['train'],
+                '--label_csv', synth['labels'], '--out', out, '--size', '400', '--num_workers',
+                '0'])
     pixels = png(out)
     legend = 400 * 2 // 7
     panel = 400 - legend
@@ -171,7 +177,8 @@ def test_case_study_topk_is_the_retrieval_ranking():
     queries = [0, 3, 7, 12, 25]
     idx, scores, ranks = cases.case_study(feats, queries, k=5)
     for q, i in enumerate(queries):  # brute force: mean over frames of cosines, sorted
-        s = [np.mean([F.cosine_similarity(feats['g_a'][i, t], feats['g_v'][j, t], dim=0).item() for t in range(4)])
+        s = [np.mean([F.cosine_similarity(feats['g_a'][i, t], feats['g_v'][j, t],
+                                          dim=0).item() for t in range(4)])
              for j in range(30)]
         assert idx[q].tolist() == list(np.argsort(s)[::-1][:5])
         assert scores[q].tolist() == pytest.approx(sorted(s, reverse=True)[:5], abs=1e-6)
@@ -188,8 +195,9 @@ def test_case_study_topk_is_the_retrieval_ranking():
 
 def test_cases_plot_outlines_the_true_match(synth, ckpts, tmp_path):
     args = argparse_like(ckpts[0])
-    feats = [evaluate.features_for(args, synth['eval']), evaluate.features_for(argparse_like(ckpts[1]), synth['eval'])]
-    feats[1]['g_v'] = feats[1]['g_a'].clone()  # checkpoint 2 made perfect: each query's own clip ranks first
+    feats = [evaluate.features_for(args, synth['eval']),
+             evaluate.features_for(argparse_like(ckpts[1]), synth['eval'])]
+    feats[1]['g_v'] = feats[1]['g_a'].clone()  # checkpoint 2 made perfect: each own clip first
     ds = data.AVDataset(synth['eval'], mode='eval', audio_length=64, img_size=32)
     out = str(tmp_path / 'cases.png')
     result = cases.cases_plot(ds, feats, out, queries=[1, 4, 6], k=3, cell=40)
@@ -211,8 +219,8 @@ def test_cases_plot_outlines_the_true_match(synth, ckpts, tmp_path):
 
 
 def argparse_like(ckpt):
-    return argparse.Namespace(ckpt=ckpt, weights='model', device='cpu', batch_size=8, num_workers=0, num_frames=16,
-                              cache=None)
+    return argparse.Namespace(ckpt=ckpt, weights='model', device='cpu', batch_size=8, num_workers=0,
+                              num_frames=16, cache=None)
 
 
 # --- reconstruction and PCA map ------------------------------------------------------------
@@ -222,7 +230,8 @@ def test_reconstruct_writes_grid(synth, ckpts, tmp_path):
     out = str(tmp_path / 'rec')
     reconstruct.main(['--ckpt', ckpt, '--data', synth['eval'], '--out', out, '--num_clips', '2',
                       '--num_workers', '0'])
-    pixels = assert_png(os.path.join(out, 'reconstruction.png'), reconstruct.reconstruct_size(ModelConfig(**TINY), 2))
+    pixels = assert_png(os.path.join(out, 'reconstruction.png'),
+                        reconstruct.reconstruct_size(ModelConfig(**TINY), 2))
     assert (pixels == reconstruct.MASK_GREY).all(axis=-1).any()  # masked patches are drawn grey
     with pytest.raises(ValueError, match='decoder'):
         reconstruct.main(['--ckpt', ckpt, '--weights', 'teacher', '--data', synth['eval'],
