@@ -1,4 +1,4 @@
-"""
+r"""
 Synthetic audio-visual clips in the CAV-MAE layout, learnable at tiny scale, with no
 single-modality or whole-clip shortcut.
 

@@ -1,4 +1,4 @@
-"""Shards (`data.py shard`, the TG-DP supplement's webdataset packing): the tar layout read back with
+"""Shards (`scripts/shard.py`, the TG-DP supplement's webdataset packing): the tar layout read back with
 tarfile (and webdataset when installed), items equal to the JSON loader's, resumable packing, and the
 training stream's guarantees (disjoint readers, equal batch counts, exact mid-epoch resume, seeding)."""
 import io
@@ -13,6 +13,8 @@ import soundfile as sf
 import torch
 
 import data
+from scripts.bench_loader import bench
+from scripts.shard import write_shards
 from scripts.synth import make_synthetic
 
 SMALL = dict(audio_length=128, img_size=32, time_shift=True)
@@ -24,7 +26,7 @@ def synth(tmp_path_factory):
     root = tmp_path_factory.mktemp('shards')
     make_synthetic(str(root / 'syn'), num_clips=30, frame_size=32)
     json_path, labels = str(root / 'syn' / 'train.json'), str(root / 'syn' / 'labels.csv')
-    data.write_shards(json_path, str(root / 'sh'), shard_size=4)
+    write_shards(json_path, str(root / 'sh'), shard_size=4)
     return dict(root=root, json=json_path, labels=labels, shards=str(root / 'sh'))
 
 
@@ -124,7 +126,7 @@ def test_shard_items_equal_json_items(synth, mode):
 
 def test_bench_reads_shards_cold(synth, capsys):
     for spec, source in [(synth['shards'], 'shards, shuffle buffer 2'), (synth['json'], 'files')]:
-        assert data.bench(spec, img_size=32, audio_length=128, batch_size=2, num_batches=2, cold=True,
+        assert bench(spec, img_size=32, audio_length=128, batch_size=2, num_batches=2, cold=True,
                           shuffle_buffer=2) > 0
         out = capsys.readouterr().out
         assert f'({source}, 0 workers' in out and '4 items, cold page cache' in out and 'evicted' in out
@@ -133,7 +135,7 @@ def test_bench_reads_shards_cold(synth, capsys):
 def test_flac_shards_equal_and_smaller(synth):
     # synthetic wavs are 16-bit PCM: flac is lossless for them
     out = str(synth['root'] / 'sh_flac')
-    data.write_shards(synth['json'], out, shard_size=8, audio='flac')
+    write_shards(synth['json'], out, shard_size=8, audio='flac')
     with tarfile.open(os.path.join(out, 'shards-00000.tar')) as tar:
         names = tar.getnames()
         assert names[1].endswith('.flac')
@@ -160,7 +162,7 @@ def test_shard_writing_resumes_and_lists_bad_clips(synth, tmp_path, capsys):
     for e in entries:
         e['wav'], e['video_path'] = os.path.join(root, e['wav']), root if e['video_id'] != bad else str(tmp_path)
     json.dump({'data': entries}, open(json_path, 'w'))
-    first = data.write_shards(json_path, out, shard_size=7)
+    first = write_shards(json_path, out, shard_size=7)
     assert list(first['skipped']) == [bad] and 'frame file not found' in first['skipped'][bad]
     assert sum(len(s['clips']) for s in first['shards']) == 29
     # an interrupted run: a shard missing, a half-written .tmp; the rerun writes only that shard
@@ -169,13 +171,13 @@ def test_shard_writing_resumes_and_lists_bad_clips(synth, tmp_path, capsys):
         f.write(b'half a shard')
     stamps = {n: os.path.getmtime(os.path.join(out, n)) for n in os.listdir(out) if n.endswith('.tar')}
     capsys.readouterr()
-    again = data.write_shards(json_path, out, shard_size=7)
+    again = write_shards(json_path, out, shard_size=7)
     assert '5 shards: 4 already written, 1 to write' in capsys.readouterr().out
     assert again == first
     assert all(os.path.getmtime(os.path.join(out, n)) == t for n, t in stamps.items())
     assert not os.path.exists(os.path.join(out, 'shards-00002.tar.tmp'))
     with pytest.raises(ValueError, match='shard_size differ'):
-        data.write_shards(json_path, out, shard_size=5)
+        write_shards(json_path, out, shard_size=5)
     ds = data.AVDataset(out, mode='eval', **SMALL)
     assert len(ds) == 29 and bad not in [c['id'] for c in ds.clips]
 
