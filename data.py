@@ -330,6 +330,33 @@ def check_clip(clip, num_frames):
     return None
 
 
+def with_members(clip):
+    """A shard clip with its members' headers read (once per item); a file clip as it is."""
+    if 'tar' in clip and 'members' not in clip:
+        return dict(clip, members=tar_members(clip['tar'], clip['offset'], clip['end']))
+    return clip
+
+
+def eval_inputs(clip, img_size, num_frames, geometry='crop'):
+    """A clip's whole waveform (n,) (16 kHz, mean removed) and its num_frames frames (T, 3, H, W), from
+    files or a shard: what an evaluation item is built from (AVDataset eval mode, the probe's
+    augmented clips, which mix and shift the waveform first). geometry: of the frames (fit_frame)."""
+    clip = with_members(clip)
+    waveform = load_waveform(clip_wav(clip), clip['id'])
+    frames = [load_frame(clip_frame(clip, i), img_size, clip['id'], geometry=geometry)
+              for i in range(num_frames)]
+    return waveform, torch.stack(frames)
+
+
+def eval_segments(waveform, num_frames, audio_length, num_mel_bins):
+    """Waveform (n,) -> the num_frames frame-aligned fbank segments (T, L, F), normalised: one fbank per
+    clip, segment i centred on frame i."""
+    fbank = fbank_frames(waveform, num_mel_bins)  # (1024, F)
+    audio = torch.stack([fbank[slice(*segment_bounds(i, num_frames, TARGET_FRAMES, audio_length))]
+                         for i in range(num_frames)])  # (T, L, F)
+    return (audio - FBANK_MEAN) / FBANK_STD
+
+
 def load_item(clip, mode, epoch, seed, audio_length, num_mel_bins, img_size, num_frames, time_shift,
               geometry='crop'):
     """One clip (a row of read_clip_table) -> the dataset item (AVDataset's docstring) without its label.
@@ -337,27 +364,18 @@ def load_item(clip, mode, epoch, seed, audio_length, num_mel_bins, img_size, num
     the same clip gives the same item from files or shards, in any worker, rank, or order.
     geometry: of the eval-mode frames (fit_frame)."""
     T, L = num_frames, audio_length
-    if 'tar' in clip and 'members' not in clip:  # read the headers once per item
-        clip = dict(clip, members=tar_members(clip['tar'], clip['offset'], clip['end']))
-    item = dict(id=clip['id'])
-    if mode == 'train':
-        rng = np.random.default_rng((seed, epoch, clip['index']))
-        frame = int(rng.integers(T))
-        shift = int(rng.integers(-MAX_TIME_SHIFT, MAX_TIME_SHIFT + 1)) if time_shift else 0
-        start, end = segment_bounds(frame, T, TARGET_FRAMES, L)
-        audio = load_segment_fbank(clip_wav(clip), clip['id'], num_mel_bins, start, end, shift)  # (L, F)
-        # JPEG draft decoding for training only: evaluation decodes in full, as the reference pipeline
-        image = load_frame(clip_frame(clip, frame), img_size, clip['id'], draft=True)
-        item['frame'] = frame
-    else:
-        fbank = fbank_frames(load_waveform(clip_wav(clip), clip['id']), num_mel_bins)  # (1024, F), once per clip
-        audio = torch.stack([fbank[slice(*segment_bounds(i, T, TARGET_FRAMES, L))]
-                             for i in range(T)])  # (T, L, F)
-        image = torch.stack([load_frame(clip_frame(clip, i), img_size, clip['id'], geometry=geometry)
-                             for i in range(T)])  # (T, 3, H, W)
-    item['audio'] = (audio - FBANK_MEAN) / FBANK_STD
-    item['image'] = image
-    return item
+    clip = with_members(clip)
+    if mode != 'train':
+        waveform, image = eval_inputs(clip, img_size, T, geometry)
+        return dict(id=clip['id'], audio=eval_segments(waveform, T, L, num_mel_bins), image=image)
+    rng = np.random.default_rng((seed, epoch, clip['index']))
+    frame = int(rng.integers(T))
+    shift = int(rng.integers(-MAX_TIME_SHIFT, MAX_TIME_SHIFT + 1)) if time_shift else 0
+    start, end = segment_bounds(frame, T, TARGET_FRAMES, L)
+    audio = load_segment_fbank(clip_wav(clip), clip['id'], num_mel_bins, start, end, shift)  # (L, F)
+    # JPEG draft decoding for training only: evaluation decodes in full, as the reference pipeline
+    image = load_frame(clip_frame(clip, frame), img_size, clip['id'], draft=True)
+    return dict(id=clip['id'], frame=frame, audio=(audio - FBANK_MEAN) / FBANK_STD, image=image)
 
 
 class AVDataset(torch.utils.data.Dataset):

@@ -129,10 +129,10 @@ def main(argv=None):
     parser.add_argument('--seed', type=int, default=0, help='random pick of the queries')
     args = parse_model_args(parser, argv)
     titles = checkpoint_titles(args.ckpt, args.compare, args.titles)
-    feats = [features_for(args, args.data)]
-    if args.compare:
-        feats.append(features_for(argparse.Namespace(**{**vars(args), 'ckpt': args.compare, 'model': None}),
-                                  args.data))
+    feats = [features_for(ckpt, args.data, None, args.weights, 'joint', args.num_frames, args.cache,
+                          dtype=args.dtype, batch_size=args.batch_size, device=args.device,
+                          num_workers=args.num_workers)
+             for ckpt in [args.ckpt] + ([args.compare] if args.compare else [])]
     if any(f['ids'] != feats[0]['ids'] for f in feats):
         raise ValueError('the two checkpoints were evaluated on different clips')
     queries = pick_queries(args.queries, args.num_queries, feats[0]['g_a'].shape[0], args.seed)

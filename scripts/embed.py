@@ -274,10 +274,10 @@ def main(argv=None):
                         help='image height in pixels (and width of one panel + legend)')
     args = parse_model_args(parser, argv)
     titles = checkpoint_titles(args.ckpt, args.compare, args.titles)
-    feats = [features_for(args, args.data, args.label_csv)]
-    if args.compare:
-        feats.append(features_for(argparse.Namespace(**{**vars(args), 'ckpt': args.compare, 'model': None}), args.data,
-                                  args.label_csv))
+    feats = [features_for(ckpt, args.data, args.label_csv, args.weights, 'joint', args.num_frames,
+                          args.cache, dtype=args.dtype, batch_size=args.batch_size,
+                          device=args.device, num_workers=args.num_workers)
+             for ckpt in [args.ckpt] + ([args.compare] if args.compare else [])]
     embed_plot(feats, args.out, args.size, args.method, titles, args.max_classes, args.perplexity,
                args.centre)
     print(f'wrote {args.out}')

@@ -1,7 +1,6 @@
 """The picture tools: scripts/dynamics.py (TG-DP supplement Fig. 1), scripts/embed.py with its t-SNE
 (Fig. 2), scripts/cases.py (Fig. 3) and scripts/reconstruct.py, against independent re-computations
 and on a tiny synthetic set with random tiny checkpoints (nothing is trained)."""
-import argparse
 import dataclasses
 import json
 import os
@@ -194,9 +193,7 @@ def test_case_study_topk_is_the_retrieval_ranking():
 
 
 def test_cases_plot_outlines_the_true_match(synth, ckpts, tmp_path):
-    args = argparse_like(ckpts[0])
-    feats = [evaluate.features_for(args, synth['eval']),
-             evaluate.features_for(argparse_like(ckpts[1]), synth['eval'])]
+    feats = [evaluate.features_for(ckpt, synth['eval']) for ckpt in ckpts]
     feats[1]['g_v'] = feats[1]['g_a'].clone()  # checkpoint 2 made perfect: each own clip first
     ds = data.AVDataset(synth['eval'], mode='eval', audio_length=64, img_size=32)
     out = str(tmp_path / 'cases.png')
@@ -216,11 +213,6 @@ def test_cases_plot_outlines_the_true_match(synth, ckpts, tmp_path):
     cases.main(['--ckpt', ckpts[0], '--compare', ckpts[1], '--data', synth['eval'], '--out', cli,
                 '--num_queries', '2', '--k', '3', '--num_workers', '0'])
     assert png(cli).std() > 5
-
-
-def argparse_like(ckpt):
-    return argparse.Namespace(ckpt=ckpt, weights='model', device='cpu', batch_size=8, num_workers=0,
-                              num_frames=16, cache=None)
 
 
 # --- reconstruction and PCA map ------------------------------------------------------------

@@ -1,7 +1,8 @@
 """
 Our CAVMAESync computes the released CAV-MAE Sync / TG-DP functions (tests/release_model.py), pass by pass,
 with the same weights and the same masks: reconstruction, global tokens, guided contrastive view, teacher
-priorities, and gradients of a whole TG-DP loss.
+priorities, gradients of a whole TG-DP loss, and the releases' probing model (CAVMAEFT) on evaluate.py's
+probe inputs.
 """
 import math
 import os
@@ -10,10 +11,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import evaluate
 import masking
 from losses import distill_loss, info_nce
-from model import CAVMAESync, ModelConfig, convert_official_state_dict
-from release_model import ReleaseCAVMAE, release_state_dict_from_ours
+from model import CAVMAESync, ModelConfig, convert_official_state_dict, load_weights
+from release_model import ReleaseCAVMAE, ReleaseCAVMAEFT, release_state_dict_from_ours
 
 TINY = dict(audio_length=64, num_mel_bins=32, img_size=32, patch_size=8, embed_dim=48, num_heads=4,
             modality_depth=2, joint_depth=1, decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=4,
@@ -201,3 +203,72 @@ def test_tgdp_loss_gradients_agree(pair):
     rel.zero_grad(set_to_none=True)
     ours.eval()
     rel.eval()
+
+
+# --- the releases' probing model (CAVMAEFT) -----------------------------------------------------
+
+def probe_from_release(ft, num_heads):
+    """evaluate.AttentionProbe holding the release classifier's weights (its Blocks' qkv / proj / mlp
+    become nn.TransformerEncoderLayer's in_proj / out_proj / linear1 / linear2)."""
+    dim, num_classes = ft.classifier_head.in_features, ft.classifier_head.out_features
+    probe = evaluate.AttentionProbe(dim, num_classes, num_heads)
+    sd = {'cls_token': ft.cls_cls_token, 'norm.weight': ft.classifier_norm.weight,
+          'norm.bias': ft.classifier_norm.bias, 'head.weight': ft.classifier_head.weight,
+          'head.bias': ft.classifier_head.bias}
+    names = {'self_attn.in_proj_': 'attn.qkv.', 'self_attn.out_proj.': 'attn.proj.', 'linear1.': 'mlp.fc1.',
+             'linear2.': 'mlp.fc2.', 'norm1.': 'norm1.', 'norm2.': 'norm2.'}
+    released = ft.state_dict()
+    for i in range(len(ft.classifier_layers)):
+        for ours, theirs in names.items():
+            for p in ('weight', 'bias'):
+                sd[f'blocks.{i}.{ours}{p}'] = released[f'classifier_layers.{i}.{theirs}{p}']
+    probe.load_state_dict(sd)
+    return probe.eval()
+
+
+@pytest.mark.parametrize('probe_input', ['global', 'patch'])
+def test_probe_equals_release_cavmaeft(probe_input):
+    """evaluate's default probe input ('global': the modality encoders' global-token outputs, before the
+    joint layer, no LayerNorm) + AttentionProbe = the releases' CAVMAEFT with cls_token=True; 'patch'
+    (their mean patch outputs) = CAVMAEFT with cls_token=False on a model without global tokens. Random
+    official-layout weights, converted by model.load_weights; random classifier weights, copied."""
+    global_token, T, B, C = probe_input == 'global', 4, 3, 5
+    cfg = ModelConfig(**TINY, global_token=global_token)
+    rel = perturbed_release(ModelConfig(**TINY), seed=11)
+    ft = ReleaseCAVMAEFT(rel, C, T, cls_token=global_token).eval()
+    g = torch.Generator().manual_seed(12)
+    with torch.no_grad():
+        for name, prm in ft.named_parameters():
+            if not name.startswith('encoder.'):
+                prm.copy_(prm + 0.5 * torch.randn(prm.shape, generator=g))
+    sd = {'module.' + k: v for k, v in rel.state_dict().items() if global_token or 'cls_token' not in k}
+    ours = CAVMAESync(cfg).eval()
+    load_weights(ours, sd, verbose=False)
+    a, v, _, _ = inputs(cfg, B=B * T, seed=13)  # B clips x T frames, clip-major
+    with torch.no_grad():
+        fa, fv = evaluate.frame_vectors(ours, a, v, probe_input)  # (B*T, D) each
+        assert close(torch.cat([fa, fv], dim=1), ft.frame_features(a, v))
+        x = evaluate.probe_inputs(dict(g_a=fa.view(B, T, -1), g_v=fv.view(B, T, -1)))  # (B, T, 2D)
+        assert close(probe_from_release(ft, cfg.num_heads)(x), ft(a, v))
+        if global_token:  # the retrieval embedding (after the joint layer and norm_a) is another vector
+            ja, _ = evaluate.frame_vectors(ours, a, v, 'joint')
+            assert not close(ja, fa, atol=1e-2)
+
+
+def test_patch_and_register_probe_inputs_of_a_model_with_global_tokens(pair):
+    """'patch' / 'register': the mean of the encoders' patch / register outputs, the global token left out
+    (Table 12 of the CAV-MAE Sync supplement probes global, register and patch tokens; the releases'
+    CAVMAEFT never feeds its registers to the classifier)."""
+    ours, rel = pair
+    a, v, _, _ = inputs(ours.config, seed=14)
+    R = ours.config.num_registers
+    with torch.no_grad():
+        ra, rv = ReleaseCAVMAEFT(rel, 5, 4).encoder_outputs(a, v)  # (B, 1 + N + R, D): cls first
+        pa, pv = evaluate.frame_vectors(ours, a, v, 'patch')
+        qa, qv = evaluate.frame_vectors(ours, a, v, 'register')
+    assert close(pa, ra[:, 1:-R].mean(dim=1)) and close(pv, rv[:, 1:-R].mean(dim=1))
+    assert close(qa, ra[:, -R:].mean(dim=1)) and close(qv, rv[:, -R:].mean(dim=1))
+    with pytest.raises(ValueError, match='num_registers=0'):
+        evaluate.frame_vectors(CAVMAESync(ModelConfig(**{**TINY, 'num_registers': 0})), a, v, 'register')
+    with pytest.raises(ValueError, match='global tokens'):
+        evaluate.frame_vectors(CAVMAESync(ModelConfig(**TINY, global_token=False)), a, v, 'global')

@@ -304,7 +304,6 @@ def test_stream_resume_layout_and_worker_checks(synth):
 def test_feature_cache_keys_shard_sets(synth, tmp_path, monkeypatch):
     """evaluate.py --cache on a brace pattern: a plain file name, a hit on the second call, a miss
     after a shard changes (the key stamps every shard, not the pattern string)."""
-    import argparse
     import evaluate
     import model
     calls = []
@@ -313,15 +312,14 @@ def test_feature_cache_keys_shard_sets(synth, tmp_path, monkeypatch):
                         dict(g_a=torch.zeros(len(ds), 16, 4), g_v=torch.zeros(len(ds), 16, 4)))
     ckpt = tmp_path / 'ckpt.pt'
     ckpt.write_bytes(b'weights')
-    args = argparse.Namespace(ckpt=str(ckpt), weights='model', device='cpu', batch_size=8, num_workers=0,
-                              num_frames=16, cache=str(tmp_path / 'cache'))
+    cache = str(tmp_path / 'cache')
     spec = os.path.join(synth['shards'], 'shards-{00000..00003}.tar')
-    evaluate.features_for(args, spec)
-    assert os.listdir(args.cache)[0].startswith('shards-_00000..00003_-')
-    evaluate.features_for(args, spec)
+    evaluate.features_for(str(ckpt), spec, cache=cache)
+    assert os.listdir(cache)[0].startswith('shards-_00000..00003_-')
+    evaluate.features_for(str(ckpt), spec, cache=cache)
     assert calls == [16]  # cached
     shard = os.path.join(synth['shards'], 'shards-00002.tar')
     st = os.stat(shard)
     os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns + 10 ** 9))
-    evaluate.features_for(args, spec)
-    assert calls == [16, 16] and len(os.listdir(args.cache)) == 2
+    evaluate.features_for(str(ckpt), spec, cache=cache)
+    assert calls == [16, 16] and len(os.listdir(cache)) == 2
