@@ -438,17 +438,20 @@ def diffusion_noise(B):  # DiffMAViL's timestep per clip and Gaussian noise per 
 def losses_for(audio, image, rec_mask_ratio):
     """One micro-batch of the selected method -> (total loss, dict of detached terms)."""
     terms = {}
-    keep_a = keep_v = None
+    con_a = con_v = None  # the contrastive view; none for sync / cavmae (one view feeds both)
     B, Na, Nv = audio.shape[0], raw_model.num_patches_a, raw_model.num_patches_v
     if method == 'tgdp':
-        # the release's Gumbel reading ranks the raw attention; the other choices do not depend on its scale
-        t_a, t_v, p_a, p_v = teacher_forward(audio, image, normalize=contrastive_masking != 'gumbel')
-        keep_a = masking.contrastive_keep(contrastive_masking, p_a, contrastive_mask_ratio, noise(B, Na))
-        keep_v = masking.contrastive_keep(contrastive_masking, p_v, contrastive_mask_ratio, noise(B, Nv))
+        t_a, t_v, attn_a, attn_v = teacher_forward(audio, image)  # attention: (B, Na), (B, Nv)
+        con_a = masking.contrastive_keep(contrastive_masking, attn_a, contrastive_mask_ratio, noise(B, Na))
+        con_v = masking.contrastive_keep(contrastive_masking, attn_v, contrastive_mask_ratio, noise(B, Nv))
     elif method == 'dualpass':
-        keep_a = masking.random_masking(B, Na, contrastive_mask_ratio, noise=noise(B, Na))[0]
-        keep_v = masking.random_masking(B, Nv, contrastive_mask_ratio, noise=noise(B, Nv))[0]
-    out = model(audio, image, rec_mask_ratio, keep_a, keep_v, noise(B, Na), noise(B, Nv), diffusion_noise(B))
+        con_a = masking.random_masking(B, Na, contrastive_mask_ratio, noise=noise(B, Na))[0]
+        con_v = masking.random_masking(B, Nv, contrastive_mask_ratio, noise=noise(B, Nv))[0]
+    # the reconstruction view, made here outside the compiled model: a changing mask ratio changes
+    # only the length of these index tensors, which the compiled graph takes as a dynamic size
+    keep_a = masking.random_masking(B, Na, rec_mask_ratio, noise=noise(B, Na))[0]  # (B, ka)
+    keep_v = masking.random_masking(B, Nv, rec_mask_ratio, noise=noise(B, Nv))[0]  # (B, kv)
+    out = model(audio, image, keep_a, keep_v, con_a, con_v, diffusion_noise(B))
     loss_con, terms['con_acc'] = info_nce(out['g_a'], out['g_v'], temperature, contrastive_direction,
                                           contrastive_negatives)
     loss = rec_weight * out['loss'] + con_weight * loss_con
