@@ -22,6 +22,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 import data
+import masking
 from evaluate import load_model, make_dataset
 from model import autocast
 from scripts.plot import (add_model_args, frame_to_rgb, parse_model_args, save_png,
@@ -94,9 +95,14 @@ def reconstruct(model, dataset, out_path, frame=None, num_clips=4, mask_ratio=0.
         raise ValueError(f'--frame {t} is outside 0..{T - 1}')
     audio = batch['audio'][:, t].to(device)  # (B, L, F)
     image = batch['image'][:, t].to(device)  # (B, 3, H, W)
-    torch.manual_seed(seed)  # the random masks
+    gen = torch.Generator().manual_seed(seed)  # the random masks
+    B, Na, Nv = audio.shape[0], model.num_patches_a, model.num_patches_v
+    noise_a = torch.rand(B, Na, generator=gen).to(device)  # (B, Na)
+    noise_v = torch.rand(B, Nv, generator=gen).to(device)  # (B, Nv)
+    keep_a = masking.random_masking(B, Na, mask_ratio, noise=noise_a)[0]  # (B, ka)
+    keep_v = masking.random_masking(B, Nv, mask_ratio, noise=noise_v)[0]  # (B, kv)
     with autocast(device, dtype):
-        out = model.forward_reconstruction(audio, image, mask_ratio, mask_ratio)
+        out = model(audio, image, keep_a, keep_v)  # CAV-MAE Sync's single view: no contrastive one
     audio_cols = reconstruction_columns(model, audio, out['pred_a'], out['mask_a'],
                                         model.patchify_audio, model.unpatchify_audio)
     visual_cols = reconstruction_columns(model, image, out['pred_v'], out['mask_v'],

@@ -59,8 +59,7 @@ def teacher_priorities(model, dataset, batch_size=8, device='cpu', num_workers=0
         B, T = batch['audio'].shape[:2]
         with autocast(device, dtype):
             _, _, p_a, p_v = model.forward_teacher(batch['audio'].flatten(0, 1).to(device),
-                                                   batch['image'].flatten(0, 1).to(device),
-                                                   normalize=False)
+                                                   batch['image'].flatten(0, 1).to(device))
         raw['a'].append(p_a.float().cpu())
         raw['v'].append(p_v.float().cpu())
         groups.append(torch.arange(B).repeat_interleave(T) + n * batch_size)
@@ -94,9 +93,8 @@ def view_scores(model, dataset, mask_ratio=0.5, batch_size=8, device='cpu', num_
         for modality in ('a', 'v'):
             priority = raw[modality]  # (n, N)
             noise = torch.rand(priority.shape, generator=gen)
-            normalized = priority / priority.sum(dim=1, keepdim=True)
-            keep = masking.contrastive_keep(method, priority if method == 'gumbel' else normalized,
-                                            mask_ratio, noise)
+            normalized = masking.teacher_priority(priority)  # (n, N), sums to 1 per frame
+            keep = masking.contrastive_keep(method, priority, mask_ratio, noise)  # from the raw
             s = dict(priority=100 * float(normalized.gather(1, keep).sum(1).mean()),
                      overlap=100 * keep_overlap(keep, groups, priority.shape[1]))
             if modality == 'v' and has.any():

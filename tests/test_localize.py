@@ -385,3 +385,15 @@ def test_denseav_scores_pool_the_frames_of_each_class(synth, ckpt, monkeypatch):
         gt = torch.from_numpy(np.stack([m for _, m in v]))
         assert scores['model']['per_class'][str(c)]['IoU'] == pytest.approx(
             100 * localize.best_threshold_iou(heat, gt), abs=1e-9)
+
+
+def test_dtype_comes_from_the_command_line(synth, ckpt, tmp_path, monkeypatch):
+    """The maps run under model.autocast(device, --dtype); float32 by default on a CPU."""
+    seen, autocast = [], localize.autocast
+    monkeypatch.setattr(localize, 'autocast',
+                        lambda device, dtype: seen.append(dtype) or autocast(device, dtype))
+    for extra, expected in (([], 'float32'), (['--dtype', 'bfloat16'], 'bfloat16')):
+        localize.main(['--ckpt', ckpt, '--data', synth['eval'], '--out', str(tmp_path / expected),
+                       '--num_clips', '1', '--metrics_clips', '1', '--num_workers', '0'] + extra)
+        assert seen and set(seen) == {expected}
+        seen.clear()

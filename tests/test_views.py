@@ -66,7 +66,7 @@ def test_view_scores_on_a_planted_teacher(tmp_path):
                           mask=mask, has_mask=torch.ones(T, dtype=torch.bool), label=torch.zeros(0),
                           id=str(n)))
 
-    def forward_teacher(audio, image, normalize=True):
+    def forward_teacher(audio, image):
         p_v = image[:, 0].unfold(1, p, p).unfold(2, p, p).sum((-1, -2)).flatten(1) + 1e-3  # (B, 16)
         p_a = torch.arange(1.0, 21.0).expand(audio.shape[0], 20)  # one ranking for every clip
         return None, None, p_a, p_v
