@@ -1,28 +1,19 @@
-
 """
-Evaluation with the papers' protocols (TG-DP and CAV-MAE Sync), so that results compare with
-their tables.
+Evaluation with the papers' protocols (TG-DP and CAV-MAE Sync), so that results compare with theirs.
 
-  retrieval  zero-shot clip-to-clip retrieval, V->A and A->V: R@1/5/10 (percent) and median rank,
-             on the per-frame global tokens after the joint layer (g_a, g_v after norm_a / norm_v)
+  retrieval  zero-shot clip-to-clip retrieval, V->A and A->V: R@1/5/10 (percent) and median rank on
+             the per-frame global tokens after the joint layer (g_a, g_v after norm_a / norm_v)
   probe      frozen encoders, attention probe (CLS + 2 transformer layers) on the T per-frame
-             vectors [a; v]: mAP (multi-label, over every class) or top-1 (single-label). By
-             default the releases' probe input (the global-token outputs of the modality encoders,
-             --probe_input) and the papers' recipe (time shift and mixup of the inputs, features
-             re-extracted every epoch, --augment)
+             vectors [a; v]: mAP (multi-label, every class) or top-1. Defaults: the releases' probe
+             input (--probe_input global) and the papers' recipe (--augment input)
 
-Examples:
   python evaluate.py retrieval --ckpt out/ckpt.pt --data vgg_retrieval.json --cache feats
   python evaluate.py probe --ckpt out/ckpt.pt --train as20k.json --eval as_eval.json \\
-      --label_csv class_labels_indices.csv --cache feats
-  python evaluate.py probe ... --augment cached    # the quick option: mixup of cached features
+      --label_csv class_labels_indices.csv --cache feats [--augment cached]
 
---ckpt takes a train.py checkpoint (--weights teacher picks its EMA teacher) or an official
-CAV-MAE Sync / TG-DP release. Features of a (checkpoint, dataset) pair are extracted once (clips x
-frames batched into one forward) and, with --cache DIR, stored so that re-running with another
-strategy or probe costs nothing. Functions for other scripts: load_model, make_dataset,
-extract_features, features_for, similarity, retrieval_metrics, retrieval, mean_average_precision,
-train_probe.
+--ckpt: a train.py checkpoint (--weights teacher: its EMA teacher) or an official CAV-MAE Sync /
+TG-DP release. Features are extracted with all T frames of a batch of clips in one forward and,
+with --cache DIR, stored for the next run.
 """
 import argparse
 import dataclasses
@@ -52,11 +43,9 @@ PROBE_INPUTS = ('global', 'patch', 'register', 'joint')
 # loading
 
 def load_model(ckpt_path, device='cpu', weights='model'):
-    """A train.py checkpoint (dict with 'model', 'teacher', 'model_args') or an official CAV-MAE
-    Sync / TG-DP state dict (bare or under 'model') -> CAVMAESync in eval mode on device, read by
-    model.read_checkpoint and loaded by model.load_weights as train.py's init_from.
-    weights='teacher' picks the EMA teacher (encoder only: the model is built without a decoder, so
-    the load stays strict)."""
+    """A train.py checkpoint or an official CAV-MAE Sync / TG-DP state dict -> CAVMAESync in eval
+    mode, read by model.read_checkpoint, loaded by model.load_weights (as train.py's init_from).
+    weights='teacher': the EMA teacher, built without a decoder so that the load stays strict."""
     if weights not in ('model', 'teacher'):
         raise ValueError(f"weights must be 'model' or 'teacher', got {weights!r}")
     ckpt = read_checkpoint(ckpt_path)
@@ -75,9 +64,9 @@ def load_model(ckpt_path, device='cpu', weights='model'):
 
 
 def make_dataset(data_json, label_csv, config, num_frames=16, masks=False):
-    """Eval-mode dataset (all T frames and their aligned segments) at the model's input sizes, from
-    a dataset JSON or a shard set (data.AVDataset: shard folder, index.json, brace pattern). With a
-    label CSV every clip must carry labels (probing scores by them); masks: the object masks too."""
+    """Eval-mode data.AVDataset (all T frames and their segments) of a dataset JSON or shard set at
+    the model's input sizes; with a label CSV every clip must carry labels; masks: object masks
+    too."""
     return data.AVDataset(data_json, label_csv=label_csv, mode='eval',
                           audio_length=config.audio_length, num_mel_bins=config.num_mel_bins,
                           img_size=config.img_size, num_frames=num_frames,
@@ -87,45 +76,29 @@ def make_dataset(data_json, label_csv, config, num_frames=16, masks=False):
 # -----------------------------------------------------------------------------
 # features
 
-def check_probe_input(config, embedding):
-    """A clear error when the model cannot give the vectors `embedding` names (PROBE_INPUTS)."""
-    if embedding not in PROBE_INPUTS:
-        raise ValueError(f'unknown probe input {embedding!r}; choose from {PROBE_INPUTS}')
-    if embedding == 'global' and not config.global_token:
-        raise ValueError('--probe_input global needs a model with global tokens; this one '
-                         'mean-pools its patches (CAV-MAE style): use --probe_input patch or joint')
-    if embedding == 'register' and not config.num_registers:
-        raise ValueError('--probe_input register needs a model with register tokens '
-                         '(this one has num_registers=0)')
-
-
-def encoder_outputs(model, emb, modality):
-    """The modality encoder as model.encode runs it, on unmasked patch embeddings emb (B, N, D),
-    keeping the register outputs that encode drops -> (B, [1 +] N [+ R], D): global token first, no
-    LayerNorm."""
-    x = model.add_tokens(emb, modality)
-    for blk in (model.blocks_a if modality == 'a' else model.blocks_v):
-        x = blk(x)
-    return x
-
-
 def frame_vectors(model, audio, image, embedding='joint'):
     """One vector per frame and modality: audio (B, L, F), image (B, 3, H, W) -> a, v (B, D).
-      joint     g_a, g_v: the global tokens after the joint layer's audio / visual passes and norm_a
-                / norm_v (what InfoNCE aligns; the retrieval embedding)
-      global    the global-token outputs of the modality encoders, before the joint layer and
-                without a LayerNorm: the releases' probe input (CAVMAEFT, cls_token=True, which runs
-                the joint layer and discards it)
-      patch     the mean of the encoders' patch-token outputs (CAVMAEFT with cls_token=False)
-      register  the mean of the encoders' register-token outputs (the releases' probe drops them)"""
+      joint     g_a, g_v after the joint layer's audio / visual passes and norm_a / norm_v
+                (the retrieval embedding)
+      global    the modality encoders' global-token outputs, before the joint layer, no LayerNorm:
+                the releases' probe input (CAVMAEFT, cls_token=True; it runs the joint layer and
+                discards it)
+      patch     the mean of the encoders' patch outputs (CAVMAEFT with cls_token=False)
+      register  the mean of the encoders' register outputs (CAVMAEFT drops them)"""
+    c = model.config
     if embedding == 'joint':
         g_a, g_v, _, _ = model.forward_features(audio, image, tokens=False)  # (B, D) each
         return g_a, g_v
-    check_probe_input(model.config, embedding)
-    first = int(model.config.global_token)  # position of the first patch token
+    lacks = {'global': not c.global_token, 'patch': False, 'register': not c.num_registers}
+    if lacks.get(embedding, True):
+        raise ValueError(f'--probe_input {embedding!r}: not one of {PROBE_INPUTS} this model has '
+                         f'(global_token={c.global_token}, num_registers={c.num_registers})')
+    first = int(c.global_token)  # position of the first patch token
     out = []
     for modality, emb in (('a', model.embed_audio(audio)), ('v', model.embed_image(image))):
-        x = encoder_outputs(model, emb, modality)  # (B, [1 +] N [+ R], D)
+        x = model.add_tokens(emb, modality)  # the encoder as model.encode runs it, registers kept
+        for blk in (model.blocks_a if modality == 'a' else model.blocks_v):
+            x = blk(x)  # (B, [1 +] N [+ R], D): no LayerNorm
         N = emb.shape[1]
         tokens = {'global': x[:, :1], 'patch': x[:, first:first + N], 'register': x[:, first + N:]}
         out.append(tokens[embedding].mean(dim=1))  # (B, D)
@@ -135,11 +108,9 @@ def frame_vectors(model, audio, image, embedding='joint'):
 @torch.no_grad()
 def extract_features(model, dataset, batch_size=8, device='cpu', num_workers=0, dtype='float32',
                      embedding='joint'):
-    """frame_vectors of every clip, each batch of clips x frames in one forward, under the caller's
-    precision model.autocast(device, dtype) ('float32' | 'bfloat16' | 'float16'). batch_size counts
-    clips (a forward sees batch_size * T frames). Returns dict(g_a, g_v (N, T, D) float32 on CPU:
-    the per-frame audio and visual vectors of `embedding`, labels (N, C), ids [N], class_names [C],
-    embedding)."""
+    """frame_vectors of every clip, a batch of batch_size clips x T frames per forward, under the
+    caller's precision model.autocast(device, dtype). -> dict(g_a, g_v (N, T, D) float32 on CPU (the
+    `embedding` vectors), labels (N, C), ids [N], class_names [C], embedding)."""
     was_training = model.training
     model.eval()
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
@@ -178,19 +149,16 @@ def _data_stamp(spec):
 def features_for(ckpt, data_json, label_csv=None, weights='model', embedding='joint',
                  num_frames=16, cache=None, get_model=None, dtype='float32', batch_size=8,
                  device='cpu', num_workers=0):
-    """extract_features of checkpoint ckpt (its `weights`) on data_json, through the cache directory
-    when given: the key covers the files, weights, embedding, num_frames and dtype. get_model: a
-    function returning the loaded model, called only when the features are not cached (a command
-    loads the model once for several splits); default load_model(ckpt, device, weights). Adds
-    'model_args' to the dict."""
+    """extract_features of ckpt's `weights` on data_json (+ 'model_args'), through the cache
+    directory when given (the key: the files, weights, embedding, num_frames, dtype). get_model()
+    loads the model, only when needed (default load_model(ckpt, device, weights))."""
     stamps = [_file_stamp(ckpt), weights, _data_stamp(data_json),
               _file_stamp(label_csv) if label_csv else None, num_frames, embedding, dtype]
     path = None
     if cache:
         key = hashlib.sha1(json.dumps(stamps).encode()).hexdigest()[:16]
-        stem = os.path.splitext(os.path.basename(data_json.rstrip('/')))[0]
-        stem = re.sub(r'[^\w.-]', '_', stem)  # the braces of a shard pattern
-        path = os.path.join(cache, f'{stem}-{key}.pt')
+        stem = re.sub(r'[^\w.-]', '_', os.path.splitext(os.path.basename(data_json.rstrip('/')))[0])
+        path = os.path.join(cache, f'{stem}-{key}.pt')  # (a shard pattern's braces replaced)
         if os.path.exists(path):
             print(f'features of {data_json}: cached in {path}')
             return torch.load(path, weights_only=True)
@@ -212,14 +180,13 @@ def features_for(ckpt, data_json, label_csv=None, weights='model', embedding='jo
 # retrieval
 
 def similarity(query, candidates, strategy='diag_mean', max_elements=2 ** 26):
-    """Clip-to-clip scores (N, M) from per-frame embeddings query (N, T, D) and candidates (M, T,
-    D), frame t of one clip aligned with frame t of the other. With cos the cosine of two frames:
+    """Clip-to-clip scores (N, M) of per-frame embeddings query (N, T, D), candidates (M, T, D),
+    frame t aligned with frame t. With cos the cosine of two frames:
       diag_mean   mean_t   cos(q_t, c_t)     (the papers' default)
       block_mean  mean_t,s cos(q_t, c_s)
       diag_max    max_t    cos(q_t, c_t)
       block_max   max_t,s  cos(q_t, c_s)
-    All four are symmetric: similarity(a, b).T == similarity(b, a) (up to rounding). The max
-    strategies are computed in chunks of queries holding at most max_elements frame-pair scores."""
+    All four are symmetric. The max strategies run in chunks of at most max_elements frame pairs."""
     if strategy not in STRATEGIES:
         raise ValueError(f'unknown strategy {strategy!r}; choose from {STRATEGIES}')
     if query.dim() != 3 or candidates.dim() != 3 or query.shape[1:] != candidates.shape[1:]:
@@ -251,9 +218,9 @@ def similarity(query, candidates, strategy='diag_mean', max_elements=2 ** 26):
 
 
 def retrieval_metrics(sim):
-    """sim (N, N): row i scores query i against every candidate; its true match is candidate i. The
-    rank of the true match is 1 + the number of other candidates scoring at least as high, so a tie
-    counts against the model. Returns R@1, R@5, R@10 (percent of queries) and the median rank."""
+    """sim (N, N): row i scores query i against every candidate, its match is candidate i. Rank = 1
+    + the other candidates scoring at least as high (a tie counts against the model) -> R@1/5/10
+    (percent of queries), median rank."""
     if sim.dim() != 2 or sim.shape[0] != sim.shape[1]:
         raise ValueError(f'sim must be square (query i matches candidate i), '
                          f'got {tuple(sim.shape)}')
@@ -266,9 +233,8 @@ def retrieval_metrics(sim):
 
 
 def retrieval(features, strategies=('diag_mean',), device='cpu'):
-    """{strategy: {'V->A': metrics, 'A->V': metrics}} from extract_features' g_a, g_v (N, T, D),
-    scored on device. V->A: visual queries against audio candidates. Every strategy is symmetric, so
-    A->V uses the transpose."""
+    """{strategy: {'V->A': metrics, 'A->V': metrics}} of g_a, g_v (N, T, D) scored on device (V->A:
+    visual queries; A->V the transpose, every strategy being symmetric)."""
     g_a, g_v = features['g_a'].to(device), features['g_v'].to(device)
     results = {}
     for strategy in strategies:
@@ -278,8 +244,7 @@ def retrieval(features, strategies=('diag_mean',), device='cpu'):
 
 
 def print_table(header, rows, left=1):
-    """Rows of strings and numbers as an aligned table: floats with one decimal, the first `left`
-    columns aligned left, the others right."""
+    """Rows as an aligned table: floats with one decimal, the first `left` columns left-aligned."""
     cells = [[f'{x:.1f}' if isinstance(x, float) else str(x) for x in row]
              for row in [header] + rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
@@ -294,11 +259,10 @@ def print_table(header, rows, left=1):
 # attention probe
 
 def average_precisions(scores, targets):
-    """Per-class average precision (C,) float64 of scores, targets (N, C) (a target > 0 is a
-    positive): the mean over a class's positives of the precision among clips scoring at least as
-    high as that positive (tied clips share one threshold), sklearn's average_precision_score. A
-    class without positives gets 0, as sklearn gives CAV-MAE's stats.py (recall set to 1 at every
-    threshold)."""
+    """Per-class AP (C,) of scores, targets (N, C) (> 0: positive), sklearn's
+    average_precision_score: the mean over a class's positives of the precision among clips scoring
+    at least as high (tied clips share a threshold). A class without positives gets 0 (CAV-MAE's
+    stats.py)."""
     scores, positive = scores.double(), targets > 0
     if scores.shape != positive.shape or scores.dim() != 2:
         raise ValueError(f'scores and targets must both be (N, C), '
@@ -316,9 +280,9 @@ def average_precisions(scores, targets):
 
 
 def mean_average_precision(scores, targets):
-    """mAP in percent over every class, a class without positives counting as 0: CAV-MAE's stats.py
-    (np.mean of the per-class AP). On an eval set that lacks some classes (partial downloads) this
-    is lower than the mean over the classes present; cmd_probe prints both."""
+    """mAP in percent over every class, one without positives counting 0 (CAV-MAE's stats.py); on an
+    eval set lacking some classes it is below the mean over the classes present (probe prints
+    both)."""
     if not (targets > 0).any():
         raise ValueError('no class has a positive: mAP is undefined')
     return 100.0 * average_precisions(scores, targets).mean().item()
@@ -372,48 +336,42 @@ def probe_metric(logits, targets, multilabel):
 
 
 def label_type_from_csv(label_csv):
-    """The probe's default task from the dataset's label CSV: 'multi' (BCE, mAP) when every id is an
-    AudioSet ontology id (/m/..., /g/..., /t/...: AudioSet and AS-20K are multi-label), else
-    'single' (cross-entropy, top-1: VGGSound's ids, the synthetic set's). Decided by the label set,
-    not by the clips, so a multi-label set whose clips happen to carry one label each is still
-    scored by mAP."""
+    """'multi' (BCE, mAP) when every id of the label CSV is an AudioSet ontology id (/m/, /g/, /t/),
+    else 'single' (cross-entropy, top-1): the label set decides, not the clips' label counts."""
     mid_to_index, _ = data.read_label_csv(label_csv)
     audioset = all(mid.startswith(('/m/', '/g/', '/t/')) for mid in mid_to_index)
     return 'multi' if audioset else 'single'
 
 
 def class_balanced_weights(labels):
-    """Per-clip sampling weights as CAV-MAE's gen_weight_file.py: a class weighs 1000 / (its
-    training clips + 0.01), a clip the sum of its classes' weights. labels (N, C), > 0 = positive ->
-    (N,) float64."""
+    """Per-clip sampling weights as CAV-MAE's gen_weight_file.py: a class weighs 1000 / (its clips +
+    0.01), a clip the sum of its classes'. labels (N, C), > 0 = positive -> (N,) float64."""
     positive = (labels > 0).double()  # (N, C)
     return positive @ (1000.0 / (positive.sum(dim=0) + 0.01))
 
 
 def epoch_order(num_clips, gen, weights=None):
-    """Training clips of one probe epoch: a permutation, or num_clips draws with replacement in
-    proportion to weights (what torch.utils.data.WeightedRandomSampler(weights, num_clips) draws, as
-    the CAV-MAE release)."""
+    """One probe epoch's clips: a permutation, or num_clips draws with replacement in proportion to
+    weights (WeightedRandomSampler(weights, num_clips)'s draws, as the CAV-MAE release)."""
     if weights is None:
         return torch.randperm(num_clips, generator=gen)
     return torch.multinomial(weights, num_clips, replacement=True, generator=gen)
 
 
 def other_clip(index, num_clips, draw):
-    """A mixup partner: uniform over the other num_clips - 1 clips (never the clip itself, which
-    would be no mixup). draw(low, high) returns integers in [low, high)."""
+    """A mixup partner, uniform over the other clips (never the clip itself: that would be no
+    mixup); draw(low, high) returns integers in [low, high)."""
     return (index + draw(1, num_clips)) % num_clips
 
 
 class AugmentedClips(torch.utils.data.Dataset):
-    """The papers' probe augmentation at the input (the CAV-MAE fine-tuning loader's mixup, and a
-    time shift): the clips `order` of an eval-mode AVDataset (files or shards), position i drawn
-    from (seed, epoch, i) whatever the workers. With probability `mixup` a partner from the whole
-    set (other_clip), lambda ~ Beta(10, 10): waveforms mixed before the fbank (each mean-removed,
-    the partner cut or zero-padded to the clip's length, the mix mean-removed), every frame and the
-    labels mixed with the same lambda; then the waveform rolled by up to data.MAX_TIME_SHIFT samples
-    either way (the pretraining shift: a segment still matches its frame). Items as the dataset's
-    eval items, built by the same data.eval_inputs / data.eval_segments."""
+    """The papers' probe augmentation at the input (CAV-MAE's fine-tuning mixup, plus a time shift)
+    of the clips `order` of an eval-mode AVDataset (files or shards), item i drawn from (seed,
+    epoch, i): with probability `mixup` a partner (other_clip) and lambda ~ Beta(10, 10) mix the
+    mean-removed waveforms (the partner cut or zero-padded to the clip's length; the mix
+    mean-removed), every frame and the labels; then the waveform rolls by up to data.MAX_TIME_SHIFT
+    samples (the pretraining shift: segments stay with their frames). Built by AVDataset's
+    data.eval_inputs / data.eval_segments."""
 
     def __init__(self, dataset, order, epoch, seed=0, mixup=0.5):
         self.dataset, self.order, self.epoch = dataset, order.tolist(), epoch
@@ -445,9 +403,9 @@ class AugmentedClips(torch.utils.data.Dataset):
 
 
 def mixed_cached_batches(train_x, train_y, order, batch_size, mixup, gen, beta):
-    """The quick option's batches: cached features of the clips `order`, each clip mixed with
+    """The quick option's batches (x (B, T, dim), y (B, C)) of the clips `order`: each mixed with
     probability `mixup` with a partner from the whole training set (other_clip), lambda ~ Beta(10,
-    10), its labels likewise. -> iterator of (x (B, T, dim), y (B, C))."""
+    10)."""
     N = len(train_x)
     for i in range(0, len(order), batch_size):
         idx = order[i:i + batch_size]  # (B,)
@@ -464,8 +422,8 @@ def mixed_cached_batches(train_x, train_y, order, batch_size, mixup, gen, beta):
 
 
 def probe_steps(probe, optimizer, loss_fn, batches, lr_at, step):
-    """One epoch of optimiser steps on batches of (x, y), the learning rate lr_at(step) at each.
-    -> (sum of the clips' losses, the next step)."""
+    """One epoch of optimiser steps on batches (x, y), lr_at(step) at each -> (loss sum, next
+    step)."""
     probe.train()
     total_loss = 0.0
     for x, y in batches:
@@ -483,16 +441,13 @@ def probe_steps(probe, optimizer, loss_fn, batches, lr_at, step):
 def train_probe(train_x, train_y, eval_x, eval_y, multilabel, lr, epochs, batch_size=48,
                 num_heads=12, mixup=0.5, wa_start=3, warmup_frac=0.1, min_lr=0.0, weight_decay=5e-7,
                 device='cpu', seed=0, balanced=False, epoch_inputs=None):
-    """Train an AttentionProbe on frozen features x (N, T, dim), targets y (N, C) multi-hot; report
-    on eval_x / eval_y. Adam (0.95, 0.999), linear warmup over warmup_frac of the steps (10%: 1.5 of
-    15 epochs, 1 of 10) then cosine down to min_lr, weights averaged over the ends of epochs
-    wa_start..epochs (1-based). Each epoch draws N clips: a permutation, or with balanced=True with
-    replacement in proportion to class_balanced_weights(train_y). Augmentation: epoch_inputs, a
-    function (epoch, order) -> (x (N, T, dim), y (N, C)) giving the features of the clips `order`
-    extracted from augmented inputs (augmented_inputs: the papers' recipe; train_x may then be
-    None); without it, the quick option: mixup of the cached features (mixed_cached_batches). Loss:
-    BCE for multi-label data, cross-entropy otherwise. Returns a dict with per-epoch history, the
-    metric of the last weights ('last') and of the averaged weights ('final')."""
+    """An AttentionProbe on frozen features x (N, T, dim), targets y (N, C), scored on eval_x /
+    eval_y: Adam (0.95, 0.999), linear warmup over warmup_frac of the steps then cosine to min_lr,
+    weights averaged over the ends of epochs wa_start..epochs (1-based), BCE (multi-label) or
+    cross-entropy. An epoch draws N clips (epoch_order; balanced: class_balanced_weights).
+    epoch_inputs(epoch, order) -> (x, y) of those clips from augmented inputs (augmented_inputs, the
+    papers' recipe; train_x may be None); without it, the quick option mixed_cached_batches. ->
+    dict(history, last, final, ...)."""
     if not 1 <= wa_start <= epochs:
         raise ValueError(f'wa_start={wa_start} must lie in 1..epochs={epochs}')
     if not multilabel and (train_y.sum(dim=1) == 0).any():
@@ -538,9 +493,8 @@ def train_probe(train_x, train_y, eval_x, eval_y, multilabel, lr, epochs, batch_
 
 def augmented_inputs(model, dataset, modality='av', embedding='global', seed=0, mixup=0.5,
                      dtype='float32', batch_size=8, device='cpu', num_workers=0):
-    """epoch_inputs for train_probe, the papers' recipe: each epoch, the features of that epoch's
-    clips of `dataset` (an eval-mode AVDataset) re-extracted from inputs augmented by
-    AugmentedClips."""
+    """train_probe's epoch_inputs for the papers' recipe: every epoch, the features of its clips of
+    `dataset` (eval-mode AVDataset) re-extracted from AugmentedClips."""
     def epoch_inputs(epoch, order):
         clips = AugmentedClips(dataset, order, epoch, seed, mixup)
         feats = extract_features(model, clips, batch_size, device, num_workers, dtype, embedding)
@@ -570,10 +524,9 @@ def cmd_retrieval(args):
 
 
 def probe_settings(label_csv, label_type, balanced, train_labels, eval_labels):
-    """(multilabel, balanced) from --label_type and --balanced: 'auto' takes the task from the label
-    CSV (label_type_from_csv) and balances single-label sets only (the TG-DP / CAV-MAE Sync
-    supplements: VGGSound class-balanced, AS-20K not). A single-label run on clips with several
-    labels is an error."""
+    """(multilabel, balanced) from --label_type and --balanced; 'auto': the task from the label CSV,
+    class-balanced sampling for single-label sets only (the supplements: VGGSound yes, AS-20K
+    no)."""
     task = label_type_from_csv(label_csv) if label_type == 'auto' else label_type
     if task == 'single':
         for name, labels in (('--train', train_labels), ('--eval', eval_labels)):
@@ -586,9 +539,8 @@ def probe_settings(label_csv, label_type, balanced, train_labels, eval_labels):
 
 
 def probe_report(out, eval_scores, eval_labels):
-    """Prints the per-epoch table and the final metric. For mAP, the classes without a positive in
-    the eval set (they count as AP 0, as in CAV-MAE's stats.py) and the mAP over the others, also
-    returned."""
+    """Prints the per-epoch table and the final metric; for mAP also the classes without a positive
+    in the eval set (AP 0, as in CAV-MAE's stats.py) and the mAP over the others, returned too."""
     metric = out['metric']
     print()
     print_table(['epoch', 'lr', 'train loss', metric],
@@ -609,9 +561,8 @@ def probe_report(out, eval_scores, eval_labels):
 
 
 def probe_training_split(args, get_model, extract):
-    """-> (x_train (N, T, dim) or None, train labels (N, C), epoch_inputs or None). --augment cached:
-    the cached features of --train; input: no plain pass over --train (every epoch extracts its own
-    features from augmented inputs), the labels come from the dataset."""
+    """-> (x_train or None, train labels (N, C), epoch_inputs or None): --augment cached reads the
+    cached features of --train; input extracts no plain pass (every epoch extracts its own)."""
     if args.augment == 'cached':
         train = features_for(args.ckpt, args.train, args.label_csv, args.weights, args.probe_input,
                              args.num_frames, args.cache, get_model, **extract)
@@ -641,14 +592,11 @@ def cmd_probe(args):
     epochs = args.epochs if args.epochs is not None else (15 if multilabel else 10)
     num_heads = args.probe_heads or test['model_args']['num_heads']
     x_eval = probe_inputs(test, args.modality)
-    print(f"probe: {args.probe_input} vectors, modality {args.modality}, {len(train_labels)} train / "
-          f"{x_eval.shape[0]} eval clips x {x_eval.shape[1]} frames x {x_eval.shape[2]}-d, "
-          f"{train_labels.shape[1]} classes, "
-          f"{'multi-label: BCE, mAP' if multilabel else 'single-label: cross-entropy, top-1'}, "
-          f"{'class-balanced sampling, ' if balanced else ''}mixup {args.mixup:g} of the "
-          f"{'inputs + time shift' if epoch_inputs else 'cached features'}, lr {lr:g} "
-          f'(warmup {args.warmup_frac:.0%}, cosine to {args.min_lr:g}), {epochs} epochs, '
-          f'batch {args.probe_batch_size}, {num_heads} heads')
+    print(f"probe: {args.probe_input} {args.modality} vectors {tuple(x_eval.shape[1:])}, "
+          f"{len(train_labels)} / {len(x_eval)} clips, {train_labels.shape[1]} classes, "
+          f"{'BCE, mAP' if multilabel else 'cross-entropy, top-1'}, balanced {balanced}, mixup "
+          f"{args.mixup:g} of the {'inputs' if epoch_inputs else 'cached features'}, lr {lr:g}, "
+          f'{epochs} epochs, batch {args.probe_batch_size}, {num_heads} heads')
     out = train_probe(x_train, train_labels, x_eval, test['labels'], multilabel, lr, epochs,
                       args.probe_batch_size, num_heads, args.mixup, args.wa_start, args.warmup_frac,
                       args.min_lr, device=args.device, seed=args.seed, balanced=balanced,
@@ -671,31 +619,26 @@ def add_probe_parser(sub, common):
     p.add_argument('--eval', required=True, help='evaluation dataset JSON or shard set')
     p.add_argument('--label_csv', required=True)
     p.add_argument('--probe_input', choices=PROBE_INPUTS, default='global',
-                   help="global: the modality encoders' global-token outputs (the releases' "
-                        'probe); patch / register: their mean patch / register outputs; joint: '
-                        'g_a, g_v after the joint layer and norm_a / norm_v (retrieval\'s)')
+                   help="global: the modality encoders' global-token outputs (the releases'); "
+                        'patch / register: their mean patch / register outputs; joint: g_a, g_v '
+                        'after the joint layer and norm_a / norm_v (the retrieval embedding)')
     p.add_argument('--modality', choices=('av', 'a', 'v'), default='av')
     p.add_argument('--augment', choices=('input', 'cached'), default='input',
                    help="input: the papers' recipe, time shift and mixup of waveforms, frames and "
                         'labels, features re-extracted every epoch; cached: the quick option, '
-                        'mixup of the cached features (one extraction pass per split)')
+                        'mixup of the cached features')
     p.add_argument('--mixup', type=float, default=0.5, help='probability that a clip is mixed')
-    p.add_argument('--lr', type=float,
-                   help='default: 5e-2 multi-label (AS-20K), 1e-3 single-label (VGGSound)')
+    p.add_argument('--lr', type=float, help='default: 5e-2 multi-label (AS-20K), 1e-3 single')
     p.add_argument('--epochs', type=int, help='default: 15 multi-label, 10 single-label')
     p.add_argument('--probe_batch_size', type=int, default=48)
     p.add_argument('--probe_heads', type=int, help="default: the encoder's number of heads")
     p.add_argument('--label_type', choices=('auto', 'multi', 'single'), default='auto',
-                   help='auto: multi (BCE, mAP) when the label CSV has AudioSet ontology ids, '
-                        'else single (top-1)')
+                   help='auto: multi (BCE, mAP) for AudioSet ontology ids, else single (top-1)')
     p.add_argument('--balanced', choices=('auto', 'yes', 'no'), default='auto',
-                   help='class-balanced sampling (CAV-MAE gen_weight_file.py weights); '
-                        'auto: single-label sets only')
-    p.add_argument('--warmup_frac', type=float, default=0.1,
-                   help='linear warmup over this share of the steps')
+                   help='class-balanced sampling (gen_weight_file.py); auto: single-label only')
+    p.add_argument('--warmup_frac', type=float, default=0.1, help='share of steps in linear warmup')
     p.add_argument('--min_lr', type=float, default=0.0, help='the cosine schedule ends here')
-    p.add_argument('--wa_start', type=int, default=3,
-                   help='first epoch (1-based) in the weight average')
+    p.add_argument('--wa_start', type=int, default=3, help='first epoch (1-based) averaged')
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--out', help='results JSON')
     p.set_defaults(run=cmd_probe)
@@ -706,32 +649,23 @@ def main(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest='command', required=True)
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument('--ckpt', required=True,
-                        help='train.py checkpoint or official CAV-MAE Sync / TG-DP release')
+    common.add_argument('--ckpt', required=True, help='train.py checkpoint or official release')
     common.add_argument('--weights', choices=('model', 'teacher'), default='model',
                         help='train.py checkpoints: student or EMA teacher')
     common.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     common.add_argument('--dtype', choices=('float32', 'bfloat16', 'float16'),
-                        help='precision of the encoder forward (model.autocast); '
-                             'default bfloat16 on cuda, float32 elsewhere')
-    common.add_argument('--batch_size', type=int, default=8,
-                        help='clips per forward (each with all its frames)')
-    common.add_argument('--num_workers', type=int, default=min(4, os.cpu_count() or 1),
-                        help='data loading processes')
-    common.add_argument('--num_frames', type=int, default=16,
-                        help='frames (and aligned segments) per clip')
+                        help='autocast precision; default bfloat16 on cuda, float32 elsewhere')
+    common.add_argument('--batch_size', type=int, default=8, help='clips per forward, all frames')
+    common.add_argument('--num_workers', type=int, default=min(4, os.cpu_count() or 1))
+    common.add_argument('--num_frames', type=int, default=16, help='frames (and segments) per clip')
     common.add_argument('--cache', help='directory for extracted features, reused across runs')
-
     p = sub.add_parser('retrieval', parents=[common], help='zero-shot V->A and A->V retrieval')
     p.add_argument('--data', required=True, help='dataset JSON or shard set')
     p.add_argument('--label_csv', help='only stored with the features')
-    p.add_argument('--strategy', nargs='+', choices=STRATEGIES, default=['diag_mean'],
-                   help='clip-to-clip scoring')
+    p.add_argument('--strategy', nargs='+', choices=STRATEGIES, default=['diag_mean'])
     p.add_argument('--out', help='results JSON')
     p.set_defaults(run=cmd_retrieval)
-
     add_probe_parser(sub, common)
-
     args = parser.parse_args(argv)
     if args.dtype is None:
         args.dtype = 'bfloat16' if torch.device(args.device).type == 'cuda' else 'float32'

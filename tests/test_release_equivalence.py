@@ -279,5 +279,5 @@ def test_patch_and_register_probe_inputs_of_a_model_with_global_tokens(pair):
     assert close(qa, ra[:, -R:].mean(dim=1)) and close(qv, rv[:, -R:].mean(dim=1))
     with pytest.raises(ValueError, match='num_registers=0'):
         evaluate.frame_vectors(CAVMAESync(ModelConfig(**{**TINY, 'num_registers': 0})), a, v, 'register')
-    with pytest.raises(ValueError, match='global tokens'):
+    with pytest.raises(ValueError, match='global_token=False'):
         evaluate.frame_vectors(CAVMAESync(ModelConfig(**TINY, global_token=False)), a, v, 'global')
