@@ -39,9 +39,9 @@ TORCHRUN = (sys.executable, '-m', 'torch.distributed.run', '--standalone', '--np
 @pytest.fixture(scope='module')
 def synth(tmp_path_factory):
     out = tmp_path_factory.mktemp('synth')
-    subprocess.run([sys.executable, 'data.py', 'synth', '--out', str(out), '--num_clips', '40', '--seed', '0'],
+    subprocess.run([sys.executable, 'scripts/synth.py', '--out', str(out), '--num_clips', '40', '--seed', '0'],
                    cwd=ROOT, check=True, capture_output=True)
-    subprocess.run([sys.executable, 'data.py', 'shard', '--data', str(out / 'train.json'), '--out', str(out / 'shards'),
+    subprocess.run([sys.executable, 'scripts/shard.py', '--data', str(out / 'train.json'), '--out', str(out / 'shards'),
                     '--shard_size', '5'], cwd=ROOT, check=True, capture_output=True)
     return out
 
