@@ -22,14 +22,39 @@ import io
 import json
 import os
 import re
+import sys
 from collections import OrderedDict
 
 import numpy as np
 import soundfile as sf
 import torch
-import torchaudio
 from PIL import Image
 from tqdm import tqdm
+
+
+def torchaudio_error(error):
+    """Why torchaudio did not load, for a person: in practice a torchaudio wheel built for another torch (its
+    native library then misses a symbol), so name the installed pair and the pinned one."""
+    from importlib import metadata
+    versions = {}
+    for name in ('torch', 'torchaudio'):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = 'not installed'
+    requirements = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'requirements.txt')
+    pins = [line.strip() for line in open(requirements) if line.startswith(('torch=', 'torchaudio='))] \
+        if os.path.isfile(requirements) else []
+    return (f"error: torchaudio does not load ({type(error).__name__}: {error})\n"
+            f"installed: torch {versions['torch']} with torchaudio {versions['torchaudio']}; this project pins "
+            f"{' with '.join(pins) or 'torch==2.11.0 with torchaudio==2.11.0'}. A torchaudio wheel only loads with "
+            f"the torch it was built for: run `pip install -r requirements.txt` in a new virtual environment.")
+
+
+try:
+    import torchaudio
+except (ImportError, OSError) as e:  # OSError: libtorchaudio.so built against another torch
+    sys.exit(torchaudio_error(e))
 
 # -----------------------------------------------------------------------------
 # constants (the CAV-MAE / CAV-MAE Sync releases' preprocessing)
@@ -44,7 +69,6 @@ IMAGE_STD = (0.229, 0.224, 0.225)
 # train-mode time shift: at most 0.16 s either way (a quarter of the 0.64 s between frames), so a
 # segment still describes the moment of its frame
 MAX_TIME_SHIFT = 2560  # samples
-VIDEO_EXTENSIONS = ('.mp4', '.mkv', '.webm', '.avi', '.mov', '.flv', '.m4v', '.mpg', '.mpeg')
 
 
 class ClipError(RuntimeError):
@@ -167,8 +191,20 @@ def resize_centre_crop(img, size, img_size, resample):
     return img.crop((left, top, left + img_size, top + img_size))
 
 
-def load_frame(path, img_size, clip_id='', draft=False):
-    """JPEG -> (3, img_size, img_size): shorter side to img_size (bicubic), centre crop, normalised.
+def fit_frame(img, img_size, resample, geometry='crop', size=None):
+    """PIL image -> (img_size, img_size). geometry 'crop': shorter side to img_size, centre crop (the
+    training and evaluation pipeline); 'full': the whole frame resized to img_size x img_size, as the
+    Flickr-SoundNet / VGG-SS localisation code (EZ-VSL) does, so that boxes keep full-frame coordinates."""
+    if geometry == 'full':
+        return img.resize((img_size, img_size), resample)
+    if geometry != 'crop':
+        raise ValueError(f"geometry must be 'crop' or 'full', got {geometry!r}")
+    return resize_centre_crop(img, size or resized_size(*img.size, img_size), img_size, resample)
+
+
+def load_frame(path, img_size, clip_id='', draft=False, geometry='crop'):
+    """JPEG -> (3, img_size, img_size): shorter side to img_size (bicubic), centre crop, normalised
+    (geometry='full': the whole frame resized instead, fit_frame).
     Sizes are computed as torchvision's Resize/CenterCrop do, as in the reference pipeline.
     draft: let the JPEG decoder scale by 1/2, 1/4 or 1/8 while decoding when the result still covers
     the target size: a 1280x720 frame loads 2.4x faster, within 0.75 of 255 levels on average of the
@@ -184,7 +220,7 @@ def load_frame(path, img_size, clip_id='', draft=False):
             img = img.convert('RGB')
     except Exception as e:
         raise ClipError(f"clip '{clip_id}': cannot read frame file {path}: {e}") from e
-    img = resize_centre_crop(img, size, img_size, Image.BICUBIC)
+    img = fit_frame(img, img_size, Image.BICUBIC, geometry, size)
     x = torch.from_numpy(np.array(img)).permute(2, 0, 1).float()  # (3, H, W) in 0..255 (np.array: writable uint8)
     scale = 255.0 * torch.tensor(IMAGE_STD)[:, None, None]
     return x.sub_(255.0 * torch.tensor(IMAGE_MEAN)[:, None, None]).div_(scale)  # in place: no more copies
@@ -195,20 +231,22 @@ def frame_path(video_path, i, clip_id):
 
 
 def mask_path(video_path, i, clip_id):
-    """Object mask of frame i: an 8-bit PNG the size of the frame file, nonzero = sounding object."""
+    """Object mask of frame i: an 8-bit PNG the size of the frame file, grey level / 255 = the weight of
+    the sounding object at that pixel (0 = background)."""
     return os.path.join(video_path, f'mask_{i}', f'{clip_id}.png')
 
 
-def load_mask(path, img_size, clip_id=''):
-    """Mask PNG -> (img_size, img_size) bool, with load_frame's geometry (shorter side to img_size,
-    centre crop; nearest-neighbour resampling so that it stays binary)."""
+def load_mask(path, img_size, clip_id='', geometry='crop'):
+    """Mask PNG -> (img_size, img_size) float32 weights in [0, 1] (grey level / 255: a binary mask
+    gives 0 / 1, Flickr's annotator consensus 0.5 / 1), with load_frame's geometry (fit_frame;
+    nearest-neighbour resampling, so that no new grey levels appear)."""
     try:
         with Image.open(path) as img:
             img = img.convert('L')
     except Exception as e:
         raise ClipError(f"clip '{clip_id}': cannot read mask file {path}: {e}") from e
-    img = resize_centre_crop(img, resized_size(*img.size, img_size), img_size, Image.NEAREST)
-    return torch.from_numpy(np.array(img) > 0)
+    img = fit_frame(img, img_size, Image.NEAREST, geometry)
+    return torch.from_numpy(np.array(img)).float().div_(255.0)
 
 
 # -----------------------------------------------------------------------------
@@ -323,13 +361,15 @@ def with_members(clip):
     return clip
 
 
-def eval_inputs(clip, img_size, num_frames):
+def eval_inputs(clip, img_size, num_frames, geometry='crop'):
     """A clip's whole waveform (n,) (16 kHz, mean removed) and its num_frames frames (T, 3, H, W),
     from files or a shard: what an evaluation item is built from (AVDataset's eval mode, and the
-    probe's augmented clips, which mix and shift the waveform first)."""
+    probe's augmented clips, which mix and shift the waveform first). geometry: of the frames
+    (fit_frame)."""
     clip = with_members(clip)
     waveform = load_waveform(clip_wav(clip), clip['id'])
-    frames = [load_frame(clip_frame(clip, i), img_size, clip['id']) for i in range(num_frames)]
+    frames = [load_frame(clip_frame(clip, i), img_size, clip['id'], geometry=geometry)
+              for i in range(num_frames)]
     return waveform, torch.stack(frames)
 
 
@@ -343,15 +383,15 @@ def eval_segments(waveform, num_frames, audio_length, num_mel_bins):
 
 
 def load_item(clip, mode, epoch, seed, audio_length, num_mel_bins, img_size, num_frames,
-              time_shift):
+              time_shift, geometry='crop'):
     """One clip (a row of read_clip_table) -> the dataset item (AVDataset's docstring) without its
     label. Train mode draws the frame and the time shift from (seed, epoch, clip index): a pure
     function, so the same clip gives the same item from files or shards, in any worker, rank, or
-    order."""
+    order. geometry: of the eval-mode frames (fit_frame)."""
     T, L = num_frames, audio_length
     clip = with_members(clip)
     if mode != 'train':
-        waveform, image = eval_inputs(clip, img_size, T)
+        waveform, image = eval_inputs(clip, img_size, T, geometry)
         return dict(id=clip['id'], audio=eval_segments(waveform, T, L, num_mel_bins), image=image)
     rng = np.random.default_rng((seed, epoch, clip['index']))
     frame = int(rng.integers(T))
@@ -374,9 +414,11 @@ class AVDataset(torch.utils.data.Dataset):
     label: float32 multi-hot (num_classes,), length 0 without a label CSV. A clip with no labels gets
     an all-zero label unless require_labels (probing needs labels, pretraining does not); label ids
     that are not in the CSV are always an error (a wrong CSV).
-    masks=True adds mask (T, H, W) / (H, W) bool (the sounding object's pixels, from
-    {video_path}/mask_{i}/{video_id}.png, see mask_path) and has_mask (T,) / () bool: False where a
-    frame has no mask file (its mask is then all False). JSON datasets only.
+    masks=True adds mask (T, H, W) / (H, W) float32 weights in [0, 1] (the sounding object's pixels,
+    from {video_path}/mask_{i}/{video_id}.png, see mask_path) and has_mask (T,) / () bool: False where
+    a frame has no mask file (its mask is then all 0). JSON datasets only.
+    geometry (eval mode): 'crop' (default, the training pipeline's) or 'full' (the whole frame and its
+    mask resized, the localisation benchmarks' geometry; fit_frame).
     audio_length, num_mel_bins, img_size come from the model config; time_shift acts in train mode
     only. skip_bad=True checks every file at start-up, drops clips with a missing or unreadable
     wav/frame, prints the count and writes their ids to bad_list (default: next to the JSON,
@@ -384,7 +426,7 @@ class AVDataset(torch.utils.data.Dataset):
 
     def __init__(self, data_json, label_csv=None, mode='train', audio_length=416,
                  num_mel_bins=128, img_size=224, num_frames=16, time_shift=False, seed=0,
-                 skip_bad=False, bad_list=None, require_labels=False, masks=False):
+                 skip_bad=False, bad_list=None, require_labels=False, masks=False, geometry='crop'):
         if mode not in ('train', 'eval'):
             raise ValueError(f"mode must be 'train' or 'eval', got {mode!r}")
         if not 0 < audio_length <= TARGET_FRAMES:
@@ -392,7 +434,9 @@ class AVDataset(torch.utils.data.Dataset):
         self.mode, self.audio_length, self.num_mel_bins = mode, audio_length, num_mel_bins
         self.img_size, self.num_frames = img_size, num_frames
         self.time_shift, self.seed, self.epoch = time_shift, seed, 0
-        self.masks = masks
+        if geometry not in ('crop', 'full') or (geometry == 'full' and mode == 'train'):
+            raise ValueError(f"geometry must be 'crop' or, in eval mode, 'full'; got {geometry!r} ({mode})")
+        self.masks, self.geometry = masks, geometry
         self.clips = read_clip_table(data_json)
         if masks and self.clips and 'video_path' not in self.clips[0]:
             raise ValueError(f'{data_json}: masks=True needs a dataset JSON (shards carry no masks)')
@@ -431,14 +475,15 @@ class AVDataset(torch.utils.data.Dataset):
     def __getitem__(self, index):
         clip = self.clips[index]
         item = load_item(clip, self.mode, self.epoch, self.seed, self.audio_length,
-                         self.num_mel_bins, self.img_size, self.num_frames, self.time_shift)
+                         self.num_mel_bins, self.img_size, self.num_frames, self.time_shift, self.geometry)
         item['label'] = multi_hot(clip['classes'], self.num_classes)
         if self.masks:
             frames = [item['frame']] if self.mode == 'train' else range(self.num_frames)
             paths = [mask_path(clip['video_path'], i, clip['id']) for i in frames]
             has = torch.tensor([os.path.isfile(p) for p in paths])  # (T,)
-            empty = torch.zeros(self.img_size, self.img_size, dtype=torch.bool)
-            mask = torch.stack([load_mask(p, self.img_size, clip['id']) if ok else empty for p, ok in zip(paths, has)])
+            empty = torch.zeros(self.img_size, self.img_size)
+            mask = torch.stack([load_mask(p, self.img_size, clip['id'], self.geometry) if ok else empty
+                                for p, ok in zip(paths, has)])  # (T, H, W)
             item['mask'], item['has_mask'] = (mask[0], has[0]) if self.mode == 'train' else (mask, has)
         return item
 

@@ -52,6 +52,11 @@ def inputs(cfg, B=4, seed=1):
     return a, v, torch.rand(B, 32, generator=g), torch.rand(B, 16, generator=g)  # audio, image, noise_a, noise_v
 
 
+def views(m, noise_a, noise_v, ratio=0.75):  # the random reconstruction view of the given noise, as train.py
+    return (masking.random_masking(noise_a.shape[0], m.num_patches_a, ratio, noise=noise_a)[0],
+            masking.random_masking(noise_v.shape[0], m.num_patches_v, ratio, noise=noise_v)[0])
+
+
 def close(x, y, atol=ATOL):
     return x.shape == y.shape and torch.allclose(x, y, atol=atol, rtol=1e-4)
 
@@ -83,7 +88,7 @@ def test_reconstruction_equals_release_encoder_decoder_loss(pair):
     ours, rel = pair
     a, v, na, nv = inputs(ours.config)
     with torch.no_grad():
-        o = ours.forward_reconstruction(a, v, 0.75, 0.75, na, nv)
+        o = ours(a, v, *views(ours, na, nv))
         r = rel(a, v, 0.75, 0.75, mae_loss_weight=1.0, contrast_loss_weight=0.0, noise_a=na, noise_v=nv)
     assert torch.equal(o['mask_a'], r['mask_a']) and torch.equal(o['mask_v'], r['mask_v'])
     assert o['mask_a'].sum(1).tolist() == [24] * 4 and o['mask_v'].sum(1).tolist() == [12] * 4
@@ -98,7 +103,7 @@ def test_reconstruction_with_norm_pix_targets():
     ours.load_state_dict(convert_official_state_dict(rel.state_dict(), cfg))
     a, v, na, nv = inputs(cfg, seed=2)
     with torch.no_grad():
-        o = ours.forward_reconstruction(a, v, 0.75, 0.75, na, nv)
+        o = ours(a, v, *views(ours, na, nv))
         r = rel(a, v, mae_loss_weight=1.0, contrast_loss_weight=0.0, noise_a=na, noise_v=nv)
     assert close(o['loss_a'], r['loss_mae_a']) and close(o['loss_v'], r['loss_mae_v'])
 
@@ -107,7 +112,7 @@ def test_sync_globals_equal_release_cls_after_norm(pair):
     ours, rel = pair
     a, v, na, nv = inputs(ours.config)
     with torch.no_grad():
-        o = ours.forward_sync(a, v, 0.75, 0.75, na, nv)
+        o = ours(a, v, *views(ours, na, nv))  # one view: CAV-MAE Sync's single pass
         r = rel(a, v, 0.75, 0.75, mae_loss_weight=1.0, contrast_loss_weight=0.1, noise_a=na, noise_v=nv)
     assert close(o['g_a'], r['g_a']) and close(o['g_v'], r['g_v']) and close(o['loss'], r['loss_mae'])
     loss_c, _ = info_nce(o['g_a'], o['g_v'], 0.05)
@@ -116,11 +121,13 @@ def test_sync_globals_equal_release_cls_after_norm(pair):
 
 def test_guided_contrastive_equals_release_with_given_indices(pair):
     ours, rel = pair
-    a, v, _, _ = inputs(ours.config, seed=3)
-    _, _, p_a, p_v = ours.forward_teacher(a, v)
-    keep_a, keep_v = masking.guided_keep(p_a, 0.5), masking.guided_keep(p_v, 0.5)  # (4, 16), (4, 8)
-    with torch.no_grad():
-        g_a, g_v = ours.forward_contrastive(a, v, keep_a, keep_v)
+    a, v, na, nv = inputs(ours.config, seed=3)
+    _, _, attn_a, attn_v = ours.forward_teacher(a, v)  # as train.py chooses the guided view:
+    keep_a = masking.contrastive_keep('guided', attn_a, 0.5)  # (4, 16)
+    keep_v = masking.contrastive_keep('guided', attn_v, 0.5)  # (4, 8)
+    with torch.no_grad():  # the second view of the two-view forward
+        out = ours(a, v, *views(ours, na, nv), keep_a, keep_v)
+        g_a, g_v = out['g_a'], out['g_v']
         r = rel(a, v, mae_loss_weight=0.0, contrast_loss_weight=1.0, keep_a=keep_a, keep_v=keep_v)
     assert 'pred_a' not in r  # the release skips its decoder only when the MAE weight is 0
     assert close(g_a, r['g_a']) and close(g_v, r['g_v'])
@@ -131,7 +138,8 @@ def test_guided_contrastive_equals_release_with_given_indices(pair):
 def test_teacher_equals_release_explicit_attention(pair):
     ours, rel = pair
     a, v, _, _ = inputs(ours.config, seed=5)
-    t_a, t_v, p_a, p_v = ours.forward_teacher(a, v)
+    t_a, t_v, attn_a, attn_v = ours.forward_teacher(a, v)  # raw attention, normalised by masking
+    p_a, p_v = masking.teacher_priority(attn_a), masking.teacher_priority(attn_v)
     r_a, r_v, q_a, q_v = rel.forward_teacher(a, v)
     assert close(t_a, r_a) and close(t_v, r_v)
     assert close(p_a, q_a, 1e-6) and close(p_v, q_v, 1e-6)
@@ -171,10 +179,11 @@ def test_tgdp_loss_gradients_agree(pair):
     ours, rel = pair
     ours, rel = ours.train(), rel.train()  # no dropout anywhere: train() changes nothing numerically
     a, v, na, nv = inputs(ours.config, seed=7)
-    t_a, t_v, p_a, p_v = ours.forward_teacher(a, v)
-    keep_a, keep_v = masking.guided_keep(p_a, 0.5), masking.guided_keep(p_v, 0.5)
+    t_a, t_v, attn_a, attn_v = ours.forward_teacher(a, v)
+    keep_a = masking.contrastive_keep('guided', attn_a, 0.5)
+    keep_v = masking.contrastive_keep('guided', attn_v, 0.5)
 
-    out = ours(a, v, 0.75, keep_a, keep_v, na, nv)
+    out = ours(a, v, *views(ours, na, nv), keep_a, keep_v)
     loss_ours = out['loss'] + 0.1 * info_nce(out['g_a'], out['g_v'])[0] + distill_loss(out['g_a'], out['g_v'], t_a, t_v)
     rec = rel(a, v, 0.75, 0.75, mae_loss_weight=1.0, contrast_loss_weight=0.0, noise_a=na, noise_v=nv)
     con = rel(a, v, mae_loss_weight=0.0, contrast_loss_weight=0.1, keep_a=keep_a, keep_v=keep_v)

@@ -105,15 +105,15 @@ def test_tgdp_step_uses_teacher_topk_and_moves_teacher_by_ema(synth, tmp_path, m
     teacher_fwd, student_fwd, ema = (model_module.CAVMAESync.forward_teacher,
                                      model_module.CAVMAESync.forward, model_module.ema_update)
 
-    def spy_teacher(self, audio, image, normalize=True):
-        out = teacher_fwd(self, audio, image, normalize)
+    def spy_teacher(self, audio, image):
+        out = teacher_fwd(self, audio, image)
         assert not self.has_decoder  # the encoder-only teacher, never the student
         seen['priority'].append((out[2], out[3]))
         return out
 
-    def spy_student(self, audio, image, mask_ratio, keep_a, keep_v, *noise):  # the contrastive pass's visible patches
+    def spy_student(self, audio, image, rec_a, rec_v, keep_a, keep_v, *rest):  # keep: the contrastive view
         seen['keep'].append((keep_a, keep_v))
-        return student_fwd(self, audio, image, mask_ratio, keep_a, keep_v, *noise)
+        return student_fwd(self, audio, image, rec_a, rec_v, keep_a, keep_v, *rest)
 
     def spy_ema(teacher, student, momentum):
         before = {k: p.clone() for k, p in teacher.named_parameters()}
