@@ -403,9 +403,9 @@ class AugmentedClips(torch.utils.data.Dataset):
 
 
 def mixed_cached_batches(train_x, train_y, order, batch_size, mixup, gen, beta):
-    """The quick option's batches (x (B, T, dim), y (B, C)) of the clips `order`: each mixed with
-    probability `mixup` with a partner from the whole training set (other_clip), lambda ~ Beta(10,
-    10)."""
+    """The quick option's batches (x (B, T, dim), y (B, C)) of the clips `order`: each clip mixed,
+    with probability `mixup`, with a partner from the whole training set (other_clip), lambda ~
+    Beta(10, 10)."""
     N = len(train_x)
     for i in range(0, len(order), batch_size):
         idx = order[i:i + batch_size]  # (B,)
@@ -422,8 +422,7 @@ def mixed_cached_batches(train_x, train_y, order, batch_size, mixup, gen, beta):
 
 
 def probe_steps(probe, optimizer, loss_fn, batches, lr_at, step):
-    """One epoch of optimiser steps on batches (x, y), lr_at(step) at each -> (loss sum, next
-    step)."""
+    """One epoch of optimiser steps on batches (x, y) at lr_at(step) -> (loss sum, next step)."""
     probe.train()
     total_loss = 0.0
     for x, y in batches:
