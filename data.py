@@ -362,9 +362,10 @@ def with_members(clip):
 
 
 def eval_inputs(clip, img_size, num_frames, geometry='crop'):
-    """A clip's whole waveform (n,) (16 kHz, mean removed) and its num_frames frames (T, 3, H, W), from
-    files or a shard: what an evaluation item is built from (AVDataset eval mode, the probe's
-    augmented clips, which mix and shift the waveform first). geometry: of the frames (fit_frame)."""
+    """A clip's whole waveform (n,) (16 kHz, mean removed) and its num_frames frames (T, 3, H, W),
+    from files or a shard: what an evaluation item is built from (AVDataset's eval mode, and the
+    probe's augmented clips, which mix and shift the waveform first). geometry: of the frames
+    (fit_frame)."""
     clip = with_members(clip)
     waveform = load_waveform(clip_wav(clip), clip['id'])
     frames = [load_frame(clip_frame(clip, i), img_size, clip['id'], geometry=geometry)
@@ -373,20 +374,20 @@ def eval_inputs(clip, img_size, num_frames, geometry='crop'):
 
 
 def eval_segments(waveform, num_frames, audio_length, num_mel_bins):
-    """Waveform (n,) -> the num_frames frame-aligned fbank segments (T, L, F), normalised: one fbank per
-    clip, segment i centred on frame i."""
+    """Waveform (n,) -> the num_frames frame-aligned fbank segments (T, L, F), normalised: one fbank
+    per clip, segment i centred on frame i."""
     fbank = fbank_frames(waveform, num_mel_bins)  # (1024, F)
     audio = torch.stack([fbank[slice(*segment_bounds(i, num_frames, TARGET_FRAMES, audio_length))]
                          for i in range(num_frames)])  # (T, L, F)
     return (audio - FBANK_MEAN) / FBANK_STD
 
 
-def load_item(clip, mode, epoch, seed, audio_length, num_mel_bins, img_size, num_frames, time_shift,
-              geometry='crop'):
-    """One clip (a row of read_clip_table) -> the dataset item (AVDataset's docstring) without its label.
-    Train mode draws the frame and the time shift from (seed, epoch, clip index): a pure function, so
-    the same clip gives the same item from files or shards, in any worker, rank, or order.
-    geometry: of the eval-mode frames (fit_frame)."""
+def load_item(clip, mode, epoch, seed, audio_length, num_mel_bins, img_size, num_frames,
+              time_shift, geometry='crop'):
+    """One clip (a row of read_clip_table) -> the dataset item (AVDataset's docstring) without its
+    label. Train mode draws the frame and the time shift from (seed, epoch, clip index): a pure
+    function, so the same clip gives the same item from files or shards, in any worker, rank, or
+    order. geometry: of the eval-mode frames (fit_frame)."""
     T, L = num_frames, audio_length
     clip = with_members(clip)
     if mode != 'train':
@@ -396,7 +397,8 @@ def load_item(clip, mode, epoch, seed, audio_length, num_mel_bins, img_size, num
     frame = int(rng.integers(T))
     shift = int(rng.integers(-MAX_TIME_SHIFT, MAX_TIME_SHIFT + 1)) if time_shift else 0
     start, end = segment_bounds(frame, T, TARGET_FRAMES, L)
-    audio = load_segment_fbank(clip_wav(clip), clip['id'], num_mel_bins, start, end, shift)  # (L, F)
+    audio = load_segment_fbank(clip_wav(clip), clip['id'], num_mel_bins, start, end,
+                               shift)  # (L, F)
     # JPEG draft decoding for training only: evaluation decodes in full, as the reference pipeline
     image = load_frame(clip_frame(clip, frame), img_size, clip['id'], draft=True)
     return dict(id=clip['id'], frame=frame, audio=(audio - FBANK_MEAN) / FBANK_STD, image=image)

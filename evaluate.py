@@ -65,8 +65,8 @@ def load_model(ckpt_path, device='cpu', weights='model'):
 
 def make_dataset(data_json, label_csv, config, num_frames=16, masks=False):
     """Eval-mode data.AVDataset (all T frames and their segments) of a dataset JSON or shard set at
-    the model's input sizes; with a label CSV every clip must carry labels; masks: object masks
-    too."""
+    the model's input sizes; with a label CSV every clip must carry labels; masks=True adds object
+    masks."""
     return data.AVDataset(data_json, label_csv=label_csv, mode='eval',
                           audio_length=config.audio_length, num_mel_bins=config.num_mel_bins,
                           img_size=config.img_size, num_frames=num_frames,
@@ -261,8 +261,8 @@ def print_table(header, rows, left=1):
 def average_precisions(scores, targets):
     """Per-class AP (C,) of scores, targets (N, C) (> 0: positive), sklearn's
     average_precision_score: the mean over a class's positives of the precision among clips scoring
-    at least as high (tied clips share a threshold). A class without positives gets 0 (CAV-MAE's
-    stats.py)."""
+    at least as high (tied clips share a threshold). A class without positives gets 0, as in
+    CAV-MAE's stats.py."""
     scores, positive = scores.double(), targets > 0
     if scores.shape != positive.shape or scores.dim() != 2:
         raise ValueError(f'scores and targets must both be (N, C), '
@@ -280,9 +280,8 @@ def average_precisions(scores, targets):
 
 
 def mean_average_precision(scores, targets):
-    """mAP in percent over every class, one without positives counting 0 (CAV-MAE's stats.py); on an
-    eval set lacking some classes it is below the mean over the classes present (probe prints
-    both)."""
+    """mAP (percent) over every class, one without positives counting 0 (CAV-MAE's stats.py): on an
+    eval set lacking some classes, below the mean over the classes present (probe prints both)."""
     if not (targets > 0).any():
         raise ValueError('no class has a positive: mAP is undefined')
     return 100.0 * average_precisions(scores, targets).mean().item()
@@ -403,9 +402,9 @@ class AugmentedClips(torch.utils.data.Dataset):
 
 
 def mixed_cached_batches(train_x, train_y, order, batch_size, mixup, gen, beta):
-    """The quick option's batches (x (B, T, dim), y (B, C)) of the clips `order`: each mixed with
-    probability `mixup` with a partner from the whole training set (other_clip), lambda ~ Beta(10,
-    10)."""
+    """The quick option's batches (x (B, T, dim), y (B, C)) of the clips `order`: each clip mixed,
+    with probability `mixup`, with a partner from the whole training set (other_clip), lambda ~
+    Beta(10, 10)."""
     N = len(train_x)
     for i in range(0, len(order), batch_size):
         idx = order[i:i + batch_size]  # (B,)
@@ -422,8 +421,7 @@ def mixed_cached_batches(train_x, train_y, order, batch_size, mixup, gen, beta):
 
 
 def probe_steps(probe, optimizer, loss_fn, batches, lr_at, step):
-    """One epoch of optimiser steps on batches (x, y), lr_at(step) at each -> (loss sum, next
-    step)."""
+    """One epoch of optimiser steps on batches (x, y) at lr_at(step) -> (loss sum, next step)."""
     probe.train()
     total_loss = 0.0
     for x, y in batches:
@@ -524,9 +522,9 @@ def cmd_retrieval(args):
 
 
 def probe_settings(label_csv, label_type, balanced, train_labels, eval_labels):
-    """(multilabel, balanced) from --label_type and --balanced; 'auto': the task from the label CSV,
-    class-balanced sampling for single-label sets only (the supplements: VGGSound yes, AS-20K
-    no)."""
+    """(multilabel, balanced) from --label_type and --balanced. 'auto': the task from the label CSV,
+    and class-balanced sampling for single-label sets only (VGGSound yes, AS-20K no, as the
+    supplements)."""
     task = label_type_from_csv(label_csv) if label_type == 'auto' else label_type
     if task == 'single':
         for name, labels in (('--train', train_labels), ('--eval', eval_labels)):
