@@ -114,7 +114,8 @@ def test_make_synthetic_writes_masks_and_dataset_reads_them(tmp_path):
     ds = data.AVDataset(eval_json, mode='eval', audio_length=64, img_size=32, masks=True)
     for k in range(len(ds)):
         item = ds[k]
-        assert item['mask'].shape == (16, 32, 32) and item['mask'].dtype == torch.bool and item['has_mask'].all()
+        assert item['mask'].shape == (16, 32, 32) and item['mask'].dtype == torch.float32 and item['has_mask'].all()
+        assert set(item['mask'].unique().tolist()) <= {0.0, 1.0}  # synthetic masks are 0 / 255: weights 0 / 1
         for i in range(16):
             file_mask = np.asarray(Image.open(data.mask_path(out, i, item['id'])))
             assert file_mask.dtype == np.uint8 and set(np.unique(file_mask)) <= {0, 255}
