@@ -28,7 +28,8 @@ def coloured(rgb):
     return sv.reshape(rgb.shape[:-1]) > 0.25
 
 
-def iou(a, b):
+def iou(a, b):  # masks as bool or as 0 / 1 weights
+    a, b = np.asarray(a) > 0.5, np.asarray(b) > 0.5
     return (a & b).sum() / max(1, (a | b).sum())
 
 
@@ -149,7 +150,7 @@ def test_load_mask_has_the_geometry_of_load_frame(tmp_path, size):
     rgb = np.full((h, w, 3), 90, dtype=np.uint8)
     mask = np.zeros((h, w), dtype=np.uint8)
     rgb[h // 3:h // 3 + 9, w // 2 - 3:w // 2 + 10] = (220, 20, 20)
-    mask[h // 3:h // 3 + 9, w // 2 - 3:w // 2 + 10] = 1  # any nonzero value marks the object
+    mask[h // 3:h // 3 + 9, w // 2 - 3:w // 2 + 10] = 255  # weight 1 (grey level / 255)
     Image.fromarray(rgb).save(tmp_path / 'f.png')
     Image.fromarray(mask).save(tmp_path / 'm.png')
     image = data.load_frame(str(tmp_path / 'f.png'), 24)
