@@ -394,7 +394,7 @@ if master:
     print(f'model: {n_params / 1e6:.2f} M trainable parameters; '
           f'{epoch_iters(0)} iterations in the first epoch, {max_iters} in all')
 teacher_forward = teacher.forward_teacher if teacher is not None else None
-if compile:  # sizes DiffMAViL's schedules change are dynamic (losses_for, dynamic_size): one graph each
+if compile:  # the sizes DiffMAViL's schedules change are dynamic (dynamic_size): one graph each
     torch._dynamo.config.fail_on_recompile_limit_hit = True  # an error, never a silent eager step
     model = torch.compile(model, mode=compile_mode)
     if teacher is not None:
