@@ -12,7 +12,6 @@ Settings are the globals below, overridden by config files and --key=value, in t
 """
 import ast
 import functools
-import itertools
 import json
 import math
 import os
@@ -26,15 +25,15 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torch.utils.data import Subset
 from tqdm import tqdm
 
 import masking
-from data import AVDataset, ShardStream, collate, is_shard_set
+from data import AVDataset, RandomBatches, is_shard_set, train_batches
 from evaluate import extract_features, retrieval
 from losses import distill_loss, info_nce
 from model import (CAVMAESync, ModelConfig, autocast, ema_update, forward_flops, load_weights, make_teacher,
-                   warmup_cosine)
+                   read_checkpoint, warmup_cosine)
 
 # -----------------------------------------------------------------------------
 # default config: the TG-DP paper setting
@@ -208,9 +207,7 @@ def epoch_batch_size(epoch):  # clips per rank per micro-step in an epoch
     return masking.adaptive_batch_size(batch_size, epoch_mask_ratio(epoch), mask_ratio, mask_ratio_end)
 
 
-dataset = eval_dataset = stream = None
-train_clips = 0
-if not bench:
+def check_data_paths():
     for key in ('train_json',) + (('eval_json',) if eval_json else ()):
         path = globals()[key]
         if not path or not (os.path.isfile(path) or is_shard_set(path)):
@@ -218,16 +215,21 @@ if not bench:
                      f'For a demo on built-in synthetic clips run\n'
                      f'  python data.py synth --out data_synth && python train.py config/demo.py\n'
                      f'for real videos see `python data.py prepare --help` and the README.')
-    data_args = dict(audio_length=audio_length, num_mel_bins=num_mel_bins, img_size=img_size, num_frames=num_frames)
-    if is_shard_set(train_json):  # sequential reads: each rank and loader worker streams its own shards
-        stream = ShardStream(train_json, [epoch_batch_size(e) for e in range(math.ceil(epochs) or 1)], seed=seed,
-                             rank=rank, world_size=world_size, num_workers=num_workers, shuffle_buffer=shuffle_buffer,
-                             time_shift=time_shift, **data_args)
-        train_clips = sum(n for _, n in stream.shards)
-    else:  # random access: a DistributedSampler permutation per epoch
-        dataset = AVDataset(train_json, mode='train', time_shift=time_shift, seed=seed, **data_args)  # no labels
-        sampler = DistributedSampler(dataset, world_size, rank, shuffle=True, seed=seed, drop_last=True)
-        train_clips = len(dataset)
+
+
+# train_data: one interface whatever the source (data.train_batches): batches_per_epoch, loader, layout
+eval_dataset = None
+data_args = dict(audio_length=audio_length, num_mel_bins=num_mel_bins, img_size=img_size)
+if bench:  # random tensors, nothing read
+    train_data = RandomBatches(batch_size, bench_warmup + bench_iters, gradient_accumulation_steps,
+                               **data_args)
+else:
+    check_data_paths()
+    data_args['num_frames'] = num_frames
+    batch_sizes = [epoch_batch_size(e) for e in range(math.ceil(epochs) or 1)]  # the last holds on
+    train_data = train_batches(train_json, batch_sizes, seed=seed, rank=rank, world_size=world_size,
+                               num_workers=num_workers, accumulation=gradient_accumulation_steps,
+                               shuffle_buffer=shuffle_buffer, time_shift=time_shift, **data_args)
     eval_dataset = AVDataset(eval_json, mode='eval', **data_args) if eval_json else None
     if eval_dataset is not None and len(eval_dataset) < world_size:
         sys.exit(f'error: eval_json={eval_json!r} has {len(eval_dataset)} clips, '
@@ -236,11 +238,7 @@ if not bench:
 
 @functools.cache  # called per step and per shard batch; fixed once the data is known
 def epoch_iters(epoch):  # optimiser steps in an epoch
-    if bench:
-        return bench_warmup + bench_iters
-    if stream is not None:
-        return stream.batches_per_epoch(epoch) // gradient_accumulation_steps
-    return len(sampler) // (epoch_batch_size(epoch) * gradient_accumulation_steps)
+    return train_data.batches_per_epoch(epoch) // gradient_accumulation_steps
 
 
 def locate(it):  # iteration -> (epoch, steps of that epoch already done): epochs may differ in length
@@ -256,9 +254,9 @@ def iters_for(num_epochs):  # optimiser steps in the first num_epochs (fractiona
     return sum(epoch_iters(e) for e in range(whole)) + round((num_epochs - whole) * epoch_iters(whole))
 
 
-if not bench and min(epoch_iters(e) for e in range(math.ceil(epochs) or 1)) == 0:
+if min(epoch_iters(e) for e in range(math.ceil(epochs) or 1)) == 0:
     largest = max(map(epoch_batch_size, range(math.ceil(epochs) or 1)))
-    sys.exit(f'error: {train_clips} clips are fewer than one step ({largest} '
+    sys.exit(f'error: {train_data.clips} clips are fewer than one step ({largest} '
              f'x {gradient_accumulation_steps} x {world_size} ranks); lower batch_size')
 max_iters = bench_warmup + bench_iters if bench else max_iters or iters_for(epochs)
 warmup_iters = iters_for(warmup_epochs)
@@ -280,68 +278,6 @@ def get_momentum(it):  # EMA momentum: cosine ramp from ema_momentum to ema_mome
     return warmup_cosine(it, max_iters, 0, ema_momentum, ema_momentum_end)
 
 
-class EpochItems(Dataset):
-    """Key (epoch, index) -> the training item of that epoch. Items are a pure function of (seed, epoch, index),
-    so one loader can serve every epoch and its workers stay alive across epoch boundaries."""
-
-    def __init__(self, dataset):
-        self.dataset = dataset
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, key):
-        epoch, index = key
-        self.dataset.set_epoch(epoch)  # this worker's copy
-        return self.dataset[index]
-
-
-def batch_keys(start_iter):
-    """This rank's micro-batches as lists of (epoch, index) keys from optimiser step start_iter on, crossing
-    epochs: each epoch is DistributedSampler's share of a fresh permutation, cut into that epoch's batch size."""
-    epoch, done = locate(start_iter)
-    while True:
-        sampler.set_epoch(epoch)
-        order, B = list(sampler), epoch_batch_size(epoch)
-        for b in range(done * gradient_accumulation_steps, epoch_iters(epoch) * gradient_accumulation_steps):
-            yield [(epoch, i) for i in order[b * B:(b + 1) * B]]
-        epoch, done = epoch + 1, 0
-
-
-def ignore_sigterm(_):  # workers: the main process handles pre-emption and shuts them down itself
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
-def micro_batches(start_iter):
-    """Endless stream of this rank's (audio, image) micro-batches on the device, from step start_iter on.
-    bench: the same random tensors again and again; as each step begins, the profiler steps and, after
-    bench_warmup steps, the clock starts (t_bench)."""
-    global t_bench
-    if bench:
-        audio = torch.randn(batch_size, audio_length, num_mel_bins, device=device)
-        image = torch.randn(batch_size, 3, img_size, img_size, device=device)
-        for n in itertools.count():
-            if profiler is not None and n and n % gradient_accumulation_steps == 0:
-                profiler.step()
-            if n == bench_warmup * gradient_accumulation_steps:
-                sync_device()
-                t_bench = time.time()
-            yield audio, image
-    pin = device_type == 'cuda'
-    if stream is not None:
-        epoch, done = locate(start_iter)
-        stream.set_start(epoch, done * gradient_accumulation_steps)
-        loader = DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=pin,
-                            worker_init_fn=ignore_sigterm)
-    else:
-        loader = DataLoader(EpochItems(dataset), batch_sampler=batch_keys(start_iter), num_workers=num_workers,
-                            pin_memory=pin, collate_fn=collate, worker_init_fn=ignore_sigterm)
-    for batch in loader:
-        if stream is not None and batch['batch'] >= epoch_iters(batch['epoch']) * gradient_accumulation_steps:
-            continue  # the end of a shard epoch that does not fill an optimiser step
-        yield batch['audio'].to(device, non_blocking=True), batch['image'].to(device, non_blocking=True)
-
-
 # -----------------------------------------------------------------------------
 # model, teacher, optimiser
 model_args = {f.name: globals()[f.name] for f in fields(ModelConfig) if f.name != 'global_token'}
@@ -356,10 +292,10 @@ ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 if init_from == 'resume':
     if not os.path.isfile(ckpt_path):
         sys.exit(f"error: init_from='resume' but {ckpt_path} does not exist")
-    ckpt = torch.load(ckpt_path, map_location='cpu', weights_only=False)
+    ckpt = read_checkpoint(ckpt_path)
     then = {**ckpt['config'], **ckpt['model_args'], 'world_size': ckpt.get('world_size'),
             'train_clips': ckpt.get('train_clips')}
-    now = {**config, **model_args, 'world_size': world_size, 'train_clips': train_clips}
+    now = {**config, **model_args, 'world_size': world_size, 'train_clips': train_data.clips}
     changed = {k: (then.get(k), now[k]) for k in (*model_args, *resume_fixed, 'world_size', 'train_clips')
                if then.get(k) != now[k]}
     if changed:
@@ -367,10 +303,10 @@ if init_from == 'resume':
                  f'They fix the model or which clips and schedule each step uses; to start a new run from these '
                  f'weights use --init_from={ckpt_path} and another out_dir.')
     iter_num = ckpt['iter_num']
-    if stream is not None and ckpt['stream_layout'] != stream.layout():
-        sys.exit(f'error: cannot resume {ckpt_path}: the shard set or num_workers differ from the checkpoint '
-                 f'(then {ckpt["stream_layout"]}, now {stream.layout()}); a shard stream resumes mid-epoch only on '
-                 f'the same shards, ranks and loader workers')
+    if ckpt.get('data_layout', train_data.layout()) != train_data.layout():
+        sys.exit(f'error: cannot resume {ckpt_path}: the training data or num_workers differ from the '
+                 f'checkpoint (then {ckpt["data_layout"]}, now {train_data.layout()}); a run resumes '
+                 f'mid-epoch only on the same clips, ranks and (shards) loader workers')
 model = CAVMAESync(ModelConfig(**model_args))
 if ckpt is not None:
     model.load_state_dict(ckpt['model'])
@@ -543,7 +479,7 @@ def save_checkpoint(it):
         state = dict(model=raw_model.state_dict(), teacher=teacher.state_dict() if teacher is not None else None,
                      optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), iter_num=it,
                      epoch=locate(it)[0], model_args=model_args, config=config, world_size=world_size,
-                     train_clips=train_clips, stream_layout=stream.layout() if stream is not None else None,
+                     train_clips=train_data.clips, data_layout=train_data.layout(),
                      noise_gen=noise_gen.get_state())
         torch.save(state, ckpt_path + '.tmp')
         os.replace(ckpt_path + '.tmp', ckpt_path)
@@ -573,7 +509,7 @@ if bench and profile:
                                       schedule=torch.profiler.schedule(wait=0, warmup=bench_warmup, active=bench_iters))
     profiler.start()
 model.train()
-batches = micro_batches(iter_num)
+batches = train_data.loader(locate(iter_num)[0], locate(iter_num)[1] * gradient_accumulation_steps, device)
 bar = tqdm(total=max_iters, initial=iter_num, disable=not master or bench, dynamic_ncols=True)
 
 
@@ -585,8 +521,19 @@ def shutdown():
         dist.destroy_process_group()
 
 
+def bench_tick(it):  # bench: the profiler steps as each step begins; the clock starts after bench_warmup
+    global t_bench
+    if profiler is not None and it:
+        profiler.step()
+    if it == bench_warmup:
+        sync_device()
+        t_bench = time.time()
+
+
 t_log, clips_since_log = time.time(), 0
 while iter_num < max_iters:
+    if bench:
+        bench_tick(iter_num)
     lr, rec_mask_ratio = get_lr(iter_num), step_mask_ratio(iter_num)
     for group in optimizer.param_groups:
         group['lr'] = lr
