@@ -585,8 +585,8 @@ def clip_members(clip):
 
 
 def scan_shard(tar, start=0, end=None):
-    """Every clip whose headers lie in bytes [start, end) of a shard (default: the whole shard), from
-    its headers and key.json members -> list of dicts key, id, labels, index, offset, end (the clip's
+    """Every clip whose headers lie in bytes [start, end) of a shard (default: all of it), from its
+    headers and key.json members -> list of dicts key, id, labels, index, offset, end (the clip's
     bytes) and members [(name, data offset, size)], in tar order."""
     end = os.fstat(shard_fd(tar)).st_size if end is None else end
     clips = []
@@ -603,17 +603,18 @@ def scan_shard(tar, start=0, end=None):
         try:
             meta = json.loads(meta.readall())
         except ValueError as e:
-            raise ClipError(f"{tar}: clip {clip['key']}: unreadable {clip['key']}.json ({e})") from e
+            raise ClipError(f"{tar}: clip {clip['key']}: unreadable {clip['key']}.json ({e})") \
+                from e
         clip.update(id=meta['id'], labels=meta.get('labels', ''), index=meta['index'])
     return clips
 
 
 def shard_clip(tar, offset, end):
-    """The clip in bytes [offset, end) of a shard (its byte range in index.json) -> scan_shard's dict."""
+    """The clip in bytes [offset, end) of a shard (its range in index.json) -> scan_shard's dict."""
     clips = scan_shard(tar, offset, end)
     if len(clips) != 1:
-        raise ClipError(f"{tar}: bytes {offset}..{end} hold {len(clips)} clips where its index.json "
-                        f"has one: re-run the shard writer")
+        raise ClipError(f"{tar}: bytes {offset}..{end} hold {len(clips)} clips where its "
+                        f"index.json has one: re-run the shard writer")
     return clips[0]
 
 
@@ -787,24 +788,27 @@ def write_shards(data_json, out, shard_size=1000, audio='wav', seed=0, num_frame
 
 
 def epoch_batches(clips, world_size, batch_size, accumulation=1):
-    """Micro-batches each rank takes in an epoch of `clips` clips: its share, clips // world_size (as
-    DistributedSampler(drop_last=True) cuts it), in whole optimiser steps of accumulation batches of
-    batch_size; the same count on every rank. Left out: less than one global batch of
+    """Micro-batches each rank takes in an epoch of `clips` clips: its share, clips // world_size
+    (as DistributedSampler(drop_last=True) cuts it), in whole optimiser steps of accumulation
+    batches of batch_size; the same count on every rank. Left out: less than one global batch of
     world_size * accumulation * batch_size clips."""
     return clips // world_size // (batch_size * accumulation) * accumulation
 
 
 def batch_size_of(batch_size, epoch):
-    """An epoch's batch size from an int, a list per epoch whose last entry holds on, or a function."""
+    """An epoch's batch size: an int, a list per epoch whose last entry holds on, or a function."""
     b = batch_size
-    b = b(epoch) if callable(b) else b[min(epoch, len(b) - 1)] if isinstance(b, (list, tuple)) else b
+    if callable(b):
+        b = b(epoch)
+    elif isinstance(b, (list, tuple)):
+        b = b[min(epoch, len(b) - 1)]
     if b < 1:
         raise ValueError(f"batch size {b} for epoch {epoch}")
     return int(b)
 
 
 def shuffled(positions, buffer_size, rng):
-    """A stream's local shuffle: a buffer of buffer_size items; each new one takes a random one's place."""
+    """A stream's local shuffle: a buffer of buffer_size items, each new one in a random one's."""
     buffer = []
     for p in positions:
         if len(buffer) < buffer_size:
@@ -817,7 +821,7 @@ def shuffled(positions, buffer_size, rng):
 
 
 def readable_or_error(load, skip_bad):
-    """load() -> its item; with skip_bad, an unreadable clip (ClipError) -> {'error': message} instead."""
+    """load() -> its item; with skip_bad, an unreadable clip (ClipError) -> {'error': message}."""
     try:
         return load()
     except ClipError as e:
@@ -827,79 +831,83 @@ def readable_or_error(load, skip_bad):
 
 
 def collate_readable(items):
-    """collate, each error item (readable_or_error) replaced by a copy of a readable item of the same
-    batch: the batch keeps its size, so every rank draws the same noise and stays in step.
+    """collate, each error item (readable_or_error) replaced by a copy of a readable item of the
+    same batch: the batch keeps its size, so every rank draws the same noise and stays in step.
     batch['skipped'] lists the errors."""
     good = [item for item in items if 'error' not in item]
     errors = [item['error'] for item in items if 'error' in item]
     if not good:
         raise ClipError('every clip of a batch is unreadable: ' + '; '.join(errors))
-    batch = collate([good[n % len(good)] if 'error' in item else item for n, item in enumerate(items)])
+    batch = collate([good[n % len(good)] if 'error' in item else item
+                     for n, item in enumerate(items)])
     batch['skipped'] = errors
     return batch
 
 
-def ignore_sigterm(_):  # loader workers: the main process handles pre-emption and shuts them down itself
+def ignore_sigterm(_):  # loader workers: the main process handles pre-emption and shuts them down
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def device_batches(source, loader, device):
-    """A loader's batches -> (audio, image) on the device; skipped clips counted in source.skipped."""
+    """A loader's batches -> (audio, image) on the device; skipped clips add to source.skipped."""
     for batch in loader:
         for error in batch['skipped']:
             source.skipped += 1
             print(f'skip_bad: skipped an unreadable clip: {error}', file=sys.stderr)
-        yield batch['audio'].to(device, non_blocking=True), batch['image'].to(device, non_blocking=True)
+        audio = batch['audio'].to(device, non_blocking=True)  # (B, L, F)
+        yield audio, batch['image'].to(device, non_blocking=True)  # (B, 3, H, W)
 
 
 class ShardStream(torch.utils.data.IterableDataset):
     """Training batches from a shard set, endless across epochs, each reader reading its clips in
     order (sequential reads). In epoch e, with W = max(1, num_workers) loader workers per rank:
-    - the shards in a permutation from (seed, e), each in tar order, make one sequence of all N clips;
-      rank r takes N // world_size of them from r * (N // world_size) on and uses batches_per_epoch(e)
-      batches of batch_size(e) (an int, a list per epoch whose last entry holds on, or a function):
-      whole optimiser steps of `accumulation` batches, the same count on every rank (epoch_batches),
-      so under DDP no rank waits for another and less than one global batch is left out;
+    - the shards in a permutation from (seed, e), each in tar order, make one sequence of all N
+      clips; rank r takes N // world_size of them from r * (N // world_size) on and uses
+      batches_per_epoch(e) batches of batch_size(e) (an int, a list per epoch whose last entry
+      holds on, or a function): whole optimiser steps of `accumulation` batches, the same count on
+      every rank (epoch_batches), so no rank waits for another and less than one global batch is
+      left out;
     - a rank's batches are numbered across epochs and batch g comes from reader role g mod W: the
       DataLoader takes batches from its workers in turn, so they arrive in order. Each role takes a
-      contiguous run of the rank's clips (whatever the shards' boundaries: every clip is read from
-      its own byte range in the index) through a shuffle buffer of shuffle_buffer clips seeded from
-      (seed, e, rank, role).
-    Items are AVDataset's train items of the JSON the shards were packed from (frame and time shift
-    drawn from (seed, e, clip index)); a batch is collate's dict plus 'epoch', 'batch' (its position
-    in the rank's epoch) and 'skipped'. skip_bad: a clip that cannot be read is replaced by a copy of
-    another clip of its batch and named in 'skipped' (collate_readable); otherwise ClipError.
-    start=(epoch, k) begins at batch k of that epoch, with exactly the batches an uninterrupted stream
-    yields from there (nothing before it is read). Resume needs the same shards, seed, shuffle_buffer,
-    world_size and num_workers: save layout() with the checkpoint and pass it back as resume_layout
-    (a difference raises ValueError)."""
+      contiguous run of the rank's clips (whatever the shards' boundaries: each clip is read from
+      its own byte range in the index) through a shuffle buffer of shuffle_buffer clips seeded
+      from (seed, e, rank, role).
+    Items are AVDataset's train items of the JSON the shards were packed from (frame and time
+    shift drawn from (seed, e, clip index)); a batch is collate's dict plus 'epoch', 'batch' (its
+    position in the rank's epoch) and 'skipped'. skip_bad: an unreadable clip is replaced by a
+    copy of another clip of its batch and named in 'skipped' (collate_readable); else ClipError.
+    start=(epoch, k) begins at batch k of that epoch, with exactly the batches an uninterrupted
+    stream yields from there (nothing before it is read). Resume needs the same shards, seed,
+    shuffle_buffer, world_size and num_workers: save layout() with the checkpoint and pass it back
+    as resume_layout (a difference raises ValueError)."""
 
-    def __init__(self, shards, batch_size, label_csv=None, seed=0, rank=0, world_size=1, num_workers=0,
-                 start=(0, 0), shuffle_buffer=1000, audio_length=416, num_mel_bins=128, img_size=224,
-                 num_frames=16, time_shift=False, resume_layout=None, accumulation=1, skip_bad=False):
+    def __init__(self, shards, batch_size, label_csv=None, seed=0, rank=0, world_size=1,
+                 num_workers=0, start=(0, 0), shuffle_buffer=1000, audio_length=416,
+                 num_mel_bins=128, img_size=224, num_frames=16, time_shift=False,
+                 resume_layout=None, accumulation=1, skip_bad=False):
         tables = shard_tables(shards)
         self.shards = [(path, len(rows)) for path, rows in tables]
         # clip c of shard s: bytes [starts[s][c], starts[s][c + 1]); arrays, light to fork
-        self.starts = [np.array([row[4] for row in rows] + [rows[-1][5] if rows else 0], dtype=np.int64)
-                       for _, rows in tables]
+        self.starts = [np.array([row[4] for row in rows] + [rows[-1][5] if rows else 0],
+                                dtype=np.int64) for _, rows in tables]
         self.clips = sum(n for _, n in self.shards)
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
-        self.num_workers, self.shuffle_buffer, self.start = num_workers, shuffle_buffer, tuple(start)
+        self.num_workers, self.shuffle_buffer = num_workers, shuffle_buffer
         self.accumulation, self.skip_bad, self.skipped = accumulation, skip_bad, 0
         self.mid_to_index, self.class_names = read_label_csv(label_csv) if label_csv else ({}, [])
         self.where = f"{shards} (label CSV {label_csv})"
-        self.item_args = dict(audio_length=audio_length, num_mel_bins=num_mel_bins, img_size=img_size,
-                              num_frames=num_frames, time_shift=time_shift)
+        self.item_args = dict(audio_length=audio_length, num_mel_bins=num_mel_bins,
+                              img_size=img_size, num_frames=num_frames, time_shift=time_shift)
         if resume_layout is not None:
             changed = [k for k, v in self.layout().items() if resume_layout.get(k) != v]
             if changed:
-                raise ValueError(f"resume: {', '.join(changed)} changed since the checkpoint; mid-epoch "
-                                 f"resume of a shard stream needs the same shards, seed, shuffle buffer, "
-                                 f"world size and num_workers")
-        self.set_start(*self.start)
+                raise ValueError(f"resume: {', '.join(changed)} changed since the checkpoint; "
+                                 f"mid-epoch resume of a shard stream needs the same shards, seed, "
+                                 f"shuffle buffer, world size and num_workers")
+        self.set_start(*start)
 
     def set_start(self, epoch, k):
-        """Begin at batch k of epoch `epoch` (before the DataLoader is made: its workers copy the stream)."""
+        """Begin at batch k of epoch `epoch` (before making the DataLoader: workers copy it)."""
         if not 0 <= k < self.batches_per_epoch(epoch):
             raise ValueError(f"start batch {k} is outside epoch {epoch} "
                              f"({self.batches_per_epoch(epoch)} batches)")
@@ -916,26 +924,35 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     def batches_per_epoch(self, epoch):
         """Batches each rank gets in an epoch (the same on every rank); cheap, call it anywhere."""
-        return epoch_batches(self.clips, self.world_size, self.epoch_batch_size(epoch), self.accumulation)
+        B = self.epoch_batch_size(epoch)
+        return epoch_batches(self.clips, self.world_size, B, self.accumulation)
 
     def role_batches(self, epoch, role):
-        """[(k, sequence positions of its clips)] for the batches k of the rank's epoch that reader role
-        makes, in order; positions only (nothing is read)."""
-        W, B, M = max(1, self.num_workers), self.epoch_batch_size(epoch), self.batches_per_epoch(epoch)
+        """[(k, sequence positions of its clips)] for the batches k of the rank's epoch that reader
+        role makes, in order; positions only (nothing is read)."""
+        W, B = max(1, self.num_workers), self.epoch_batch_size(epoch)
+        M = self.batches_per_epoch(epoch)
         if M == 0:
             raise ValueError(f"epoch {epoch}: {self.clips} clips fill no batch of {B} on each of "
                              f"{self.world_size} ranks")
-        first = sum(self.batches_per_epoch(e) for e in range(epoch))  # the rank's batches before the epoch
+        first = sum(self.batches_per_epoch(e) for e in range(epoch))  # the rank's batches before
         numbers = [[k for k in range(M) if (first + k) % W == w] for w in range(W)]
         begin = self.rank * (self.clips // self.world_size) + B * sum(map(len, numbers[:role]))
         rng = np.random.default_rng((self.seed, epoch, self.rank, role))
-        order = list(shuffled(range(begin, begin + B * len(numbers[role])), self.shuffle_buffer, rng))
+        run = range(begin, begin + B * len(numbers[role]))  # this role's clips, in sequence order
+        order = list(shuffled(run, self.shuffle_buffer, rng))
         return [(k, order[j * B:(j + 1) * B]) for j, k in enumerate(numbers[role])]
+
+    def epoch_order(self, epoch):
+        """(the epoch's shard permutation, the sequence position where each of its shards ends)."""
+        if getattr(self, '_order', (None,))[0] != epoch:  # one epoch at a time: kept
+            perm = np.random.default_rng((self.seed, epoch)).permutation(len(self.shards))
+            self._order = epoch, perm, np.cumsum([self.shards[s][1] for s in perm])
+        return self._order[1:]
 
     def byte_range(self, epoch, position):
         """Sequence position of an epoch -> (shard path, offset, end) of that clip's bytes."""
-        perm = np.random.default_rng((self.seed, epoch)).permutation(len(self.shards))
-        ends = np.cumsum([self.shards[s][1] for s in perm])
+        perm, ends = self.epoch_order(epoch)
         i = int(np.searchsorted(ends, position, side='right'))
         s, c = int(perm[i]), position - (int(ends[i - 1]) if i else 0)
         return self.shards[s][0], int(self.starts[s][c]), int(self.starts[s][c + 1])
@@ -951,11 +968,12 @@ class ShardStream(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         workers = info.num_workers if info else 0
         if workers != self.num_workers:
-            raise ValueError(f"ShardStream was built for num_workers={self.num_workers} but runs with "
-                             f"{workers}: give the DataLoader the same num_workers")
+            raise ValueError(f"ShardStream was built for num_workers={self.num_workers} but runs "
+                             f"with {workers}: give the DataLoader the same num_workers")
         epoch, k = self.start
-        first = sum(self.batches_per_epoch(e) for e in range(epoch)) + k  # the run's batch number of start
-        role = (first + (info.id if info else 0)) % max(1, workers)  # a resumed loader begins at worker 0
+        first = sum(self.batches_per_epoch(e) for e in range(epoch)) + k  # the run's batch number
+        # a resumed loader begins at worker 0: worker i takes the batches first + i + W * j
+        role = (first + (info.id if info else 0)) % max(1, workers)
         advised = set()
         while True:
             for number, positions in self.role_batches(epoch, role):
@@ -973,11 +991,12 @@ class ShardStream(torch.utils.data.IterableDataset):
         """(audio, image) batches on the device from batch `batch` of `epoch` on, endless."""
         self.set_start(epoch, batch)
         loader = torch.utils.data.DataLoader(self, batch_size=None, num_workers=self.num_workers,
-                                             pin_memory=device.startswith('cuda'), worker_init_fn=ignore_sigterm)
+                                             pin_memory=device.startswith('cuda'),
+                                             worker_init_fn=ignore_sigterm)
         yield from device_batches(self, loader, device)
 
     def read_ahead(self, epoch, positions, advised):
-        """Ask the kernel to read the shards of these clips ahead, in the background (once per shard)."""
+        """Ask the kernel to read the shards of these clips ahead, in the background (once each)."""
         for p in positions:
             path = self.byte_range(epoch, p)[0]
             if (epoch, path) not in advised:
@@ -987,17 +1006,19 @@ class ShardStream(torch.utils.data.IterableDataset):
 
 class FileBatches:
     """Training batches of an AVDataset read by random access (a dataset JSON): epoch e is
-    DistributedSampler's share of a permutation from (seed, e) (rank r takes every world_size-th clip),
-    cut into batches_per_epoch(e) batches of batch_size(e) (an int or a list per epoch whose last
-    entry holds on). Items are a pure function of (seed, epoch, clip index), so one loader serves
-    every epoch and its workers stay alive across epoch boundaries. skip_bad as in ShardStream."""
+    DistributedSampler's share of a permutation from (seed, e) (rank r takes every world_size-th
+    clip), cut into batches_per_epoch(e) batches of batch_size(e) (an int or a list per epoch whose
+    last entry holds on). Items are a pure function of (seed, epoch, clip index), so one loader
+    serves every epoch and its workers stay alive across epoch boundaries. skip_bad: as
+    ShardStream's."""
 
-    def __init__(self, dataset, batch_size, rank=0, world_size=1, num_workers=0, accumulation=1, seed=0,
-                 skip_bad=False):
+    def __init__(self, dataset, batch_size, rank=0, world_size=1, num_workers=0, accumulation=1,
+                 seed=0, skip_bad=False):
         self.dataset, self.batch_size, self.num_workers = dataset, batch_size, num_workers
-        self.clips, self.world_size, self.seed, self.accumulation = len(dataset), world_size, seed, accumulation
-        self.sampler = torch.utils.data.DistributedSampler(dataset, world_size, rank, shuffle=True, seed=seed,
-                                                           drop_last=True)
+        self.clips, self.world_size, self.seed = len(dataset), world_size, seed
+        self.accumulation = accumulation
+        self.sampler = torch.utils.data.DistributedSampler(dataset, world_size, rank, shuffle=True,
+                                                           seed=seed, drop_last=True)
         self.skip_bad, self.skipped = skip_bad, 0
 
     def batches_per_epoch(self, epoch):
@@ -1008,7 +1029,7 @@ class FileBatches:
         return dict(clips=self.clips, world_size=self.world_size, seed=self.seed)
 
     def batch_keys(self, epoch, k):
-        """This rank's batches as lists of (epoch, index) keys from batch k of an epoch on, endless."""
+        """This rank's batches as lists of (epoch, index) keys from batch k of an epoch on."""
         while True:
             self.sampler.set_epoch(epoch)
             order, B = list(self.sampler), batch_size_of(self.batch_size, epoch)
@@ -1016,7 +1037,7 @@ class FileBatches:
                 yield [(epoch, i) for i in order[b * B:(b + 1) * B]]
             epoch, k = epoch + 1, 0
 
-    def __getitem__(self, key):  # (epoch, index) -> that epoch's item (in a loader worker: its copy)
+    def __getitem__(self, key):  # (epoch, index) -> that epoch's item (a loader worker's copy)
         epoch, index = key
         self.dataset.set_epoch(epoch)
         return readable_or_error(lambda: self.dataset[index], self.skip_bad)
@@ -1024,8 +1045,10 @@ class FileBatches:
     def loader(self, epoch, batch, device):
         """(audio, image) batches on the device from batch `batch` of `epoch` on, endless."""
         loader = torch.utils.data.DataLoader(self, batch_sampler=self.batch_keys(epoch, batch),
-                                             num_workers=self.num_workers, pin_memory=device.startswith('cuda'),
-                                             collate_fn=collate_readable, worker_init_fn=ignore_sigterm)
+                                             num_workers=self.num_workers,
+                                             pin_memory=device.startswith('cuda'),
+                                             collate_fn=collate_readable,
+                                             worker_init_fn=ignore_sigterm)
         yield from device_batches(self, loader, device)
 
 
@@ -1033,9 +1056,11 @@ class RandomBatches:
     """The bench's data: one random (audio, image) batch again and again, nothing read; an epoch is
     `steps` optimiser steps."""
 
-    def __init__(self, batch_size, steps, accumulation=1, audio_length=416, num_mel_bins=128, img_size=224):
+    def __init__(self, batch_size, steps, accumulation=1, audio_length=416, num_mel_bins=128,
+                 img_size=224):
         self.batch_size, self.steps, self.accumulation = batch_size, steps, accumulation
-        self.shape_a, self.shape_v = (batch_size, audio_length, num_mel_bins), (batch_size, 3, img_size, img_size)
+        self.shape_a = (batch_size, audio_length, num_mel_bins)
+        self.shape_v = (batch_size, 3, img_size, img_size)
         self.clips, self.skipped = batch_size, 0
 
     def batches_per_epoch(self, epoch):
@@ -1053,17 +1078,20 @@ class RandomBatches:
 
 def train_batches(spec, batch_size, seed=0, rank=0, world_size=1, num_workers=0, accumulation=1,
                   shuffle_buffer=1000, skip_bad=False, bad_list=None, **item_args):
-    """Pretraining batches, one interface whatever the source: a shard set -> ShardStream (sequential
-    reads), a dataset JSON -> FileBatches of AVDataset (skip_bad: unreadable clips dropped at start-up,
-    listed in bad_list; shards were checked when written). Each has clips, batches_per_epoch(epoch),
-    layout() (for the checkpoint), loader(epoch, batch, device) and skipped (clips skipped mid-run).
-    item_args: audio_length, num_mel_bins, img_size, num_frames, time_shift."""
+    """Pretraining batches, one interface whatever the source: a shard set -> ShardStream
+    (sequential reads), a dataset JSON -> FileBatches of AVDataset (skip_bad: unreadable clips
+    dropped at start-up, listed in bad_list; shards were checked when written). Each has clips,
+    batches_per_epoch(epoch), layout() (for the checkpoint), loader(epoch, batch, device) and
+    skipped (clips skipped mid-run). item_args: audio_length, num_mel_bins, img_size, num_frames,
+    time_shift."""
     if is_shard_set(spec):
         return ShardStream(spec, batch_size, seed=seed, rank=rank, world_size=world_size,
-                           num_workers=num_workers, shuffle_buffer=shuffle_buffer, accumulation=accumulation,
-                           skip_bad=skip_bad, **item_args)
-    dataset = AVDataset(spec, mode='train', seed=seed, skip_bad=skip_bad, bad_list=bad_list, **item_args)
-    return FileBatches(dataset, batch_size, rank, world_size, num_workers, accumulation, seed, skip_bad)
+                           num_workers=num_workers, shuffle_buffer=shuffle_buffer,
+                           accumulation=accumulation, skip_bad=skip_bad, **item_args)
+    dataset = AVDataset(spec, mode='train', seed=seed, skip_bad=skip_bad, bad_list=bad_list,
+                        **item_args)
+    return FileBatches(dataset, batch_size, rank, world_size, num_workers, accumulation, seed,
+                       skip_bad)
 
 
 # =============================================================================
