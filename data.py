@@ -1,72 +1,62 @@
 """
-Data for TG-DP: the CAV-MAE dataset layout -> training / evaluation batches (CAV-MAE Sync's input pipeline),
-a built-in synthetic dataset, raw-video preparation with ffmpeg, labelled splits from the official
-AudioSet / VGGSound metadata, and tar shards (webdataset convention) with a training stream.
-
-    python data.py synth    --out data_synth --num_clips 400 --seed 0
-    python data.py prepare  --videos VIDEO_DIR_OR_LIST --out DIR
-    python data.py audioset --prepared DIR --label_csv class_labels_indices.csv --out DIR --balanced CSV ...
-    python data.py vggsound --prepared DIR --csv vggsound.csv --label_csv CLASSES_CSV --out DIR
-    python data.py subset   --data SPLIT_JSON (--ids IDS_TXT | --template TEMPLATE_JSON) --out JSON
-    python data.py shard    --data JSON --out SHARD_DIR [--shard_size 1000]
-    python data.py bench    --data data_synth/train.json --workers 2
+Data for TG-DP: the CAV-MAE dataset layout -> training / evaluation batches (CAV-MAE Sync's input
+pipeline), and tar shards (webdataset convention) read back as items or as a training stream.
 
 Layout (CAV-MAE): a JSON {"data": [{"video_id", "wav", "video_path", "labels"}]}, frame i of a clip
 at {video_path}/frame_{i}/{video_id}.jpg, labels = comma-separated `mid`s of a CSV with header
 index,mid,display_name. Relative paths in a JSON are resolved against the JSON's own folder (the
 files written here use them, so a dataset folder can be moved).
 
-Synthetic data (learnable at tiny scale, no single-modality or whole-clip shortcut):
-- K classes (default 10). Class c = visual signature (hue c/K, one of 5 shapes, solid or striped)
-  + sound signature (pitch 200 Hz * 16^(c/(K-1)), 1/3/6 harmonics, steady or 2/4/8 Hz tremolo).
-- Frame i shows the moment t_i = i * 0.64 s, the centre of its fbank segment (segment_bounds with
-  S=1024 frames = 10.24 s). Time is cut into 16 slots of 0.64 s around the t_i; each clip switches
-  on runs of 2-4 slots (5-13 of 16 in all): in "on" slots the class sound plays and the object is
-  drawn, in "off" slots the audio is background only and the frame shows no object. So a frame
-  and its segment agree on whether (and what) the event is, and the on/off pattern is a per-clip
-  fingerprint visible in both modalities (the "diagonal mean" retrieval score sums it over t).
-- Instance signals shared across modalities, for clip-to-clip retrieval within a class: pitch
-  offset (+-2 semitones) <-> height of the object (higher pitch = higher up), loudness <-> size.
-- Distractors (semantic noise, independent of the class): background noise of random level,
-  silent stretches, frames with no object, random background tint/gradient, pixel noise, a grey
-  distractor shape in ~30% of clips and noise clicks in ~30% of clips; horizontal position and
-  drift of the object are random.
-- More semantic noise of the kinds TG-DP names (all off by default; `python data.py synth --help`):
-  --on_slots LO HI (fewer "on" slots: longer silent stretches), --offscreen P (a sound event whose
-  object is off screen), --silent_objects P (a visible object of another class that makes no sound),
-  --clutter N (static desaturated background shapes), --hum A (a steady off-screen background tone).
-- Held-out split: every 5th clip of each class goes to eval.json (20%, classes balanced in both).
-  Every clip draws from its own generator seeded by (seed, clip number): deterministic per seed.
-- Object masks: {video_path}/mask_{i}/{video_id}.png, an 8-bit PNG the size of the frame, nonzero =
-  the sounding object's pixels (empty when no sounding object is on screen). The same format works
-  for real data (draw the boxes or masks of the sounding objects); AVDataset(masks=True) reads them
-  and evaluate.py localize scores localisation against them.
+Object masks: {video_path}/mask_{i}/{video_id}.png, an 8-bit PNG the size of the frame, nonzero =
+the sounding object's pixels (empty when no sounding object is on screen). The same format works
+for real data (draw the boxes or masks of the sounding objects); AVDataset(masks=True) reads them
+and scripts/localize.py scores localisation against them.
+
+The programs that write these files live in scripts/ (each with --help): synth.py (synthetic
+clips), prepare.py (raw videos -> wavs + frames with ffmpeg), splits.py (labelled AudioSet /
+VGGSound splits and retrieval subsets), shard.py (tar shards), bench_loader.py (loader speed).
 """
 
-import argparse
-import colorsys
 import csv
 import functools
-import hashlib
 import io
 import json
 import os
 import re
-import shutil
 import signal
-import subprocess
 import sys
-import tarfile
-import time
-from collections import Counter, OrderedDict
-from concurrent.futures import ThreadPoolExecutor
+from collections import OrderedDict
 
 import numpy as np
 import soundfile as sf
 import torch
-import torchaudio
-from PIL import Image, ImageDraw
+from PIL import Image
 from tqdm import tqdm
+
+
+def torchaudio_error(error):
+    """Why torchaudio did not load, for a person: in practice a torchaudio wheel built for another torch (its
+    native library then misses a symbol), so name the installed pair and the pinned one."""
+    from importlib import metadata
+    versions = {}
+    for name in ('torch', 'torchaudio'):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = 'not installed'
+    requirements = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'requirements.txt')
+    pins = [line.strip() for line in open(requirements) if line.startswith(('torch=', 'torchaudio='))] \
+        if os.path.isfile(requirements) else []
+    return (f"error: torchaudio does not load ({type(error).__name__}: {error})\n"
+            f"installed: torch {versions['torch']} with torchaudio {versions['torchaudio']}; this project pins "
+            f"{' with '.join(pins) or 'torch==2.11.0 with torchaudio==2.11.0'}. A torchaudio wheel only loads with "
+            f"the torch it was built for: run `pip install -r requirements.txt` in a new virtual environment.")
+
+
+try:
+    import torchaudio
+except (ImportError, OSError) as e:  # OSError: libtorchaudio.so built against another torch
+    sys.exit(torchaudio_error(e))
 
 # -----------------------------------------------------------------------------
 # constants (the CAV-MAE / CAV-MAE Sync releases' preprocessing)
@@ -81,7 +71,6 @@ IMAGE_STD = (0.229, 0.224, 0.225)
 # train-mode time shift: at most 0.16 s either way (a quarter of the 0.64 s between frames), so a
 # segment still describes the moment of its frame
 MAX_TIME_SHIFT = 2560  # samples
-VIDEO_EXTENSIONS = ('.mp4', '.mkv', '.webm', '.avi', '.mov', '.flv', '.m4v', '.mpg', '.mpeg')
 
 
 class ClipError(RuntimeError):
@@ -204,8 +193,20 @@ def resize_centre_crop(img, size, img_size, resample):
     return img.crop((left, top, left + img_size, top + img_size))
 
 
-def load_frame(path, img_size, clip_id='', draft=False):
-    """JPEG -> (3, img_size, img_size): shorter side to img_size (bicubic), centre crop, normalised.
+def fit_frame(img, img_size, resample, geometry='crop', size=None):
+    """PIL image -> (img_size, img_size). geometry 'crop': shorter side to img_size, centre crop (the
+    training and evaluation pipeline); 'full': the whole frame resized to img_size x img_size, as the
+    Flickr-SoundNet / VGG-SS localisation code (EZ-VSL) does, so that boxes keep full-frame coordinates."""
+    if geometry == 'full':
+        return img.resize((img_size, img_size), resample)
+    if geometry != 'crop':
+        raise ValueError(f"geometry must be 'crop' or 'full', got {geometry!r}")
+    return resize_centre_crop(img, size or resized_size(*img.size, img_size), img_size, resample)
+
+
+def load_frame(path, img_size, clip_id='', draft=False, geometry='crop'):
+    """JPEG -> (3, img_size, img_size): shorter side to img_size (bicubic), centre crop, normalised
+    (geometry='full': the whole frame resized instead, fit_frame).
     Sizes are computed as torchvision's Resize/CenterCrop do, as in the reference pipeline.
     draft: let the JPEG decoder scale by 1/2, 1/4 or 1/8 while decoding when the result still covers
     the target size: a 1280x720 frame loads 2.4x faster, within 0.75 of 255 levels on average of the
@@ -221,7 +222,7 @@ def load_frame(path, img_size, clip_id='', draft=False):
             img = img.convert('RGB')
     except Exception as e:
         raise ClipError(f"clip '{clip_id}': cannot read frame file {path}: {e}") from e
-    img = resize_centre_crop(img, size, img_size, Image.BICUBIC)
+    img = fit_frame(img, img_size, Image.BICUBIC, geometry, size)
     x = torch.from_numpy(np.array(img)).permute(2, 0, 1).float()  # (3, H, W) in 0..255 (np.array: writable uint8)
     scale = 255.0 * torch.tensor(IMAGE_STD)[:, None, None]
     return x.sub_(255.0 * torch.tensor(IMAGE_MEAN)[:, None, None]).div_(scale)  # in place: no more copies
@@ -232,20 +233,22 @@ def frame_path(video_path, i, clip_id):
 
 
 def mask_path(video_path, i, clip_id):
-    """Object mask of frame i: an 8-bit PNG the size of the frame file, nonzero = sounding object."""
+    """Object mask of frame i: an 8-bit PNG the size of the frame file, grey level / 255 = the weight of
+    the sounding object at that pixel (0 = background)."""
     return os.path.join(video_path, f'mask_{i}', f'{clip_id}.png')
 
 
-def load_mask(path, img_size, clip_id=''):
-    """Mask PNG -> (img_size, img_size) bool, with load_frame's geometry (shorter side to img_size,
-    centre crop; nearest-neighbour resampling so that it stays binary)."""
+def load_mask(path, img_size, clip_id='', geometry='crop'):
+    """Mask PNG -> (img_size, img_size) float32 weights in [0, 1] (grey level / 255: a binary mask
+    gives 0 / 1, Flickr's annotator consensus 0.5 / 1), with load_frame's geometry (fit_frame;
+    nearest-neighbour resampling, so that no new grey levels appear)."""
     try:
         with Image.open(path) as img:
             img = img.convert('L')
     except Exception as e:
         raise ClipError(f"clip '{clip_id}': cannot read mask file {path}: {e}") from e
-    img = resize_centre_crop(img, resized_size(*img.size, img_size), img_size, Image.NEAREST)
-    return torch.from_numpy(np.array(img) > 0)
+    img = fit_frame(img, img_size, Image.NEAREST, geometry)
+    return torch.from_numpy(np.array(img)).float().div_(255.0)
 
 
 # -----------------------------------------------------------------------------
@@ -353,31 +356,54 @@ def check_clip(clip, num_frames):
     return None
 
 
-def load_item(clip, mode, epoch, seed, audio_length, num_mel_bins, img_size, num_frames, time_shift):
-    """One clip (a row of read_clip_table) -> the dataset item (AVDataset's docstring) without its label.
-    Train mode draws the frame and the time shift from (seed, epoch, clip index): a pure function, so
-    the same clip gives the same item from files or shards, in any worker, rank, or order."""
+def with_members(clip):
+    """A shard clip with its members' headers read (once per item); a file clip as it is."""
+    if 'tar' in clip and 'members' not in clip:
+        return dict(clip, members=tar_members(clip['tar'], clip['offset'], clip['end']))
+    return clip
+
+
+def eval_inputs(clip, img_size, num_frames, geometry='crop'):
+    """A clip's whole waveform (n,) (16 kHz, mean removed) and its num_frames frames (T, 3, H, W),
+    from files or a shard: what an evaluation item is built from (AVDataset's eval mode, and the
+    probe's augmented clips, which mix and shift the waveform first). geometry: of the frames
+    (fit_frame)."""
+    clip = with_members(clip)
+    waveform = load_waveform(clip_wav(clip), clip['id'])
+    frames = [load_frame(clip_frame(clip, i), img_size, clip['id'], geometry=geometry)
+              for i in range(num_frames)]
+    return waveform, torch.stack(frames)
+
+
+def eval_segments(waveform, num_frames, audio_length, num_mel_bins):
+    """Waveform (n,) -> the num_frames frame-aligned fbank segments (T, L, F), normalised: one fbank
+    per clip, segment i centred on frame i."""
+    fbank = fbank_frames(waveform, num_mel_bins)  # (1024, F)
+    audio = torch.stack([fbank[slice(*segment_bounds(i, num_frames, TARGET_FRAMES, audio_length))]
+                         for i in range(num_frames)])  # (T, L, F)
+    return (audio - FBANK_MEAN) / FBANK_STD
+
+
+def load_item(clip, mode, epoch, seed, audio_length, num_mel_bins, img_size, num_frames,
+              time_shift, geometry='crop'):
+    """One clip (a row of read_clip_table) -> the dataset item (AVDataset's docstring) without its
+    label. Train mode draws the frame and the time shift from (seed, epoch, clip index): a pure
+    function, so the same clip gives the same item from files or shards, in any worker, rank, or
+    order. geometry: of the eval-mode frames (fit_frame)."""
     T, L = num_frames, audio_length
-    if 'tar' in clip and 'members' not in clip:  # read the headers once per item
-        clip = dict(clip, members=tar_members(clip['tar'], clip['offset'], clip['end']))
-    item = dict(id=clip['id'])
-    if mode == 'train':
-        rng = np.random.default_rng((seed, epoch, clip['index']))
-        frame = int(rng.integers(T))
-        shift = int(rng.integers(-MAX_TIME_SHIFT, MAX_TIME_SHIFT + 1)) if time_shift else 0
-        start, end = segment_bounds(frame, T, TARGET_FRAMES, L)
-        audio = load_segment_fbank(clip_wav(clip), clip['id'], num_mel_bins, start, end, shift)  # (L, F)
-        # JPEG draft decoding for training only: evaluation decodes in full, as the reference pipeline
-        image = load_frame(clip_frame(clip, frame), img_size, clip['id'], draft=True)
-        item['frame'] = frame
-    else:
-        fbank = fbank_frames(load_waveform(clip_wav(clip), clip['id']), num_mel_bins)  # (1024, F), once per clip
-        audio = torch.stack([fbank[slice(*segment_bounds(i, T, TARGET_FRAMES, L))]
-                             for i in range(T)])  # (T, L, F)
-        image = torch.stack([load_frame(clip_frame(clip, i), img_size, clip['id']) for i in range(T)])  # (T, 3, H, W)
-    item['audio'] = (audio - FBANK_MEAN) / FBANK_STD
-    item['image'] = image
-    return item
+    clip = with_members(clip)
+    if mode != 'train':
+        waveform, image = eval_inputs(clip, img_size, T, geometry)
+        return dict(id=clip['id'], audio=eval_segments(waveform, T, L, num_mel_bins), image=image)
+    rng = np.random.default_rng((seed, epoch, clip['index']))
+    frame = int(rng.integers(T))
+    shift = int(rng.integers(-MAX_TIME_SHIFT, MAX_TIME_SHIFT + 1)) if time_shift else 0
+    start, end = segment_bounds(frame, T, TARGET_FRAMES, L)
+    audio = load_segment_fbank(clip_wav(clip), clip['id'], num_mel_bins, start, end,
+                               shift)  # (L, F)
+    # JPEG draft decoding for training only: evaluation decodes in full, as the reference pipeline
+    image = load_frame(clip_frame(clip, frame), img_size, clip['id'], draft=True)
+    return dict(id=clip['id'], frame=frame, audio=(audio - FBANK_MEAN) / FBANK_STD, image=image)
 
 
 class AVDataset(torch.utils.data.Dataset):
@@ -390,18 +416,20 @@ class AVDataset(torch.utils.data.Dataset):
     label: float32 multi-hot (num_classes,), length 0 without a label CSV. A clip with no labels gets
     an all-zero label unless require_labels (probing needs labels, pretraining does not); label ids
     that are not in the CSV are always an error (a wrong CSV).
-    masks=True adds mask (T, H, W) / (H, W) bool (the sounding object's pixels, from
-    {video_path}/mask_{i}/{video_id}.png, see mask_path) and has_mask (T,) / () bool: False where a
-    frame has no mask file (its mask is then all False). JSON datasets only.
+    masks=True adds mask (T, H, W) / (H, W) float32 weights in [0, 1] (the sounding object's pixels,
+    from {video_path}/mask_{i}/{video_id}.png, see mask_path) and has_mask (T,) / () bool: False where
+    a frame has no mask file (its mask is then all 0). JSON datasets only.
+    geometry (eval mode): 'crop' (default, the training pipeline's) or 'full' (the whole frame and its
+    mask resized, the localisation benchmarks' geometry; fit_frame).
     audio_length, num_mel_bins, img_size come from the model config; time_shift acts in train mode
     only. skip_bad=True checks every file at start-up, drops clips with a missing or unreadable
     wav/frame, prints the count and writes their ids to bad_list (default: next to the JSON,
-    <json name>.bad.txt; '' writes and prints nothing); otherwise such a clip raises ClipError when
-    loaded."""
+    <json name>.bad.txt; '' writes and prints nothing); otherwise such a clip raises ClipError
+    when loaded."""
 
     def __init__(self, data_json, label_csv=None, mode='train', audio_length=416,
                  num_mel_bins=128, img_size=224, num_frames=16, time_shift=False, seed=0,
-                 skip_bad=False, bad_list=None, require_labels=False, masks=False):
+                 skip_bad=False, bad_list=None, require_labels=False, masks=False, geometry='crop'):
         if mode not in ('train', 'eval'):
             raise ValueError(f"mode must be 'train' or 'eval', got {mode!r}")
         if not 0 < audio_length <= TARGET_FRAMES:
@@ -409,7 +437,9 @@ class AVDataset(torch.utils.data.Dataset):
         self.mode, self.audio_length, self.num_mel_bins = mode, audio_length, num_mel_bins
         self.img_size, self.num_frames = img_size, num_frames
         self.time_shift, self.seed, self.epoch = time_shift, seed, 0
-        self.masks = masks
+        if geometry not in ('crop', 'full') or (geometry == 'full' and mode == 'train'):
+            raise ValueError(f"geometry must be 'crop' or, in eval mode, 'full'; got {geometry!r} ({mode})")
+        self.masks, self.geometry = masks, geometry
         self.clips = read_clip_table(data_json)
         if masks and self.clips and 'video_path' not in self.clips[0]:
             raise ValueError(f'{data_json}: masks=True needs a dataset JSON (shards carry no masks)')
@@ -450,14 +480,15 @@ class AVDataset(torch.utils.data.Dataset):
     def __getitem__(self, index):
         clip = self.clips[index]
         item = load_item(clip, self.mode, self.epoch, self.seed, self.audio_length,
-                         self.num_mel_bins, self.img_size, self.num_frames, self.time_shift)
+                         self.num_mel_bins, self.img_size, self.num_frames, self.time_shift, self.geometry)
         item['label'] = multi_hot(clip['classes'], self.num_classes)
         if self.masks:
             frames = [item['frame']] if self.mode == 'train' else range(self.num_frames)
             paths = [mask_path(clip['video_path'], i, clip['id']) for i in frames]
             has = torch.tensor([os.path.isfile(p) for p in paths])  # (T,)
-            empty = torch.zeros(self.img_size, self.img_size, dtype=torch.bool)
-            mask = torch.stack([load_mask(p, self.img_size, clip['id']) if ok else empty for p, ok in zip(paths, has)])
+            empty = torch.zeros(self.img_size, self.img_size)
+            mask = torch.stack([load_mask(p, self.img_size, clip['id'], self.geometry) if ok else empty
+                                for p, ok in zip(paths, has)])  # (T, H, W)
             item['mask'], item['has_mask'] = (mask[0], has[0]) if self.mode == 'train' else (mask, has)
         return item
 
@@ -680,111 +711,6 @@ def shard_tables(spec):
         rows = tables.get(os.path.abspath(path))
         result.append((path, rows if rows is not None else [table_row(c) for c in scan_shard(path)]))
     return result
-
-
-def shard_payload(clip, audio, num_frames):
-    """A prepared clip -> [(extension, bytes)] for its shard members, each file checked first."""
-    problem = check_clip(clip, num_frames)
-    if problem:
-        raise ClipError(problem)
-    with open(clip['wav'], 'rb') as f:
-        sound = f.read()
-    if audio == 'flac':  # lossless for 16- and 24-bit PCM: the samples read back unchanged
-        info = sf.info(clip['wav'])
-        if info.subtype not in ('PCM_16', 'PCM_24'):
-            raise ClipError(f"{clip['wav']}: flac keeps 16/24-bit PCM only, this wav is {info.subtype} "
-                            f"(use --audio wav)")
-        samples, rate = sf.read(clip['wav'], dtype='int32', always_2d=True)
-        buffer = io.BytesIO()
-        sf.write(buffer, samples, rate, format='FLAC', subtype=info.subtype)
-        sound = buffer.getvalue()
-    members = [('json', json.dumps(dict(id=clip['id'], labels=clip['labels'], index=clip['index'])).encode()),
-               (audio, sound)]
-    for i in range(num_frames):
-        with open(clip_frame(clip, i), 'rb') as f:
-            members.append((f'frame_{i:02d}.jpg', f.read()))
-    return members
-
-
-def pack_shard(path, clips, audio, num_frames, progress):
-    """Writes one shard (tmp file + rename: a shard that exists is complete) -> (rows, {id: why skipped})."""
-    rows, skipped = [], {}
-    with tarfile.open(path + '.tmp', 'w', format=tarfile.USTAR_FORMAT) as tar:
-        for clip in clips:
-            try:
-                members = shard_payload(clip, audio, num_frames)
-            except (ClipError, OSError, RuntimeError) as e:
-                skipped[clip['id']] = str(e)
-                progress.update()
-                continue
-            key, offset = f"{clip['index']:09d}", tar.offset
-            for ext, payload in members:
-                info = tarfile.TarInfo(f'{key}.{ext}')
-                info.size, info.mode, info.mtime = len(payload), 0o644, 0  # fixed metadata: same bytes every run
-                tar.addfile(info, io.BytesIO(payload))
-            rows.append([key, clip['id'], clip['labels'], clip['index'], offset, tar.offset])
-            progress.update()
-    os.replace(path + '.tmp', path)
-    return rows, skipped
-
-
-def write_shards(data_json, out, shard_size=1000, audio='wav', seed=0, num_frames=16, workers=1):
-    """Packs the clips of a dataset JSON into OUT/shards-00000.tar, ... (shard_size clips each, in a
-    permutation of the JSON order from seed, so every shard mixes classes) and OUT/index.json (per
-    shard: its clips' key, id, labels, JSON index and byte range). Resumable: finished shards are
-    kept (their index rows read back from their headers). Clips with a missing or unreadable file are
-    left out and listed in index.json ('skipped', with the reason). Returns the index."""
-    if audio not in ('wav', 'flac'):
-        raise ValueError(f"audio must be 'wav' or 'flac', got {audio!r}")
-    clips = read_clip_table(data_json)
-    if not clips or 'tar' in clips[0]:
-        raise ValueError(f"{data_json}: expected a dataset JSON with clips (shards are packed from files)")
-    order = np.random.default_rng(seed).permutation(len(clips))
-    groups = [[clips[i] for i in order[k:k + shard_size]] for k in range(0, len(clips), shard_size)]
-    settings = dict(format=SHARD_FORMAT, complete=False, num_clips=len(clips), shard_size=shard_size, seed=seed,
-                    audio=audio, num_frames=num_frames, source=os.path.relpath(os.path.abspath(data_json), out),
-                    ids_sha1=hashlib.sha1('\n'.join(c['id'] for c in clips).encode()).hexdigest())
-    os.makedirs(out, exist_ok=True)
-    index_path = os.path.join(out, 'index.json')
-    if os.path.isfile(index_path):
-        with open(index_path) as f:
-            old = json.load(f)
-        changed = [k for k in settings if k not in ('complete', 'source') and old.get(k) != settings[k]]
-        if changed:
-            raise ValueError(f"{out} holds shards written with other settings ({', '.join(changed)} differ): "
-                             f"use another --out or delete the folder")
-    with open(index_path, 'w') as f:
-        json.dump(settings, f)  # incomplete until the end
-    paths = [os.path.join(out, SHARD_NAME.format(k)) for k in range(len(groups))]
-    todo = [k for k in range(len(groups)) if not os.path.isfile(paths[k])]
-    print(f"{len(clips)} clips -> {len(groups)} shards: {len(groups) - len(todo)} already written, "
-          f"{len(todo)} to write")
-    results = {}
-    with tqdm(total=sum(len(groups[k]) for k in todo), desc='shard', unit='clip') as progress:
-        with ThreadPoolExecutor(workers) as pool:  # file reads and writes: threads overlap the waits
-            for k, result in zip(todo, pool.map(lambda k: pack_shard(paths[k], groups[k], audio, num_frames,
-                                                                     progress), todo)):
-                results[k] = result
-    shards, skipped = [], {}
-    for k in tqdm(range(len(groups)), desc='index', leave=False):
-        if k in results:
-            rows, bad = results[k]
-        else:  # written by an earlier run: rows from its headers, skipped clips checked again for the reason
-            rows = [table_row(c) for c in scan_shard(paths[k])]
-            packed = {r[1] for r in rows}
-            bad = {c['id']: check_clip(c, num_frames) or 'left out by an earlier run'
-                   for c in groups[k] if c['id'] not in packed}
-        shards.append(dict(name=os.path.basename(paths[k]), bytes=os.path.getsize(paths[k]), clips=rows))
-        skipped.update(bad)
-    index = dict(settings, complete=True, shards=shards, skipped=skipped)
-    with open(index_path + '.tmp', 'w') as f:
-        json.dump(index, f)
-    os.replace(index_path + '.tmp', index_path)
-    packed = sum(len(s['clips']) for s in shards)
-    print(f"wrote {index_path}: {packed} clips in {len(shards)} shards, {len(skipped)} left out"
-          + (f" ({', '.join(list(skipped)[:5])}{', ...' if len(skipped) > 5 else ''}: reasons in index.json "
-             f"'skipped')" if skipped else ''))
-    return index
 
 
 def epoch_batches(clips, world_size, batch_size, accumulation=1):
@@ -1092,731 +1018,3 @@ def train_batches(spec, batch_size, seed=0, rank=0, world_size=1, num_workers=0,
                         **item_args)
     return FileBatches(dataset, batch_size, rank, world_size, num_workers, accumulation, seed,
                        skip_bad)
-
-
-# =============================================================================
-# Tools: synthetic clips, raw-video preparation, labelled splits, loader benchmark. The core above
-# (features, AVDataset, shards) is all that training and evaluation read.
-# -----------------------------------------------------------------------------
-# synthetic clips (design in the module docstring)
-
-SYNTH_SECONDS = 10
-SYNTH_FRAMES = 16
-SLOT = TARGET_FRAMES * HOP / SAMPLE_RATE / SYNTH_FRAMES  # 0.64 s: frame i shows time i * SLOT
-SHAPES = ('circle', 'square', 'triangle', 'diamond', 'cross')
-HARMONICS = (1, 3, 6)  # timbre
-TREMOLO_HZ = (0, 2, 4, 8)  # rhythm, 0 = steady tone
-
-
-def synth_class(c, num_classes):
-    """Signature of class c: hue in [0, 1), shape, striped, pitch (Hz), harmonics, tremolo (Hz)."""
-    return dict(hue=c / num_classes, shape=SHAPES[c % len(SHAPES)],
-                striped=(c // len(SHAPES)) % 2 == 1,
-                pitch=200.0 * 16 ** (c / max(1, num_classes - 1)),
-                harmonics=HARMONICS[c % len(HARMONICS)], tremolo=TREMOLO_HZ[c % len(TREMOLO_HZ)])
-
-
-def shape_mask(shape, cx, cy, r, size):
-    """(size, size) float mask of a shape of radius r centred at (cx, cy)."""
-    mask = Image.new('L', (size, size), 0)
-    draw = ImageDraw.Draw(mask)
-    if shape == 'circle':
-        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=255)
-    elif shape == 'square':
-        draw.rectangle((cx - 0.8 * r, cy - 0.8 * r, cx + 0.8 * r, cy + 0.8 * r), fill=255)
-    elif shape == 'triangle':
-        draw.polygon([(cx, cy - r), (cx - r, cy + 0.8 * r), (cx + r, cy + 0.8 * r)], fill=255)
-    elif shape == 'diamond':
-        draw.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=255)
-    elif shape == 'cross':
-        draw.rectangle((cx - r, cy - 0.3 * r, cx + r, cy + 0.3 * r), fill=255)
-        draw.rectangle((cx - 0.3 * r, cy - r, cx + 0.3 * r, cy + r), fill=255)
-    return np.asarray(mask, dtype=np.float32)[:, :, None] / 255.0  # (size, size, 1)
-
-
-def harmonic_tone(pitch, harmonics, t, rng):
-    """Sum of the first `harmonics` partials below 7 kHz (amplitude 1/k, random phases), peak ~1."""
-    ks = [k for k in range(1, harmonics + 1) if k * pitch < 7000]
-    tone = sum(np.sin(2 * np.pi * k * pitch * t + rng.uniform(0, 2 * np.pi)) / k for k in ks)
-    return tone / sum(1 / k for k in ks)
-
-
-def object_texture(colour, striped, xx, yy, S):
-    """(S, S, 3) fill of an object: its colour, or diagonal bands 4 px wide of it."""
-    if striped:
-        stripes = ((xx + yy) * S // 4 % 2)[:, :, None]
-        return colour * (0.45 + 0.55 * stripes)
-    return np.broadcast_to(colour, (S, S, 3))
-
-
-def synth_clip(number, c, num_classes, seed, frame_size=96, on_slots=(5, 10), offscreen=0.0,
-               silent_objects=0.0, clutter=0, hum=0.0):
-    """One synthetic clip -> (waveform (N,) float32 in [-1, 1], frames list of (S, S, 3) uint8,
-    masks list of (S, S) bool: the pixels of the sounding object, meta).
-    Semantic-noise options (the defaults give the original clips, byte for byte; every option draws
-    from its own generator, so turning one on leaves the rest of the clip unchanged):
-      on_slots        (lo, hi): a clip aims at lo..hi "on" slots of 16; fewer = longer silent stretches
-      offscreen       probability that a run of "on" slots is heard but its object is off screen
-      silent_objects  probability that the clip shows an object of another class that makes no sound
-      clutter         number of static, desaturated shapes in the background (uninformative patches)
-      hum             level of a steady background tone at a random pitch from an off-screen source"""
-    rng = np.random.default_rng((seed, number))
-    sig = synth_class(c, num_classes)
-    # which of the 16 slots show/sound the object: runs of 2-4 slots, on_slots[0]..on_slots[1] (+3) in all
-    on = np.zeros(SYNTH_FRAMES, dtype=bool)
-    target = rng.integers(on_slots[0], on_slots[1] + 1)
-    runs = []  # (start, length) of each run drawn
-    while on.sum() < target:
-        n = rng.integers(2, 5)
-        s = rng.integers(0, SYNTH_FRAMES - n + 1)
-        on[s:s + n] = True
-        runs.append((s, n))
-    pitch_u = rng.uniform()  # instance signal: pitch offset <-> height
-    loud_u = rng.uniform()  # instance signal: loudness <-> size
-    # semantic noise, each from its own generator
-    visible = on.copy()  # slots whose sounding object is on screen
-    rng_off = np.random.default_rng((seed, number, 1))
-    for s, n in runs:
-        if rng_off.uniform() < offscreen:
-            visible[s:s + n] = False
-
-    # audio: class tone in the "on" slots + background noise (+ clicks)
-    num_samples = SYNTH_SECONDS * SAMPLE_RATE
-    t = np.arange(num_samples) / SAMPLE_RATE  # (N,)
-    envelope = np.zeros(num_samples)
-    ramp = int(0.01 * SAMPLE_RATE)  # 10 ms fades: no clicks at event edges
-    for i in np.flatnonzero(on):
-        a = max(0, int((i * SLOT - SLOT / 2) * SAMPLE_RATE))
-        b = min(num_samples, int((i * SLOT + SLOT / 2) * SAMPLE_RATE))
-        envelope[a:b] = 1.0
-    edges = np.flatnonzero(np.diff(np.r_[0.0, envelope, 0.0]))  # run starts and ends
-    for a, b in zip(edges[::2], edges[1::2]):
-        n = min(ramp, (b - a) // 2)
-        envelope[a:a + n] *= np.linspace(0, 1, n)
-        envelope[b - n:b] *= np.linspace(1, 0, n)
-    pitch = sig['pitch'] * 2 ** ((pitch_u * 4 - 2) / 12)  # +-2 semitones
-    tone = harmonic_tone(pitch, sig['harmonics'], t, rng)
-    if sig['tremolo']:
-        tone *= 0.5 * (1 - np.cos(2 * np.pi * sig['tremolo'] * t + rng.uniform(0, 2 * np.pi)))
-    loudness = 0.08 + 0.22 * loud_u
-    waveform = loudness * envelope * tone + rng.normal(0, rng.uniform(0.002, 0.02), num_samples)
-    if rng.uniform() < 0.3:  # distractor: noise clicks at random moments
-        for start in rng.integers(0, num_samples - 320, size=3):
-            waveform[start:start + 320] += rng.normal(0, 0.15, 320)
-    hum_pitch = None
-    if hum > 0:  # a steady tone from an off-screen source, anywhere in the classes' pitch range
-        rng_hum = np.random.default_rng((seed, number, 2))
-        hum_pitch = 200.0 * 16 ** rng_hum.uniform()
-        waveform = waveform + hum * rng_hum.uniform(0.5, 1) * harmonic_tone(hum_pitch, 2, t, rng_hum)
-    waveform = np.clip(waveform, -1, 1).astype(np.float32)
-
-    # frames: tinted grey background with a gradient, object only in "on" frames
-    S = frame_size
-    yy, xx = np.mgrid[0:S, 0:S] / S
-    angle = rng.uniform(0, 2 * np.pi)
-    gradient = (np.cos(angle) * xx + np.sin(angle) * yy)[:, :, None]  # (S, S, 1)
-    background = rng.uniform(0.2, 0.5) + rng.uniform(-0.04, 0.04, 3) + 0.15 * (gradient - 0.5)
-    if rng.uniform() < 0.3:  # distractor: a static grey shape
-        d_shape = SHAPES[rng.integers(len(SHAPES))]
-        m = shape_mask(d_shape, *rng.uniform(0.2 * S, 0.8 * S, 2), 0.12 * S, S)
-        background = background * (1 - m) + 0.7 * m
-    if clutter:  # static desaturated shapes: background patches that say nothing about the sound
-        rng_clutter = np.random.default_rng((seed, number, 3))
-        for _ in range(clutter):
-            hue, sat, val = rng_clutter.uniform(), rng_clutter.uniform(0.1, 0.3), rng_clutter.uniform(0.3, 0.8)
-            m = shape_mask(SHAPES[rng_clutter.integers(len(SHAPES))], *rng_clutter.uniform(0, S, 2),
-                           S * rng_clutter.uniform(0.06, 0.16), S)
-            background = background * (1 - m) + np.array(colorsys.hsv_to_rgb(hue, sat, val)) * m
-    silent = None  # (slots shown, shape mask, texture) of a visible object that makes no sound
-    rng_silent = np.random.default_rng((seed, number, 4))
-    if rng_silent.uniform() < silent_objects:
-        other = synth_class((c + rng_silent.integers(1, num_classes)) % num_classes, num_classes)
-        shown = np.zeros(SYNTH_FRAMES, dtype=bool)
-        n = rng_silent.integers(4, 11)
-        s = rng_silent.integers(0, SYNTH_FRAMES - n + 1)
-        shown[s:s + n] = True
-        r = S * rng_silent.uniform(0.12, 0.22)
-        m = shape_mask(other['shape'], *rng_silent.uniform(r, S - r, 2), r, S)
-        hsv = (other['hue'], rng_silent.uniform(0.85, 1), rng_silent.uniform(0.8, 1))
-        silent = (shown, m, object_texture(np.array(colorsys.hsv_to_rgb(*hsv)), other['striped'], xx, yy, S))
-    colour = np.array(colorsys.hsv_to_rgb(sig['hue'], rng.uniform(0.85, 1), rng.uniform(0.8, 1)))
-    texture = object_texture(colour, sig['striped'], xx, yy, S)
-    radius = S * (0.12 + 0.1 * loud_u)
-    cy = S * (0.75 - 0.5 * pitch_u)
-    cx = rng.uniform(radius, S - radius)
-    drift = rng.uniform(-1.5, 1.5)  # px per frame
-    frames, masks = [], []
-    for i in range(SYNTH_FRAMES):
-        img = background.copy()
-        if silent is not None and silent[0][i]:
-            img = img * (1 - silent[1]) + silent[2] * silent[1]
-        mask = np.zeros((S, S), dtype=bool)
-        if on[i]:
-            x = np.clip(cx + drift * i, radius, S - radius)
-            m = shape_mask(sig['shape'], x, cy + rng.uniform(-1, 1), radius, S)  # drawn even off screen: same draws
-            if visible[i]:
-                img = img * (1 - m) + texture * m
-                mask = m[:, :, 0] > 0.5
-        img = img + rng.normal(0, 0.02, (S, S, 3))  # pixel noise
-        frames.append((np.clip(img, 0, 1) * 255).round().astype(np.uint8))
-        masks.append(mask)
-    meta = dict(cls=c, on=on.astype(int).tolist(), pitch=round(pitch, 2),
-                loudness=round(loudness, 4), radius=round(radius, 2), height=round(cy, 2))
-    if offscreen > 0:
-        meta['visible'] = visible.astype(int).tolist()
-    if silent is not None:
-        meta['silent_object'] = silent[0].astype(int).tolist()
-    if hum_pitch is not None:
-        meta['hum_pitch'] = round(hum_pitch, 2)
-    return waveform, frames, masks, meta
-
-
-SYNTH_NOISE = dict(on_slots=(5, 10), offscreen=0.0, silent_objects=0.0, clutter=0, hum=0.0)  # synth_clip's defaults
-
-
-def make_synthetic(out, num_clips=400, seed=0, num_classes=10, frame_size=96, **noise):
-    """Writes DIR/audio/{id}.wav, DIR/frame_{i}/{id}.jpg, DIR/mask_{i}/{id}.png (the sounding object's
-    pixels), train.json, eval.json, labels.csv, synth_meta.json (each clip's class and on/off pattern,
-    for checks) and synth_config.json (the generator settings). noise: synth_clip's semantic-noise
-    options (SYNTH_NOISE holds the defaults)."""
-    unknown = set(noise) - set(SYNTH_NOISE)
-    if unknown:
-        raise ValueError(f"unknown synthetic-data options {sorted(unknown)}; known: {sorted(SYNTH_NOISE)}")
-    noise = {**SYNTH_NOISE, **noise}
-    lo, hi = noise['on_slots']
-    if not 1 <= lo <= hi <= SYNTH_FRAMES:
-        raise ValueError(f"on_slots must satisfy 1 <= lo <= hi <= {SYNTH_FRAMES}, got {noise['on_slots']}")
-    if noise['silent_objects'] > 0 and num_classes < 2:
-        raise ValueError('silent_objects shows an object of another class: it needs num_classes >= 2')
-    os.makedirs(os.path.join(out, 'audio'), exist_ok=True)
-    for i in range(SYNTH_FRAMES):
-        os.makedirs(os.path.join(out, f'frame_{i}'), exist_ok=True)
-        os.makedirs(os.path.join(out, f'mask_{i}'), exist_ok=True)
-    mids = [f'syn_{c}' for c in range(num_classes)]
-    with open(os.path.join(out, 'labels.csv'), 'w', newline='') as f:
-        writer = csv.writer(f)
-        writer.writerow(['index', 'mid', 'display_name'])
-        for c in range(num_classes):
-            sig = synth_class(c, num_classes)
-            name = (f"{'striped ' if sig['striped'] else ''}{sig['shape']} hue {sig['hue'] * 360:.0f}, "
-                    f"{sig['pitch']:.0f} Hz x{sig['harmonics']} "
-                    f"{'steady' if not sig['tremolo'] else str(sig['tremolo']) + ' Hz'}")
-            writer.writerow([c, mids[c], name])
-    splits, meta = {'train': [], 'eval': []}, {}
-    for number in tqdm(range(num_clips), desc='synth clips'):
-        c = number % num_classes  # balanced classes
-        clip_id = f'syn{number:05d}'
-        waveform, frames, masks, meta[clip_id] = synth_clip(number, c, num_classes, seed, frame_size, **noise)
-        sf.write(os.path.join(out, 'audio', f'{clip_id}.wav'), waveform, SAMPLE_RATE, subtype='PCM_16')
-        for i, (frame, mask) in enumerate(zip(frames, masks)):
-            Image.fromarray(frame).save(frame_path(out, i, clip_id), quality=90)
-            Image.fromarray(mask.astype(np.uint8) * 255).save(mask_path(out, i, clip_id))
-        split = 'eval' if (number // num_classes) % 5 == 4 else 'train'  # every 5th clip per class
-        splits[split].append(dict(video_id=clip_id, wav=f'audio/{clip_id}.wav', video_path='.',
-                                  labels=mids[c]))
-    for split, entries in splits.items():
-        with open(os.path.join(out, f'{split}.json'), 'w') as f:
-            json.dump({'data': entries}, f, indent=1)
-    with open(os.path.join(out, 'synth_meta.json'), 'w') as f:
-        json.dump(meta, f)
-    with open(os.path.join(out, 'synth_config.json'), 'w') as f:
-        json.dump(dict(num_clips=num_clips, seed=seed, num_classes=num_classes, frame_size=frame_size,
-                       **{k: list(v) if isinstance(v, tuple) else v for k, v in noise.items()}), f, indent=1)
-    print(f"wrote {num_clips} clips ({len(splits['train'])} train, {len(splits['eval'])} eval, "
-          f"{num_classes} classes) to {out}")
-
-
-# -----------------------------------------------------------------------------
-# raw-video preparation with ffmpeg
-
-def list_videos(videos):
-    """A directory (its video files) or a text file of paths, one a line, relative ones taken from
-    the current directory ('#' starts a comment line) -> list of paths."""
-    if os.path.isdir(videos):
-        return sorted(os.path.join(videos, name) for name in os.listdir(videos)
-                      if name.lower().endswith(VIDEO_EXTENSIONS))
-    with open(videos) as f:
-        return [line.strip() for line in f if line.strip() and not line.startswith('#')]
-
-
-class NoAudioTrack(RuntimeError):
-    """The video has no audio stream (a few % of AudioSet / VGGSound downloads)."""
-
-
-def prepare_video(ffmpeg, video, out, num_frames=16, short_side=224):
-    """One video -> OUT/audio/{id}.wav (16 kHz, first channel) and OUT/frame_{i}/{id}.jpg.
-    Frames: ffmpeg's fps filter at num_frames/10 fps over the first 10 s, so frame i is the video
-    frame shown at about t = i * 10 / num_frames s. Frames are scaled down (bicubic) so that the
-    shorter side is at most short_side (0: keep). Files appear atomically (tmp + rename), so an
-    interrupted run never leaves a clip that looks done. Raises NoAudioTrack for a video without
-    audio, RuntimeError with ffmpeg's message for other failures."""
-    clip_id = os.path.splitext(os.path.basename(video))[0]
-    tmp = os.path.join(out, '.tmp', clip_id)
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-
-    def run(args):
-        result = subprocess.run([ffmpeg, '-nostdin', '-v', 'error', '-y', *args], capture_output=True, text=True)
-        if result.returncode != 0:
-            message = result.stderr.strip()[-500:] or f'ffmpeg exit code {result.returncode}'
-            if "map '0:a:0' matches no streams" in message:
-                raise NoAudioTrack(f'no audio track ({message.splitlines()[0]})')
-            raise RuntimeError(message)
-
-    try:  # audio first: a video without audio fails before its frames are decoded
-        run(['-i', video, '-map', '0:a:0', '-af', 'pan=mono|c0=c0', '-ar', str(SAMPLE_RATE),
-             '-c:a', 'pcm_s16le', os.path.join(tmp, 'audio.wav')])
-        scale = ''
-        if short_side:
-            scale = (f",scale=w='if(lte(iw,ih),min(iw,{short_side}),-2)'"
-                     f":h='if(lte(iw,ih),-2,min(ih,{short_side}))':flags=bicubic")
-        run(['-t', '10', '-i', video, '-vf', f'fps={num_frames}/10{scale}', '-frames:v', str(num_frames),
-             '-q:v', '2', os.path.join(tmp, '%02d.jpg')])
-        got = len([n for n in os.listdir(tmp) if n.endswith('.jpg')])
-        if got < num_frames:
-            raise RuntimeError(f'only {got} of {num_frames} frames in the first 10 s (video too short?)')
-        for i in range(num_frames):  # ffmpeg numbers from 1
-            os.replace(os.path.join(tmp, f'{i + 1:02d}.jpg'), frame_path(out, i, clip_id))
-        os.replace(os.path.join(tmp, 'audio.wav'), os.path.join(out, 'audio', f'{clip_id}.wav'))
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def prepared_ids(out, num_frames=16):
-    """Clip ids whose wav and all frames exist in a prepared folder (one listing per folder, not a
-    stat per file: fast on 2 M clips)."""
-    def stems(folder, ext):
-        folder = os.path.join(out, folder)
-        return {n[:-len(ext)] for n in os.listdir(folder) if n.endswith(ext)} if os.path.isdir(folder) else set()
-    ids = stems('audio', '.wav')
-    for i in range(num_frames):
-        ids &= stems(f'frame_{i}', '.jpg')
-    return ids
-
-
-def read_failures(out):
-    """OUT/failed.json of prepare: {clip id: {video, error: 'no_audio' | 'ffmpeg', message}}."""
-    path = os.path.join(out, 'failed.json')
-    if not os.path.isfile(path):
-        return {}
-    with open(path) as f:
-        return json.load(f)
-
-
-def prepare(videos, out, num_frames=16, short_side=224, workers=1):
-    """Raw videos -> CAV-MAE layout in OUT and OUT/data.json (clip id = file stem, labels empty; the
-    `audioset` / `vggsound` commands write labelled splits). Resumable: clips whose wav and frames
-    exist are skipped. Videos that could not be prepared are kept in OUT/failed.json (no audio track
-    or ffmpeg's message; a later run retries them). Returns {video: error} of this run's failures."""
-    paths = list_videos(videos)
-    ids = [os.path.splitext(os.path.basename(p))[0] for p in paths]
-    duplicates = sorted(i for i, n in Counter(ids).items() if n > 1)  # linear: 2 M videos
-    if duplicates:
-        raise ValueError(f"{videos}: several videos share the clip id(s) {duplicates[:5]} (file stem)")
-    ffmpeg = shutil.which('ffmpeg')
-    if ffmpeg is None:
-        raise RuntimeError("ffmpeg not found on PATH: `prepare` needs the ffmpeg command-line tool "
-                           "(e.g. apt-get install ffmpeg)")
-    os.makedirs(os.path.join(out, 'audio'), exist_ok=True)
-    for i in range(num_frames):
-        os.makedirs(os.path.join(out, f'frame_{i}'), exist_ok=True)
-    done = prepared_ids(out, num_frames)
-    todo = [p for p, i in zip(paths, ids) if i not in done]
-    print(f"{len(paths)} videos: {len(paths) - len(todo)} already done, {len(todo)} to prepare")
-    failures = {}
-
-    def work(video):
-        try:
-            prepare_video(ffmpeg, video, out, num_frames, short_side)
-        except Exception as e:
-            failures[video] = e
-
-    with ThreadPoolExecutor(workers) as pool:  # ffmpeg does the work, threads only wait
-        list(tqdm(pool.map(work, todo), total=len(todo), desc='prepare'))
-    shutil.rmtree(os.path.join(out, '.tmp'), ignore_errors=True)
-    done = prepared_ids(out, num_frames)
-    entries = [dict(video_id=i, wav=f'audio/{i}.wav', video_path='.', labels='') for i in ids if i in done]
-    with open(os.path.join(out, 'data.json'), 'w') as f:
-        json.dump({'data': entries}, f, indent=1)
-    print(f"wrote {os.path.join(out, 'data.json')} with {len(entries)} clips")
-    record = {i: r for i, r in read_failures(out).items() if i not in done}  # earlier runs, still not done
-    for video, e in failures.items():
-        record[os.path.splitext(os.path.basename(video))[0]] = dict(
-            video=video, error='no_audio' if isinstance(e, NoAudioTrack) else 'ffmpeg', message=str(e))
-    with open(os.path.join(out, 'failed.json'), 'w') as f:
-        json.dump(record, f, indent=1)
-    silent = [v for v, e in failures.items() if isinstance(e, NoAudioTrack)]
-    if silent:
-        print(f"{len(silent)} videos without an audio track (skipped):")
-        for video in silent:
-            print(f"  {video}")
-    if len(failures) > len(silent):
-        print(f"{len(failures) - len(silent)} videos failed:")
-        for video, e in failures.items():
-            if not isinstance(e, NoAudioTrack):
-                print(f"  {video}: {e}")
-    if failures:
-        print(f"(kept in {os.path.join(out, 'failed.json')})")
-    return {video: str(e) for video, e in failures.items()}
-
-
-# -----------------------------------------------------------------------------
-# labels and splits from the official metadata
-
-AUDIOSET_ID = '{YTID}_{start:.3f}'  # e.g. --PJHxphWEs_30.000.mp4; '{YTID}' for downloads named by YTID only
-VGGSOUND_ID = '{YTID}_{start:06d}'  # e.g. ---g-f_I2yQ_000001.mp4
-
-
-def clip_id_for(id_format, ytid, start, where):
-    """A downloader's file stem from a CSV row: id_format with {YTID} and {start} (an int when whole
-    seconds, so both '{start:06d}' and '{start:.3f}' work)."""
-    start = int(start) if float(start).is_integer() else float(start)
-    try:
-        return id_format.format(YTID=ytid, start=start)
-    except (KeyError, ValueError, IndexError) as e:
-        raise ValueError(f"{where}: id format {id_format!r} does not fit YTID={ytid!r} start={start!r}: {e}") from e
-
-
-def add_row(requested, clip_id, mids, counts):
-    """requested {id: [mids]} in CSV order; a repeated id merges its labels and counts as a duplicate."""
-    if clip_id in requested:
-        counts['duplicate_rows'] += 1
-        requested[clip_id] += [m for m in mids if m not in requested[clip_id]]
-    else:
-        requested[clip_id] = list(mids)
-
-
-def read_audioset_segments(paths, id_format, mid_to_index, requested=None, counts=None):
-    """Official AudioSet segment CSVs ('#' comment lines, rows YTID, start_seconds, end_seconds,
-    "mid1,mid2") -> ({clip id: [mids]} in file order, {'duplicate_rows': n})."""
-    requested = {} if requested is None else requested
-    counts = counts or Counter(duplicate_rows=0)
-    for path in paths:
-        with open(path, newline='') as f:
-            for line, row in enumerate(csv.reader(f, skipinitialspace=True), 1):
-                if not row or row[0].lstrip().startswith('#'):
-                    continue
-                if len(row) != 4:
-                    raise ValueError(f'{path}:{line}: expected YTID, start_seconds, end_seconds, "labels", got {row}')
-                ytid, start, _, labels = row
-                mids = [m.strip() for m in labels.split(',') if m.strip()]
-                unknown = [m for m in mids if m not in mid_to_index]
-                if unknown:
-                    raise ValueError(f'{path}:{line}: label ids {unknown} are not in the label CSV')
-                add_row(requested, clip_id_for(id_format, ytid.strip(), float(start), f'{path}:{line}'), mids, counts)
-    return requested, counts
-
-
-def label_key(text):
-    """VGGSound label text as in vggsound.csv ('bird chirping, tweeting') and as in the class CSV,
-    where commas were written as underscores ('bird chirping_ tweeting')."""
-    return ' '.join(text.replace('_', ',').split()).lower()
-
-
-def read_vggsound_csv(path, id_format, label_csv):
-    """vggsound.csv (no header; rows YTID,start_seconds,label text,train|test) -> {'train': {id: [mid]},
-    'test': {...}} with the class CSV's mids (matched by display_name), and {'duplicate_rows': n}."""
-    mid_to_index, names = read_label_csv(label_csv)
-    index_to_mid = {i: m for m, i in mid_to_index.items()}
-    by_name = {label_key(name): index_to_mid[i] for i, name in enumerate(names)}
-    splits, counts = {'train': {}, 'test': {}}, Counter(duplicate_rows=0)
-    with open(path, newline='') as f:
-        for line, row in enumerate(csv.reader(f), 1):
-            if not row or row[0].lstrip().startswith('#'):
-                continue
-            if len(row) != 4 or row[3].strip() not in splits:
-                raise ValueError(f'{path}:{line}: expected YTID,start_seconds,label,train|test, got {row}')
-            ytid, start, text, split = (x.strip() for x in row)
-            if label_key(text) not in by_name:
-                raise ValueError(f'{path}:{line}: label {text!r} is not a display_name of {label_csv}')
-            try:
-                start = float(start)
-            except ValueError:
-                raise ValueError(f'{path}:{line}: start_seconds {start!r} is not a number') from None
-            add_row(splits[split], clip_id_for(id_format, ytid, start, f'{path}:{line}'),
-                    [by_name[label_key(text)]], counts)
-    return splits, counts
-
-
-def prepared_clips(prepared, ids, num_frames=16, check=True, workers=4):
-    """Which requested ids a `prepare` folder holds -> (clips {id: (wav, frames folder)}, reasons
-    {id: (kind, message)} for no_audio / failed (from failed.json) / unreadable ones)."""
-    present = prepared_ids(prepared, num_frames)
-    failures = read_failures(prepared)
-    found = [i for i in ids if i in present]
-    reasons = {i: ('no_audio' if failures[i]['error'] == 'no_audio' else 'failed', failures[i]['message'])
-               for i in ids if i not in present and i in failures}
-    if check:
-        with ThreadPoolExecutor(workers) as pool:
-            def check(i):
-                return check_clip(dict(id=i, wav=os.path.join(prepared, 'audio', f'{i}.wav'), video_path=prepared),
-                                  num_frames)
-            problems = list(tqdm(pool.map(check, found), total=len(found), desc='checking clips', leave=False))
-        reasons.update({i: ('unreadable', p) for i, p in zip(found, problems) if p})
-    clips = {i: (os.path.join(prepared, 'audio', f'{i}.wav'), prepared) for i in found if i not in reasons}
-    return clips, reasons
-
-
-def write_split(out_json, requested, clips, reasons, label_csv=None, duplicate_rows=0, extra=None):
-    """requested {id: [mids]} -> out_json with the clips that are ready (paths relative to the JSON)
-    and a summary printed and written next to it: <name>.summary.json (counts, no-audio ids, failed
-    and unreadable ids with their messages, classes with no clip) and <name>.missing.txt (ids with no
-    prepared clip and no recorded failure: usually videos that were never downloaded)."""
-    out_dir = os.path.dirname(os.path.abspath(out_json))
-    os.makedirs(out_dir, exist_ok=True)
-    entries = [dict(video_id=i, wav=os.path.relpath(clips[i][0], out_dir),
-                    video_path=os.path.relpath(clips[i][1], out_dir), labels=','.join(mids))
-               for i, mids in requested.items() if i in clips]
-    with open(out_json, 'w') as f:
-        json.dump({'data': entries}, f, indent=1)
-    stem = os.path.splitext(out_json)[0]
-    missing = [i for i in requested if i not in clips and i not in reasons]
-    with open(stem + '.missing.txt', 'w') as f:
-        f.writelines(i + '\n' for i in missing)
-    kinds = {k: {i: m for i, (kind, m) in reasons.items() if kind == k and i in requested}
-             for k in ('no_audio', 'failed', 'unreadable')}
-    summary = dict(json=os.path.basename(out_json), requested=len(requested), written=len(entries),
-                   missing=len(missing), missing_list=os.path.basename(stem + '.missing.txt'),
-                   no_audio=sorted(kinds['no_audio']), failed=kinds['failed'], unreadable=kinds['unreadable'],
-                   duplicate_rows=duplicate_rows, **(extra or {}))
-    line = (f"{out_json}: {len(requested)} clips requested, {len(entries)} written, {len(missing)} missing "
-            f"(ids in {stem}.missing.txt), {len(kinds['no_audio'])} without an audio track, "
-            f"{len(kinds['failed'])} failed in preparation, {len(kinds['unreadable'])} unreadable, "
-            f"{duplicate_rows} duplicate rows")
-    if label_csv:
-        mid_to_index, names = read_label_csv(label_csv)
-        covered = {m for e in entries for m in e['labels'].split(',') if m}
-        empty = [names[i] for m, i in sorted(mid_to_index.items(), key=lambda x: x[1]) if m not in covered]
-        summary['classes_without_clips'] = empty
-        line += f"; {len(empty)} of {len(names)} classes have no clip"
-        if empty:
-            line += f" ({', '.join(empty[:5])}{', ...' if len(empty) > 5 else ''})"
-    with open(stem + '.summary.json', 'w') as f:
-        json.dump(summary, f, indent=1)
-    print(line)
-    for kind in ('failed', 'unreadable'):
-        for i, message in list(kinds[kind].items())[:10]:
-            print(f"  {kind} {i}: {message}")
-    print(f"  summary in {stem}.summary.json")
-    return summary
-
-
-def build_audioset(prepared, label_csv, out, balanced=None, unbalanced=None, eval_csv=None,
-                   id_format=AUDIOSET_ID, num_frames=16, check=True, workers=4):
-    """AudioSet segment CSVs -> OUT/as20k_train.json (balanced), OUT/as2m_train.json (balanced +
-    unbalanced), OUT/as_eval.json (eval), each with its summary. Returns {name: summary}."""
-    mid_to_index, _ = read_label_csv(label_csv)
-    splits = {}
-    if balanced:
-        splits['as20k_train'] = [balanced]
-    if balanced and unbalanced:
-        splits['as2m_train'] = [balanced, unbalanced]
-    elif unbalanced:
-        raise ValueError('--unbalanced needs --balanced too: AS-2M training is balanced + unbalanced')
-    if eval_csv:
-        splits['as_eval'] = [eval_csv]
-    if not splits:
-        raise ValueError('give at least one of --balanced, --unbalanced, --eval')
-    summaries = {}
-    for name, paths in splits.items():
-        requested, counts = read_audioset_segments(paths, id_format, mid_to_index)
-        clips, reasons = prepared_clips(prepared, list(requested), num_frames, check, workers)
-        summaries[name] = write_split(os.path.join(out, f'{name}.json'), requested, clips, reasons,
-                                      label_csv, counts['duplicate_rows'])
-    return summaries
-
-
-def build_vggsound(prepared, csv_path, label_csv, out, id_format=VGGSOUND_ID, num_frames=16, check=True, workers=4):
-    """vggsound.csv -> OUT/vgg_train.json and OUT/vgg_test.json with summaries. Returns {name: summary}."""
-    splits, counts = read_vggsound_csv(csv_path, id_format, label_csv)
-    summaries = {}
-    for split, requested in splits.items():
-        clips, reasons = prepared_clips(prepared, list(requested), num_frames, check, workers)
-        summaries[f'vgg_{split}'] = write_split(os.path.join(out, f'vgg_{split}.json'), requested, clips, reasons,
-                                                label_csv, counts['duplicate_rows'] if split == 'train' else 0)
-    return summaries
-
-
-def build_subset(data_json, out_json, ids_file=None, template=None, label_csv=None):
-    """A subset of a labelled split (retrieval sets) -> out_json in the order of an id list (one id a
-    line) or of a template JSON whose placeholder paths are replaced by the split's prepared files.
-    Labels come from the split (the official CSV); the summary counts template labels that differ.
-    Ids the split lacks are classified with the split's own summary (no audio, failed, unreadable)."""
-    if (ids_file is None) == (template is None):
-        raise ValueError('give exactly one of --ids and --template')
-    if template:
-        with open(template) as f:
-            wanted = {e['video_id']: e.get('labels', '') for e in json.load(f)['data']}
-    else:
-        with open(ids_file) as f:
-            wanted = {line.strip(): None for line in f if line.strip() and not line.startswith('#')}
-    root = os.path.dirname(os.path.abspath(data_json))
-    with open(data_json) as f:
-        source = {e['video_id']: e for e in json.load(f)['data']}
-    requested = {i: [m for m in (source[i]['labels'] if i in source else labels or '').split(',') if m]
-                 for i, labels in wanted.items()}
-    clips = {i: (os.path.join(root, e['wav']), os.path.join(root, e['video_path'])) for i, e in source.items()}
-    reasons = {}
-    summary_path = os.path.splitext(data_json)[0] + '.summary.json'
-    if os.path.isfile(summary_path):
-        with open(summary_path) as f:
-            s = json.load(f)
-        reasons.update({i: ('no_audio', 'no audio track') for i in s.get('no_audio', [])})
-        reasons.update({i: ('failed', m) for i, m in s.get('failed', {}).items()})
-        reasons.update({i: ('unreadable', m) for i, m in s.get('unreadable', {}).items()})
-    differ = sorted(i for i, labels in wanted.items() if labels is not None and i in source and
-                    set(labels.split(',')) != set(source[i]['labels'].split(',')))
-    return write_split(out_json, requested, clips, reasons, label_csv,
-                       extra=dict(source=os.path.relpath(data_json, os.path.dirname(os.path.abspath(out_json))),
-                                  labels_differ_from_template=differ))
-
-
-# -----------------------------------------------------------------------------
-# loader benchmark
-
-def dataset_files(spec):
-    """Every file a dataset reads: its wavs and frames, or its shards."""
-    if is_shard_set(spec):
-        return [path for path, _ in shard_tables(spec)]
-    return [f for c in read_clip_table(spec) for f in [c['wav']] + [frame_path(c['video_path'], i, c['id'])
-                                                               for i in range(16)] if os.path.isfile(f)]
-
-
-def evict_from_page_cache(paths):
-    """Drops the files' pages from the page cache (posix_fadvise DONTNEED: no root needed, other
-    files stay cached, unlike /proc/sys/vm/drop_caches) -> bytes evicted."""
-    total = 0
-    for path in paths:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            total += os.fstat(fd).st_size
-        finally:
-            os.close(fd)
-    return total
-
-
-def bench(data_json, workers=0, img_size=224, audio_length=416, num_mel_bins=128,
-          batch_size=32, num_batches=10, cold=False, shuffle_buffer=100):
-    """Prints training items/s (total and per worker) through a DataLoader: from files (a dataset
-    JSON, clips in random order) or from shards (ShardStream). cold: evict the dataset's files from
-    the page cache first, so the reads come from the disk."""
-    if cold:
-        files = dataset_files(data_json)
-        print(f"evicted {len(files)} files ({evict_from_page_cache(files) / 2 ** 20:.0f} MiB) from the page cache")
-    if is_shard_set(data_json):
-        stream = ShardStream(data_json, batch_size, num_workers=workers, shuffle_buffer=shuffle_buffer,
-                             audio_length=audio_length, num_mel_bins=num_mel_bins, img_size=img_size, time_shift=True)
-        loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers)
-        source = f'shards, shuffle buffer {shuffle_buffer}'
-    else:
-        dataset = AVDataset(data_json, mode='train', audio_length=audio_length,
-                            num_mel_bins=num_mel_bins, img_size=img_size, time_shift=True)
-        sampler = torch.utils.data.RandomSampler(dataset, num_samples=min(len(dataset), batch_size * (num_batches + 1)))
-        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler,
-                                             num_workers=workers, collate_fn=collate)
-        source = 'files'
-    batches = iter(loader)
-    next(batches)  # warm-up: worker start
-    t0, n = time.perf_counter(), 0
-    for _ in range(num_batches):
-        batch = next(batches, None)
-        if batch is None:
-            break
-        n += len(batch['id'])
-    per_second = n / (time.perf_counter() - t0)
-    print(f"{per_second:.1f} items/s, {per_second / max(1, workers):.1f} items/s per worker "
-          f"({source}, {workers} workers, img_size {img_size}, audio_length {audio_length}, {n} items"
-          f"{', cold page cache' if cold else ''})")
-    del batches
-    return per_second
-
-
-if __name__ == '__main__':
-    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    sub = parser.add_subparsers(dest='command', required=True)
-    p = sub.add_parser('synth', help='write the synthetic dataset')
-    p.add_argument('--out', required=True)
-    p.add_argument('--num_clips', type=int, default=400)
-    p.add_argument('--seed', type=int, default=0)
-    p.add_argument('--num_classes', type=int, default=10)
-    p.add_argument('--frame_size', type=int, default=96, help='JPEG side in pixels')
-    p.add_argument('--on_slots', type=int, nargs=2, default=[5, 10], metavar=('LO', 'HI'),
-                   help='semantic noise: "on" slots per clip (of 16); fewer = longer silent stretches')
-    p.add_argument('--offscreen', type=float, default=0.0,
-                   help='semantic noise: probability that a sound event\'s object is off screen')
-    p.add_argument('--silent_objects', type=float, default=0.0,
-                   help='semantic noise: probability that a clip shows an object of another class making no sound')
-    p.add_argument('--clutter', type=int, default=0, help='semantic noise: static desaturated background shapes')
-    p.add_argument('--hum', type=float, default=0.0,
-                   help='semantic noise: level of a steady off-screen background tone (0.05: about the clicks)')
-    p = sub.add_parser('prepare', help='raw videos -> CAV-MAE layout with ffmpeg')
-    p.add_argument('--videos', required=True, help='a directory of videos or a text file of paths')
-    p.add_argument('--out', required=True)
-    p.add_argument('--num_frames', type=int, default=16)
-    p.add_argument('--short_side', type=int, default=224, help='scale frames down to this (0: keep)')
-    p.add_argument('--workers', type=int, default=1, help='ffmpeg processes at a time')
-    p = sub.add_parser('audioset', help='AudioSet segment CSVs + a prepared folder -> labelled split JSONs')
-    p.add_argument('--prepared', required=True, help='folder written by `prepare`')
-    p.add_argument('--label_csv', required=True, help='class_labels_indices.csv (527 classes)')
-    p.add_argument('--out', required=True, help='folder for as20k_train.json, as2m_train.json, as_eval.json')
-    p.add_argument('--balanced', help='balanced_train_segments.csv (-> as20k_train.json)')
-    p.add_argument('--unbalanced', help='unbalanced_train_segments.csv (+ balanced -> as2m_train.json)')
-    p.add_argument('--eval', dest='eval_csv', help='eval_segments.csv (-> as_eval.json)')
-    p.add_argument('--id_format', default=AUDIOSET_ID, help="clip id (video file stem) of a row: '{YTID}_{start:.3f}' "
-                   "(default), '{YTID}', or any format of YTID and start")
-    p = sub.add_parser('vggsound', help='vggsound.csv + a prepared folder -> labelled train / test JSONs')
-    p.add_argument('--prepared', required=True, help='folder written by `prepare`')
-    p.add_argument('--csv', required=True, help='vggsound.csv (YTID,start_seconds,label,train|test; no header)')
-    p.add_argument('--label_csv', required=True, help='the 309-class CSV index,mid,display_name')
-    p.add_argument('--out', required=True, help='folder for vgg_train.json, vgg_test.json')
-    p.add_argument('--id_format', default=VGGSOUND_ID, help="clip id of a row (default '{YTID}_{start:06d}')")
-    for p in sub.choices['audioset'], sub.choices['vggsound']:
-        p.add_argument('--num_frames', type=int, default=16)
-        p.add_argument('--no_check', action='store_true', help="don't open every wav and frame header")
-        p.add_argument('--workers', type=int, default=4, help='threads checking files')
-    p = sub.add_parser('subset', help='a subset of a labelled split (retrieval sets) from an id list or a template')
-    p.add_argument('--data', required=True, help='labelled split JSON (e.g. vgg_test.json)')
-    p.add_argument('--out', required=True)
-    p.add_argument('--ids', help='text file, one clip id a line')
-    p.add_argument('--template', help='JSON listing the clips (e.g. vggsound_retrieval_split_template.json)')
-    p.add_argument('--label_csv', help='to list classes with no clip in the summary')
-    p = sub.add_parser('shard', help='pack the clips of a dataset JSON into tar shards (webdataset convention)')
-    p.add_argument('--data', required=True, help='dataset JSON')
-    p.add_argument('--out', required=True, help='folder for shards-00000.tar, ... and index.json')
-    p.add_argument('--shard_size', type=int, default=1000, help='clips per shard (~0.5 GB at 1000 prepared clips)')
-    p.add_argument('--audio', choices=('wav', 'flac'), default='wav', help='flac: lossless, about half the bytes')
-    p.add_argument('--seed', type=int, default=0, help='permutation of the clips over the shards')
-    p.add_argument('--num_frames', type=int, default=16)
-    p.add_argument('--workers', type=int, default=1, help='shards written at a time')
-    p = sub.add_parser('bench', help='data-loader throughput')
-    p.add_argument('--data', required=True, help='dataset JSON or shard set')
-    p.add_argument('--workers', type=int, default=0)
-    p.add_argument('--img_size', type=int, default=224)
-    p.add_argument('--audio_length', type=int, default=416)
-    p.add_argument('--num_mel_bins', type=int, default=128)
-    p.add_argument('--batch_size', type=int, default=32)
-    p.add_argument('--num_batches', type=int, default=10)
-    p.add_argument('--cold', action='store_true', help="evict the dataset's files from the page cache first")
-    p.add_argument('--shuffle_buffer', type=int, default=100, help='shards: ShardStream buffer')
-    args = parser.parse_args()
-
-    if args.command == 'synth':
-        make_synthetic(args.out, args.num_clips, args.seed, args.num_classes, args.frame_size,
-                       on_slots=tuple(args.on_slots), offscreen=args.offscreen, silent_objects=args.silent_objects,
-                       clutter=args.clutter, hum=args.hum)
-    elif args.command == 'prepare':
-        sys.exit(1 if prepare(args.videos, args.out, args.num_frames, args.short_side, args.workers) else 0)
-    elif args.command == 'audioset':
-        build_audioset(args.prepared, args.label_csv, args.out, args.balanced, args.unbalanced, args.eval_csv,
-                       args.id_format, args.num_frames, not args.no_check, args.workers)
-    elif args.command == 'vggsound':
-        build_vggsound(args.prepared, args.csv, args.label_csv, args.out, args.id_format, args.num_frames,
-                       not args.no_check, args.workers)
-    elif args.command == 'shard':
-        write_shards(args.data, args.out, args.shard_size, args.audio, args.seed, args.num_frames, args.workers)
-    elif args.command == 'subset':
-        build_subset(args.data, args.out, args.ids, args.template, args.label_csv)
-    else:
-        bench(args.data, args.workers, args.img_size, args.audio_length, args.num_mel_bins,
-              args.batch_size, args.num_batches, args.cold, args.shuffle_buffer)

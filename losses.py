@@ -1,7 +1,8 @@
 """
-The three TG-DP objectives: masked reconstruction (MAE), InfoNCE (symmetric with negatives from every rank
-by default, as the TG-DP release; one direction and one rank's negatives as in the CAV-MAE Sync release are
-settings), and distillation towards the teacher's full-view global embeddings.
+The three TG-DP objectives: masked reconstruction (MAE), InfoNCE (symmetric with negatives from
+every rank by default, as the TG-DP release; one direction and one rank's negatives as in the
+CAV-MAE Sync release are settings), and distillation towards the teacher's full-view global
+embeddings.
 """
 import torch
 import torch.distributed as dist
@@ -10,8 +11,8 @@ import torch.nn.functional as F
 
 
 def mae_loss(pred, target, mask, norm_pix=False):
-    """Per-patch MSE averaged over masked patches only. pred, target (B, N, P); mask (B, N), 1 = masked.
-    norm_pix: targets normalised per patch (MAE's option)."""
+    """Per-patch MSE averaged over masked patches only. pred, target (B, N, P); mask (B, N),
+    1 = masked. norm_pix: targets normalised per patch (MAE's option)."""
     if norm_pix:
         mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
         target = (target - mean) / (var + 1e-6) ** 0.5
@@ -20,25 +21,26 @@ def mae_loss(pred, target, mask, norm_pix=False):
 
 
 def gather_across_ranks(x):
-    """(B, D) -> (world * B, D), differentiable: the backward pass sums every rank's gradient into the
-    local slice, so each rank's embeddings get the gradient of every rank's loss terms."""
+    """(B, D) -> (world * B, D), differentiable: the backward pass sums every rank's gradient into
+    the local slice, so each rank's embeddings get the gradient of every rank's loss terms."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x, 0
     return torch.cat(dist_nn.all_gather(x), dim=0), dist.get_rank() * x.shape[0]
 
 
 def info_nce(g_a, g_v, temperature=0.05, direction='both', negatives='global'):
-    """InfoNCE on L2-normalised global embeddings g_a, g_v (B, D) -> (loss, top-1 accuracy of the queries).
-    direction: 'both' (mean of the a->v and v->a cross-entropies: TG-DP's release, the default for every method),
-      'v2a' (visual queries scored against audio candidates only: CAV-MAE Sync's release,
-      bidirect_contrast=False),
-      'a2v' (audio queries only).
-    negatives: 'global' (queries scored against the candidates of every rank, so the negatives span the global
-      batch, gradients flow back through the gather: TG-DP's release) or 'local' (this rank's batch only, as a
-      DataParallel replica sees it: CAV-MAE / CAV-MAE Sync; results then depend on the number of ranks)."""
+    """InfoNCE on L2-normalised global embeddings g_a, g_v (B, D) -> (loss, top-1 accuracy of the
+    queries).
+    direction: 'both' (mean of the a->v and v->a cross-entropies: TG-DP's release, the default for
+      every method), 'v2a' (visual queries scored against audio candidates only: CAV-MAE Sync's
+      release, bidirect_contrast=False), 'a2v' (audio queries only).
+    negatives: 'global' (queries scored against the candidates of every rank, so the negatives span
+      the global batch, gradients flow back through the gather: TG-DP's release) or 'local' (this
+      rank's batch only, as a DataParallel replica sees it: CAV-MAE / CAV-MAE Sync; results then
+      depend on the number of ranks)."""
     if direction not in ('both', 'v2a', 'a2v') or negatives not in ('global', 'local'):
-        raise ValueError(f"info_nce: direction must be 'both', 'v2a' or 'a2v' and negatives 'global' or 'local', "
-                         f"got {direction!r}, {negatives!r}")
+        raise ValueError(f"info_nce: direction must be 'both', 'v2a' or 'a2v' and negatives "
+                         f"'global' or 'local', got {direction!r}, {negatives!r}")
     a, v = F.normalize(g_a.float(), dim=-1), F.normalize(g_v.float(), dim=-1)
     gather = gather_across_ranks if negatives == 'global' else (lambda x: (x, 0))
     losses, accs = [], []
@@ -46,8 +48,10 @@ def info_nce(g_a, g_v, temperature=0.05, direction='both', negatives='global'):
         if direction not in ('both', name):
             continue
         all_cands, offset = gather(cands)
-        target = torch.arange(query.shape[0], device=query.device) + offset  # positives: same clip on this rank
-        with torch.autocast(query.device.type, enabled=False):  # fp32 logits: bf16 would round cos/0.05 by ~0.1
+        # positives: the same clip on this rank
+        target = torch.arange(query.shape[0], device=query.device) + offset
+        # fp32 logits: bf16 would round cos / 0.05 by ~0.1
+        with torch.autocast(query.device.type, enabled=False):
             logits = query @ all_cands.T / temperature  # (B, world*B) or (B, B)
         losses.append(F.cross_entropy(logits, target))
         with torch.no_grad():
@@ -56,7 +60,8 @@ def info_nce(g_a, g_v, temperature=0.05, direction='both', negatives='global'):
 
 
 def distill_loss(g_a, g_v, t_a, t_v):
-    """Squared error between student (g) and teacher (t) global embeddings (B, D), mean over batch and
-    features per modality, summed over the two modalities. The mean is this project's decision (TG-DP does not
-    say how the error is averaged): it keeps the loss on the scale of the reconstruction loss."""
+    """Squared error between student (g) and teacher (t) global embeddings (B, D), mean over batch
+    and features per modality, summed over the two modalities. The mean is this project's decision
+    (TG-DP does not say how the error is averaged): it keeps the loss on the scale of the
+    reconstruction loss."""
     return F.mse_loss(g_a.float(), t_a.float()) + F.mse_loss(g_v.float(), t_v.float())

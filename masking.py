@@ -1,6 +1,7 @@
 """
-Which patches stay visible. Every function returns index tensors of a static shape (B, k), with k fixed
-by the ratio, so torch.compile sees the same shapes at every step.
+Which patches stay visible. Every view is an index tensor keep (B, k) of visible patches, k fixed by
+the ratio. train.py makes them outside the compiled model, so a changing ratio (DiffMAViL's
+curriculum) changes only a tensor length that torch.compile takes as one dynamic size.
 """
 import torch
 import torch.nn.functional as F
@@ -18,75 +19,104 @@ def gather(x, keep):
     return torch.gather(x, 1, keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
+def place(rows, keep, base):
+    """gather's inverse: rows (B, k, D) written at positions keep (B, k) of base (B, N, D)
+    -> (B, N, D) (base cast to the rows' dtype; not in place)."""
+    return base.to(rows.dtype).scatter(1, keep.unsqueeze(-1).expand(-1, -1, rows.shape[-1]), rows)
+
+
+def mask_of(keep, num_patches):
+    """keep (B, k) -> mask (B, N), 1 = masked, 0 = visible, on keep's device."""
+    return torch.ones(keep.shape[0], num_patches, device=keep.device).scatter_(1, keep, 0.0)
+
+
+def masked_indices(keep, num_patches):
+    """The complement of keep (B, k): masked patch indices (B, N - k), ascending."""
+    mask = mask_of(keep, num_patches)  # (B, N)
+    return mask.argsort(dim=1, stable=True)[:, keep.shape[1]:]  # stable: the k zeros, then in order
+
+
 def random_masking(batch_size, num_patches, mask_ratio, device=None, noise=None):
-    """Unstructured random masking as MAE: per-sample uniform noise (B, N), argsort, keep the k smallest.
-    noise: optional, drawn by the caller (train.py draws it for the global batch so that masks do not
-    depend on how the batch is split across ranks); the outputs live on its device.
+    """Unstructured random masking as MAE: per-sample uniform noise (B, N), argsort, keep the k
+    smallest. noise: optional, drawn by the caller (train.py draws it for the global batch so that
+    masks do not depend on how the batch is split across ranks); the outputs live on its device.
     Returns keep (B, k) and mask (B, N), 1 = masked."""
     k = num_keep(num_patches, mask_ratio)
     if noise is None:
         noise = torch.rand(batch_size, num_patches, device=device)
     keep = noise.argsort(dim=1)[:, :k]  # (B, k)
-    mask = torch.ones(batch_size, num_patches, device=noise.device).scatter_(1, keep, 0.0)  # on the noise's device
-    return keep, mask
+    return keep, mask_of(keep, num_patches)
+
+
+def teacher_priority(attention):
+    """TG-DP's patch priority: the teacher's attention of each patch to the global token (B, N)
+    (forward_teacher), normalised over the patches."""
+    return attention / attention.sum(dim=1, keepdim=True)
 
 
 def guided_keep(priority, mask_ratio):
-    """TG-DP's distinct guided mask: keep the k patches of highest teacher priority. priority (B, N)."""
+    """TG-DP's distinct guided mask: keep the k patches of highest teacher priority (B, N)."""
     return priority.topk(num_keep(priority.shape[1], mask_ratio), dim=1).indices
 
 
 def gumbel_keep(priority, mask_ratio, noise=None):
-    """contrastive_masking='gumbel_proportional' (this project's reading): sample k patches without replacement
-    with probability proportional to priority, by Gumbel-top-k on log-priorities. priority (B, N) > 0, any
-    scale; noise: optional uniform (B, N) noise from the caller."""
+    """contrastive_masking='gumbel_proportional' (this project's reading): sample k patches without
+    replacement with probability proportional to priority, by Gumbel-top-k on log-priorities.
+    priority (B, N) > 0, any scale; noise: optional uniform (B, N) noise from the caller."""
     noise = torch.rand_like(priority) if noise is None else noise
     gumbel = -torch.log(-torch.log(noise.clamp(1e-20, 1.0)))
-    return (priority.clamp_min(1e-20).log() + gumbel).topk(num_keep(priority.shape[1], mask_ratio), dim=1).indices
+    k = num_keep(priority.shape[1], mask_ratio)
+    return (priority.clamp_min(1e-20).log() + gumbel).topk(k, dim=1).indices
 
 
 def gumbel_score_keep(scores, mask_ratio, noise=None, temperature=1.0, eps=1e-12):
-    """contrastive_masking='gumbel' (the TG-DP paper: "Gumbel noise is added to the teacher scores before
-    top-k"), as the TG-DP release computes it (get_patch2cls_rank(mode='prob')): Gumbel noise added to
-    log_softmax(scores / temperature), top-k. scores (B, N): the teacher's head-averaged attention of each
-    patch to the global token, NOT normalised over patches (the release uses it raw). log_softmax differs from
-    its input by a per-row constant, so this ranks by scores / temperature + Gumbel noise: with attention
-    weights well below 1 against noise of std 1.28 the choice is close to uniformly random.
-    noise: optional uniform (B, N) noise from the caller."""
+    """contrastive_masking='gumbel' (the TG-DP paper: "Gumbel noise is added to the teacher scores
+    before top-k"), as the TG-DP release computes it (get_patch2cls_rank(mode='prob')): Gumbel noise
+    added to log_softmax(scores / temperature), top-k. scores (B, N): the teacher's head-averaged
+    attention of each patch to the global token, NOT normalised over patches (the release uses it
+    raw). log_softmax differs from its input by a per-row constant, so this ranks by
+    scores / temperature + Gumbel noise: with attention weights well below 1 against noise of std
+    1.28 the choice is close to uniformly random. noise: optional uniform (B, N) from the caller."""
     noise = torch.rand_like(scores) if noise is None else noise
     gumbel = -torch.log(-torch.log(noise.clamp(eps, 1.0 - eps)))
-    logp = F.softmax(scores.float() / max(temperature, eps), dim=1).clamp_min(eps).log()  # as the release
+    logp = F.softmax(scores.float() / max(temperature, eps), dim=1).clamp_min(eps).log()  # release
     return (logp + gumbel).topk(num_keep(scores.shape[1], mask_ratio), dim=1).indices
 
 
 CONTRASTIVE_MASKINGS = ('guided', 'gumbel', 'gumbel_proportional', 'random')
 
 
-def contrastive_keep(method, priority, mask_ratio, noise=None):
-    """Visible patches (B, k) of the contrastive view. priority (B, N): the teacher's attention to the global
-    token (forward_teacher; unnormalised for 'gumbel', see gumbel_score_keep); noise: optional uniform (B, N).
+def contrastive_keep(method, attention, mask_ratio, noise=None):
+    """Visible patches (B, k) of the contrastive view. attention (B, N): the teacher's raw attention
+    to the global token (forward_teacher); noise: optional uniform (B, N).
       'guided'               top-k of the priority (TG-DP's distinct guided mask)
-      'gumbel'               the paper's / release's Gumbel reading (gumbel_score_keep)
+      'gumbel'               the paper's / release's Gumbel reading of the raw attention
+                             (gumbel_score_keep)
       'gumbel_proportional'  sampling in proportion to the priority (gumbel_keep)
-      'random'               uniformly random (random_masking)"""
-    if method == 'guided':
-        return guided_keep(priority, mask_ratio)
+      'random'               uniformly random (random_masking)
+    The priority is the attention normalised over patches (teacher_priority). Only 'gumbel' reads
+    the scale: for the others the normalisation is a per-row factor under a top-k (and a per-row
+    constant under gumbel_keep's log), so it changes no choice beyond float rounding."""
     if method == 'gumbel':
-        return gumbel_score_keep(priority, mask_ratio, noise)
+        return gumbel_score_keep(attention, mask_ratio, noise)
+    if method == 'guided':
+        return guided_keep(teacher_priority(attention), mask_ratio)
     if method == 'gumbel_proportional':
-        return gumbel_keep(priority, mask_ratio, noise)
+        return gumbel_keep(teacher_priority(attention), mask_ratio, noise)
     if method == 'random':
-        return random_masking(priority.shape[0], priority.shape[1], mask_ratio, priority.device, noise)[0]
+        B, N = attention.shape
+        return random_masking(B, N, mask_ratio, attention.device, noise)[0]
     raise ValueError(f'contrastive masking must be one of {CONTRASTIVE_MASKINGS}, got {method!r}')
 
 
 def mask_ratio_schedule(progress, rho1, rho2):
-    """DiffMAViL curriculum: the mask ratio moves linearly from rho1 (progress 0) to rho2 (progress 1)."""
+    """DiffMAViL curriculum: the mask ratio moves linearly from rho1 (progress 0) to rho2
+    (progress 1)."""
     progress = min(max(progress, 0.0), 1.0)
     return rho1 + (rho2 - rho1) * progress
 
 
 def adaptive_batch_size(batch_size, mask_ratio, rho1, rho2):
-    """DiffMAViL adaptive batch: B_e = (1 - min(rho1, rho2)) / (1 - rho_e) * B_0, so that the visible
-    tokens per step, B_e * (1 - rho_e), stay about those of the least-masked setting."""
+    """DiffMAViL adaptive batch: B_e = (1 - min(rho1, rho2)) / (1 - rho_e) * B_0, so that the
+    visible tokens per step, B_e * (1 - rho_e), stay about those of the least-masked setting."""
     return max(1, round((1.0 - min(rho1, rho2)) / (1.0 - mask_ratio) * batch_size))

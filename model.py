@@ -2,20 +2,20 @@
 The CAV-MAE Sync backbone with every pass TG-DP needs.
 
 Two ViT encoders (audio, visual) with a learned global token and register tokens, one shared joint
-layer run three ways (audio-only, visual-only, fused), and a joint MAE decoder (CAV-MAE Sync). Parameter
-names follow the official release so that its checkpoints load with a rename-free conversion.
+layer run three ways (audio-only, visual-only, fused), and a joint MAE decoder (CAV-MAE Sync).
+Parameter names follow the official release so that its checkpoints load with a rename-free
+conversion.
 
 Passes (each does only the work it needs):
-  forward_reconstruction  random masking -> encoders -> fused joint pass -> decoder -> MSE
-  forward_contrastive     caller's visible patches -> encoders -> audio/visual joint passes -> g_a, g_v
-  forward_teacher         full inputs -> g_a, g_v and patch priorities from the joint attention (TG-DP)
-  forward_sync            one masked encoding feeding both the decoder and the global passes (CAV-MAE Sync)
-  forward                 a training step's student work in one call: forward_sync, or TG-DP's two views
-  forward_features        unmasked inference: g_a, g_v and the patch tokens of the same passes
+  forward           a training step's student work: embed -> masked encoders -> fused joint pass ->
+                    decoder -> loss, and the global tokens; CAV-MAE Sync reads them from the same
+                    encoding, TG-DP (and the dual pass) from a second, contrastive view
+  forward_teacher   full inputs -> g_a, g_v and the raw attention of each patch to the global token
+  forward_features  unmasked inference: g_a, g_v and the patch tokens of the same passes
 
-DiffMAViL's decoder options, off by default so the official layout is unchanged: diffused_mask_tokens
-(noised masked patches instead of the mask token) and decoder_attention='cross' (masked-position queries
-attend only to the visible latents).
+DiffMAViL's decoder options, off by default so that the official layout is unchanged:
+diffused_mask_tokens (noised masked patches instead of the mask token) and decoder_attention='cross'
+(masked-position queries attend only to the visible latents).
 """
 import argparse
 import contextlib
@@ -47,21 +47,24 @@ class ModelConfig:
     decoder_depth: int = 8
     decoder_num_heads: int = 16
     num_registers: int = 8         # per modality
-    global_token: bool = True      # False: CAV-MAE style, mean-pooled patch tokens are the embedding
+    global_token: bool = True      # False: CAV-MAE style, the mean-pooled patch tokens embed
     norm_pix_loss: bool = False    # per-patch normalised reconstruction targets
-    diffused_mask_tokens: bool = False  # DiffMAViL: masked positions get projected, DDPM-noised patches, no mask token
-    decoder_attention: str = 'self'     # 'self': joint self-attention decoder; 'cross': masked queries attend to
-                                        # the visible latents (DiffMAViL)
+    diffused_mask_tokens: bool = False  # DiffMAViL: projected, DDPM-noised patches, no mask token
+    decoder_attention: str = 'self'     # 'self': joint self-attention decoder; 'cross': masked
+                                        # queries attend to the visible latents (DiffMAViL)
 
     def __post_init__(self):
         p = self.patch_size
         for name in ('audio_length', 'num_mel_bins', 'img_size'):
             if getattr(self, name) % p:
-                raise ValueError(f'ModelConfig.{name}={getattr(self, name)} is not a multiple of patch_size={p}')
+                raise ValueError(f'ModelConfig.{name}={getattr(self, name)} is not a multiple of '
+                                 f'patch_size={p}')
         if self.embed_dim % self.num_heads or self.decoder_embed_dim % self.decoder_num_heads:
-            raise ValueError('embed_dim / decoder_embed_dim must be divisible by their number of heads')
+            raise ValueError('embed_dim / decoder_embed_dim must be divisible by their number of '
+                             'heads')
         if self.embed_dim % 4 or self.decoder_embed_dim % 4:
-            raise ValueError('embed dims must be multiples of 4 for the 2-D sin-cos positional embedding')
+            raise ValueError('embed dims must be multiples of 4 for the 2-D sin-cos positional '
+                             'embedding')
         if self.joint_depth < 1:
             raise ValueError(f'ModelConfig.joint_depth must be at least 1, got {self.joint_depth}')
         if self.decoder_attention not in ('self', 'cross'):
@@ -80,13 +83,14 @@ def sincos_pos_embed_2d(dim, grid_h, grid_w):
         out = pos.double()[:, None] * omega[None]  # (M, d/2)
         return torch.cat([out.sin(), out.cos()], dim=1)
     rows, cols = torch.meshgrid(torch.arange(grid_h), torch.arange(grid_w), indexing='ij')
-    emb = torch.cat([sincos_1d(dim // 2, cols.flatten()), sincos_1d(dim // 2, rows.flatten())], dim=1)
-    return emb.float()
+    emb = [sincos_1d(dim // 2, cols.flatten()), sincos_1d(dim // 2, rows.flatten())]
+    return torch.cat(emb, dim=1).float()
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention. forward runs PyTorch's fused kernel (SDPA); forward_with_weights computes the
-    softmax explicitly and returns it, for the one pass that reads the weights (the teacher's joint layer)."""
+    """Multi-head self-attention. forward runs PyTorch's fused kernel (SDPA); forward_with_weights
+    computes the softmax explicitly and returns it, for the one pass that reads the weights (the
+    teacher's joint layer)."""
 
     def __init__(self, dim, num_heads):
         super().__init__()
@@ -96,24 +100,30 @@ class Attention(nn.Module):
 
     def split_heads(self, x):  # (B, N, D) -> q, k, v, each (B, H, N, hd)
         B, N, D = x.shape
-        return self.qkv(x).view(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
+        qkv = self.qkv(x).view(B, N, 3, self.num_heads, D // self.num_heads)
+        return qkv.permute(2, 0, 3, 1, 4)
 
     def merge_heads(self, x):  # (B, H, n, hd) -> (B, n, D), through the output projection
         return self.proj(x.transpose(1, 2).flatten(2))
 
     def forward(self, x, n_out=None, segments=None):
-        """x (B, N, D) -> outputs of the first n_out tokens (B, n_out, D), all N when None; every query attends
-        to all N tokens. segments: lengths of independent sequences packed along N; attention stays within each."""
+        """x (B, N, D) -> outputs of the first n_out tokens (B, n_out, D), all N when None; every
+        query attends to all N tokens. segments: lengths of independent sequences packed along N;
+        attention stays within each."""
         q, k, v = self.split_heads(x)
         if segments is None:
-            return self.merge_heads(F.scaled_dot_product_attention(q[:, :, :n_out], k, v))  # from (B, H, n_out, hd)
+            out = F.scaled_dot_product_attention(q[:, :, :n_out], k, v)  # (B, H, n_out, hd)
+            return self.merge_heads(out)
         if n_out is not None:
-            raise ValueError('Attention: n_out (outputs of the first tokens only) and packed segments do not combine')
-        heads = [F.scaled_dot_product_attention(*qkv) for qkv in zip(*(t.split(segments, dim=2) for t in (q, k, v)))]
+            raise ValueError('Attention: n_out (outputs of the first tokens only) and packed '
+                             'segments do not combine')
+        heads = [F.scaled_dot_product_attention(*qkv)
+                 for qkv in zip(*(t.split(segments, dim=2) for t in (q, k, v)))]
         return self.merge_heads(torch.cat(heads, dim=2))  # from (B, H, N, hd)
 
     def forward_with_weights(self, x, n_out=None):
-        """forward (one sequence) with an explicit softmax -> (outputs (B, n_out or N, D), weights (B, H, N, N))."""
+        """forward (one sequence) with an explicit softmax -> (outputs (B, n_out or N, D),
+        weights (B, H, N, N))."""
         q, k, v = self.split_heads(x)
         attn = (q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).softmax(dim=-1)  # (B, H, N, N)
         return self.merge_heads(attn[:, :, :n_out] @ v), attn
@@ -130,9 +140,9 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm ViT block. The joint block has three LayerNorm pairs: norm1/norm2 for the fused pass,
-    norm*_a for the audio pass and norm*_v for the visual pass, around shared attention and MLP (CAV-MAE).
-    LayerNorm eps is PyTorch's default 1e-5, as in the release (MAE itself uses 1e-6)."""
+    """Pre-norm ViT block. The joint block has three LayerNorm pairs: norm1/norm2 for the fused
+    pass, norm*_a for the audio pass and norm*_v for the visual pass, around shared attention and
+    MLP (CAV-MAE). LayerNorm eps is PyTorch's default 1e-5, as in the release (MAE uses 1e-6)."""
 
     def __init__(self, dim, num_heads, mlp_ratio, joint=False):
         super().__init__()
@@ -144,7 +154,8 @@ class Block(nn.Module):
             self.norm1_a, self.norm2_a = nn.LayerNorm(dim), nn.LayerNorm(dim)
             self.norm1_v, self.norm2_v = nn.LayerNorm(dim), nn.LayerNorm(dim)
 
-    def norms(self, modality):  # the LayerNorm pair of a pass: 'av' (fused, and every non-joint block), 'a', 'v'
+    def norms(self, modality):
+        """The LayerNorm pair of a pass: 'av' (fused, and every non-joint block), 'a', 'v'."""
         suffix = {'av': '', 'a': '_a', 'v': '_v'}[modality]
         return getattr(self, 'norm1' + suffix), getattr(self, 'norm2' + suffix)
 
@@ -155,17 +166,38 @@ class Block(nn.Module):
         return x + self.mlp(norm2(x))
 
     def forward_with_attention(self, x, modality='av', n_out=None):
-        """forward plus the attention weights (B, H, N, N) (explicit softmax: the teacher's joint layer only)."""
+        """forward plus the attention weights (B, H, N, N) (explicit softmax: the teacher's joint
+        layer only)."""
         norm1, norm2 = self.norms(modality)
         h, attn = self.attn.forward_with_weights(norm1(x), n_out)
         x = x[:, :n_out] + h
         return x + self.mlp(norm2(x)), attn
 
 
+class PatchEmbed(nn.Module):
+    def __init__(self, in_chans, dim, patch_size):
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x):  # (B, C, H, W) -> (B, H/p * W/p, D), row-major
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+# -----------------------------------------------------------------------------
+# DiffMAViL's decoder options: diffused mask tokens (the DDPM schedule here, CAVMAESync.diffuse and
+# diffused_tokens) and the cross-attention decoder (CrossBlock here, CAVMAESync.cross_decode)
+
+def diffusion_alpha_bar(num_steps=1000):
+    """DiffMAViL's DDPM schedule: betas linear from 1e-4 to 0.02 raised to the power 0.8;
+    returns abar (num_steps,) with abar[t - 1] = prod_{s <= t} (1 - beta_s), t = 1..num_steps."""
+    betas = torch.linspace(1e-4, 0.02, num_steps, dtype=torch.float64) ** 0.8
+    return torch.cumprod(1.0 - betas, dim=0).float()
+
+
 class CrossBlock(nn.Module):
-    """Pre-norm cross-attention block of DiffMAViL's decoder: queries x (B, Nq, D) attend to latents (B, Nk, D)
-    (never to each other), then an MLP on the queries. Separate q and kv projections: the latents are only
-    keys/values."""
+    """Pre-norm cross-attention block of DiffMAViL's decoder: queries x (B, Nq, D) attend to latents
+    (B, Nk, D) (never to each other), then an MLP on the queries. Separate q and kv projections: the
+    latents are only keys/values."""
 
     def __init__(self, dim, num_heads, mlp_ratio):
         super().__init__()
@@ -181,32 +213,11 @@ class CrossBlock(nn.Module):
     def forward(self, x, latents):
         (B, Nq, D), Nk, H = x.shape, latents.shape[1], self.num_heads
         q = self.q(self.norm_q(x)).view(B, Nq, H, D // H).transpose(1, 2)  # (B, H, Nq, hd)
-        k, v = self.kv(self.norm_kv(latents)).view(B, Nk, 2, H, D // H).permute(2, 0, 3, 1, 4)  # (B, H, Nk, hd) each
+        kv = self.kv(self.norm_kv(latents)).view(B, Nk, 2, H, D // H)
+        k, v = kv.permute(2, 0, 3, 1, 4)  # (B, H, Nk, hd) each
         h = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, Nq, D)
         x = x + self.proj(h)
         return x + self.mlp(self.norm2(x))
-
-
-def diffusion_alpha_bar(num_steps=1000):
-    """DiffMAViL's DDPM schedule: betas linear from 1e-4 to 0.02 raised to the power 0.8;
-    returns abar (num_steps,) with abar[t - 1] = prod_{s <= t} (1 - beta_s), t = 1..num_steps."""
-    betas = torch.linspace(1e-4, 0.02, num_steps, dtype=torch.float64) ** 0.8
-    return torch.cumprod(1.0 - betas, dim=0).float()
-
-
-def masked_indices(keep, num_patches):
-    """The complement of keep (B, k): masked patch indices (B, N - k), ascending."""
-    mask = torch.ones(keep.shape[0], num_patches, device=keep.device).scatter(1, keep, 0.0)  # (B, N), 1 = masked
-    return mask.argsort(dim=1, stable=True)[:, keep.shape[1]:]  # stable: the k zeros first, then the masked in order
-
-
-class PatchEmbed(nn.Module):
-    def __init__(self, in_chans, dim, patch_size):
-        super().__init__()
-        self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size)
-
-    def forward(self, x):  # (B, C, H, W) -> (B, H/p * W/p, D), row-major
-        return self.proj(x).flatten(2).transpose(1, 2)
 
 
 # -----------------------------------------------------------------------------
@@ -218,7 +229,7 @@ class CAVMAESync(nn.Module):
         """decoder=False builds the encoder-only model used as the EMA teacher."""
         super().__init__()
         self.config = c = config
-        p, D, Dd = c.patch_size, c.embed_dim, c.decoder_embed_dim
+        p, D = c.patch_size, c.embed_dim
         self.grid_a = (c.num_mel_bins // p, c.audio_length // p)  # (freq, time)
         self.grid_v = (c.img_size // p, c.img_size // p)
         self.num_patches_a = self.grid_a[0] * self.grid_a[1]
@@ -226,47 +237,53 @@ class CAVMAESync(nn.Module):
 
         self.patch_embed_a = PatchEmbed(1, D, p)
         self.patch_embed_v = PatchEmbed(3, D, p)
-        self.register_buffer('pos_embed_a', sincos_pos_embed_2d(D, *self.grid_a)[None])  # (1, Na, D), fixed
-        self.register_buffer('pos_embed_v', sincos_pos_embed_2d(D, *self.grid_v)[None])  # (1, Nv, D), fixed
+        self.register_buffer('pos_embed_a', sincos_pos_embed_2d(D, *self.grid_a)[None])  # 1, Na, D
+        self.register_buffer('pos_embed_v', sincos_pos_embed_2d(D, *self.grid_v)[None])  # 1, Nv, D
         self.modality_a = nn.Parameter(torch.zeros(1, 1, D))
         self.modality_v = nn.Parameter(torch.zeros(1, 1, D))
         if c.global_token:  # the official name for the global token is cls_token
             self.cls_token_a = nn.Parameter(torch.zeros(1, 1, D))
             self.cls_token_v = nn.Parameter(torch.zeros(1, 1, D))
-        if c.num_registers:
-            self.register_tokens = nn.Parameter(torch.zeros(2 * c.num_registers, D))  # first audio, then visual
-        self.blocks_a = nn.ModuleList([Block(D, c.num_heads, c.mlp_ratio) for _ in range(c.modality_depth)])
-        self.blocks_v = nn.ModuleList([Block(D, c.num_heads, c.mlp_ratio) for _ in range(c.modality_depth)])
-        self.blocks_u = nn.ModuleList([Block(D, c.num_heads, c.mlp_ratio, joint=True) for _ in range(c.joint_depth)])
+        if c.num_registers:  # first audio, then visual
+            self.register_tokens = nn.Parameter(torch.zeros(2 * c.num_registers, D))
+        blocks = lambda n, joint=False: nn.ModuleList(  # noqa: E731
+            [Block(D, c.num_heads, c.mlp_ratio, joint) for _ in range(n)])
+        self.blocks_a = blocks(c.modality_depth)
+        self.blocks_v = blocks(c.modality_depth)
+        self.blocks_u = blocks(c.joint_depth, joint=True)
         self.norm_a = nn.LayerNorm(D)
         self.norm_v = nn.LayerNorm(D)
         self.norm = nn.LayerNorm(D)
-
         self.has_decoder = decoder
         if decoder:
-            self.decoder_embed = nn.Linear(D, Dd)
-            if not c.diffused_mask_tokens:  # with diffused tokens it would get no gradient (DDP stops on that)
-                self.mask_token = nn.Parameter(torch.zeros(1, 1, Dd))
-            self.register_buffer('decoder_pos_embed_a', sincos_pos_embed_2d(Dd, *self.grid_a)[None])
-            self.register_buffer('decoder_pos_embed_v', sincos_pos_embed_2d(Dd, *self.grid_v)[None])
-            self.decoder_modality_a = nn.Parameter(torch.zeros(1, 1, Dd))
-            self.decoder_modality_v = nn.Parameter(torch.zeros(1, 1, Dd))
-            block = CrossBlock if c.decoder_attention == 'cross' else Block
-            self.decoder_blocks = nn.ModuleList([block(Dd, c.decoder_num_heads, c.mlp_ratio)
-                                                 for _ in range(c.decoder_depth)])
-            if c.diffused_mask_tokens:  # created only when on: the default state dict stays the official one
-                self.decoder_noise_embed_a = nn.Linear(p * p, Dd)
-                self.decoder_noise_embed_v = nn.Linear(p * p * 3, Dd)
-                self.register_buffer('alpha_bar', diffusion_alpha_bar(), persistent=False)  # (T,), not saved
-            self.decoder_norm = nn.LayerNorm(Dd)
-            self.decoder_pred_a = nn.Linear(Dd, p * p)
-            self.decoder_pred_v = nn.Linear(Dd, p * p * 3)
+            self._build_decoder()
         self._init_weights()
 
+    def _build_decoder(self):
+        c = self.config
+        p, Dd = c.patch_size, c.decoder_embed_dim
+        self.decoder_embed = nn.Linear(c.embed_dim, Dd)
+        if not c.diffused_mask_tokens:  # with diffused tokens it would get no gradient (DDP stops)
+            self.mask_token = nn.Parameter(torch.zeros(1, 1, Dd))
+        self.register_buffer('decoder_pos_embed_a', sincos_pos_embed_2d(Dd, *self.grid_a)[None])
+        self.register_buffer('decoder_pos_embed_v', sincos_pos_embed_2d(Dd, *self.grid_v)[None])
+        self.decoder_modality_a = nn.Parameter(torch.zeros(1, 1, Dd))
+        self.decoder_modality_v = nn.Parameter(torch.zeros(1, 1, Dd))
+        block = CrossBlock if c.decoder_attention == 'cross' else Block
+        self.decoder_blocks = nn.ModuleList([block(Dd, c.decoder_num_heads, c.mlp_ratio)
+                                             for _ in range(c.decoder_depth)])
+        if c.diffused_mask_tokens:  # only when on: the default state dict stays the official one
+            self.decoder_noise_embed_a = nn.Linear(p * p, Dd)
+            self.decoder_noise_embed_v = nn.Linear(p * p * 3, Dd)
+            self.register_buffer('alpha_bar', diffusion_alpha_bar(), persistent=False)  # (T,)
+        self.decoder_norm = nn.LayerNorm(Dd)
+        self.decoder_pred_a = nn.Linear(Dd, p * p)
+        self.decoder_pred_v = nn.Linear(Dd, p * p * 3)
+
     def _init_weights(self):
-        """As the CAV-MAE Sync / TG-DP releases: xavier for linear layers and patch filters; N(0, 0.02) for the
-        global, mask and modality tokens; N(0, 1) for the register tokens (the releases draw them with torch.randn
-        and never re-initialise them)."""
+        """As the CAV-MAE Sync / TG-DP releases: xavier for linear layers and patch filters;
+        N(0, 0.02) for the global, mask and modality tokens; N(0, 1) for the register tokens (the
+        releases draw them with torch.randn and never re-initialise them)."""
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
@@ -277,7 +294,7 @@ class CAVMAESync(nn.Module):
             if 'token' in name or 'modality' in name:
                 nn.init.normal_(param, std=1.0 if name == 'register_tokens' else 0.02)
 
-    # --- inputs ---------------------------------------------------------------
+    # --- inputs ------------------------------------------------------------------
 
     def patchify_audio(self, audio):  # (B, L, F) -> (B, Na, p*p), row-major over (freq, time)
         p = self.config.patch_size
@@ -291,7 +308,7 @@ class CAVMAESync(nn.Module):
         x = x.reshape(-1, f, t, p, p).permute(0, 1, 3, 2, 4).reshape(-1, f * p, t * p)  # (B, F, L)
         return x.transpose(1, 2)
 
-    def patchify_image(self, image):  # (B, 3, H, W) -> (B, Nv, p*p*3), patch pixels ordered (row, col, channel)
+    def patchify_image(self, image):  # (B, 3, H, W) -> (B, Nv, p*p*3), pixels (row, col, channel)
         p, (h, w) = self.config.patch_size, self.grid_v
         x = image.reshape(-1, 3, h, p, w, p).permute(0, 2, 4, 3, 5, 1)  # (B, h, w, p, p, 3)
         return x.reshape(-1, h * w, p * p * 3)
@@ -308,11 +325,11 @@ class CAVMAESync(nn.Module):
     def embed_image(self, image):  # (B, 3, H, W) -> (B, Nv, D)
         return self.patch_embed_v(image) + self.pos_embed_v + self.modality_v
 
-    # --- encoder pieces --------------------------------------------------------
+    # --- encoders ----------------------------------------------------------------
 
     def add_tokens(self, x, modality):
-        """Patch embeddings x (B, k, D) -> (B, [1 +] k [+ R], D): the global token first when configured, the
-        modality's R register tokens last (CAV-MAE Sync)."""
+        """Patch embeddings x (B, k, D) -> (B, [1 +] k [+ R], D): the global token first when
+        configured, the modality's R register tokens last (CAV-MAE Sync)."""
         B, R = x.shape[0], self.config.num_registers
         if self.config.global_token:
             x = torch.cat([getattr(self, 'cls_token_' + modality).expand(B, -1, -1), x], dim=1)
@@ -322,18 +339,20 @@ class CAVMAESync(nn.Module):
         return x
 
     def encode(self, x, modality):
-        """Modality encoder on (visible) patch embeddings x (B, k, D) -> (B, [1 +] k, D), global token
-        first when configured; the registers are appended for the encoder and dropped after it."""
+        """Modality encoder on (visible) patch embeddings x (B, k, D) -> (B, [1 +] k, D), global
+        token first when configured; the registers are appended for the encoder, dropped after."""
         x = self.add_tokens(x, modality)
         for blk in (self.blocks_a if modality == 'a' else self.blocks_v):
             x = blk(x)
         return x[:, :x.shape[1] - self.config.num_registers]
 
     def encode_pair(self, x1, x2, modality):
-        """encode of two views of the same clips in one pass (the student's reconstruction and contrastive
-        views): x1 (B, k1, D), x2 (B, k2, D) -> (encode(x1, modality), encode(x2, modality)).
-        The views are packed into one sequence, attention staying within each: every linear layer is one matmul
-        for both, and the backward forms one weight gradient instead of one per view plus their sum (faster)."""
+        """encode of two views of the same clips in one pass (the student's reconstruction and
+        contrastive views): x1 (B, k1, D), x2 (B, k2, D) -> (encode(x1, modality),
+        encode(x2, modality)).
+        The views are packed into one sequence, attention staying within each: every linear layer is
+        one matmul for both, and the backward forms one weight gradient instead of one per view plus
+        their sum (faster)."""
         seqs = [self.add_tokens(x, modality) for x in (x1, x2)]
         lengths = [seq.shape[1] for seq in seqs]
         h = torch.cat(seqs, dim=1)  # (B, n1 + n2, D)
@@ -342,11 +361,25 @@ class CAVMAESync(nn.Module):
         R = self.config.num_registers
         return tuple(seq[:, :n - R] for seq, n in zip(h.split(lengths, dim=1), lengths))
 
+    def masked_encode(self, emb, modality, keep, con_keep=None):
+        """The encoder on the visible patches keep (B, k) of one modality's embedded patches
+        emb (B, N, D) -> (encoding (B, [1 +] k, D), the encoding the global token is read from).
+        con_keep (B, c): TG-DP's (and the dual pass's) contrastive view of the same clips, packed
+        with the first through the encoder (encode_pair); its encoding (B, [1 +] c, D) comes
+        second."""
+        visible = masking.gather(emb, keep)  # (B, k, D)
+        if con_keep is None:  # CAV-MAE Sync: the one encoding feeds both objectives
+            enc = self.encode(visible, modality)
+            return enc, enc
+        return self.encode_pair(visible, masking.gather(emb, con_keep), modality)
+
+    # --- joint layer -------------------------------------------------------------
+
     def joint(self, x, modality, tokens=True):
         """Joint layer, single-modality pass with the modality's LayerNorms, then norm_a / norm_v.
         x (B, [1 +] k, D) -> (embedding (B, D), patch tokens (B, k, D) or None).
-        tokens=False: only the embedding is wanted, so the last block computes its attention output, projection
-        and MLP for the global token alone (the patch tokens' outputs would be thrown away)."""
+        tokens=False: only the embedding is wanted, so the last block computes its attention output,
+        projection and MLP for the global token alone (the patch tokens' would be thrown away)."""
         n_out = 1 if self.config.global_token and not tokens else None
         for i, blk in enumerate(self.blocks_u):
             x = blk(x, modality, n_out if i == len(self.blocks_u) - 1 else None)
@@ -356,36 +389,73 @@ class CAVMAESync(nn.Module):
         return x.mean(dim=1), x  # CAV-MAE style: mean-pooled patch tokens
 
     def joint_attention(self, x, modality):
-        """The teacher's joint pass: joint(x, modality, tokens=False) -> (embedding (B, D), attention weights
-        (B, H, N, N) of the last joint block). The only pass with explicit attention; every other one uses SDPA."""
+        """The teacher's joint pass: joint(x, modality, tokens=False) -> (embedding (B, D),
+        attention weights (B, H, N, N) of the last joint block). The only pass with explicit
+        attention; every other one uses SDPA."""
         if not self.config.global_token:
             raise ValueError('teacher-guided masking needs global_token=True '
                              '(priorities are attention to the global token)')
         for blk in self.blocks_u[:-1]:
             x = blk(x, modality)
-        x, attn = self.blocks_u[-1].forward_with_attention(x, modality, n_out=1)  # (B, 1, D): the global token
+        x, attn = self.blocks_u[-1].forward_with_attention(x, modality, n_out=1)  # (B, 1, D)
         return (self.norm_a if modality == 'a' else self.norm_v)(x[:, 0]), attn
 
-    def global_embeddings(self, enc_a, enc_v):  # encodings -> (g_a, g_v): the joint layer's audio / visual passes
+    def global_embeddings(self, enc_a, enc_v):
+        """Encodings -> (g_a, g_v) (B, D) each: the joint layer's audio and visual passes."""
         return self.joint(enc_a, 'a', tokens=False)[0], self.joint(enc_v, 'v', tokens=False)[0]
 
     def patch_tokens(self, enc):  # encoder output -> its patch tokens only (no global token)
         return enc[:, 1:] if self.config.global_token else enc
 
-    def masked_encode(self, emb, modality, mask_ratio, noise=None, keep=None):
-        """MAE random masking of one modality's embedded patches emb (B, N, D), then its encoder: the start of
-        every training pass. noise: optional uniform (B, N) for the mask. -> (encoding (B, [1 +] k, D),
-        keep (B, k), mask (B, N) with 1 = masked, None). keep (B, k2): the visible patches of a second view of
-        the same clips (TG-DP's contrastive view), encoded with the random one by encode_pair; its encoding
-        (B, [1 +] k2, D) replaces the None."""
-        rand, mask = masking.random_masking(emb.shape[0], emb.shape[1], mask_ratio, emb.device, noise)
-        visible = masking.gather(emb, rand)  # (B, k, D)
-        if keep is None:
-            return self.encode(visible, modality), rand, mask, None
-        enc, enc2 = self.encode_pair(visible, masking.gather(emb, keep), modality)
-        return enc, rand, mask, enc2
-
     # --- decoder -----------------------------------------------------------------
+
+    def fused_decode(self, enc_a, enc_v, keep_a, keep_v, patches_a=None, patches_v=None,
+                     diffusion=None):
+        """Fused joint pass over the visible patches of both modalities, then the decoder.
+        enc_a (B, [1 +] ka, D), keep_a (B, ka) -> predictions (B, Na, p*p), (B, Nv, p*p*3).
+        patches_a, patches_v and diffusion: the inputs of diffused_tokens (with
+        diffused_mask_tokens only).
+        With decoder_attention='cross' only the masked positions are predicted; the visible ones
+        are zeros (the loss averages masked patches only)."""
+        # fused joint pass over both modalities' visible patches, into the decoder's width
+        xa, xv = self.patch_tokens(enc_a), self.patch_tokens(enc_v)  # (B, ka, D), (B, kv, D)
+        x = torch.cat([xa, xv], dim=1)  # (B, ka + kv, D)
+        for blk in self.blocks_u:
+            x = blk(x, 'av')
+        x = self.decoder_embed(self.norm(x))  # (B, ka + kv, Dd)
+        # decoder input: visible latents at their positions, mask tokens (or DiffMAViL's diffused
+        # patches) at the masked ones, plus fixed positions and the modality
+        fill_a, fill_v = self.mask_tokens(x.shape[0], patches_a, patches_v, diffusion)  # (B, N, Dd)
+        ka = xa.shape[1]
+        a = masking.place(x[:, :ka], keep_a, fill_a)  # (B, Na, Dd)
+        a = a + self.decoder_pos_embed_a + self.decoder_modality_a
+        v = masking.place(x[:, ka:], keep_v, fill_v)  # (B, Nv, Dd)
+        v = v + self.decoder_pos_embed_v + self.decoder_modality_v
+        # decoder: per modality, masked queries on visible latents (DiffMAViL), or one
+        # self-attention over all positions of both modalities (CAV-MAE Sync)
+        if self.config.decoder_attention == 'cross':
+            return (self.cross_decode(a, keep_a, self.decoder_pred_a),
+                    self.cross_decode(v, keep_v, self.decoder_pred_v))
+        x = torch.cat([a, v], dim=1)  # (B, Na + Nv, Dd)
+        for blk in self.decoder_blocks:
+            x = blk(x)
+        x = self.decoder_norm(x)
+        Na = self.num_patches_a
+        return self.decoder_pred_a(x[:, :Na]), self.decoder_pred_v(x[:, Na:])
+
+    def mask_tokens(self, B, patches_a, patches_v, diffusion=None):
+        """What the decoder sees at the masked positions, (B, Na, Dd) and (B, Nv, Dd): the learned
+        mask token, or with diffused_mask_tokens DiffMAViL's noised patches (diffused_tokens)."""
+        if self.config.diffused_mask_tokens:
+            return self.diffused_tokens(patches_a, patches_v, diffusion)
+        if diffusion is not None:
+            raise ValueError('diffusion noise given, but diffused_mask_tokens is off: it would be '
+                             'ignored')
+        Dd = self.config.decoder_embed_dim
+        return (self.mask_token.expand(B, self.num_patches_a, Dd),
+                self.mask_token.expand(B, self.num_patches_v, Dd))
+
+    # --- decoder: DiffMAViL's options ----------------------------------------------
 
     def diffuse(self, x0, t, eps=None):
         """DDPM forward process: x0 (B, N, P), timesteps t (B,) in 1..T ->
@@ -394,158 +464,107 @@ class CAVMAESync(nn.Module):
         abar = self.alpha_bar[t - 1].view(-1, 1, 1)  # (B, 1, 1)
         return abar.sqrt() * x0 + (1.0 - abar).sqrt() * eps
 
-    def fused_decode(self, enc_a, enc_v, keep_a, keep_v, patches_a=None, patches_v=None, diffusion=None):
-        """Fused joint pass over the visible patches of both modalities, then the decoder.
-        enc_a (B, [1 +] ka, D), keep_a (B, ka) -> predictions (B, Na, p*p), (B, Nv, p*p*3).
-        patches_a (B, Na, p*p), patches_v (B, Nv, p*p*3): the raw input patches, needed only with
-        diffused_mask_tokens. diffusion: optional (t (B,) in 1..T, eps_a like patches_a, eps_v like patches_v)
-        drawn by the caller (train.py draws them from its shared generator); None draws them from torch's RNG
-        (t, then eps_a, then eps_v). With decoder_attention='cross' only the masked positions are predicted;
-        the visible ones are zeros (the loss averages masked patches only)."""
-        c = self.config
-        xa, xv = self.patch_tokens(enc_a), self.patch_tokens(enc_v)
-        ka = xa.shape[1]
-        x = torch.cat([xa, xv], dim=1)  # (B, ka + kv, D)
-        for blk in self.blocks_u:
-            x = blk(x, 'av')
-        x = self.decoder_embed(self.norm(x))  # (B, ka + kv, Dd)
-        B, _, Dd = x.shape
-
-        if diffusion is not None and not c.diffused_mask_tokens:
-            raise ValueError('diffusion noise given, but diffused_mask_tokens is off: it would be ignored')
-        if c.diffused_mask_tokens:
-            if patches_a is None or patches_v is None:
-                raise ValueError('diffused_mask_tokens needs the raw input patches: pass patches_a and patches_v')
-            # decision: one timestep per clip, shared by all its patches and both modalities (DiffMAViL draws t per
-            # sample). Every patch is noised and projected (simpler than gathering the masked ones); the visible
-            # ones are overwritten.
-            if diffusion is None:
-                t = torch.randint(1, self.alpha_bar.shape[0] + 1, (B,), device=x.device)
-                eps_a, eps_v = torch.randn_like(patches_a), torch.randn_like(patches_v)
-            else:
-                t, eps_a, eps_v = diffusion
-            base_a = self.decoder_noise_embed_a(self.diffuse(patches_a, t, eps_a))  # (B, Na, Dd)
-            base_v = self.decoder_noise_embed_v(self.diffuse(patches_v, t, eps_v))  # (B, Nv, Dd)
+    def diffused_tokens(self, patches_a, patches_v, diffusion=None):
+        """DiffMAViL's mask tokens: the raw input patches patches_a (B, Na, p*p), patches_v
+        (B, Nv, p*p*3), DDPM-noised and projected to the decoder's width -> (B, Na, Dd),
+        (B, Nv, Dd). diffusion: optional (t (B,) in 1..T, eps_a like patches_a, eps_v like
+        patches_v) drawn by the caller (train.py draws them from its shared generator); None draws
+        them from torch's RNG (t, then eps_a, then eps_v)."""
+        if patches_a is None or patches_v is None:
+            raise ValueError('diffused_mask_tokens needs the raw input patches: pass patches_a and '
+                             'patches_v')
+        # decision: one timestep per clip, shared by all its patches and both modalities (DiffMAViL
+        # draws t per sample). Every patch is noised and projected (simpler than gathering the
+        # masked ones); the visible ones are overwritten.
+        if diffusion is None:
+            B, T = patches_a.shape[0], self.alpha_bar.shape[0]
+            t = torch.randint(1, T + 1, (B,), device=patches_a.device)
+            eps_a, eps_v = torch.randn_like(patches_a), torch.randn_like(patches_v)
         else:
-            base_a = self.mask_token.expand(B, self.num_patches_a, Dd)
-            base_v = self.mask_token.expand(B, self.num_patches_v, Dd)
-
-        def place(vis, keep, base):  # visible latents to their positions, base tokens (mask or diffused) elsewhere
-            return base.to(vis.dtype).scatter(1, keep.unsqueeze(-1).expand(-1, -1, Dd), vis)  # (B, N, Dd)
-        a = place(x[:, :ka], keep_a, base_a) + self.decoder_pos_embed_a + self.decoder_modality_a
-        v = place(x[:, ka:], keep_v, base_v) + self.decoder_pos_embed_v + self.decoder_modality_v
-        if c.decoder_attention == 'cross':  # per modality: its masked positions query its visible latents
-            return (self.cross_decode(a, keep_a, self.decoder_pred_a),
-                    self.cross_decode(v, keep_v, self.decoder_pred_v))
-        x = torch.cat([a, v], dim=1)  # (B, Na + Nv, Dd)
-        for blk in self.decoder_blocks:
-            x = blk(x)
-        x = self.decoder_norm(x)
-        return self.decoder_pred_a(x[:, :self.num_patches_a]), self.decoder_pred_v(x[:, self.num_patches_a:])
+            t, eps_a, eps_v = diffusion
+        return (self.decoder_noise_embed_a(self.diffuse(patches_a, t, eps_a)),   # (B, Na, Dd)
+                self.decoder_noise_embed_v(self.diffuse(patches_v, t, eps_v)))   # (B, Nv, Dd)
 
     def cross_decode(self, x, keep, pred):
-        """DiffMAViL's cross-attention decoder on one modality's decoder input x (B, N, Dd) (positions and
-        modality added): the masked positions are the queries, the visible ones the keys/values.
-        -> predictions (B, N, P) at the masked positions, zeros at the visible ones."""
-        masked = masked_indices(keep, x.shape[1])  # (B, N - k)
-        q, latents = masking.gather(x, masked), masking.gather(x, keep)  # (B, N - k, Dd), (B, k, Dd)
+        """DiffMAViL's cross-attention decoder on one modality's decoder input x (B, N, Dd)
+        (positions and modality added): the masked positions are the queries, the visible ones the
+        keys/values. -> predictions (B, N, P) at the masked positions, zeros at the visible ones."""
+        masked = masking.masked_indices(keep, x.shape[1])  # (B, N - k)
+        q, latents = masking.gather(x, masked), masking.gather(x, keep)  # (B, N-k, Dd), (B, k, Dd)
         for blk in self.decoder_blocks:
-            q = blk(q, latents)  # the visible latents stay fixed: the same keys/values in every block
+            q = blk(q, latents)  # the visible latents stay fixed: the same keys/values each block
         q = pred(self.decoder_norm(q))  # (B, N - k, P)
-        P = q.shape[-1]
-        return q.new_zeros(*x.shape[:2], P).scatter(1, masked.unsqueeze(-1).expand(-1, -1, P), q)
+        return masking.place(q, masked, q.new_zeros(*x.shape[:2], q.shape[-1]))  # (B, N, P)
 
-    def reconstruction_loss(self, patches_a, patches_v, pred_a, pred_v, mask_a, mask_v):
+    # --- loss ----------------------------------------------------------------------
+
+    def reconstruction_loss(self, patches_a, patches_v, pred_a, pred_v, keep_a, keep_v):
+        """MSE on the masked patches per modality -> dict(loss, loss_a, loss_v, pred_a, pred_v,
+        mask_a (B, Na), mask_v (B, Nv)), masks 1 = masked."""
+        mask_a = masking.mask_of(keep_a, self.num_patches_a)  # (B, Na)
+        mask_v = masking.mask_of(keep_v, self.num_patches_v)  # (B, Nv)
         loss_a = mae_loss(pred_a, patches_a, mask_a, self.config.norm_pix_loss)
         loss_v = mae_loss(pred_v, patches_v, mask_v, self.config.norm_pix_loss)
-        return dict(loss=loss_a + loss_v, loss_a=loss_a, loss_v=loss_v, pred_a=pred_a, pred_v=pred_v,
-                    mask_a=mask_a, mask_v=mask_v)
+        return dict(loss=loss_a + loss_v, loss_a=loss_a, loss_v=loss_v, pred_a=pred_a,
+                    pred_v=pred_v, mask_a=mask_a, mask_v=mask_v)
 
     # --- the passes ------------------------------------------------------------------
 
-    def decode_loss(self, audio, image, enc_a, enc_v, keep_a, keep_v, mask_a, mask_v, diffusion=None):
-        """Encodings of the randomly masked view -> fused joint pass -> decoder -> loss dict."""
+    def forward(self, audio, image, keep_a, keep_v, con_keep_a=None, con_keep_v=None,
+                diffusion=None):
+        """The student's work for one training step, in one call so that DDP sees a single forward.
+        audio (B, L, F), image (B, 3, H, W); keep_a (B, ka), keep_v (B, kv): the visible patches of
+        the reconstruction view, drawn by the caller (masking.random_masking; made outside, a
+        mask-ratio curriculum changes only their length, which a compiled graph takes as a dynamic
+        size). con_keep_a (B, ca), con_keep_v (B, cv): the contrastive view (TG-DP, dual pass);
+        None: CAV-MAE Sync's single view. diffusion: see diffused_tokens.
+        -> dict: loss, loss_a, loss_v, pred_a (B, Na, p*p), pred_v (B, Nv, p*p*3), mask_a (B, Na),
+        mask_v (B, Nv) (1 = masked), g_a, g_v (B, D)."""
+        if (con_keep_a is None) != (con_keep_v is None):
+            raise ValueError('forward: give the contrastive view of both modalities (con_keep_a '
+                             'and con_keep_v) or neither')
+        # embed patches: once per modality, every view gathers from them
+        emb_a, emb_v = self.embed_audio(audio), self.embed_image(image)  # (B, Na, D), (B, Nv, D)
+        # encoders on the visible patches; a contrastive view goes through with the first (packed)
+        enc_a, con_a = self.masked_encode(emb_a, 'a', keep_a, con_keep_a)  # (B, 1+ka, D) (B, 1+ca, D)
+        enc_v, con_v = self.masked_encode(emb_v, 'v', keep_v, con_keep_v)  # (B, 1+kv, D) (B, 1+cv, D)
+        # decoder: the fused joint pass and the decoder on the reconstruction view
         patches_a, patches_v = self.patchify_audio(audio), self.patchify_image(image)  # the targets
-        pred_a, pred_v = self.fused_decode(enc_a, enc_v, keep_a, keep_v, patches_a, patches_v, diffusion)
-        return self.reconstruction_loss(patches_a, patches_v, pred_a, pred_v, mask_a, mask_v)
-
-    def forward_reconstruction(self, audio, image, mask_ratio_a=0.75, mask_ratio_v=0.75, noise_a=None, noise_v=None,
-                               diffusion=None):
-        """Random masking -> encoders -> fused joint pass -> decoder -> per-modality MSE on masked patches.
-        audio (B, L, F), image (B, 3, H, W); optional masking noise (B, Na), (B, Nv); diffusion: see
-        fused_decode. No global-token passes."""
-        enc_a, keep_a, mask_a, _ = self.masked_encode(self.embed_audio(audio), 'a', mask_ratio_a, noise_a)
-        enc_v, keep_v, mask_v, _ = self.masked_encode(self.embed_image(image), 'v', mask_ratio_v, noise_v)
-        return self.decode_loss(audio, image, enc_a, enc_v, keep_a, keep_v, mask_a, mask_v, diffusion)
-
-    def forward_contrastive(self, audio, image, keep_a, keep_v):
-        """Caller-chosen visible patches keep_a (B, ka), keep_v (B, kv) -> encoders -> audio and visual
-        joint passes -> (g_a, g_v) each (B, D). No fused pass, no decoder."""
-        enc_a = self.encode(masking.gather(self.embed_audio(audio), keep_a), 'a')
-        enc_v = self.encode(masking.gather(self.embed_image(image), keep_v), 'v')
-        return self.global_embeddings(enc_a, enc_v)
-
-    def forward_sync(self, audio, image, mask_ratio_a=0.75, mask_ratio_v=0.75, noise_a=None, noise_v=None,
-                     diffusion=None):
-        """CAV-MAE Sync's single pass: one masked encoding feeds both the fused decoder path and the
-        global-token passes. Returns forward_reconstruction's dict plus g_a, g_v."""
-        enc_a, keep_a, mask_a, _ = self.masked_encode(self.embed_audio(audio), 'a', mask_ratio_a, noise_a)
-        enc_v, keep_v, mask_v, _ = self.masked_encode(self.embed_image(image), 'v', mask_ratio_v, noise_v)
-        out = self.decode_loss(audio, image, enc_a, enc_v, keep_a, keep_v, mask_a, mask_v, diffusion)
-        out['g_a'], out['g_v'] = self.global_embeddings(enc_a, enc_v)
+        pred_a, pred_v = self.fused_decode(enc_a, enc_v, keep_a, keep_v, patches_a, patches_v,
+                                           diffusion)  # (B, Na, p*p), (B, Nv, p*p*3)
+        # loss: MSE on the masked patches
+        out = self.reconstruction_loss(patches_a, patches_v, pred_a, pred_v, keep_a, keep_v)
+        # global tokens: the joint layer's audio and visual passes on the contrastive view
+        out['g_a'], out['g_v'] = self.global_embeddings(con_a, con_v)  # (B, D) each
         return out
 
-    def forward_features(self, audio, image, tokens=True):
-        """Unmasked inference -> (g_a (B, D), g_v (B, D), tokens_a (B, Na, D), tokens_v (B, Nv, D)),
-        embeddings and patch tokens after norm_a / norm_v; tokens=False: (g_a, g_v, None, None), cheaper."""
-        g_a, tokens_a = self.joint(self.encode(self.embed_audio(audio), 'a'), 'a', tokens=tokens)
-        g_v, tokens_v = self.joint(self.encode(self.embed_image(image), 'v'), 'v', tokens=tokens)
-        return g_a, g_v, tokens_a, tokens_v
-
     @torch.no_grad()
-    def forward_teacher(self, audio, image, normalize=True):
-        """Full, unmasked, unshuffled inputs -> (g_a, g_v, priority_a (B, Na), priority_v (B, Nv)).
-        Priority of patch i = head-averaged attention of patch query i to the global key in the last
-        joint layer's audio / visual pass, normalised over patches (TG-DP's teacher-guided masking).
-        normalize=False: the raw head-averaged attention, as the TG-DP release ranks it (the normalisation
-        changes no top-k, but the release's Gumbel reading, masking.gumbel_score_keep, depends on the scale)."""
+    def forward_teacher(self, audio, image):
+        """Full, unmasked, unshuffled inputs -> (g_a, g_v, attn_a (B, Na), attn_v (B, Nv)): per
+        patch, the head-averaged attention of its query to the global key in the last joint layer's
+        audio / visual pass, raw (masking.contrastive_keep normalises it into TG-DP's priority where
+        a masking needs it; the release's Gumbel reading ranks the raw scale)."""
         out = []
         for modality, x in (('a', self.embed_audio(audio)), ('v', self.embed_image(image))):
             g, attn = self.joint_attention(self.encode(x, modality), modality)
-            priority = attn[:, :, 1:, 0].float().mean(dim=1)  # (B, N): patch queries -> global key
-            out.append((g, priority / priority.sum(dim=1, keepdim=True) if normalize else priority))
-        (g_a, p_a), (g_v, p_v) = out
-        return g_a, g_v, p_a, p_v
+            out += [g, attn[:, :, 1:, 0].float().mean(dim=1)]  # (B, D), (B, N): patch -> global
+        g_a, attn_a, g_v, attn_v = out
+        return g_a, g_v, attn_a, attn_v
 
-    def forward(self, audio, image, mask_ratio=0.75, keep_a=None, keep_v=None, noise_a=None, noise_v=None,
-                diffusion=None):
-        """The student's work for one training step in one call, so DDP sees a single forward.
-        With keep_a (B, ka), keep_v (B, kv): two views (TG-DP, dual pass), a reconstruction view randomly
-        masked at mask_ratio and a contrastive view of the given visible patches. Without: the single
-        CAV-MAE Sync pass (forward_sync). noise_a/noise_v: optional uniform noise for the random masks;
-        diffusion: see fused_decode. -> forward_reconstruction's dict plus g_a, g_v (B, D)."""
-        if keep_a is None and keep_v is None:
-            return self.forward_sync(audio, image, mask_ratio, mask_ratio, noise_a, noise_v, diffusion)
-        if keep_a is None or keep_v is None:
-            raise ValueError('forward: give the contrastive view of both modalities (keep_a and keep_v) or neither')
-        # embed patches: once per modality, both views gather from them
-        emb_a, emb_v = self.embed_audio(audio), self.embed_image(image)  # (B, Na, D), (B, Nv, D)
-        # masking + encoder: a random view for reconstruction and the given view for the contrastive pass,
-        # each modality's two views packed through its encoder (encode_pair)
-        enc_a, rand_a, mask_a, con_a = self.masked_encode(emb_a, 'a', mask_ratio, noise_a, keep_a)
-        enc_v, rand_v, mask_v, con_v = self.masked_encode(emb_v, 'v', mask_ratio, noise_v, keep_v)
-        # decoder + loss: fused joint pass and MAE decoder on the random view, MSE on its masked patches
-        out = self.decode_loss(audio, image, enc_a, enc_v, rand_a, rand_v, mask_a, mask_v, diffusion)
-        # global tokens: the joint layer's audio and visual passes on the contrastive view
-        out['g_a'], out['g_v'] = self.global_embeddings(con_a, con_v)
-        return out
+    def forward_features(self, audio, image, tokens=True):
+        """Unmasked inference -> (g_a (B, D), g_v (B, D), tokens_a (B, Na, D), tokens_v (B, Nv, D)),
+        embeddings and patch tokens after norm_a / norm_v; tokens=False: (g_a, g_v, None, None)."""
+        g_a, tokens_a = self.joint(self.encode(self.embed_audio(audio), 'a'), 'a', tokens=tokens)
+        g_v, tokens_v = self.joint(self.encode(self.embed_image(image), 'v'), 'v', tokens=tokens)
+        return g_a, g_v, tokens_a, tokens_v
 
 
 # -----------------------------------------------------------------------------
 # analytic FLOP count (matmuls only; they are > 99% of the work)
 
 def block_flops(n, dim, mlp_ratio):
-    """Forward FLOPs of one ViT block on n tokens: qkv + proj + MLP (2*n*dim*(4 + 2r)*dim) + attention (4*n^2*dim)."""
+    """Forward FLOPs of one ViT block on n tokens: qkv + proj + MLP (2*n*dim*(4 + 2r)*dim) and
+    attention (4*n^2*dim)."""
     return 2 * n * dim * dim * (4 + 2 * mlp_ratio) + 4 * n * n * dim
 
 
@@ -557,16 +576,18 @@ def cross_block_flops(nq, nk, dim, mlp_ratio):
 
 def forward_flops(c, mask_ratio, passes):
     """Forward FLOPs per clip of each module for the given passes.
-    passes: 'reconstruction' (masked encoders, fused joint, decoder), 'sync' (the same plus the joint
-    audio/visual passes on the same encoding), 'contrastive' (masked encoders, joint audio/visual passes),
-    'full' (unmasked encoders and joint audio/visual passes with every token's output: forward_features),
-    'teacher' (as 'full', but the last joint block outputs the global token only, with explicit attention).
-    The embedding-only passes ('sync', 'contrastive', 'teacher') skip the patch tokens' outputs in the last joint
-    block.
-    The 'decoder' entry follows the decoder options: the self decoder runs its blocks and prediction heads
-    on all Na + Nv positions; the cross decoder runs, per modality, its blocks with the masked positions as
-    queries and the visible ones as keys/values and predicts the masked positions only; diffused mask
-    tokens add the projection of every patch (all are noised and projected, see fused_decode)."""
+    passes: 'reconstruction' (masked encoders, fused joint, decoder), 'sync' (the same plus the
+    joint audio/visual passes on the same encoding: forward without a contrastive view),
+    'contrastive' (masked encoders, joint audio/visual passes: forward's second view), 'full'
+    (unmasked encoders and joint audio/visual passes with every token's output: forward_features),
+    'teacher' (as 'full', but the last joint block outputs the global token only, with explicit
+    attention: forward_teacher). The embedding-only passes ('sync', 'contrastive', 'teacher') skip
+    the patch tokens' outputs in the last joint block.
+    The 'decoder' entry follows the decoder options: the self decoder runs its blocks and prediction
+    heads on all Na + Nv positions; the cross decoder runs, per modality, its blocks with the masked
+    positions as queries and the visible ones as keys/values and predicts the masked positions only;
+    diffused mask tokens add the projection of every patch (all are noised and projected, see
+    diffused_tokens)."""
     p, D, Dd, r = c.patch_size, c.embed_dim, c.decoder_embed_dim, c.mlp_ratio
     Na, Nv = (c.num_mel_bins // p) * (c.audio_length // p), (c.img_size // p) ** 2
     if passes in ('full', 'teacher'):
@@ -574,16 +595,18 @@ def forward_flops(c, mask_ratio, passes):
     else:
         ka, kv = masking.num_keep(Na, mask_ratio), masking.num_keep(Nv, mask_ratio)
     G, R = int(c.global_token), c.num_registers
-    out = {'patch_embed': 2 * (Na * p * p + Nv * 3 * p * p) * D}  # every patch is embedded, then gathered
-    out['encoders'] = c.modality_depth * (block_flops(G + ka + R, D, r) + block_flops(G + kv + R, D, r))
+    out = {'patch_embed': 2 * (Na * p * p + Nv * 3 * p * p) * D}  # all embedded, then gathered
+    out['encoders'] = c.modality_depth * (block_flops(G + ka + R, D, r)
+                                          + block_flops(G + kv + R, D, r))
     if passes in ('reconstruction', 'sync'):
         out['joint_fused'] = c.joint_depth * block_flops(ka + kv, D, r)
-        Pa, Pv = p * p, p * p * 3  # patch sizes: the prediction heads' (and noise projections') widths
-        if c.decoder_attention == 'cross':  # blocks per modality, heads on the masked positions only
+        Pa, Pv = p * p, p * p * 3  # patch sizes: prediction heads' (and noise projections') widths
+        if c.decoder_attention == 'cross':  # blocks per modality, heads on masked positions only
             blocks = cross_block_flops(Na - ka, ka, Dd, r) + cross_block_flops(Nv - kv, kv, Dd, r)
             out['decoder'] = c.decoder_depth * blocks + 2 * ((Na - ka) * Pa + (Nv - kv) * Pv) * Dd
         else:
-            out['decoder'] = c.decoder_depth * block_flops(Na + Nv, Dd, r) + 2 * (Na * Pa + Nv * Pv) * Dd
+            out['decoder'] = (c.decoder_depth * block_flops(Na + Nv, Dd, r)
+                              + 2 * (Na * Pa + Nv * Pv) * Dd)
         out['decoder'] += 2 * (ka + kv) * D * Dd  # decoder_embed on the visible latents
         if c.diffused_mask_tokens:
             out['decoder'] += 2 * (Na * Pa + Nv * Pv) * Dd  # decoder_noise_embed_a/v on every patch
@@ -591,8 +614,9 @@ def forward_flops(c, mask_ratio, passes):
         def joint_pass(n):  # one modality's joint pass on n tokens
             if passes == 'full' or not G:
                 return c.joint_depth * block_flops(n, D, r)
-            # last block, embedding only (Block n_out=1): qkv on all tokens, proj + MLP on the global token,
-            # attention of the global query; the teacher's explicit attention also scores every other query
+            # last block, embedding only (Block n_out=1): qkv on all tokens, proj + MLP on the
+            # global token, attention of the global query; the teacher's explicit attention also
+            # scores every other query
             attention = 2 * n * n * D + 2 * n * D if passes == 'teacher' else 4 * n * D
             last = 6 * n * D * D + 2 * D * D * (1 + 2 * r) + attention
             return (c.joint_depth - 1) * block_flops(n, D, r) + last
@@ -606,22 +630,25 @@ def forward_flops(c, mask_ratio, passes):
 def make_teacher(student):
     """Encoder-only EMA copy of the student: no decoder, no gradients, never in the optimiser."""
     teacher = CAVMAESync(student.config, decoder=False).to(next(student.parameters()).device)
-    teacher.load_state_dict({k: v for k, v in student.state_dict().items() if k in teacher.state_dict()})
+    keys = teacher.state_dict()
+    teacher.load_state_dict({k: v for k, v in student.state_dict().items() if k in keys})
     teacher.requires_grad_(False)
     return teacher.eval()
 
 
 def autocast(device, dtype):
-    """The one mixed-precision policy, chosen by the caller: 'float32' runs in full precision, 'bfloat16' /
-    'float16' under torch.autocast on the device's type (train.py's dtype setting, evaluate.py's --dtype)."""
+    """The one mixed-precision policy, chosen by the caller: 'float32' runs in full precision,
+    'bfloat16' / 'float16' under torch.autocast on the device's type (train.py's dtype setting,
+    evaluate.py's --dtype)."""
     if dtype == 'float32':
         return contextlib.nullcontext()
     return torch.autocast(torch.device(device).type, dtype=getattr(torch, dtype))
 
 
 def warmup_cosine(step, total, warmup, start, end):
-    """Linear warmup from 0 to `start` over `warmup` steps, then a half cosine from `start` down (or up) to `end`
-    at step `total`: pretraining's and probing's learning rate, and (warmup 0) the teacher's EMA momentum ramp."""
+    """Linear warmup from 0 to `start` over `warmup` steps, then a half cosine from `start` down (or
+    up) to `end` at step `total`: pretraining's and probing's learning rate, and (warmup 0) the
+    teacher's EMA momentum ramp."""
     if step < warmup:
         return start * (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
@@ -638,12 +665,16 @@ def ema_update(teacher, student, momentum):
 
 
 # -----------------------------------------------------------------------------
-# loading weights: load_weights is the one entry point, for train.py (init_from) and evaluate.py (load_model)
+# loading weights: load_weights is the one entry point, for train.py (init_from) and evaluate.py
+# (load_model), for every layout: train.py checkpoints, the releases, CAV-MAE files, ImageNet MAE
 
-_UNUSED_NORM = re.compile(r'^(blocks_a|blocks_v|decoder_blocks)\.\d+\.norm[12]_[av]\.(weight|bias)$')
-_FIXED_POSITIONS = ('pos_embed_a', 'pos_embed_v', 'decoder_pos_embed_a', 'decoder_pos_embed_v')  # sin-cos buffers here
+_UNUSED_NORM = re.compile(
+    r'^(blocks_a|blocks_v|decoder_blocks)\.\d+\.norm[12]_[av]\.(weight|bias)$')
+_FIXED_POSITIONS = ('pos_embed_a', 'pos_embed_v', 'decoder_pos_embed_a',
+                    'decoder_pos_embed_v')  # sin-cos buffers here
 KIND_NAMES = {'train': 'train.py checkpoint', 'official': 'official CAV-MAE Sync / TG-DP release',
-              'cavmae': 'CAV-MAE layout (e.g. the releases\' converted ImageNet MAE file ori_mae_11_for_pretrain.pth)',
+              'cavmae': "CAV-MAE layout (e.g. the releases' converted ImageNet MAE file "
+                        "ori_mae_11_for_pretrain.pth)",
               'mae': 'ImageNet MAE ViT weights'}
 
 
@@ -652,20 +683,22 @@ def _strip(key):  # DataParallel's prefix
 
 
 def read_checkpoint(path):
-    """torch.load(path) on the CPU as tensors and plain containers only (weights_only: a release is a file
-    from the internet). MAE's full checkpoint keeps its training arguments as an argparse.Namespace, which
-    is allowed too. Errors name the file."""
+    """torch.load(path) on the CPU as tensors and plain containers only (weights_only: a release is
+    a file from the internet). MAE's full checkpoint keeps its training arguments as an
+    argparse.Namespace, which is allowed too. Errors name the file."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f'checkpoint {path} does not exist')
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:
-        raise ValueError(f'{path}: cannot be read as a checkpoint of tensors ({type(e).__name__}: {e})') from e
+        raise ValueError(f'{path}: cannot be read as a checkpoint of tensors '
+                         f'({type(e).__name__}: {e})') from e
 
 
 def convert_official_state_dict(sd, config=None):
-    """Official CAV-MAE Sync / TG-DP checkpoint -> state dict for CAVMAESync(config or ModelConfig()).
+    """Official CAV-MAE Sync / TG-DP checkpoint -> state dict for CAVMAESync(config or
+    ModelConfig()).
     Keys may carry DataParallel's 'module.' prefix. The audio/visual LayerNorm pairs exist in every
     official block but only the joint blocks use them: those are dropped. Anything else unknown, or
     anything missing, is an error naming the key."""
@@ -689,12 +722,16 @@ def convert_official_state_dict(sd, config=None):
 
 
 def checkpoint_kind(ckpt):
-    """What a loaded checkpoint holds (a state dict may sit under 'model' and carry 'module.' prefixes):
+    """What a loaded checkpoint holds (a state dict may sit under 'model' and carry 'module.'
+    prefixes):
       'train'     written by train.py (model, teacher, model_args, ...)
-      'official'  a CAV-MAE Sync / TG-DP release: blocks_u.* with register tokens, or with global tokens
+      'official'  a CAV-MAE Sync / TG-DP release: blocks_u.* with register tokens, or with global
+                  tokens
       'cavmae'    the CAV-MAE layout without registers: the releases' converted ImageNet MAE file
-                  (ori_mae_11_for_pretrain.pth, whose global tokens include a third, cls_token_av) or a CAV-MAE model
-      'mae'       ImageNet MAE ViT weights, encoder only (mae_pretrain_vit_base.pth) or full (..._full.pth)
+                  (ori_mae_11_for_pretrain.pth, whose global tokens include a third, cls_token_av)
+                  or a CAV-MAE model
+      'mae'       ImageNet MAE ViT weights, encoder only (mae_pretrain_vit_base.pth) or full
+                  (..._full.pth)
     Anything else is an error."""
     if isinstance(ckpt, dict) and 'model_args' in ckpt and 'model' in ckpt:
         return 'train'
@@ -706,9 +743,9 @@ def checkpoint_kind(ckpt):
         return 'cavmae'
     if any(n.startswith('blocks.') for n in names) and 'patch_embed.proj.weight' in names:
         return 'mae'
-    raise ValueError('checkpoint is neither a train.py checkpoint (no model_args), an official CAV-MAE Sync / '
-                     'TG-DP or CAV-MAE state dict (no blocks_u.* keys) nor ImageNet MAE weights (no blocks.* / '
-                     'patch_embed keys)')
+    raise ValueError('checkpoint is neither a train.py checkpoint (no model_args), an official '
+                     'CAV-MAE Sync / TG-DP or CAV-MAE state dict (no blocks_u.* keys) nor ImageNet '
+                     'MAE weights (no blocks.* / patch_embed keys)')
 
 
 def _summary(names):
@@ -721,24 +758,26 @@ def _summary(names):
 
 
 def _load_mapping(model, mapping, sources, source_keys, description, verbose):
-    """mapping: model name -> tensor, sources: model name -> the source key it came from. Names the model
-    lacks are skipped (a decoder-less model, the cross-attention decoder, fewer blocks); a shape mismatch is
-    an error naming both keys. Prints what was loaded, which source keys went unused and which parameters
-    stayed at their initialisation. Returns dict(loaded, unused, at_init) (sorted names)."""
+    """mapping: model name -> tensor, sources: model name -> the source key it came from. Names the
+    model lacks are skipped (a decoder-less model, the cross-attention decoder, fewer blocks); a
+    shape mismatch is an error naming both keys. Prints what was loaded, which source keys went
+    unused and which parameters stayed at their initialisation. Returns dict(loaded, unused,
+    at_init) (sorted names)."""
     target = model.state_dict()
     load = {}
     for name, value in mapping.items():
         if name not in target:
             continue
         if tuple(value.shape) != tuple(target[name].shape):
-            raise ValueError(f'{description}: {sources[name]!r} -> {name} has shape {tuple(value.shape)}, '
-                             f'the model expects {tuple(target[name].shape)}')
+            raise ValueError(f'{description}: {sources[name]!r} -> {name} has shape '
+                             f'{tuple(value.shape)}, the model expects {tuple(target[name].shape)}')
         load[name] = value
     model.load_state_dict(load, strict=False)
     unused = sorted(set(source_keys) - {sources[n] for n in load})
     at_init = sorted(n for n, _ in model.named_parameters() if n not in load)
     if verbose:
-        print(f'{description}: loaded {len(load)} tensors\n  source keys not used: {_summary(unused)}\n'
+        print(f'{description}: loaded {len(load)} tensors\n'
+              f'  source keys not used: {_summary(unused)}\n'
               f'  parameters left at init: {_summary(at_init)}')
     return dict(loaded=sorted(load), unused=unused, at_init=at_init)
 
@@ -746,15 +785,15 @@ def _load_mapping(model, mapping, sources, source_keys, description, verbose):
 def load_mae_weights(model, sd, verbose=True):
     """ImageNet MAE ViT weights (the public layout, optionally under 'model'), mapped as CAV-MAE's
     adapt_vmae_weights.py builds the converted file that CAV-MAE, CAV-MAE Sync and TG-DP start from:
-    blocks 0..modality_depth-1 into both modality encoders, the next joint_depth blocks into the joint
-    layer (its norm pair copied to all three pairs), norm to norm / norm_a / norm_v, cls_token to both
-    global tokens, the RGB patch filter to the visual embedding and its SUM over the three channels to the
-    audio one (bias shared). From the full file (mae_pretrain_vit_base_full.pth) also the decoder:
-    decoder_embed, mask_token, the decoder blocks, decoder_norm, decoder_pred -> decoder_pred_v and its
-    first p*p rows -> decoder_pred_a. Not used: pos_embed / decoder_pos_embed (fixed sin-cos here, the same
-    values), the blocks beyond the model's depth. Stay at init: modality embeddings, register tokens, and
-    the decoder when the file has none (or decoder_attention='cross', whose blocks have other names).
-    Returns _load_mapping's dict."""
+    blocks 0..modality_depth-1 into both modality encoders, the next joint_depth blocks into the
+    joint layer (its norm pair copied to all three pairs), norm to norm / norm_a / norm_v, cls_token
+    to both global tokens, the RGB patch filter to the visual embedding and its SUM over the three
+    channels to the audio one (bias shared). From the full file (mae_pretrain_vit_base_full.pth)
+    also the decoder: decoder_embed, mask_token, the decoder blocks, decoder_norm, decoder_pred ->
+    decoder_pred_v and its first p*p rows -> decoder_pred_a. Not used: pos_embed / decoder_pos_embed
+    (fixed sin-cos here, the same values), the blocks beyond the model's depth. Stay at init:
+    modality embeddings, register tokens, and the decoder when the file has none (or
+    decoder_attention='cross', whose blocks have other names). Returns _load_mapping's dict."""
     sd = sd.get('model', sd)
     c = model.config
     mapping, sources = {}, {}
@@ -766,7 +805,7 @@ def load_mae_weights(model, sd, verbose=True):
     for key, value in sd.items():
         block = re.match(r'(decoder_)?blocks\.(\d+)\.(.*)$', key)
         if block and block.group(1):  # decoder blocks: the same names in the self-attention decoder
-            if c.decoder_attention == 'self':  # not half a block into a CrossBlock (its norm2/mlp names match)
+            if c.decoder_attention == 'self':  # not half a block into a CrossBlock (norm2, mlp)
                 put(key, value, f'decoder_blocks.{block.group(2)}.{block.group(3)}')
         elif block:
             i, rest = int(block.group(2)), block.group(3)
@@ -774,7 +813,7 @@ def load_mae_weights(model, sd, verbose=True):
                 put(key, value, f'blocks_a.{i}.{rest}', f'blocks_v.{i}.{rest}')
             elif i < c.modality_depth + c.joint_depth:
                 names = [rest]
-                if rest.startswith(('norm1.', 'norm2.')):  # the fused pass's pair, copied to the audio and visual pairs
+                if rest.startswith(('norm1.', 'norm2.')):  # the fused pair, copied to the a/v pairs
                     names += [rest.replace('.', '_a.', 1), rest.replace('.', '_v.', 1)]
                 put(key, value, *(f'blocks_u.{i - c.modality_depth}.{name}' for name in names))
         elif key == 'patch_embed.proj.weight':  # (D, 3, p, p)
@@ -783,28 +822,30 @@ def load_mae_weights(model, sd, verbose=True):
         elif key == 'patch_embed.proj.bias':
             put(key, value, 'patch_embed_v.proj.bias', 'patch_embed_a.proj.bias')
         elif key in ('norm.weight', 'norm.bias'):
-            put(key, value, *(key.replace('norm', name, 1) for name in ('norm', 'norm_a', 'norm_v')))
+            put(key, value, *(key.replace('norm', n, 1) for n in ('norm', 'norm_a', 'norm_v')))
         elif key == 'cls_token':
             put(key, value, 'cls_token_a', 'cls_token_v')
-        elif key in ('decoder_embed.weight', 'decoder_embed.bias', 'mask_token', 'decoder_norm.weight',
-                     'decoder_norm.bias'):
+        elif key in ('decoder_embed.weight', 'decoder_embed.bias', 'mask_token',
+                     'decoder_norm.weight', 'decoder_norm.bias'):
             put(key, value, key)
-        elif key in ('decoder_pred.weight', 'decoder_pred.bias'):  # (p*p*3, Dd): pixels ordered (row, col, channel)
+        elif key in ('decoder_pred.weight', 'decoder_pred.bias'):  # (p*p*3, Dd): row, col, channel
             suffix = key.split('.')[1]
             put(key, value, f'decoder_pred_v.{suffix}')
-            put(key, value[:c.patch_size ** 2], f'decoder_pred_a.{suffix}')  # adapt_vmae_weights.py: [:256]
+            # adapt_vmae_weights.py: [:256]
+            put(key, value[:c.patch_size ** 2], f'decoder_pred_a.{suffix}')
     part = 'full: encoder + decoder' if 'decoder_pred.weight' in sd else 'encoder only'
-    return _load_mapping(model, mapping, sources, sd.keys(), f'ImageNet MAE weights ({part})', verbose)
+    return _load_mapping(model, mapping, sources, sd.keys(), f'ImageNet MAE weights ({part})',
+                         verbose)
 
 
 def load_cavmae_weights(model, sd, verbose=True):
-    """A state dict in the CAV-MAE layout (names as ours, optionally under 'model' and 'module.'-prefixed):
-    the releases' converted ImageNet MAE file ori_mae_11_for_pretrain.pth or a CAV-MAE model. Every tensor
-    whose name and shape match is loaded (CAV-MAE Sync / TG-DP start by loading that file into their model);
-    not used: the position tables (fixed sin-cos here; CAV-MAE's are for 10 s of audio), the LayerNorm pairs
-    no pass uses, cls_token_av, the decoder blocks under decoder_attention='cross'. Register tokens (and the
-    global tokens, when the file has none) stay at init.
-    Returns _load_mapping's dict."""
+    """A state dict in the CAV-MAE layout (names as ours, optionally under 'model' and
+    'module.'-prefixed): the releases' converted ImageNet MAE file ori_mae_11_for_pretrain.pth or a
+    CAV-MAE model. Every tensor whose name and shape match is loaded (CAV-MAE Sync / TG-DP start by
+    loading that file into their model); not used: the position tables (fixed sin-cos here;
+    CAV-MAE's are for 10 s of audio), the LayerNorm pairs no pass uses, cls_token_av, the decoder
+    blocks under decoder_attention='cross'. Register tokens (and the global tokens, when the file
+    has none) stay at init. Returns _load_mapping's dict."""
     sd = sd.get('model', sd)
     mapping, sources = {}, {}
     for key, value in sd.items():
@@ -812,17 +853,17 @@ def load_cavmae_weights(model, sd, verbose=True):
         if name in _FIXED_POSITIONS or _UNUSED_NORM.match(name):
             continue
         if name.startswith('decoder_blocks.') and model.config.decoder_attention == 'cross':
-            continue  # self-attention blocks: not half of each into a CrossBlock (its norm2/mlp names match)
+            continue  # self-attention blocks: not half of each into a CrossBlock (norm2/mlp match)
         mapping[name], sources[name] = value, key
     return _load_mapping(model, mapping, sources, sd.keys(), KIND_NAMES['cavmae'], verbose)
 
 
 def load_weights(model, source, weights='model', verbose=True, name=None):
-    """Weights into a built CAVMAESync, the same way for train.py (init_from) and evaluate.py (load_model).
-    source: a file path or an already loaded checkpoint; by checkpoint_kind:
+    """Weights into a built CAVMAESync, the same way for train.py (init_from) and evaluate.py
+    (load_model). source: a file path or an already loaded checkpoint; by checkpoint_kind:
       'train'     its `weights` ('model' or 'teacher') state dict, strict
-      'official'  convert_official_state_dict, strict (bare or wrapped as {'model': state_dict}, with or
-                  without 'module.' prefixes)
+      'official'  convert_official_state_dict, strict (bare or wrapped as {'model': state_dict},
+                  with or without 'module.' prefixes)
       'cavmae'    load_cavmae_weights;  'mae': load_mae_weights (encoder-only or full file)
     Prints what was loaded and what stayed at init (name: how to call the source, default its path).
     Returns dict(kind, loaded, unused, at_init)."""
@@ -838,19 +879,23 @@ def load_weights(model, source, weights='model', verbose=True, name=None):
         raise ValueError(f'{name}: an {KIND_NAMES[kind]} has no teacher weights '
                          '(only train.py checkpoints keep the EMA teacher)')
     if kind in ('mae', 'cavmae'):
-        out = (load_mae_weights if kind == 'mae' else load_cavmae_weights)(model, ckpt, verbose=False)
+        load = load_mae_weights if kind == 'mae' else load_cavmae_weights
+        out = load(model, ckpt, verbose=False)
         if verbose:
-            print(f"initialised from {name}: {KIND_NAMES[kind]}: loaded {len(out['loaded'])} tensors\n"
+            print(f"initialised from {name}: {KIND_NAMES[kind]}: "
+                  f"loaded {len(out['loaded'])} tensors\n"
                   f"  source keys not used: {_summary(out['unused'])}\n"
                   f"  parameters left at init: {_summary(out['at_init'])}")
         return dict(kind=kind, **out)
     if kind == 'train':
         sd = ckpt[weights]
         if sd is None:
-            raise ValueError(f'{name}: weights={weights!r} asked, but this run kept no {weights} weights')
+            raise ValueError(f'{name}: weights={weights!r} asked, but this run kept no {weights} '
+                             'weights')
         what = f'{KIND_NAMES[kind]}, {weights} weights, iteration {ckpt.get("iter_num", "?")}'
     else:
-        sd, what = convert_official_state_dict(ckpt.get('model', ckpt), model.config), KIND_NAMES[kind]
+        sd = convert_official_state_dict(ckpt.get('model', ckpt), model.config)
+        what = KIND_NAMES[kind]
     model.load_state_dict(sd)  # strict: every tensor, the right shapes
     if verbose:
         print(f'loaded {name} ({what}): all {len(sd)} tensors')

@@ -247,8 +247,8 @@ def check_data_paths():
         if not path or not (os.path.isfile(path) or is_shard_set(path)):
             sys.exit(f'error: {key}={path!r} is neither a file nor a shard set. '
                      f'For a demo on built-in synthetic clips run\n'
-                     f'  python data.py synth --out data_synth && python train.py config/demo.py\n'
-                     f'for real videos see `python data.py prepare --help` and the README.')
+                     f'  python scripts/synth.py --out data_synth && python train.py config/demo.py\n'
+                     f'for real videos see `python scripts/prepare.py --help` and the README.')
 
 
 # train_data: one interface whatever the source (data.train_batches)
@@ -448,7 +448,8 @@ if master:
     print(f'model: {n_params / 1e6:.2f} M trainable parameters; '
           f'{epoch_iters(0)} iterations in the first epoch, {max_iters} in all')
 teacher_forward = teacher.forward_teacher if teacher is not None else None
-if compile:
+if compile:  # sizes DiffMAViL's schedules change are dynamic (losses_for, dynamic_size): one graph each
+    torch._dynamo.config.fail_on_recompile_limit_hit = True  # an error, never a silent eager step
     model = torch.compile(model, mode=compile_mode)
     if teacher is not None:
         teacher_forward = torch.compile(teacher.forward_teacher, mode=compile_mode)
@@ -490,20 +491,39 @@ def diffusion_noise(B):  # DiffMAViL's timestep per clip and Gaussian noise per 
     return t, eps_a, eps_v
 
 
+def dynamic_size(*tensors, dim):
+    """Compiled runs: tensors' size along dim changes during the run (DiffMAViL's schedules), so it
+    enters the graph compiled at the first step as a dynamic size; otherwise every new value would
+    compile again, and after torch._dynamo.config.recompile_limit the step would run uncompiled."""
+    for t in tensors:
+        if compile and t is not None:
+            torch._dynamo.maybe_mark_dynamic(t, dim)
+
+
 def losses_for(audio, image, rec_mask_ratio):
     """One micro-batch of the selected method -> (total loss, dict of detached terms)."""
     terms = {}
-    keep_a = keep_v = None
+    con_a = con_v = None  # the contrastive view; none for sync / cavmae (one view feeds both)
     B, Na, Nv = audio.shape[0], raw_model.num_patches_a, raw_model.num_patches_v
+    if adaptive_batch:  # B changes per epoch
+        dynamic_size(audio, image, dim=0)
     if method == 'tgdp':
-        # the release's Gumbel reading ranks the raw attention; the other choices do not depend on its scale
-        t_a, t_v, p_a, p_v = teacher_forward(audio, image, normalize=contrastive_masking != 'gumbel')
-        keep_a = masking.contrastive_keep(contrastive_masking, p_a, contrastive_mask_ratio, noise(B, Na))
-        keep_v = masking.contrastive_keep(contrastive_masking, p_v, contrastive_mask_ratio, noise(B, Nv))
+        t_a, t_v, attn_a, attn_v = teacher_forward(audio, image)  # attention: (B, Na), (B, Nv)
+        con_a = masking.contrastive_keep(contrastive_masking, attn_a, contrastive_mask_ratio, noise(B, Na))
+        con_v = masking.contrastive_keep(contrastive_masking, attn_v, contrastive_mask_ratio, noise(B, Nv))
     elif method == 'dualpass':
-        keep_a = masking.random_masking(B, Na, contrastive_mask_ratio, noise=noise(B, Na))[0]
-        keep_v = masking.random_masking(B, Nv, contrastive_mask_ratio, noise=noise(B, Nv))[0]
-    out = model(audio, image, rec_mask_ratio, keep_a, keep_v, noise(B, Na), noise(B, Nv), diffusion_noise(B))
+        con_a = masking.random_masking(B, Na, contrastive_mask_ratio, noise=noise(B, Na))[0]
+        con_v = masking.random_masking(B, Nv, contrastive_mask_ratio, noise=noise(B, Nv))[0]
+    # the reconstruction view, made here outside the compiled model: a changing mask ratio changes
+    # only the length of these index tensors, which the compiled graph takes as a dynamic size
+    keep_a = masking.random_masking(B, Na, rec_mask_ratio, noise=noise(B, Na))[0]  # (B, ka)
+    keep_v = masking.random_masking(B, Nv, rec_mask_ratio, noise=noise(B, Nv))[0]  # (B, kv)
+    diffusion = diffusion_noise(B)
+    if mask_ratio_schedule != 'none':  # ka, kv change per step or epoch
+        dynamic_size(keep_a, keep_v, dim=1)
+    if adaptive_batch:
+        dynamic_size(keep_a, keep_v, con_a, con_v, *(diffusion or ()), dim=0)
+    out = model(audio, image, keep_a, keep_v, con_a, con_v, diffusion)
     loss_con, terms['con_acc'] = info_nce(out['g_a'], out['g_v'], temperature, contrastive_direction,
                                           contrastive_negatives)
     loss = rec_weight * out['loss'] + con_weight * loss_con
@@ -605,7 +625,7 @@ def evaluate_retrieval(it):
     n = len(eval_dataset)
     share = Subset(eval_dataset, range(rank * n // world_size, (rank + 1) * n // world_size))
     feats = extract_features(raw_model, share, batch_size=max(1, batch_size // num_frames),
-                             device=device, num_workers=num_workers)
+                             device=device, num_workers=num_workers, dtype=dtype)
     if ddp:
         parts = [None] * world_size if master else None
         dist.gather_object(feats, parts, dst=0, group=cpu_group)
@@ -739,8 +759,11 @@ if bench:
         profiler.stop()
         print(f'profile of {bench_iters} steps (its overhead is in the timing above): '
               f'{os.path.join(out_dir, "profile.txt")}')
-    print('| method | batch | s/iter | clips/s | GFLOP/clip | TFLOP/s | MFU | peak mem |\n'
-          '|---|---|---|---|---|---|---|---|\n'
+    # graphs dynamo compiled: one per compiled function (student, teacher); more = recompiles or
+    # graph breaks, and the clips/s above are then partly compile time or eager steps
+    graphs = torch._dynamo.utils.counters['stats']['unique_graphs'] if compile else 'off'
+    print('| method | batch | s/iter | clips/s | GFLOP/clip | TFLOP/s | MFU | peak mem | graphs |\n'
+          '|---|---|---|---|---|---|---|---|---|\n'
           f'| {method} | {batch_size} | {dt / bench_iters:.3f} | {clips_s:.1f} | {flops_per_clip / 1e9:.4g} '
-          f'| {tflops:.3g} | {mfu} | {mem} |')
+          f'| {tflops:.3g} | {mfu} | {mem} | {graphs} |')
 shutdown()

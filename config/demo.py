@@ -1,5 +1,5 @@
 # A tiny model on the built-in synthetic clips: a few minutes on a laptop CPU.
-# python data.py synth --out data_synth && python train.py config/demo.py
+# python scripts/synth.py --out data_synth && python train.py config/demo.py
 out_dir = 'out/demo'
 train_json = 'data_synth/train.json'
 eval_json = 'data_synth/eval.json'

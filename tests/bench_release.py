@@ -66,8 +66,10 @@ class Ours:
         t0 = time.perf_counter()
         t_a, t_v, p_a, p_v = self.teacher.forward_teacher(a, v)
         keep_a, keep_v = masking.guided_keep(p_a, CON_RATIO), masking.guided_keep(p_v, CON_RATIO)
+        rec_a = masking.random_masking(na.shape[0], na.shape[1], REC_RATIO, noise=na)[0]
+        rec_v = masking.random_masking(nv.shape[0], nv.shape[1], REC_RATIO, noise=nv)[0]
         t1 = time.perf_counter()
-        out = self.model(a, v, REC_RATIO, keep_a, keep_v, na, nv)
+        out = self.model(a, v, rec_a, rec_v, keep_a, keep_v)
         loss = out['loss'] + CON_W * info_nce(out['g_a'], out['g_v'])[0] + distill_loss(out['g_a'], out['g_v'], t_a, t_v)
         t2 = time.perf_counter()
         loss.backward()

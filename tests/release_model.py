@@ -12,6 +12,7 @@ Parameter names and order follow the official state dict (reference/official_sta
 positional embeddings are frozen Parameters as released. Built from a model.ModelConfig.
 Extras for tests: optional masking noise, caller-given visible indices (the release's TG-DP calls a
 missing `ranked_masking`), and the teacher pass with attention-to-cls priorities.
+ReleaseCAVMAEFT restates the releases' probing model (CAVMAEFT) on the same encoder weights.
 """
 import torch
 import torch.nn as nn
@@ -297,3 +298,64 @@ def release_state_dict_from_ours(sd, generator=None):
                 new = f'{parts[0]}.{parts[1]}.{parts[2]}_{m}.{parts[3]}'
                 out[new] = torch.randn(val.shape, generator=generator) if generator is not None else val.clone()
     return out
+
+
+class ReleaseCAVMAEFT(nn.Module):
+    """The releases' probing model (CAVMAEFT in cavmae_dp.py / cav_mae_sync.py, mode 'multimodal',
+    aggregate='self_attention_cls', keep_register_tokens=False), restated around a ReleaseCAVMAE's
+    encoder weights. Every frame (batch rows are clips x total_frame frames, clip-major):
+      - patch embedding + positions + modality; the cls token prepended when cls_token=True (a model
+        built without it has none), the registers appended; the 11-block modality encoders; the
+        registers removed;
+      - the joint layer on [audio tokens ; visual tokens] with the unified LayerNorms and `norm`:
+        computed, then not used;
+      - the frame's vector: [cls_a ; cls_v] of the modality encoders' outputs (cls_token=True), else
+        [mean of the audio tokens ; mean of the visual tokens]: no LayerNorm either way.
+    Then per clip: a learned cls token before the total_frame vectors, 2 released Blocks of width 2D,
+    classifier_norm, classifier_head on the cls row."""
+
+    def __init__(self, encoder, label_dim, total_frame, cls_token=True):
+        super().__init__()
+        c = encoder.config
+        self.encoder, self.total_frame, self.cls_token = encoder, total_frame, cls_token
+        dim = 2 * c.embed_dim
+        self.cls_cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.classifier_layers = nn.ModuleList([Block(dim, c.num_heads, c.mlp_ratio) for _ in range(2)])
+        self.classifier_norm = nn.LayerNorm(dim)
+        self.classifier_head = nn.Linear(dim, label_dim)
+
+    def encoder_outputs(self, a, v):
+        """-> audio, visual outputs of the modality encoders, registers still appended (B, ..., D)."""
+        enc = self.encoder
+        a, v = enc.embed(a, v)
+        B, R = a.shape[0], enc.num_registers
+        if self.cls_token:
+            a = torch.cat([enc.cls_token_a.expand(B, -1, -1), a], dim=1)
+            v = torch.cat([enc.cls_token_v.expand(B, -1, -1), v], dim=1)
+        a = torch.cat([a, enc.register_tokens[:R].expand(B, -1, -1)], dim=1)
+        v = torch.cat([v, enc.register_tokens[R:].expand(B, -1, -1)], dim=1)
+        for blk in enc.blocks_a:
+            a = blk(a)
+        for blk in enc.blocks_v:
+            v = blk(v)
+        return a, v
+
+    def frame_features(self, a, v):  # (B*T, L, F), (B*T, 3, H, W) -> (B*T, 2D)
+        enc, R = self.encoder, self.encoder.num_registers
+        a, v = self.encoder_outputs(a, v)
+        a, v = a[:, :a.shape[1] - R], v[:, :v.shape[1] - R]  # registers removed
+        x = torch.cat([a, v], dim=1)
+        for blk in enc.blocks_u:
+            x = blk(x)
+        x = enc.norm(x)  # the joint output: not used below
+        if self.cls_token:
+            return torch.cat([a[:, 0], v[:, 0]], dim=1)
+        return torch.cat([a.mean(dim=1), v.mean(dim=1)], dim=1)
+
+    def forward(self, a, v):  # -> logits (B, label_dim)
+        x = self.frame_features(a, v)
+        x = x.view(x.shape[0] // self.total_frame, self.total_frame, x.shape[-1])
+        x = torch.cat([self.cls_cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        for blk in self.classifier_layers:
+            x = blk(x)
+        return self.classifier_head(self.classifier_norm(x)[:, 0])

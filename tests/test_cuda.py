@@ -3,7 +3,9 @@
 prints the bench rows of the full-size model (config/bench.py, tgdp and sync at batch 64) and checks, for every
 method, one compiled bf16 step with fused Adam and SDPA (flash / memory-efficient kernels: head dim 64, bf16)
 against the eager float32 step, the packed two-view encoder and the embedding-only joint block under those
-kernels, and a 1-rank NCCL torchrun run with retrieval during training."""
+kernels, a 1-rank NCCL torchrun run with retrieval during training, and (test_compile's check at GPU
+shapes, Inductor, bf16) that DiffMAViL's curriculum and adaptive batch keep every method's step
+compiled once per function; the bench rows show the graphs compiled (one per compiled function)."""
 import os
 import subprocess
 import sys
@@ -11,6 +13,7 @@ import sys
 import pytest
 import torch
 
+from test_compile import EPOCH, STEP, check, compiled_run
 from test_train import ROOT, read_log, synth  # noqa: F401 (synth: the 40-clip fixture)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='the GPU checklist needs CUDA')
@@ -47,6 +50,17 @@ def test_compiled_bf16_step_matches_eager_float32(method, synth, tmp_path):
     assert cos > 0.99 and rel < 0.15, (method, rel, cos)
 
 
+@pytest.mark.parametrize('method, args', [('tgdp', [*EPOCH, '--diffused_mask_tokens=True']),
+                                          ('sync', [*STEP, '--decoder_attention=cross']),
+                                          ('dualpass', [*EPOCH, '--decoder_attention=cross']),
+                                          ('cavmae', [*STEP, '--diffused_mask_tokens=True'])])
+def test_schedules_stay_compiled_at_gpu_shapes(method, args, synth, tmp_path):
+    counters, _, log = compiled_run(tmp_path, *GPU_SMALL, '--dtype=bfloat16', f'--method={method}',
+                                    f'--train_json={synth / "train.json"}', *args, backend='inductor', base=())
+    check(counters, log, functions=2 if method == 'tgdp' else 1)
+    print(f'\n{method} {args}: {counters["stats"]["unique_graphs"]} graphs, no recompile, no graph break')
+
+
 def test_packed_encoder_and_embedding_only_block_under_flash_kernels():
     from model import CAVMAESync, ModelConfig
     torch.manual_seed(0)
@@ -77,6 +91,8 @@ def test_full_size_bench_rows(method, tmp_path):
     proc = train('config/bench.py', f'--method={method}', '--batch_size=64', f'--out_dir={tmp_path}')
     rows = [line for line in proc.stdout.splitlines() if line.startswith(f'| {method} |')]
     assert len(rows) == 1, proc.stdout[-2000:]
+    graphs = rows[0].strip('| ').split(' | ')[-1]  # one per compiled function: compiled clips/s
+    assert graphs == ('2' if method == 'tgdp' else '1'), rows[0]
     print(f'\n{torch.cuda.get_device_name()}, torch {torch.__version__}\n{rows[0]}')
     os.makedirs(os.path.join(ROOT, 'out'), exist_ok=True)
     with open(os.path.join(ROOT, 'out', 'gpu_checklist.md'), 'a') as f:  # collected for the README

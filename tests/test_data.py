@@ -1,10 +1,6 @@
-"""Tests for data.py: features, segments, dataset modes, bad input, synthetic data, prepare, bench."""
+"""Tests for data.py: features, segments, dataset modes, bad input; the synthetic clips and the loader bench."""
 import json
 import os
-import shutil
-import subprocess
-import sys
-import time
 import types
 
 import numpy as np
@@ -15,8 +11,9 @@ import torchaudio
 from PIL import Image
 
 import data
+from scripts.bench_loader import bench
+from scripts.synth import make_synthetic
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KALDI = dict(htk_compat=True, use_energy=False, window_type='hanning', num_mel_bins=128,
              dither=0.0, frame_shift=10)  # the releases' fbank settings, written out independently of data.py
 
@@ -57,7 +54,7 @@ def small(json_path, **kwargs):
 @pytest.fixture(scope='module')
 def synth_dir(tmp_path_factory):
     out = str(tmp_path_factory.mktemp('synth'))
-    data.make_synthetic(out, num_clips=100, seed=0)
+    make_synthetic(out, num_clips=100, seed=0)
     return out
 
 
@@ -318,7 +315,7 @@ def test_short_clips_are_padded(tmp_path):
 
 def test_synth_deterministic(tmp_path):
     for name, seed in (('a', 3), ('b', 3), ('c', 4)):
-        data.make_synthetic(str(tmp_path / name), num_clips=20, seed=seed, num_classes=4)
+        make_synthetic(str(tmp_path / name), num_clips=20, seed=seed, num_classes=4)
     files = sorted(os.path.relpath(os.path.join(d, f), tmp_path / 'a')
                    for d, _, fs in os.walk(tmp_path / 'a') for f in fs)
     assert len(files) == 5 + 20 * 33  # train/eval JSON, CSV, meta, config, and per clip a wav, 16 frames, 16 masks
@@ -394,82 +391,10 @@ def test_synth_frame_level_alignment(synth_clips):
 
 
 # -----------------------------------------------------------------------------
-# raw-video preparation (real clips from ../shared) and the benchmark
-
-needs_ffmpeg = pytest.mark.skipif(shutil.which('ffmpeg') is None, reason='ffmpeg is not installed')
-
-
-def run_prepare(videos, out):
-    return subprocess.run([sys.executable, os.path.join(ROOT, 'data.py'), 'prepare', '--videos', videos,
-                           '--out', out], capture_output=True, text=True)
-
-
-@needs_ffmpeg
-def test_prepare_real_clips_then_dataset(shared_dir, tmp_path):
-    videos = os.path.join(shared_dir, 'data', 'sample_videos')
-    out = str(tmp_path / 'prepared')
-    result = run_prepare(videos, out)
-    assert result.returncode == 0, result.stdout + result.stderr
-    entries = json.load(open(os.path.join(out, 'data.json')))['data']
-    ids = sorted(e['video_id'] for e in entries)
-    assert ids == sorted(os.path.splitext(n)[0] for n in os.listdir(videos))
-    for clip_id in ids:
-        info = sf.info(os.path.join(out, 'audio', f'{clip_id}.wav'))
-        assert info.samplerate == 16000 and info.channels == 1 and info.duration > 9.9
-        sizes = {Image.open(data.frame_path(out, i, clip_id)).size for i in range(16)}
-        assert len(sizes) == 1 and min(sizes.pop()) <= 224
-    train = data.AVDataset(os.path.join(out, 'data.json'), audio_length=416, img_size=224)
-    evaluation = data.AVDataset(os.path.join(out, 'data.json'), mode='eval', audio_length=416, img_size=224)
-    for i in range(2):
-        t, e = train[i], evaluation[i]
-        assert t['audio'].shape == (416, 128) and t['image'].shape == (3, 224, 224)
-        assert e['audio'].shape == (16, 416, 128) and e['image'].shape == (16, 3, 224, 224)
-        assert torch.isfinite(e['audio']).all() and e['audio'].std() > 0.1 and e['image'].std() > 0.1
-        assert not torch.equal(e['image'][0], e['image'][15])  # frames come from different moments
-    # resumable: a second run prepares nothing and leaves the files alone
-    stamp = os.path.getmtime(data.frame_path(out, 0, ids[0]))
-    result = run_prepare(videos, out)
-    assert result.returncode == 0 and '2 already done, 0 to prepare' in result.stdout
-    assert os.path.getmtime(data.frame_path(out, 0, ids[0])) == stamp
-
-
-@needs_ffmpeg
-def test_prepare_failure_is_listed_not_fatal(shared_dir, tmp_path):
-    good = os.path.join(shared_dir, 'data', 'sample_videos', '00W1lcxW-WU_40.000.mp4')
-    bad = tmp_path / 'broken.mp4'
-    bad.write_bytes(b'this is not a video')
-    listing = tmp_path / 'videos.txt'
-    listing.write_text(f'{bad}\n{good}\n')
-    out = str(tmp_path / 'prepared')
-    result = run_prepare(str(listing), out)
-    assert result.returncode == 1
-    assert '1 videos failed' in result.stdout and f'{bad}: ' in result.stdout
-    assert 'Invalid data' in result.stdout  # ffmpeg's own message
-    entries = json.load(open(os.path.join(out, 'data.json')))['data']
-    assert [e['video_id'] for e in entries] == ['00W1lcxW-WU_40.000']
-    assert not os.path.exists(os.path.join(out, 'audio', 'broken.wav'))
-
-
-def test_prepare_duplicate_check_is_linear(tmp_path, monkeypatch):
-    # 2 M videos: the check must not be quadratic (ids.count in a loop took ~15 s here for 30 k ids)
-    monkeypatch.setattr(data.shutil, 'which', lambda name: '/usr/bin/true')
-    listing = tmp_path / 'videos.txt'
-    names = [f'/videos/{k:07d}_{k % 997:06d}.mp4' for k in range(30000)]
-    listing.write_text('\n'.join(names + ['/elsewhere/0000005_000005.mp4', names[7]]) + '\n')
-    t0 = time.perf_counter()
-    with pytest.raises(ValueError, match=r"share the clip id\(s\) \['0000005_000005', '0000007_000007'\]"):
-        data.prepare(str(listing), str(tmp_path / 'out'))
-    assert time.perf_counter() - t0 < 1.0
-
-
-def test_prepare_without_ffmpeg(tmp_path, monkeypatch):
-    monkeypatch.setenv('PATH', str(tmp_path))  # a PATH with no ffmpeg on it
-    with pytest.raises(RuntimeError, match='ffmpeg not found'):
-        data.prepare(str(tmp_path), str(tmp_path / 'out'))
-
+# the loader benchmark
 
 def test_bench_prints_throughput(synth_dir, capsys):
-    per_second = data.bench(os.path.join(synth_dir, 'train.json'), workers=0, img_size=64,
+    per_second = bench(os.path.join(synth_dir, 'train.json'), workers=0, img_size=64,
                             audio_length=128, batch_size=4, num_batches=3)
     out = capsys.readouterr().out
     assert per_second > 0 and 'items/s per worker' in out and '12 items' in out

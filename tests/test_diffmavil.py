@@ -13,7 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import masking
 from model import CAVMAESync, CrossBlock, ModelConfig, convert_official_state_dict, diffusion_alpha_bar, forward_flops
-from test_model import TINY, inputs
+from test_model import TINY, contrastive_embeddings, inputs, views
 
 
 def tiny(**kw):
@@ -94,8 +94,8 @@ def test_diffused_tokens_fill_masked_positions_only():
     got, want = capture_decoder_input(m), capture_decoder_input(ref)
     torch.manual_seed(7)
     with torch.no_grad():
-        out = m.forward_reconstruction(a, v, 0.75, 0.75, noise_a, noise_v)
-        base = ref.forward_reconstruction(a, v, 0.75, 0.75, noise_a, noise_v)
+        out = m(a, v, *views(m, noise_a=noise_a, noise_v=noise_v))
+        base = ref(a, v, *views(ref, noise_a=noise_a, noise_v=noise_v))
     # redraw the model's randomness in its order (t per clip, then eps for audio, then visual); the schedule independently
     torch.manual_seed(7)
     t = torch.randint(1, 1001, (3,))
@@ -149,12 +149,13 @@ def test_cross_block_matches_explicit_attention():
 def test_cross_decoder_shapes_and_zero_visible_predictions():
     a, v = inputs(ModelConfig(**TINY))
     torch.manual_seed(3)
-    self_out = tiny().forward_reconstruction(a, v)
+    m = tiny()
+    self_out = m(a, v, *views(m))
     for kw in (dict(decoder_attention='cross'), dict(decoder_attention='cross', diffused_mask_tokens=True)):
         m = tiny(**kw)
         assert all(isinstance(b, CrossBlock) for b in m.decoder_blocks)
         torch.manual_seed(3)
-        out = m.forward_reconstruction(a, v)
+        out = m(a, v, *views(m))
         for mod in 'av':
             pred, mask = out['pred_' + mod], out['mask_' + mod]
             assert pred.shape == self_out['pred_' + mod].shape
@@ -216,9 +217,15 @@ def test_analytic_flops_match_flop_counter(monkeypatch, kw):
     m = tiny(**kw)
     a, v = inputs(m.config, B=1)
     for ratio in (0.75, 0.5):
-        with FlopCounterMode(display=False) as counter, torch.no_grad():
-            m.forward_reconstruction(a, v, ratio, ratio)
+        keep_a, keep_v = views(m, 1, ratio)
+        with FlopCounterMode(display=False) as counter, torch.no_grad():  # the reconstruction pieces
+            enc_a = m.encode(masking.gather(m.embed_audio(a), keep_a), 'a')
+            enc_v = m.encode(masking.gather(m.embed_image(v), keep_v), 'v')
+            m.fused_decode(enc_a, enc_v, keep_a, keep_v, m.patchify_audio(a), m.patchify_image(v))
         assert counter.get_total_flops() == sum(forward_flops(m.config, ratio, 'reconstruction').values())
+        with FlopCounterMode(display=False) as counter, torch.no_grad():  # the whole single-view forward
+            m(a, v, keep_a, keep_v)
+        assert counter.get_total_flops() == sum(forward_flops(m.config, ratio, 'sync').values())
 
 
 @pytest.mark.parametrize('joint_depth', [1, 2])
@@ -229,14 +236,20 @@ def test_analytic_flops_of_the_embedding_passes(monkeypatch, joint_depth):
     a, v = inputs(m.config, B=1)
     keep_a = torch.arange(masking.num_keep(m.num_patches_a, 0.5))[None]  # (1, ka)
     keep_v = torch.arange(masking.num_keep(m.num_patches_v, 0.5))[None]
-    passes = {'contrastive': (0.5, lambda: m.forward_contrastive(a, v, keep_a, keep_v)),
-              'sync': (0.75, lambda: m.forward_sync(a, v, 0.75, 0.75)),
+    rec_a, rec_v = views(m, 1, 0.75)
+    passes = {'contrastive': (0.5, lambda: contrastive_embeddings(m, a, v, keep_a, keep_v)),
+              'sync': (0.75, lambda: m(a, v, rec_a, rec_v)),
               'teacher': (0.0, lambda: m.forward_teacher(a, v)),
               'full': (0.0, lambda: m.forward_features(a, v))}
     for name, (ratio, run) in passes.items():
         with FlopCounterMode(display=False) as counter, torch.no_grad():
             run()
         assert counter.get_total_flops() == sum(forward_flops(m.config, ratio, name).values()), name
+    # the two-view forward: both views' work, the patches embedded once
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        m(a, v, rec_a, rec_v, keep_a, keep_v)
+    rec, con = forward_flops(m.config, 0.75, 'reconstruction'), forward_flops(m.config, 0.5, 'contrastive')
+    assert counter.get_total_flops() == sum(rec.values()) + sum(con.values()) - con['patch_embed']
 
 
 def test_paper_config_cross_decoder_flops():
@@ -265,10 +278,10 @@ def test_paper_config_cross_decoder_flops():
 def test_tiny_model_trains(kw):
     m = tiny(**kw).train()
     a, v = inputs(m.config, B=4)
-    noise_a, noise_v = fixed_noise(m, B=4)
+    keep_a, keep_v = views(m, 4, 0.75, *fixed_noise(m, B=4))
 
     def loss():
-        return m.forward_reconstruction(a, v, 0.75, 0.75, noise_a, noise_v)['loss']
+        return m(a, v, keep_a, keep_v)['loss']
     torch.manual_seed(0)
     with torch.no_grad():
         before = loss().item()

@@ -1,6 +1,6 @@
-"""evaluate.py: retrieval scoring and metrics against slow references, mAP, the probe, checkpoint
-loading, feature extraction and caching, and the three picture commands on a tiny synthetic set."""
-import argparse
+"""evaluate.py: retrieval scoring and metrics against slow references, mAP (CAV-MAE's number), the probe
+and its two augmentations, checkpoint loading, feature extraction (precision from the caller) and caching,
+on a tiny synthetic set (files and shards)."""
 import dataclasses
 import json
 import math
@@ -12,13 +12,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 import data
 import evaluate
 from evaluate import (STRATEGIES, extract_features, load_model, mean_average_precision, retrieval,
                       retrieval_metrics, similarity, train_probe)
 from model import CAVMAESync, ModelConfig, make_teacher
+from scripts.shard import write_shards
+from scripts.synth import make_synthetic
 
 TINY = dict(audio_length=64, img_size=32, embed_dim=64, num_heads=4, modality_depth=1, decoder_embed_dim=32,
             decoder_depth=1, decoder_num_heads=4, num_registers=2)
@@ -33,7 +34,7 @@ pytestmark = pytest.mark.usefixtures('one_thread')
 def synth(tmp_path_factory):
     """100 synthetic clips of 5 classes (80 train, 20 eval), frames already at the tiny model's size."""
     out = str(tmp_path_factory.mktemp('synth'))
-    data.make_synthetic(out, num_clips=100, seed=0, num_classes=NUM_CLASSES, frame_size=32)
+    make_synthetic(out, num_clips=100, seed=0, num_classes=NUM_CLASSES, frame_size=32)
     return dict(train=os.path.join(out, 'train.json'), eval=os.path.join(out, 'eval.json'),
                 labels=os.path.join(out, 'labels.csv'))
 
@@ -50,19 +51,19 @@ def ckpt(tmp_path_factory):
     return path
 
 
-def cli_args(ckpt, cache=None):
-    return argparse.Namespace(ckpt=ckpt, weights='model', device='cpu', batch_size=8, num_workers=0,
-                              num_frames=16, cache=cache)
-
-
 @pytest.fixture(scope='module')
 def features(synth, ckpt, tmp_path_factory):
-    """Features of both splits, extracted once and cached on disk for the CLI tests."""
+    """Features of both splits, extracted once and cached on disk for the CLI tests: the retrieval
+    embedding ('joint') and the default probe input ('global')."""
     torch.set_num_threads(1)
     cache = str(tmp_path_factory.mktemp('cache'))
-    args = cli_args(ckpt, cache)
-    return dict(cache=cache, train=evaluate.features_for(args, synth['train'], synth['labels']),
-                eval=evaluate.features_for(args, synth['eval'], synth['labels']))
+    out = dict(cache=cache)
+    for embedding in ('joint', 'global'):
+        for split in ('train', 'eval'):
+            out[embedding, split] = evaluate.features_for(ckpt, synth[split], synth['labels'],
+                                                          embedding=embedding, cache=cache)
+    out['eval'] = out['joint', 'eval']
+    return out
 
 
 # --- retrieval ------------------------------------------------------------------------------
@@ -201,13 +202,43 @@ def test_mean_average_precision_matches_slow_reference(tied):
     if tied:
         scores = (scores * 4).floor()
     targets = (torch.rand(60, 7, generator=g) < 0.3).float()
-    targets[:, 2] = 0  # classes without positives do not count
-    targets[:, 5] = 0
     reference = slow_ap_threshold if tied else slow_ap_walk
-    aps = [reference(scores[:, k].tolist(), targets[:, k].tolist()) for k in range(7) if targets[:, k].any()]
-    assert mean_average_precision(scores, targets) == pytest.approx(100 * sum(aps) / len(aps), abs=1e-9)
+    aps = [reference(scores[:, k].tolist(), targets[:, k].tolist()) for k in range(7)]
+    assert mean_average_precision(scores, targets) == pytest.approx(100 * sum(aps) / 7, abs=1e-9)
     with pytest.raises(ValueError, match='no class'):
         mean_average_precision(scores, torch.zeros_like(scores))
+
+
+def stats_py_map(scores, targets):
+    """CAV-MAE's stats.py: np.mean over every class of sklearn's average_precision_score, restated:
+    the step-wise area under the precision-recall curve over the distinct score thresholds, with recall
+    set to 1 at every threshold when a class has no positive (so its AP is 0)."""
+    aps = []
+    for k in range(targets.shape[1]):
+        s, y = scores[:, k].tolist(), [t > 0 for t in targets[:, k].tolist()]
+        thresholds = sorted(set(s), reverse=True)
+        prev_recall, ap = 0.0, 0.0
+        for th in thresholds:
+            above = [yi for si, yi in zip(s, y) if si >= th]
+            recall = sum(above) / sum(y) if any(y) else 1.0
+            ap += (recall - prev_recall) * (sum(above) / len(above))
+            prev_recall = recall
+        aps.append(ap if any(y) else 0.0)
+    return 100 * sum(aps) / len(aps)
+
+
+def test_mean_average_precision_counts_classes_without_positives_as_the_release():
+    """An eval set where 3 of 12 classes have no positive (a partial download): the release's number
+    (every class in the mean, an empty one as 0), not the mean over the classes present."""
+    g = torch.Generator().manual_seed(8)
+    scores = (torch.rand(80, 12, generator=g, dtype=torch.float64) * 6).floor()  # ties too
+    targets = (torch.rand(80, 12, generator=g) < 0.25).float()
+    targets[:, [1, 6, 9]] = 0
+    present = evaluate.average_precisions(scores, targets)[targets.any(0)].mean().item() * 100
+    got = mean_average_precision(scores, targets)
+    assert got == pytest.approx(stats_py_map(scores, targets), abs=1e-9)
+    assert got == pytest.approx(present * 9 / 12, abs=1e-9) and got < present - 5
+    assert evaluate.average_precisions(scores, targets)[[1, 6, 9]].tolist() == [0.0, 0.0, 0.0]
 
 
 def prototype_features(n, num_classes, multilabel, g, T=4, dim=16):
@@ -294,18 +325,15 @@ def test_label_type_comes_from_the_label_csv(shared_dir, tmp_path):
     assert evaluate.label_type_from_csv(os.path.join(shared_dir, 'data', 'class_labels_indices_vgg.csv')) == 'single'
     assert evaluate.label_type_from_csv(write_label_csv(tmp_path / 'syn.csv', ['syn_0', 'syn_1'])) == 'single'
     audioset = write_label_csv(tmp_path / 'as.csv', ['/m/09x0r', '/t/dd00004', '/g/122z_qxw'])
-    one_label_each = {'labels': torch.eye(3)}  # a multi-label set whose clips carry one label each
-    args = argparse.Namespace(label_csv=audioset, label_type='auto', balanced='auto')
-    assert evaluate.probe_settings(args, one_label_each, one_label_each) == (True, False)  # mAP, not top-1
-    args.label_csv = write_label_csv(tmp_path / 'vgg.csv', ['vgg_0', 'vgg_1', 'vgg_2'])
-    assert evaluate.probe_settings(args, one_label_each, one_label_each) == (False, True)  # top-1, balanced
-    args.balanced = 'no'
-    assert evaluate.probe_settings(args, one_label_each, one_label_each) == (False, False)
-    two_labels = {'labels': torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 1.0]])}
+    one_label_each = torch.eye(3)  # a multi-label set whose clips carry one label each
+    assert evaluate.probe_settings(audioset, 'auto', 'auto', one_label_each, one_label_each) == (True, False)
+    vgg = write_label_csv(tmp_path / 'vgg.csv', ['vgg_0', 'vgg_1', 'vgg_2'])
+    assert evaluate.probe_settings(vgg, 'auto', 'auto', one_label_each, one_label_each) == (False, True)
+    assert evaluate.probe_settings(vgg, 'auto', 'no', one_label_each, one_label_each) == (False, False)
+    two_labels = torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
     with pytest.raises(ValueError, match='several labels'):
-        evaluate.probe_settings(args, one_label_each, two_labels)
-    args.label_type = 'multi'
-    assert evaluate.probe_settings(args, one_label_each, two_labels) == (True, False)
+        evaluate.probe_settings(vgg, 'auto', 'no', one_label_each, two_labels)
+    assert evaluate.probe_settings(vgg, 'multi', 'no', one_label_each, two_labels) == (True, False)
 
 
 def test_augmented_clips_against_an_independent_pipeline(synth):
@@ -321,7 +349,7 @@ def test_augmented_clips_against_an_independent_pipeline(synth):
     item = clips[1]
     rng = np.random.default_rng((1, 3, 1))
     assert rng.random() < 1.0
-    partner = int(rng.integers(len(dataset)))
+    partner = (2 + int(rng.integers(1, len(dataset)))) % len(dataset)  # never the clip itself
     lam = float(rng.beta(10, 10))
     shift = int(rng.integers(-data.MAX_TIME_SHIFT, data.MAX_TIME_SHIFT + 1))
 
@@ -353,17 +381,61 @@ def test_probe_cli_input_augmentation_reextracts_every_epoch(synth, ckpt, featur
     extract = evaluate.extract_features
 
     def spy(model, dataset, *args):
-        calls.append(dataset)
+        calls.append((dataset, args))
         return extract(model, dataset, *args)
     monkeypatch.setattr(evaluate, 'extract_features', spy)
     out = str(tmp_path / 'probe.json')
     evaluate.main(['probe', '--ckpt', ckpt, '--train', synth['train'], '--eval', synth['eval'], '--label_csv',
-                   synth['labels'], '--cache', features['cache'], '--augment', 'input', '--epochs', '2',
+                   synth['labels'], '--cache', features['cache'], '--epochs', '2',
                    '--wa_start', '1', '--probe_batch_size', '16', '--num_workers', '0', '--out', out])
     result = json.load(open(out))
     assert result['augment'] == 'input' and result['balanced'] and len(result['history']) == 2
-    assert [type(d).__name__ for d in calls] == ['AugmentedClips'] * 2 and [d.epoch for d in calls] == [1, 2]
-    assert all(len(d) == 80 for d in calls)
+    assert result['probe_input'] == 'global' and result['dtype'] == 'float32'  # the defaults on a CPU
+    assert [type(d).__name__ for d, _ in calls] == ['AugmentedClips'] * 2
+    assert [d.epoch for d, _ in calls] == [1, 2] and all(len(d) == 80 for d, _ in calls)
+    assert all(args[-2:] == ('float32', 'global') for _, args in calls)  # dtype, embedding
+
+
+def test_input_augmentation_on_a_shard_set(synth, ckpt, tmp_path):
+    """AugmentedClips builds its items with AVDataset's builder, so a shard set gives the items of the
+    JSON it was packed from, and `probe --augment input` runs on shards."""
+    shards = str(tmp_path / 'shards')
+    write_shards(synth['train'], shards, shard_size=30)
+    config = ModelConfig(**TINY)
+    files = evaluate.make_dataset(synth['train'], synth['labels'], config)
+    packed = evaluate.make_dataset(shards, synth['labels'], config)
+    order = torch.tensor([3, 0, 41, 79])
+    for pos in range(4):
+        a = evaluate.AugmentedClips(files, order, epoch=2, seed=5, mixup=0.5)[pos]
+        b = evaluate.AugmentedClips(packed, order, epoch=2, seed=5, mixup=0.5)[pos]
+        assert a['id'] == b['id'] and torch.equal(a['label'], b['label'])
+        assert torch.equal(a['image'], b['image']) and torch.allclose(a['audio'], b['audio'], atol=1e-5)
+    out = str(tmp_path / 'probe.json')
+    evaluate.main(['probe', '--ckpt', ckpt, '--train', shards, '--eval', synth['eval'], '--label_csv',
+                   synth['labels'], '--augment', 'input', '--epochs', '1', '--wa_start', '1',
+                   '--num_workers', '0', '--out', out])
+    assert json.load(open(out))['augment'] == 'input'
+
+
+def test_cached_mixup_partners_come_from_the_whole_set_never_the_clip_itself():
+    """The quick option mixes every clip (mixup 1) with another training clip: one-hot features show
+    the two clips in each mixed row; partners come from outside the batch too."""
+    N, B = 40, 8
+    x, y = torch.eye(N)[:, None, :], torch.eye(N)  # (N, 1, N): clip i's feature is e_i
+    beta = torch.distributions.Beta(torch.tensor(10.0), torch.tensor(10.0))
+    gen = torch.Generator().manual_seed(0)
+    outside = 0
+    for epoch in range(5):
+        order = evaluate.epoch_order(N, gen)
+        for (xb, yb), idx in zip(evaluate.mixed_cached_batches(x, y, order, B, 1.0, gen, beta),
+                                 order.split(B)):
+            weights = xb[:, 0]  # (B, N)
+            assert torch.equal(weights, yb)
+            assert ((weights > 0).sum(dim=1) == 2).all()  # itself and one other clip
+            assert (weights[torch.arange(len(idx)), idx] > 0).all()  # the clip itself is one of them
+            partner = (weights * (torch.arange(N) != idx[:, None])).argmax(dim=1)
+            outside += int((~torch.isin(partner, idx)).sum())
+    assert outside > 100  # of 200 partners: most lie outside the clip's batch
 
 
 # --- loading, features, cache ---------------------------------------------------------------
@@ -422,6 +494,25 @@ def test_extract_features_matches_per_frame_forward(synth, ckpt):
                 assert torch.allclose(feats['g_v'][i, t], g_v[0], atol=1e-5)
 
 
+def test_precision_comes_from_the_caller(synth, ckpt, tmp_path, monkeypatch):
+    """extract_features runs under model.autocast(device, dtype) with the caller's dtype: the command
+    line's --dtype (float32 on a CPU by default); bfloat16 really changes the features."""
+    model = load_model(ckpt)
+    subset = torch.utils.data.Subset(evaluate.make_dataset(synth['eval'], None, model.config), range(2))
+    fp32 = extract_features(model, subset, dtype='float32')
+    bf16 = extract_features(model, subset, dtype='bfloat16')
+    assert not torch.equal(fp32['g_a'], bf16['g_a']) and torch.allclose(fp32['g_a'], bf16['g_a'], atol=0.1)
+    seen = []
+    autocast = evaluate.autocast
+    monkeypatch.setattr(evaluate, 'autocast', lambda device, dtype: seen.append(dtype) or autocast(device, dtype))
+    for extra in ([], ['--dtype', 'bfloat16']):
+        out = str(tmp_path / 'r.json')
+        evaluate.main(['retrieval', '--ckpt', ckpt, '--data', synth['eval'], '--num_workers', '0',
+                       '--out', out] + extra)
+        assert set(seen) == {extra[-1] if extra else 'float32'} and json.load(open(out))['dtype'] == seen[0]
+        seen.clear()
+
+
 def test_retrieval_cli_uses_cached_features(synth, ckpt, features, tmp_path, monkeypatch):
     def no_model(*args, **kwargs):
         raise AssertionError('features were cached: the model must not be loaded')
@@ -444,52 +535,10 @@ def test_probe_cli_beats_chance_on_synthetic_clips(synth, ckpt, features, tmp_pa
         out = str(tmp_path / f'probe_{modality}.json')
         evaluate.main(['probe', '--ckpt', ckpt, '--train', synth['train'], '--eval', synth['eval'],
                        '--label_csv', synth['labels'], '--cache', features['cache'], '--modality', modality,
+                       '--augment', 'cached',
                        '--epochs', '30', '--probe_batch_size', '16', '--out', out])
         result = json.load(open(out))
         assert result['metric'] == 'top-1' and len(result['history']) == 30
         finals[modality] = result['final']
     print(f'probe top-1 on synthetic clips: {finals}')
     assert finals['av'] >= 50 and finals['a'] >= 50 and finals['v'] >= 30  # the 32-px frames give 4 patches
-
-
-# --- pictures ---------------------------------------------------------------------------------
-
-def assert_png(path, size):
-    with Image.open(path) as img:
-        assert img.format == 'PNG' and img.size == size
-        pixels = np.asarray(img.convert('RGB'))
-    assert pixels.std() > 5, f'{path} is (nearly) constant'
-    return pixels
-
-
-def test_localize_writes_heat_maps(synth, ckpt, tmp_path):
-    out = str(tmp_path / 'loc')
-    evaluate.main(['localize', '--ckpt', ckpt, '--data', synth['eval'], '--out', out, '--num_clips', '3',
-                   '--num_workers', '0', '--batch_size', '2'])
-    files = sorted(f for f in os.listdir(out) if f.endswith('.png'))
-    assert len(files) == 3 and os.path.isfile(os.path.join(out, 'metrics.json'))  # the synthetic clips have masks
-    s = evaluate.localize_scale(32, 32)
-    assert s * 32 >= 224
-    for name in files:
-        pixels = assert_png(os.path.join(out, name), (2 * 32 * s, 32 * s))
-        assert np.abs(pixels[:, :32 * s].astype(int) - pixels[:, 32 * s:]).mean() > 5  # the overlay changed the frame
-
-
-def test_reconstruct_writes_grid(synth, ckpt, tmp_path):
-    out = str(tmp_path / 'rec')
-    evaluate.main(['reconstruct', '--ckpt', ckpt, '--data', synth['eval'], '--out', out, '--num_clips', '2',
-                   '--num_workers', '0'])
-    pixels = assert_png(os.path.join(out, 'reconstruction.png'), evaluate.reconstruct_size(ModelConfig(**TINY), 2))
-    assert (pixels == evaluate.MASK_GREY).all(axis=-1).any()  # masked patches are drawn grey
-    with pytest.raises(ValueError, match='decoder'):
-        evaluate.main(['reconstruct', '--ckpt', ckpt, '--weights', 'teacher', '--data', synth['eval'],
-                       '--out', out, '--num_workers', '0'])
-
-
-def test_embed_writes_pca_plot(synth, ckpt, features, tmp_path):
-    out = str(tmp_path / 'embed.png')
-    evaluate.main(['embed', '--ckpt', ckpt, '--data', synth['eval'], '--label_csv', synth['labels'],
-                   '--cache', features['cache'], '--out', out, '--size', '400'])
-    pixels = assert_png(out, (400, 400))
-    for k in range(NUM_CLASSES):  # every class colour is drawn
-        assert (pixels == evaluate.class_colour(k)).all(axis=-1).any()

@@ -238,7 +238,7 @@ def test_load_weights_takes_wrapped_and_bare_official_files(tmp_path):
 def test_train_py_init_from_wrapped_official_and_mae_full(tmp_path):
     """train.py's init_from goes through load_weights: a {'model': state_dict} release (it failed before)
     and the full MAE file. learning_rate=0: the saved weights are the loaded ones."""
-    subprocess.run([sys.executable, 'data.py', 'synth', '--out', str(tmp_path / 'd'), '--num_clips', '20'],
+    subprocess.run([sys.executable, 'scripts/synth.py', '--out', str(tmp_path / 'd'), '--num_clips', '20'],
                    cwd=ROOT, check=True, capture_output=True)
     cfg, sd = official_tiny()
     sources = {'official': ({'model': sd}, convert_official_state_dict(sd, cfg)),

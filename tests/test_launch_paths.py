@@ -40,9 +40,9 @@ TORCHRUN = (sys.executable, '-m', 'torch.distributed.run', '--standalone', '--np
 @pytest.fixture(scope='module')
 def synth(tmp_path_factory):
     out = tmp_path_factory.mktemp('synth')
-    subprocess.run([sys.executable, 'data.py', 'synth', '--out', str(out), '--num_clips', '40', '--seed', '0'],
+    subprocess.run([sys.executable, 'scripts/synth.py', '--out', str(out), '--num_clips', '40', '--seed', '0'],
                    cwd=ROOT, check=True, capture_output=True)
-    subprocess.run([sys.executable, 'data.py', 'shard', '--data', str(out / 'train.json'), '--out', str(out / 'shards'),
+    subprocess.run([sys.executable, 'scripts/shard.py', '--data', str(out / 'train.json'), '--out', str(out / 'shards'),
                     '--shard_size', '5'], cwd=ROOT, check=True, capture_output=True)
     return out
 
@@ -244,9 +244,9 @@ def test_retrieval_during_training_is_spread_over_the_ranks(synth, tmp_path):
         f'sys.path.insert(0, {ROOT!r})\n'
         'import evaluate, torch.distributed as dist\n'
         'extract, init = evaluate.extract_features, dist.init_process_group\n'
-        'def spy_extract(model, dataset, batch_size=8, device="cpu", num_workers=0):\n'
+        'def spy_extract(model, dataset, batch_size=8, device="cpu", num_workers=0, dtype="float32"):\n'
         f'    open({str(spy_log)!r}, "a").write(f"extract {{dist.get_rank()}} {{len(dataset)}} {{num_workers}}\\n")\n'
-        '    return extract(model, dataset, batch_size, device, num_workers)\n'
+        '    return extract(model, dataset, batch_size, device, num_workers, dtype)\n'
         'def spy_init(*args, **kw):\n'
         f'    open({str(spy_log)!r}, "a").write(f"timeout {{kw.get(\'timeout\')}}\\n")\n'
         '    return init(*args, **kw)\n'

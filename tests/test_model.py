@@ -26,6 +26,19 @@ def inputs(cfg, B=3, seed=1):
             torch.randn(B, 3, cfg.img_size, cfg.img_size, generator=g))
 
 
+def views(m, B=3, ratio=0.75, noise_a=None, noise_v=None):
+    """Random views keep_a (B, ka), keep_v (B, kv), as train.py draws them (torch's RNG without noise)."""
+    return (masking.random_masking(B, m.num_patches_a, ratio, noise=noise_a)[0],
+            masking.random_masking(B, m.num_patches_v, ratio, noise=noise_v)[0])
+
+
+def contrastive_embeddings(m, a, v, keep_a, keep_v):
+    """g_a, g_v of a view alone: its own encoder pass, the joint audio / visual passes."""
+    enc_a = m.encode(masking.gather(m.embed_audio(a), keep_a), 'a')
+    enc_v = m.encode(masking.gather(m.embed_image(v), keep_v), 'v')
+    return m.global_embeddings(enc_a, enc_v)
+
+
 # --- shapes and size -------------------------------------------------------------
 
 def test_tiny_shapes_every_pass():
@@ -33,20 +46,17 @@ def test_tiny_shapes_every_pass():
     a, v = inputs(m.config)
     Na, Nv, D = m.num_patches_a, m.num_patches_v, m.config.embed_dim
     assert (Na, Nv) == ((32 // 8) * (64 // 8), (32 // 8) ** 2)
-    rec = m.forward_reconstruction(a, v, 0.75, 0.75)
+    rec = m(a, v, *views(m))
     assert rec['pred_a'].shape == (3, Na, 64) and rec['pred_v'].shape == (3, Nv, 192)
     assert rec['mask_a'].sum(1).tolist() == [Na - masking.num_keep(Na, 0.75)] * 3
-    keep_a = masking.random_masking(3, Na, 0.5)[0]
-    keep_v = masking.random_masking(3, Nv, 0.5)[0]
-    g_a, g_v = m.forward_contrastive(a, v, keep_a, keep_v)
-    assert g_a.shape == g_v.shape == (3, D)
+    assert rec['g_a'].shape == (3, D) and rec['loss'].ndim == 0
+    out = m(a, v, *views(m), *views(m, ratio=0.5))
+    assert out['g_a'].shape == out['g_v'].shape == (3, D) and out['pred_v'].shape == (3, Nv, 192)
     t_a, t_v, p_a, p_v = m.forward_teacher(a, v)
     assert t_a.shape == (3, D) and p_a.shape == (3, Na) and p_v.shape == (3, Nv)
-    assert torch.allclose(p_a.sum(1), torch.ones(3)) and (p_a >= 0).all()
+    assert (p_a > 0).all() and (p_a < 1).all()  # attention weights
     g_a, g_v, tok_a, tok_v = m.forward_features(a, v)
     assert tok_a.shape == (3, Na, D) and tok_v.shape == (3, Nv, D)
-    out = m.forward_sync(a, v)
-    assert out['g_a'].shape == (3, D) and out['loss'].ndim == 0
 
 
 def test_patchify_round_trip_and_layout():
@@ -169,14 +179,21 @@ def test_release_gumbel_reading_ranks_raw_attention_plus_noise():
     assert (prop == 0).double().mean() > 0.85
 
 
-def test_teacher_raw_attention_is_the_unnormalised_priority():
+def test_teacher_returns_raw_attention_and_masking_normalises_it():
     m = tiny()
     a, v = inputs(m.config)
-    _, _, p_a, p_v = m.forward_teacher(a, v)
-    _, _, r_a, r_v = m.forward_teacher(a, v, normalize=False)
-    for p, r in ((p_a, r_a), (p_v, r_v)):
-        assert torch.allclose(r / r.sum(1, keepdim=True), p, atol=1e-6) and not torch.allclose(r, p)
-        assert (r < 1).all() and (r > 0).all()  # attention weights
+    _, _, r_a, r_v = m.forward_teacher(a, v)
+    noise = torch.rand(3, m.num_patches_a, generator=torch.Generator().manual_seed(4))
+    for r in (r_a, r_v):
+        assert (r < 1).all() and (r > 0).all() and (r.sum(1) - 1).abs().min() > 1e-3  # raw weights
+        p = masking.teacher_priority(r)
+        assert torch.allclose(p.sum(1), torch.ones(3)) and torch.allclose(p * r.sum(1, keepdim=True), r)
+        assert torch.equal(masking.contrastive_keep('guided', r, 0.5), masking.guided_keep(p, 0.5))
+    # the normalised priority for gumbel_proportional, the raw attention for the release's gumbel
+    for method, keep in (('gumbel_proportional', masking.gumbel_keep),
+                         ('gumbel', masking.gumbel_score_keep)):
+        want = keep(masking.teacher_priority(r_a) if method != 'gumbel' else r_a, 0.5, noise)
+        assert torch.equal(masking.contrastive_keep(method, r_a, 0.5, noise), want)
 
 
 def test_mask_ratio_schedule():
@@ -195,7 +212,7 @@ def test_teacher_pass_has_no_autograd_graph():
     assert all(not t.requires_grad and t.grad_fn is None for t in outs)
 
 
-def test_contrastive_pass_never_runs_decoder_or_fused_pass():
+def test_decoder_and_fused_pass_run_once_on_the_reconstruction_view_only():
     m = tiny()
     a, v = inputs(m.config)
     called = []
@@ -203,14 +220,16 @@ def test_contrastive_pass_never_runs_decoder_or_fused_pass():
         mods = getattr(m, name)
         for mod in (mods if isinstance(mods, torch.nn.ModuleList) else [mods]):
             mod.register_forward_hook(lambda *_, n=name: called.append(n))
-    keep_a = masking.random_masking(3, m.num_patches_a, 0.5)[0]
-    keep_v = masking.random_masking(3, m.num_patches_v, 0.5)[0]
-    m.forward_contrastive(a, v, keep_a, keep_v)
     m.forward_teacher(a, v)
     m.forward_features(a, v)
     assert called == []
-    m.forward_reconstruction(a, v)  # the hooks do work
-    assert 'decoder_pred_a' in called and 'norm' in called
+    keep_a, keep_v = views(m)
+    seen = []
+    m.decoder_embed.register_forward_hook(lambda mod, args, out: seen.append(args[0].shape[1]))
+    m(a, v, keep_a, keep_v, *views(m, ratio=0.5))  # two views: the decoder sees the first only
+    assert sorted(called) == sorted(['norm', 'decoder_embed', 'decoder_blocks', 'decoder_norm',
+                                     'decoder_pred_a', 'decoder_pred_v'])
+    assert seen == [keep_a.shape[1] + keep_v.shape[1]]
 
 
 def test_only_teacher_joint_layer_computes_explicit_attention(monkeypatch):
@@ -228,7 +247,7 @@ def test_only_teacher_joint_layer_computes_explicit_attention(monkeypatch):
     assert explicit == [m.blocks_u[-1].attn, m.blocks_u[-1].attn]
     explicit.clear()
     m.forward_features(a, v)
-    m.forward_reconstruction(a, v)
+    m(a, v, *views(m), *views(m, ratio=0.5))
     assert explicit == []
 
 
@@ -238,13 +257,13 @@ def test_settings_that_would_be_ignored_raise():
     x = torch.randn(3, 10, m.config.embed_dim)
     with pytest.raises(ValueError, match='segments'):  # n_out applies to one sequence, not to packed views
         m.blocks_a[0](x, n_out=1, segments=[4, 6])
-    keep_a = masking.random_masking(3, m.num_patches_a, 0.5)[0]
-    with pytest.raises(ValueError, match='keep_a and keep_v'):  # one contrastive view alone
-        m(a, v, 0.75, keep_a, None)
+    keep_a, keep_v = views(m)
+    with pytest.raises(ValueError, match='contrastive view of both modalities'):  # one view alone
+        m(a, v, keep_a, keep_v, keep_a, None)
     t = torch.ones(3, dtype=torch.long)
     diffusion = (t, torch.zeros(3, m.num_patches_a, 64), torch.zeros(3, m.num_patches_v, 192))
     with pytest.raises(ValueError, match='diffused_mask_tokens is off'):
-        m.forward_reconstruction(a, v, 0.75, 0.75, diffusion=diffusion)
+        m(a, v, keep_a, keep_v, diffusion=diffusion)
 
 
 def test_joint_attention_equals_the_sdpa_joint_pass():
@@ -272,22 +291,25 @@ def test_teacher_priority_is_attention_to_global_key():
         q, k, _ = blk.attn.qkv(h).view(B, N, 3, 4, D // 4).permute(2, 0, 3, 1, 4)
         attn = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(D // 4), -1)
         ref = attn[:, :, 1:, 0].mean(1)
-    assert torch.allclose(p_a, ref / ref.sum(1, keepdim=True), atol=1e-6)
+    assert torch.allclose(p_a, ref, atol=1e-7)
 
 
 def test_sync_single_pass_shares_one_encoding():
     m = tiny()
     a, v = inputs(m.config)
-    torch.manual_seed(5)
-    out = m.forward_sync(a, v, 0.75, 0.75)
-    torch.manual_seed(5)  # same random masks
-    rec = m.forward_reconstruction(a, v, 0.75, 0.75)
-    torch.manual_seed(5)
-    keep_a = masking.random_masking(3, m.num_patches_a, 0.75)[0]
-    keep_v = masking.random_masking(3, m.num_patches_v, 0.75)[0]
-    g_a, g_v = m.forward_contrastive(a, v, keep_a, keep_v)
-    assert torch.allclose(out['loss'], rec['loss'], atol=1e-6)
-    assert torch.allclose(out['g_a'], g_a, atol=1e-5) and torch.allclose(out['g_v'], g_v, atol=1e-5)
+    keep_a, keep_v = views(m)
+    calls = []
+    for blocks in (m.blocks_a, m.blocks_v):
+        blocks[0].register_forward_hook(lambda *_: calls.append(1))
+    out = m(a, v, keep_a, keep_v)
+    assert len(calls) == 2  # one encoder pass per modality
+    # the same as a second view equal to the first, and as that view's own contrastive passes
+    two = m(a, v, keep_a, keep_v, keep_a, keep_v)
+    g_a, g_v = contrastive_embeddings(m, a, v, keep_a, keep_v)
+    assert torch.allclose(out['loss'], two['loss'], atol=1e-6)
+    for g in (two['g_a'], g_a):
+        assert torch.allclose(out['g_a'], g, atol=1e-5)
+    assert torch.allclose(out['g_v'], g_v, atol=1e-5)
 
 
 def test_two_pass_forward_embeds_once_and_equals_the_separate_passes():
@@ -295,15 +317,15 @@ def test_two_pass_forward_embeds_once_and_equals_the_separate_passes():
     a, v = inputs(m.config)
     g = torch.Generator().manual_seed(2)
     noise_a, noise_v = torch.rand(3, m.num_patches_a, generator=g), torch.rand(3, m.num_patches_v, generator=g)
-    keep_a = masking.random_masking(3, m.num_patches_a, 0.5)[0]
-    keep_v = masking.random_masking(3, m.num_patches_v, 0.5)[0]
+    keep_a, keep_v = views(m, ratio=0.5)
+    rec_a, rec_v = views(m, ratio=0.75, noise_a=noise_a, noise_v=noise_v)
     calls = []
     m.patch_embed_a.register_forward_hook(lambda *_: calls.append('a'))
     m.patch_embed_v.register_forward_hook(lambda *_: calls.append('v'))
-    out = m(a, v, 0.75, keep_a, keep_v, noise_a, noise_v)
+    out = m(a, v, rec_a, rec_v, keep_a, keep_v)
     assert calls == ['a', 'v']  # both passes share one patch embedding per modality
-    rec = m.forward_reconstruction(a, v, 0.75, 0.75, noise_a, noise_v)
-    g_a, g_v = m.forward_contrastive(a, v, keep_a, keep_v)
+    rec = m(a, v, rec_a, rec_v)
+    g_a, g_v = contrastive_embeddings(m, a, v, keep_a, keep_v)
     assert torch.allclose(out['loss'], rec['loss'], atol=1e-6)
     assert torch.allclose(out['g_a'], g_a, atol=1e-6) and torch.allclose(out['g_v'], g_v, atol=1e-6)
 
@@ -330,7 +352,7 @@ def test_global_token_off_mean_pools_patches():
     a, v = inputs(m.config)
     g_a, g_v, tok_a, tok_v = m.forward_features(a, v)
     assert tok_a.shape[1] == m.num_patches_a and torch.allclose(g_a, tok_a.mean(1), atol=1e-6)
-    out = m.forward_sync(a, v)
+    out = m(a, v, *views(m))
     assert out['g_v'].shape == g_v.shape
     with pytest.raises(ValueError, match='global_token'):
         m.forward_teacher(a, v)

@@ -1,4 +1,4 @@
-"""Shards (`data.py shard`, the TG-DP supplement's webdataset packing): the tar layout read back with
+"""Shards (`scripts/shard.py`, the TG-DP supplement's webdataset packing): the tar layout read back with
 tarfile (and webdataset when installed), items equal to the JSON loader's, resumable packing, and the
 training stream's guarantees (disjoint readers, equal batch counts, exact mid-epoch resume, seeding)."""
 import io
@@ -14,6 +14,9 @@ import soundfile as sf
 import torch
 
 import data
+from scripts.bench_loader import bench
+from scripts.shard import write_shards
+from scripts.synth import make_synthetic
 
 SMALL = dict(audio_length=128, img_size=32, time_shift=True)
 
@@ -22,9 +25,9 @@ SMALL = dict(audio_length=128, img_size=32, time_shift=True)
 def synth(tmp_path_factory):
     """30 synthetic clips (32 px frames) and their shards, 4 clips per shard."""
     root = tmp_path_factory.mktemp('shards')
-    data.make_synthetic(str(root / 'syn'), num_clips=30, frame_size=32)
+    make_synthetic(str(root / 'syn'), num_clips=30, frame_size=32)
     json_path, labels = str(root / 'syn' / 'train.json'), str(root / 'syn' / 'labels.csv')
-    data.write_shards(json_path, str(root / 'sh'), shard_size=4)
+    write_shards(json_path, str(root / 'sh'), shard_size=4)
     return dict(root=root, json=json_path, labels=labels, shards=str(root / 'sh'))
 
 
@@ -124,7 +127,7 @@ def test_shard_items_equal_json_items(synth, mode):
 
 def test_bench_reads_shards_cold(synth, capsys):
     for spec, source in [(synth['shards'], 'shards, shuffle buffer 2'), (synth['json'], 'files')]:
-        assert data.bench(spec, img_size=32, audio_length=128, batch_size=2, num_batches=2, cold=True,
+        assert bench(spec, img_size=32, audio_length=128, batch_size=2, num_batches=2, cold=True,
                           shuffle_buffer=2) > 0
         out = capsys.readouterr().out
         assert f'({source}, 0 workers' in out and '4 items, cold page cache' in out and 'evicted' in out
@@ -133,7 +136,7 @@ def test_bench_reads_shards_cold(synth, capsys):
 def test_flac_shards_equal_and_smaller(synth):
     # synthetic wavs are 16-bit PCM: flac is lossless for them
     out = str(synth['root'] / 'sh_flac')
-    data.write_shards(synth['json'], out, shard_size=8, audio='flac')
+    write_shards(synth['json'], out, shard_size=8, audio='flac')
     with tarfile.open(os.path.join(out, 'shards-00000.tar')) as tar:
         names = tar.getnames()
         assert names[1].endswith('.flac')
@@ -160,7 +163,7 @@ def test_shard_writing_resumes_and_lists_bad_clips(synth, tmp_path, capsys):
     for e in entries:
         e['wav'], e['video_path'] = os.path.join(root, e['wav']), root if e['video_id'] != bad else str(tmp_path)
     json.dump({'data': entries}, open(json_path, 'w'))
-    first = data.write_shards(json_path, out, shard_size=7)
+    first = write_shards(json_path, out, shard_size=7)
     assert list(first['skipped']) == [bad] and 'frame file not found' in first['skipped'][bad]
     assert sum(len(s['clips']) for s in first['shards']) == 29
     # an interrupted run: a shard missing, a half-written .tmp; the rerun writes only that shard
@@ -169,13 +172,13 @@ def test_shard_writing_resumes_and_lists_bad_clips(synth, tmp_path, capsys):
         f.write(b'half a shard')
     stamps = {n: os.path.getmtime(os.path.join(out, n)) for n in os.listdir(out) if n.endswith('.tar')}
     capsys.readouterr()
-    again = data.write_shards(json_path, out, shard_size=7)
+    again = write_shards(json_path, out, shard_size=7)
     assert '5 shards: 4 already written, 1 to write' in capsys.readouterr().out
     assert again == first
     assert all(os.path.getmtime(os.path.join(out, n)) == t for n, t in stamps.items())
     assert not os.path.exists(os.path.join(out, 'shards-00002.tar.tmp'))
     with pytest.raises(ValueError, match='shard_size differ'):
-        data.write_shards(json_path, out, shard_size=5)
+        write_shards(json_path, out, shard_size=5)
     ds = data.AVDataset(out, mode='eval', **SMALL)
     assert len(ds) == 29 and bad not in [c['id'] for c in ds.clips]
 
@@ -239,7 +242,7 @@ def test_stream_uses_every_clip_in_equal_batches_per_rank(synth):
 
 def test_one_shard_trains_with_two_workers(synth, tmp_path):
     """`scripts/shard.py` defaults on a small set write one shard: 1 rank x 2 workers read halves of it."""
-    data.write_shards(synth['json'], str(tmp_path / 'one'), shard_size=1000)
+    write_shards(synth["json"], str(tmp_path / "one"), shard_size=1000)
     s = data.ShardStream(str(tmp_path / 'one'), 4, seed=5, num_workers=2, shuffle_buffer=5, **SMALL)
     assert s.batches_per_epoch(0) == 7  # 30 // 4: 2 clips left out
     ids = [i for b in take(s, 7) for i in b['id']]
@@ -366,7 +369,6 @@ def test_stream_resume_layout_and_worker_checks(synth):
 def test_feature_cache_keys_shard_sets(synth, tmp_path, monkeypatch):
     """evaluate.py --cache on a brace pattern: a plain file name, a hit on the second call, a miss
     after a shard changes (the key stamps every shard, not the pattern string)."""
-    import argparse
     import evaluate
     import model
     calls = []
@@ -375,15 +377,14 @@ def test_feature_cache_keys_shard_sets(synth, tmp_path, monkeypatch):
                         dict(g_a=torch.zeros(len(ds), 16, 4), g_v=torch.zeros(len(ds), 16, 4)))
     ckpt = tmp_path / 'ckpt.pt'
     ckpt.write_bytes(b'weights')
-    args = argparse.Namespace(ckpt=str(ckpt), weights='model', device='cpu', batch_size=8, num_workers=0,
-                              num_frames=16, cache=str(tmp_path / 'cache'))
+    cache = str(tmp_path / 'cache')
     spec = os.path.join(synth['shards'], 'shards-{00000..00003}.tar')
-    evaluate.features_for(args, spec)
-    assert os.listdir(args.cache)[0].startswith('shards-_00000..00003_-')
-    evaluate.features_for(args, spec)
+    evaluate.features_for(str(ckpt), spec, cache=cache)
+    assert os.listdir(cache)[0].startswith('shards-_00000..00003_-')
+    evaluate.features_for(str(ckpt), spec, cache=cache)
     assert calls == [16]  # cached
     shard = os.path.join(synth['shards'], 'shards-00002.tar')
     st = os.stat(shard)
     os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns + 10 ** 9))
-    evaluate.features_for(args, spec)
-    assert calls == [16, 16] and len(os.listdir(args.cache)) == 2
+    evaluate.features_for(str(ckpt), spec, cache=cache)
+    assert calls == [16, 16] and len(os.listdir(cache)) == 2

@@ -1,16 +1,19 @@
 """Labelled split JSONs from the official AudioSet / VGGSound metadata: CSVs written here in the
 published formats (comment lines, quoted label lists, no header for VGGSound, a duplicate row), videos
 made with ffmpeg (one without an audio track, one broken, one listed but absent) plus the two real
-sample videos, prepared with `data.py prepare`."""
+sample videos, prepared with scripts/prepare.py; scripts/splits.py writes the splits."""
 import json
 import os
 import shutil
 import subprocess
+import sys
 
 import pytest
 import torch
 
 import data
+import scripts.splits as splits
+from scripts.prepare import prepare
 
 needs_ffmpeg = pytest.mark.skipif(shutil.which('ffmpeg') is None, reason='ffmpeg is not installed')
 
@@ -70,7 +73,7 @@ def meta(tmp_path_factory, request):
     make_video(videos / 'silentVIDEO_10.000.mp4', audio=False)
     (videos / 'brokenVIDEO_0.000.mp4').write_bytes(b'not a video')
     prepared = str(root / 'prepared')
-    failures = data.prepare(str(videos), prepared, workers=2)
+    failures = prepare(str(videos), prepared, workers=2)['failures']
     assert sorted(os.path.basename(v) for v in failures) == ['brokenVIDEO_0.000.mp4', 'silentVIDEO_10.000.mp4']
     (root / 'prepared' / 'audio' / 'evalVID0002_0.000.wav').write_bytes(b'RIFF garbage')  # unreadable
     files = {}
@@ -101,7 +104,7 @@ def test_prepare_lists_silent_and_broken_videos(meta):
 @needs_ffmpeg
 def test_audioset_splits(meta, capsys):
     out = str(meta['root'] / 'splits_as')  # another folder than the prepared one: relative paths
-    summaries = data.build_audioset(meta['prepared'], meta['class_labels_indices.csv'], out,
+    summaries = splits.build_audioset(meta['prepared'], meta['class_labels_indices.csv'], out,
                                     meta['balanced_train_segments.csv'], meta['unbalanced_train_segments.csv'],
                                     meta['eval_segments.csv'], workers=2)
     printed = capsys.readouterr().out
@@ -140,25 +143,25 @@ def test_audioset_id_formats_and_bad_rows(tmp_path):
     csv_path = tmp_path / 'segments.csv'
     csv_path.write_text(BALANCED)
     mids = {'/m/a': 0, '/m/b': 1, '/m/c': 2}
-    requested, _ = data.read_audioset_segments([str(csv_path)], '{YTID}', mids)
+    requested, _ = splits.read_audioset_segments([str(csv_path)], '{YTID}', mids)
     assert list(requested) == ['00W1lcxW-WU', 'synthAAAAAA', 'missingVID1', 'silentVIDEO']
-    requested, _ = data.read_audioset_segments([str(csv_path)], '{YTID}_{start:06d}', mids)
+    requested, _ = splits.read_audioset_segments([str(csv_path)], '{YTID}_{start:06d}', mids)
     assert list(requested)[0] == '00W1lcxW-WU_000040'
     with pytest.raises(ValueError, match=r'segments.csv:4: label ids \[\'/m/b\'\] are not in the label CSV'):
-        data.read_audioset_segments([str(csv_path)], '{YTID}', {'/m/a': 0, '/m/c': 1})
+        splits.read_audioset_segments([str(csv_path)], '{YTID}', {'/m/a': 0, '/m/c': 1})
     csv_path.write_text('# c\nabc, 1.5, 11.5, "/m/a"\n')
     with pytest.raises(ValueError, match="segments.csv:2: id format '{YTID}_{start:06d}' does not fit"):
-        data.read_audioset_segments([str(csv_path)], '{YTID}_{start:06d}', mids)
-    assert list(data.read_audioset_segments([str(csv_path)], data.AUDIOSET_ID, mids)[0]) == ['abc_1.500']
+        splits.read_audioset_segments([str(csv_path)], '{YTID}_{start:06d}', mids)
+    assert list(splits.read_audioset_segments([str(csv_path)], splits.AUDIOSET_ID, mids)[0]) == ['abc_1.500']
     csv_path.write_text('abc, 1.5, "/m/a"\n')
     with pytest.raises(ValueError, match='segments.csv:1: expected YTID, start_seconds'):
-        data.read_audioset_segments([str(csv_path)], '{YTID}', mids)
+        splits.read_audioset_segments([str(csv_path)], '{YTID}', mids)
 
 
 @needs_ffmpeg
 def test_vggsound_splits_and_retrieval_subset(meta, shared_dir):
     out = str(meta['root'] / 'splits_vgg')
-    data.build_vggsound(meta['prepared'], meta['vggsound.csv'], meta['vgg_classes.csv'], out, workers=2)
+    splits.build_vggsound(meta['prepared'], meta['vggsound.csv'], meta['vgg_classes.csv'], out, workers=2)
     assert entries(os.path.join(out, 'vgg_test.json')) == [('KlsG1EnBEjc_000361', 'vgg_1')]  # 'bird chirping_ tweeting'
     assert entries(os.path.join(out, 'vgg_train.json')) == [('synthVGG001_000030', 'vgg_0')]
     s = json.load(open(os.path.join(out, 'vgg_test.summary.json')))
@@ -171,7 +174,7 @@ def test_vggsound_splits_and_retrieval_subset(meta, shared_dir):
                               labels=label) for i, label in rows]}
     json.dump(template, open(meta['root'] / 'template.json', 'w'))
     retrieval = str(meta['root'] / 'retrieval' / 'vgg_retrieval.json')
-    s = data.build_subset(os.path.join(out, 'vgg_test.json'), retrieval, template=str(meta['root'] / 'template.json'))
+    s = splits.build_subset(os.path.join(out, 'vgg_test.json'), retrieval, template=str(meta['root'] / 'template.json'))
     assert entries(retrieval) == [('KlsG1EnBEjc_000361', 'vgg_1')]
     assert (s['requested'], s['written'], s['missing'], s['labels_differ_from_template']) == \
         (2, 1, 1, ['KlsG1EnBEjc_000361'])
@@ -179,12 +182,12 @@ def test_vggsound_splits_and_retrieval_subset(meta, shared_dir):
     b = data.AVDataset(os.path.join(out, 'vgg_test.json'), mode='eval', audio_length=128, img_size=32)[0]
     assert torch.equal(a['audio'], b['audio']) and torch.equal(a['image'], b['image'])
     (meta['root'] / 'ids.txt').write_text('KlsG1EnBEjc_000361\nnotThere_000001\n')
-    s = data.build_subset(os.path.join(out, 'vgg_test.json'), retrieval, ids_file=str(meta['root'] / 'ids.txt'),
+    s = splits.build_subset(os.path.join(out, 'vgg_test.json'), retrieval, ids_file=str(meta['root'] / 'ids.txt'),
                           label_csv=meta['vgg_classes.csv'])
     assert entries(retrieval) == [('KlsG1EnBEjc_000361', 'vgg_1')] and s['missing'] == 1
     assert s['classes_without_clips'] == ['dog barking', 'cat meowing']
     # the public template itself parses: its 1545 ids, none of them prepared here
-    s = data.build_subset(os.path.join(out, 'vgg_test.json'), str(meta['root'] / 'public.json'),
+    s = splits.build_subset(os.path.join(out, 'vgg_test.json'), str(meta['root'] / 'public.json'),
                           template=os.path.join(shared_dir, 'data', 'vggsound_retrieval_split_template.json'))
     assert (s['requested'], s['written'], s['missing']) == (1545, 0, 1545)
 
@@ -193,7 +196,36 @@ def test_vggsound_bad_rows(tmp_path):
     (tmp_path / 'classes.csv').write_text(VGG_LABELS)
     (tmp_path / 'vggsound.csv').write_text('abc,1,dog barking,train\nabd,2,lion roaring,test\n')
     with pytest.raises(ValueError, match=r"vggsound.csv:2: label 'lion roaring' is not a display_name"):
-        data.read_vggsound_csv(str(tmp_path / 'vggsound.csv'), data.VGGSOUND_ID, str(tmp_path / 'classes.csv'))
+        splits.read_vggsound_csv(str(tmp_path / 'vggsound.csv'), splits.VGGSOUND_ID, str(tmp_path / 'classes.csv'))
     (tmp_path / 'vggsound.csv').write_text('abc,1,dog barking,validation\n')
     with pytest.raises(ValueError, match=r'vggsound.csv:1: expected YTID,start_seconds,label,train\|test'):
-        data.read_vggsound_csv(str(tmp_path / 'vggsound.csv'), data.VGGSOUND_ID, str(tmp_path / 'classes.csv'))
+        splits.read_vggsound_csv(str(tmp_path / 'vggsound.csv'), splits.VGGSOUND_ID, str(tmp_path / 'classes.csv'))
+
+
+def test_vggsound_each_split_counts_its_own_duplicates(tmp_path):
+    """Duplicate rows counted per split, from the rows of that split (expected by hand: train has
+    one id three times and one twice -> 3 repeated rows, test one id twice -> 1)."""
+    (tmp_path / 'classes.csv').write_text(VGG_LABELS)
+    (tmp_path / 'vggsound.csv').write_text('a,1,dog barking,train\na,1,dog barking,train\nb,2,cat meowing,train\n'
+                                           'a,1,dog barking,train\nb,2,cat meowing,train\nc,3,dog barking,test\n'
+                                           'c,3,dog barking,test\nd,4,cat meowing,test\n')
+    _, counts = splits.read_vggsound_csv(str(tmp_path / 'vggsound.csv'), splits.VGGSOUND_ID,
+                                         str(tmp_path / 'classes.csv'))
+    assert counts['train']['duplicate_rows'] == 3 and counts['test']['duplicate_rows'] == 1
+    (tmp_path / 'prepared').mkdir()  # nothing prepared: every clip is missing, the counts still hold
+    summaries = splits.build_vggsound(str(tmp_path / 'prepared'), str(tmp_path / 'vggsound.csv'),
+                                      str(tmp_path / 'classes.csv'), str(tmp_path / 'out'))
+    assert {k: (s['requested'], s['duplicate_rows']) for k, s in summaries.items()} == \
+        {'vgg_train': (2, 3), 'vgg_test': (2, 1)}
+    for name, s in summaries.items():
+        assert json.load(open(tmp_path / 'out' / f'{name}.summary.json'))['duplicate_rows'] == s['duplicate_rows']
+
+
+def test_help_says_where_the_metadata_comes_from():
+    """--help names the release each non-dataset file comes from (issue 21 item 5c)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    text = subprocess.run([sys.executable, os.path.join(root, 'scripts', 'splits.py'), '--help'],
+                          capture_output=True, text=True, check=True).stdout
+    for name in ('class_labels_indices_vgg.csv', 'vgg_test_5_per_class_for_retrieval_template.json',
+                 'audioset_eval_5_per_class_for_retrieval_cleaned.json', 'CAV-MAE Sync', 'Without it'):
+        assert name in text, name

@@ -1,4 +1,4 @@
-"""data.py synthetic clips: the semantic-noise options change only what they name, and the object masks
+"""scripts/synth.py synthetic clips: the semantic-noise options change only what they name, and the object masks
 mark exactly the sounding object's pixels (in the files and through AVDataset(masks=True))."""
 import colorsys
 import json
@@ -10,12 +10,13 @@ import torch
 from PIL import Image
 
 import data
+from scripts.synth import make_synthetic, synth_clip
 
 K = 4  # classes
 
 
 def clip(number, **noise):
-    return data.synth_clip(number, number % K, K, seed=0, frame_size=48, **noise)
+    return synth_clip(number, number % K, K, seed=0, frame_size=48, **noise)
 
 
 def coloured(rgb):
@@ -103,7 +104,7 @@ def test_on_slots_sets_the_amount_of_silence():
 
 def test_make_synthetic_writes_masks_and_dataset_reads_them(tmp_path):
     out = str(tmp_path / 'syn')
-    data.make_synthetic(out, num_clips=10, seed=0, num_classes=2, frame_size=48, offscreen=0.5, clutter=2)
+    make_synthetic(out, num_clips=10, seed=0, num_classes=2, frame_size=48, offscreen=0.5, clutter=2)
     config = json.load(open(os.path.join(out, 'synth_config.json')))
     assert config['offscreen'] == 0.5 and config['clutter'] == 2 and config['on_slots'] == [5, 10]
     meta = json.load(open(os.path.join(out, 'synth_meta.json')))
@@ -135,9 +136,9 @@ def test_make_synthetic_writes_masks_and_dataset_reads_them(tmp_path):
 
 def test_bad_options_are_errors(tmp_path):
     with pytest.raises(ValueError, match='unknown synthetic-data options'):
-        data.make_synthetic(str(tmp_path), num_clips=1, offscren=0.5)
+        make_synthetic(str(tmp_path), num_clips=1, offscren=0.5)
     with pytest.raises(ValueError, match='on_slots'):
-        data.make_synthetic(str(tmp_path), num_clips=1, on_slots=(0, 3))
+        make_synthetic(str(tmp_path), num_clips=1, on_slots=(0, 3))
 
 
 @pytest.mark.parametrize('size', [(60, 40), (40, 70)])

@@ -23,7 +23,7 @@ TINY = ['--device=cpu', '--dtype=float32', '--compile=False', '--backend=gloo', 
 @pytest.fixture(scope='module')
 def synth(tmp_path_factory):
     out = tmp_path_factory.mktemp('synth')
-    subprocess.run([sys.executable, 'data.py', 'synth', '--out', str(out), '--num_clips', '40', '--seed', '0'],
+    subprocess.run([sys.executable, 'scripts/synth.py', '--out', str(out), '--num_clips', '40', '--seed', '0'],
                    cwd=ROOT, check=True, capture_output=True)
     return out
 
@@ -53,7 +53,7 @@ def test_config_errors_are_clear(tmp_path):
     proc = train('--method=tgdpp', out_dir=tmp_path, check=False)
     assert proc.returncode != 0 and "method must be" in proc.stderr
     proc = train(out_dir=tmp_path, check=False)  # no train_json
-    assert proc.returncode != 0 and 'python data.py synth' in proc.stderr
+    assert proc.returncode != 0 and 'python scripts/synth.py' in proc.stderr
 
 
 def test_two_gloo_ranks_match_one_process_on_the_same_global_batch(synth, tmp_path):
@@ -105,15 +105,15 @@ def test_tgdp_step_uses_teacher_topk_and_moves_teacher_by_ema(synth, tmp_path, m
     teacher_fwd, student_fwd, ema = (model_module.CAVMAESync.forward_teacher,
                                      model_module.CAVMAESync.forward, model_module.ema_update)
 
-    def spy_teacher(self, audio, image, normalize=True):
-        out = teacher_fwd(self, audio, image, normalize)
+    def spy_teacher(self, audio, image):
+        out = teacher_fwd(self, audio, image)
         assert not self.has_decoder  # the encoder-only teacher, never the student
         seen['priority'].append((out[2], out[3]))
         return out
 
-    def spy_student(self, audio, image, mask_ratio, keep_a, keep_v, *noise):  # the contrastive pass's visible patches
+    def spy_student(self, audio, image, rec_a, rec_v, keep_a, keep_v, *rest):  # keep: the contrastive view
         seen['keep'].append((keep_a, keep_v))
-        return student_fwd(self, audio, image, mask_ratio, keep_a, keep_v, *noise)
+        return student_fwd(self, audio, image, rec_a, rec_v, keep_a, keep_v, *rest)
 
     def spy_ema(teacher, student, momentum):
         before = {k: p.clone() for k, p in teacher.named_parameters()}
@@ -153,7 +153,7 @@ def test_demo_learns_cross_modal_retrieval(tmp_path):
     """config/demo.py on the default synthetic clips, shortened: held-out retrieval R@1 in both
     directions is several times chance."""
     data = tmp_path / 'synth'
-    subprocess.run([sys.executable, 'data.py', 'synth', '--out', str(data), '--num_clips', '400', '--seed', '0'],
+    subprocess.run([sys.executable, 'scripts/synth.py', '--out', str(data), '--num_clips', '400', '--seed', '0'],
                    cwd=ROOT, check=True, capture_output=True)
     cmd = [sys.executable, 'train.py', 'config/demo.py', f'--train_json={data / "train.json"}',
            f'--eval_json={data / "eval.json"}', f'--out_dir={tmp_path / "out"}',
