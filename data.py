@@ -18,10 +18,12 @@ VGGSound splits and retrieval subsets), shard.py (tar shards), bench_loader.py (
 """
 
 import csv
+import functools
 import io
 import json
 import os
 import re
+import signal
 import sys
 from collections import OrderedDict
 
@@ -422,7 +424,8 @@ class AVDataset(torch.utils.data.Dataset):
     audio_length, num_mel_bins, img_size come from the model config; time_shift acts in train mode
     only. skip_bad=True checks every file at start-up, drops clips with a missing or unreadable
     wav/frame, prints the count and writes their ids to bad_list (default: next to the JSON,
-    <json name>.bad.txt); otherwise such a clip raises ClipError when loaded."""
+    <json name>.bad.txt; '' writes and prints nothing); otherwise such a clip raises ClipError
+    when loaded."""
 
     def __init__(self, data_json, label_csv=None, mode='train', audio_length=416,
                  num_mel_bins=128, img_size=224, num_frames=16, time_shift=False, seed=0,
@@ -453,14 +456,16 @@ class AVDataset(torch.utils.data.Dataset):
     def _drop_bad_clips(self, data_json, bad_list):
         """Check every wav and frame header now; drop clips with a missing or unreadable file.
         (A file whose header reads but whose data is truncated still raises when loaded.)"""
-        bad_list = bad_list or os.path.splitext(data_json.rstrip('/'))[0] + '.bad.txt'
+        if bad_list is None:
+            bad_list = os.path.splitext(data_json.rstrip('/'))[0] + '.bad.txt'
         good, bad = [], []
-        for clip in tqdm(self.clips, desc='checking clips', leave=False):
+        for clip in tqdm(self.clips, desc='checking clips', leave=False, disable=bad_list == ''):
             (bad.append(clip['id']) if check_clip(clip, self.num_frames) else good.append(clip))
-        with open(bad_list, 'w') as f:
-            f.writelines(clip_id + '\n' for clip_id in bad)
-        print(f"AVDataset: skipped {len(bad)} of {len(self.clips)} clips of {data_json} with a "
-              f"missing or unreadable wav/frame (ids in {bad_list})")
+        if bad_list != '':  # '': quiet (the other ranks of a run)
+            with open(bad_list, 'w') as f:
+                f.writelines(clip_id + '\n' for clip_id in bad)
+            print(f"AVDataset: skipped {len(bad)} of {len(self.clips)} clips of {data_json} with a "
+                  f"missing or unreadable wav/frame (ids in {bad_list})")
         if not good:
             raise ValueError(f"{data_json}: every clip has a missing or unreadable file")
         self.clips = good
@@ -610,11 +615,13 @@ def clip_members(clip):
             for name, offset, size in members}
 
 
-def scan_shard(tar):
-    """Every clip of a shard from its headers and key.json members -> list of dicts key, id, labels,
-    index, offset, end (the clip's bytes) and members [(name, data offset, size)], in tar order."""
+def scan_shard(tar, start=0, end=None):
+    """Every clip whose headers lie in bytes [start, end) of a shard (default: all of it), from its
+    headers and key.json members -> list of dicts key, id, labels, index, offset, end (the clip's
+    bytes) and members [(name, data offset, size)], in tar order."""
+    end = os.fstat(shard_fd(tar)).st_size if end is None else end
     clips = []
-    for name, offset, size in tar_members(tar, 0, os.fstat(shard_fd(tar)).st_size):
+    for name, offset, size in tar_members(tar, start, end):
         key, _ = split_member_name(name)
         if not clips or clips[-1]['key'] != key:
             clips.append(dict(key=key, tar=tar, offset=offset - 512, members=[]))
@@ -624,9 +631,22 @@ def scan_shard(tar):
         meta = clip_members(clip).get('json')
         if meta is None:
             raise ClipError(f"{tar}: clip {clip['key']} has no {clip['key']}.json member")
-        meta = json.loads(meta.readall())
+        try:
+            meta = json.loads(meta.readall())
+        except ValueError as e:
+            raise ClipError(f"{tar}: clip {clip['key']}: unreadable {clip['key']}.json ({e})") \
+                from e
         clip.update(id=meta['id'], labels=meta.get('labels', ''), index=meta['index'])
     return clips
+
+
+def shard_clip(tar, offset, end):
+    """The clip in bytes [offset, end) of a shard (its range in index.json) -> scan_shard's dict."""
+    clips = scan_shard(tar, offset, end)
+    if len(clips) != 1:
+        raise ClipError(f"{tar}: bytes {offset}..{end} hold {len(clips)} clips where its "
+                        f"index.json has one: re-run the shard writer")
+    return clips[0]
 
 
 def table_row(clip):  # one clip of a shard in index.json
@@ -693,141 +713,308 @@ def shard_tables(spec):
     return result
 
 
-class ShardStream(torch.utils.data.IterableDataset):
-    """Training batches from a shard set, endless across epochs: use it as
-    DataLoader(stream, batch_size=None, num_workers=num_workers, ...) with one iterator for the whole
-    run, so the loader workers stay alive. Epoch e, with W = max(1, num_workers) workers per rank:
-    - the shards in a permutation from (seed, e); reader c = rank * W + worker takes shards
-      perm[c::world_size * W], so ranks and workers read disjoint shards (there must be at least
-      world_size * W shards);
-    - each reader passes its clips through a shuffle buffer of shuffle_buffer clips, seeded from
-      (seed, e, rank, worker), and batches batch_size(e) of them (an int, a list per epoch whose last
-      entry holds on, or a function of the epoch: the adaptive batch);
-    - every reader yields the same number of batches, the smallest clips // batch size among the
-      readers (the rest of the epoch is dropped), so every rank gets batches_per_epoch(e) batches: no
-      rank waits for another under DDP. The DataLoader takes batches from its workers in turn, so
-      batch k of a rank's epoch comes from worker k mod W.
-    Items are AVDataset's train items of the JSON the shards were packed from (frame and time shift
-    drawn from (seed, e, clip index)); a batch is collate's dict plus 'epoch' and 'batch' (its
-    position in the rank's epoch). start=(epoch, k) begins at batch k of that epoch, with exactly the
-    batches an uninterrupted stream yields from there; the batches before it are formed from tar
-    headers (nothing is decoded). Resume needs the same shards, seed, shuffle_buffer, world_size and
-    num_workers: save layout() with the checkpoint and pass it back as resume_layout (a difference
-    raises ValueError)."""
+def epoch_batches(clips, world_size, batch_size, accumulation=1):
+    """Micro-batches each rank takes in an epoch of `clips` clips: its share, clips // world_size
+    (as DistributedSampler(drop_last=True) cuts it), in whole optimiser steps of accumulation
+    batches of batch_size; the same count on every rank. Left out: less than one global batch of
+    world_size * accumulation * batch_size clips."""
+    return clips // world_size // (batch_size * accumulation) * accumulation
 
-    def __init__(self, shards, batch_size, label_csv=None, seed=0, rank=0, world_size=1, num_workers=0,
-                 start=(0, 0), shuffle_buffer=1000, audio_length=416, num_mel_bins=128, img_size=224,
-                 num_frames=16, time_shift=False, resume_layout=None):
-        self.shards = [(path, len(rows)) for path, rows in shard_tables(shards)]  # counts only: light to fork
+
+def batch_size_of(batch_size, epoch):
+    """An epoch's batch size: an int, a list per epoch whose last entry holds on, or a function."""
+    b = batch_size
+    if callable(b):
+        b = b(epoch)
+    elif isinstance(b, (list, tuple)):
+        b = b[min(epoch, len(b) - 1)]
+    if b < 1:
+        raise ValueError(f"batch size {b} for epoch {epoch}")
+    return int(b)
+
+
+def shuffled(positions, buffer_size, rng):
+    """A stream's local shuffle: a buffer of buffer_size items, each new one in a random one's."""
+    buffer = []
+    for p in positions:
+        if len(buffer) < buffer_size:
+            buffer.append(p)
+            continue
+        j = int(rng.integers(len(buffer)))
+        yield buffer[j]
+        buffer[j] = p
+    yield from (buffer[j] for j in rng.permutation(len(buffer)))
+
+
+def readable_or_error(load, skip_bad):
+    """load() -> its item; with skip_bad, an unreadable clip (ClipError) -> {'error': message}."""
+    try:
+        return load()
+    except ClipError as e:
+        if not skip_bad:
+            raise
+        return dict(error=str(e))
+
+
+def collate_readable(items):
+    """collate, each error item (readable_or_error) replaced by a copy of a readable item of the
+    same batch: the batch keeps its size, so every rank draws the same noise and stays in step.
+    batch['skipped'] lists the errors."""
+    good = [item for item in items if 'error' not in item]
+    errors = [item['error'] for item in items if 'error' in item]
+    if not good:
+        raise ClipError('every clip of a batch is unreadable: ' + '; '.join(errors))
+    batch = collate([good[n % len(good)] if 'error' in item else item
+                     for n, item in enumerate(items)])
+    batch['skipped'] = errors
+    return batch
+
+
+def ignore_sigterm(_):  # loader workers: the main process handles pre-emption and shuts them down
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def device_batches(source, loader, device):
+    """A loader's batches -> (audio, image) on the device; skipped clips add to source.skipped."""
+    for batch in loader:
+        for error in batch['skipped']:
+            source.skipped += 1
+            print(f'skip_bad: skipped an unreadable clip: {error}', file=sys.stderr)
+        audio = batch['audio'].to(device, non_blocking=True)  # (B, L, F)
+        yield audio, batch['image'].to(device, non_blocking=True)  # (B, 3, H, W)
+
+
+class ShardStream(torch.utils.data.IterableDataset):
+    """Training batches from a shard set, endless across epochs, each reader reading its clips in
+    order (sequential reads). In epoch e, with W = max(1, num_workers) loader workers per rank:
+    - the shards in a permutation from (seed, e), each in tar order, make one sequence of all N
+      clips; rank r takes N // world_size of them from r * (N // world_size) on and uses
+      batches_per_epoch(e) batches of batch_size(e) (an int, a list per epoch whose last entry
+      holds on, or a function): whole optimiser steps of `accumulation` batches, the same count on
+      every rank (epoch_batches), so no rank waits for another and less than one global batch is
+      left out;
+    - a rank's batches are numbered across epochs and batch g comes from reader role g mod W: the
+      DataLoader takes batches from its workers in turn, so they arrive in order. Each role takes a
+      contiguous run of the rank's clips (whatever the shards' boundaries: each clip is read from
+      its own byte range in the index) through a shuffle buffer of shuffle_buffer clips seeded
+      from (seed, e, rank, role).
+    Items are AVDataset's train items of the JSON the shards were packed from (frame and time
+    shift drawn from (seed, e, clip index)); a batch is collate's dict plus 'epoch', 'batch' (its
+    position in the rank's epoch) and 'skipped'. skip_bad: an unreadable clip is replaced by a
+    copy of another clip of its batch and named in 'skipped' (collate_readable); else ClipError.
+    start=(epoch, k) begins at batch k of that epoch, with exactly the batches an uninterrupted
+    stream yields from there (nothing before it is read). Resume needs the same shards, seed,
+    shuffle_buffer, world_size and num_workers: save layout() with the checkpoint and pass it back
+    as resume_layout (a difference raises ValueError)."""
+
+    def __init__(self, shards, batch_size, label_csv=None, seed=0, rank=0, world_size=1,
+                 num_workers=0, start=(0, 0), shuffle_buffer=1000, audio_length=416,
+                 num_mel_bins=128, img_size=224, num_frames=16, time_shift=False,
+                 resume_layout=None, accumulation=1, skip_bad=False):
+        tables = shard_tables(shards)
+        self.shards = [(path, len(rows)) for path, rows in tables]
+        # clip c of shard s: bytes [starts[s][c], starts[s][c + 1]); arrays, light to fork
+        self.starts = [np.array([row[4] for row in rows] + [rows[-1][5] if rows else 0],
+                                dtype=np.int64) for _, rows in tables]
+        self.clips = sum(n for _, n in self.shards)
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
-        self.num_workers, self.shuffle_buffer, self.start = num_workers, shuffle_buffer, tuple(start)
-        self.readers = world_size * max(1, num_workers)
-        if len(self.shards) < self.readers:
-            raise ValueError(f"{shards}: {len(self.shards)} shards for {world_size} ranks x {max(1, num_workers)} "
-                             f"loader workers: every reader needs its own shards; pack with a smaller --shard_size")
+        self.num_workers, self.shuffle_buffer = num_workers, shuffle_buffer
+        self.accumulation, self.skip_bad, self.skipped = accumulation, skip_bad, 0
         self.mid_to_index, self.class_names = read_label_csv(label_csv) if label_csv else ({}, [])
         self.where = f"{shards} (label CSV {label_csv})"
-        self.item_args = dict(audio_length=audio_length, num_mel_bins=num_mel_bins, img_size=img_size,
-                              num_frames=num_frames, time_shift=time_shift)
+        self.item_args = dict(audio_length=audio_length, num_mel_bins=num_mel_bins,
+                              img_size=img_size, num_frames=num_frames, time_shift=time_shift)
         if resume_layout is not None:
             changed = [k for k, v in self.layout().items() if resume_layout.get(k) != v]
             if changed:
-                raise ValueError(f"resume: {', '.join(changed)} changed since the checkpoint; mid-epoch resume of "
-                                 f"a shard stream needs the same shards, seed, shuffle buffer, world size and "
-                                 f"num_workers")
-        self.set_start(*self.start)
+                raise ValueError(f"resume: {', '.join(changed)} changed since the checkpoint; "
+                                 f"mid-epoch resume of a shard stream needs the same shards, seed, "
+                                 f"shuffle buffer, world size and num_workers")
+        self.set_start(*start)
 
     def set_start(self, epoch, k):
-        """Begin at batch k of epoch `epoch` (before the DataLoader is made: its workers copy the stream)."""
+        """Begin at batch k of epoch `epoch` (before making the DataLoader: workers copy it)."""
         if not 0 <= k < self.batches_per_epoch(epoch):
-            raise ValueError(f"start batch {k} is outside epoch {epoch} ({self.batches_per_epoch(epoch)} batches)")
+            raise ValueError(f"start batch {k} is outside epoch {epoch} "
+                             f"({self.batches_per_epoch(epoch)} batches)")
         self.start = (epoch, k)
 
     def layout(self):
         """What a mid-epoch resume must find unchanged (save it with the checkpoint)."""
         return dict(shards=[[os.path.basename(p), n] for p, n in self.shards], seed=self.seed,
-                    shuffle_buffer=self.shuffle_buffer, world_size=self.world_size, num_workers=self.num_workers)
+                    shuffle_buffer=self.shuffle_buffer, world_size=self.world_size,
+                    num_workers=self.num_workers)
 
     def epoch_batch_size(self, epoch):
-        b = self.batch_size
-        b = b(epoch) if callable(b) else b[min(epoch, len(b) - 1)] if isinstance(b, (list, tuple)) else b
-        if b < 1:
-            raise ValueError(f"batch size {b} for epoch {epoch}")
-        return int(b)
-
-    def reader_shards(self, epoch, reader):
-        """Indices of the shards reader (rank * W + worker) reads in an epoch."""
-        perm = np.random.default_rng((self.seed, epoch)).permutation(len(self.shards))
-        return perm[reader::self.readers].tolist()
-
-    def reader_batches(self, epoch):
-        """Batches every reader yields in an epoch (the same for all)."""
-        B = self.epoch_batch_size(epoch)
-        clips = min(sum(self.shards[s][1] for s in self.reader_shards(epoch, c)) for c in range(self.readers))
-        if clips < B:
-            raise ValueError(f"epoch {epoch}: a reader holds only {clips} clips, fewer than one batch of {B}; "
-                             f"pack smaller shards or lower the batch size")
-        return clips // B
+        return batch_size_of(self.batch_size, epoch)
 
     def batches_per_epoch(self, epoch):
         """Batches each rank gets in an epoch (the same on every rank); cheap, call it anywhere."""
-        return self.reader_batches(epoch) * max(1, self.num_workers)
+        B = self.epoch_batch_size(epoch)
+        return epoch_batches(self.clips, self.world_size, B, self.accumulation)
 
-    def clip_batches(self, epoch, worker):
-        """This rank's worker's batches of an epoch as lists of clips (headers read, nothing decoded)."""
+    def role_batches(self, epoch, role):
+        """[(k, sequence positions of its clips)] for the batches k of the rank's epoch that reader
+        role makes, in order; positions only (nothing is read)."""
         W, B = max(1, self.num_workers), self.epoch_batch_size(epoch)
-        rng = np.random.default_rng((self.seed, epoch, self.rank, worker))
-        shards = [self.shards[s] for s in self.reader_shards(epoch, self.rank * W + worker)]
+        M = self.batches_per_epoch(epoch)
+        if M == 0:
+            raise ValueError(f"epoch {epoch}: {self.clips} clips fill no batch of {B} on each of "
+                             f"{self.world_size} ranks")
+        first = sum(self.batches_per_epoch(e) for e in range(epoch))  # the rank's batches before
+        numbers = [[k for k in range(M) if (first + k) % W == w] for w in range(W)]
+        begin = self.rank * (self.clips // self.world_size) + B * sum(map(len, numbers[:role]))
+        rng = np.random.default_rng((self.seed, epoch, self.rank, role))
+        run = range(begin, begin + B * len(numbers[role]))  # this role's clips, in sequence order
+        order = list(shuffled(run, self.shuffle_buffer, rng))
+        return [(k, order[j * B:(j + 1) * B]) for j, k in enumerate(numbers[role])]
 
-        def clips():
-            for n, (path, count) in enumerate(shards):
-                for ahead in shards[n:n + 2]:  # this shard and the next: read ahead sequentially, in the background
-                    os.posix_fadvise(shard_fd(ahead[0]), 0, 0, os.POSIX_FADV_WILLNEED)
-                scanned = scan_shard(path)
-                if len(scanned) != count:
-                    raise ValueError(f"{path} holds {len(scanned)} clips, its index {count}: re-run `data.py shard`")
-                yield from scanned
+    def epoch_order(self, epoch):
+        """(the epoch's shard permutation, the sequence position where each of its shards ends)."""
+        if getattr(self, '_order', (None,))[0] != epoch:  # one epoch at a time: kept
+            perm = np.random.default_rng((self.seed, epoch)).permutation(len(self.shards))
+            self._order = epoch, perm, np.cumsum([self.shards[s][1] for s in perm])
+        return self._order[1:]
 
-        def shuffled():  # a buffer of shuffle_buffer clips; each new clip takes the place of a random one
-            buffer = []
-            for clip in clips():
-                if len(buffer) < self.shuffle_buffer:
-                    buffer.append(clip)
-                    continue
-                j = int(rng.integers(len(buffer)))
-                yield buffer[j]
-                buffer[j] = clip
-            yield from (buffer[j] for j in rng.permutation(len(buffer)))
+    def byte_range(self, epoch, position):
+        """Sequence position of an epoch -> (shard path, offset, end) of that clip's bytes."""
+        perm, ends = self.epoch_order(epoch)
+        i = int(np.searchsorted(ends, position, side='right'))
+        s, c = int(perm[i]), position - (int(ends[i - 1]) if i else 0)
+        return self.shards[s][0], int(self.starts[s][c]), int(self.starts[s][c + 1])
 
-        batch, count = [], self.reader_batches(epoch)
-        for clip in shuffled():
-            batch.append(clip)
-            if len(batch) == B:
-                yield batch
-                batch, count = [], count - 1
-                if count == 0:
-                    return
+    def load(self, epoch, position):
+        path, offset, end = self.byte_range(epoch, position)
+        clip = shard_clip(path, offset, end)
+        classes = label_indices(clip['labels'], self.mid_to_index, self.where, clip['id'])
+        item = load_item(clip, 'train', epoch, self.seed, **self.item_args)
+        return dict(item, label=multi_hot(classes, len(self.class_names)))
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         workers = info.num_workers if info else 0
         if workers != self.num_workers:
-            raise ValueError(f"ShardStream was built for num_workers={self.num_workers} but runs with {workers}: "
-                             f"give the DataLoader the same num_workers")
-        W = max(1, workers)
+            raise ValueError(f"ShardStream was built for num_workers={self.num_workers} but runs "
+                             f"with {workers}: give the DataLoader the same num_workers")
         epoch, k = self.start
-        worker = ((info.id if info else 0) + k) % W  # a resumed loader starts at worker 0: rotate the roles
-        skip = (k - worker + W - 1) // W  # this worker's batches before batch k
+        first = sum(self.batches_per_epoch(e) for e in range(epoch)) + k  # the run's batch number
+        # a resumed loader begins at worker 0: worker i takes the batches first + i + W * j
+        role = (first + (info.id if info else 0)) % max(1, workers)
+        advised = set()
         while True:
-            for j, clips in enumerate(self.clip_batches(epoch, worker)):
-                if j < skip:
+            for number, positions in self.role_batches(epoch, role):
+                if number < k:
                     continue
-                items = []
-                for clip in clips:
-                    classes = label_indices(clip['labels'], self.mid_to_index, self.where, clip['id'])
-                    item = load_item(clip, 'train', epoch, self.seed, **self.item_args)
-                    items.append(dict(item, label=multi_hot(classes, len(self.class_names))))
-                batch = collate(items)
-                batch['epoch'], batch['batch'] = epoch, j * W + worker
+                self.read_ahead(epoch, positions, advised)
+                items = [readable_or_error(functools.partial(self.load, epoch, p), self.skip_bad)
+                         for p in positions]
+                batch = collate_readable(items)
+                batch['epoch'], batch['batch'] = epoch, number
                 yield batch
-            epoch, skip = epoch + 1, 0
+            epoch, k = epoch + 1, 0
+
+    def loader(self, epoch, batch, device):
+        """(audio, image) batches on the device from batch `batch` of `epoch` on, endless."""
+        self.set_start(epoch, batch)
+        loader = torch.utils.data.DataLoader(self, batch_size=None, num_workers=self.num_workers,
+                                             pin_memory=device.startswith('cuda'),
+                                             worker_init_fn=ignore_sigterm)
+        yield from device_batches(self, loader, device)
+
+    def read_ahead(self, epoch, positions, advised):
+        """Ask the kernel to read the shards of these clips ahead, in the background (once each)."""
+        for p in positions:
+            path = self.byte_range(epoch, p)[0]
+            if (epoch, path) not in advised:
+                advised.add((epoch, path))
+                os.posix_fadvise(shard_fd(path), 0, 0, os.POSIX_FADV_WILLNEED)
+
+
+class FileBatches:
+    """Training batches of an AVDataset read by random access (a dataset JSON): epoch e is
+    DistributedSampler's share of a permutation from (seed, e) (rank r takes every world_size-th
+    clip), cut into batches_per_epoch(e) batches of batch_size(e) (an int or a list per epoch whose
+    last entry holds on). Items are a pure function of (seed, epoch, clip index), so one loader
+    serves every epoch and its workers stay alive across epoch boundaries. skip_bad: as
+    ShardStream's."""
+
+    def __init__(self, dataset, batch_size, rank=0, world_size=1, num_workers=0, accumulation=1,
+                 seed=0, skip_bad=False):
+        self.dataset, self.batch_size, self.num_workers = dataset, batch_size, num_workers
+        self.clips, self.world_size, self.seed = len(dataset), world_size, seed
+        self.accumulation = accumulation
+        self.sampler = torch.utils.data.DistributedSampler(dataset, world_size, rank, shuffle=True,
+                                                           seed=seed, drop_last=True)
+        self.skip_bad, self.skipped = skip_bad, 0
+
+    def batches_per_epoch(self, epoch):
+        return epoch_batches(self.clips, self.world_size, batch_size_of(self.batch_size, epoch),
+                             self.accumulation)
+
+    def layout(self):
+        return dict(clips=self.clips, world_size=self.world_size, seed=self.seed)
+
+    def batch_keys(self, epoch, k):
+        """This rank's batches as lists of (epoch, index) keys from batch k of an epoch on."""
+        while True:
+            self.sampler.set_epoch(epoch)
+            order, B = list(self.sampler), batch_size_of(self.batch_size, epoch)
+            for b in range(k, self.batches_per_epoch(epoch)):
+                yield [(epoch, i) for i in order[b * B:(b + 1) * B]]
+            epoch, k = epoch + 1, 0
+
+    def __getitem__(self, key):  # (epoch, index) -> that epoch's item (a loader worker's copy)
+        epoch, index = key
+        self.dataset.set_epoch(epoch)
+        return readable_or_error(lambda: self.dataset[index], self.skip_bad)
+
+    def loader(self, epoch, batch, device):
+        """(audio, image) batches on the device from batch `batch` of `epoch` on, endless."""
+        loader = torch.utils.data.DataLoader(self, batch_sampler=self.batch_keys(epoch, batch),
+                                             num_workers=self.num_workers,
+                                             pin_memory=device.startswith('cuda'),
+                                             collate_fn=collate_readable,
+                                             worker_init_fn=ignore_sigterm)
+        yield from device_batches(self, loader, device)
+
+
+class RandomBatches:
+    """The bench's data: one random (audio, image) batch again and again, nothing read; an epoch is
+    `steps` optimiser steps."""
+
+    def __init__(self, batch_size, steps, accumulation=1, audio_length=416, num_mel_bins=128,
+                 img_size=224):
+        self.batch_size, self.steps, self.accumulation = batch_size, steps, accumulation
+        self.shape_a = (batch_size, audio_length, num_mel_bins)
+        self.shape_v = (batch_size, 3, img_size, img_size)
+        self.clips, self.skipped = batch_size, 0
+
+    def batches_per_epoch(self, epoch):
+        return self.steps * self.accumulation
+
+    def layout(self):
+        return {}
+
+    def loader(self, epoch, batch, device):
+        audio = torch.randn(*self.shape_a, device=device)  # (B, L, F)
+        image = torch.randn(*self.shape_v, device=device)  # (B, 3, H, W)
+        while True:
+            yield audio, image
+
+
+def train_batches(spec, batch_size, seed=0, rank=0, world_size=1, num_workers=0, accumulation=1,
+                  shuffle_buffer=1000, skip_bad=False, bad_list=None, **item_args):
+    """Pretraining batches, one interface whatever the source: a shard set -> ShardStream
+    (sequential reads), a dataset JSON -> FileBatches of AVDataset (skip_bad: unreadable clips
+    dropped at start-up, listed in bad_list; shards were checked when written). Each has clips,
+    batches_per_epoch(epoch), layout() (for the checkpoint), loader(epoch, batch, device) and
+    skipped (clips skipped mid-run). item_args: audio_length, num_mel_bins, img_size, num_frames,
+    time_shift."""
+    if is_shard_set(spec):
+        return ShardStream(spec, batch_size, seed=seed, rank=rank, world_size=world_size,
+                           num_workers=num_workers, shuffle_buffer=shuffle_buffer,
+                           accumulation=accumulation, skip_bad=skip_bad, **item_args)
+    dataset = AVDataset(spec, mode='train', seed=seed, skip_bad=skip_bad, bad_list=bad_list,
+                        **item_args)
+    return FileBatches(dataset, batch_size, rank, world_size, num_workers, accumulation, seed,
+                       skip_bad)

@@ -1,5 +1,6 @@
 """
-TG-DP pretraining (the TG-DP paper's method and recipe), and the CAV-MAE Sync / dual-pass / CAV-MAE baselines.
+TG-DP pretraining (the TG-DP paper's method and recipe), and the CAV-MAE Sync / dual-pass / CAV-MAE
+baselines.
 
 A debug run on one CPU or GPU:
 $ python data.py synth --out data_synth && python train.py config/demo.py
@@ -12,7 +13,6 @@ Settings are the globals below, overridden by config files and --key=value, in t
 """
 import ast
 import functools
-import itertools
 import json
 import math
 import os
@@ -26,30 +26,34 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torch.utils.data import Subset
 from tqdm import tqdm
 
 import masking
-from data import AVDataset, ShardStream, collate, is_shard_set
+from data import AVDataset, RandomBatches, is_shard_set, train_batches
 from evaluate import extract_features, retrieval
 from losses import distill_loss, info_nce
-from model import (CAVMAESync, ModelConfig, autocast, ema_update, forward_flops, load_weights, make_teacher,
-                   warmup_cosine)
+from model import (CAVMAESync, ModelConfig, autocast, ema_update, forward_flops, load_weights,
+                   make_teacher, read_checkpoint, warmup_cosine)
 
 # -----------------------------------------------------------------------------
 # default config: the TG-DP paper setting
 # I/O
 out_dir = 'out'
-train_json = ''                # CAV-MAE layout JSON (data.py prepare / synth) or a shard set (data.py shard)
-eval_json = ''                 # held-out clips (JSON or shard set) for the periodic retrieval evaluation ('' = none)
+train_json = ''                # CAV-MAE layout JSON (data.py prepare / synth) or a shard set
+eval_json = ''                 # held-out clips (JSON or shard set), periodic retrieval ('' = none)
 eval_interval = 2000           # iterations between retrieval evaluation + checkpoint
 log_interval = 20
-init_from = 'scratch'          # 'scratch', 'resume' (out_dir/ckpt.pt) or a weights file (model.load_weights)
+init_from = 'scratch'          # 'scratch', 'resume' or a weights file (model.load_weights); an
+                               # out_dir holding a checkpoint resumes it (a restart continues)
 # data
 batch_size = 64                # clips per rank per micro-step
 gradient_accumulation_steps = 1
 num_workers = 8
 shuffle_buffer = 1000          # shard sets: clips in each loader worker's shuffle buffer
+skip_bad = False               # skip unreadable clips: a JSON's checked at start-up (ids in
+                               # out_dir/bad_clips.txt); one failing mid-run is replaced in its
+                               # batch, counted in the log ('skipped_clips'). False: an error
 num_frames = 16
 time_shift = True              # random time shift of the waveform (pretraining augmentation)
 # model (ModelConfig; the global token is on except for method='cavmae')
@@ -68,17 +72,22 @@ decoder_num_heads = 16
 num_registers = 8
 norm_pix_loss = False
 diffused_mask_tokens = False   # DiffMAViL: noised masked patches instead of the learned mask token
-decoder_attention = 'self'     # 'self' | 'cross' (DiffMAViL: masked queries attend only to visible latents)
+decoder_attention = 'self'     # 'self' | 'cross' (DiffMAViL: masked queries see visible latents)
 # method
-method = 'tgdp'                # 'tgdp' | 'sync' (CAV-MAE Sync) | 'dualpass' (two random passes, no teacher) | 'cavmae'
+method = 'tgdp'                # 'tgdp' | 'sync' (CAV-MAE Sync) | 'cavmae'
+                               # | 'dualpass' (two random passes, no teacher)
 mask_ratio = 0.75              # reconstruction pass (and the single pass of sync / cavmae)
-mask_ratio_schedule = 'none'   # DiffMAViL curriculum 'none' | 'epoch' | 'step': mask_ratio down to mask_ratio_end
+mask_ratio_schedule = 'none'   # DiffMAViL curriculum 'none' | 'epoch' | 'step' to mask_ratio_end
 mask_ratio_end = 0.8
-adaptive_batch = False         # DiffMAViL: per-epoch batch (1 - min ratio) / (1 - ratio_e) * batch_size (needs 'epoch')
+adaptive_batch = False         # DiffMAViL: epoch batch (1 - min ratio) / (1 - ratio_e) * batch_size
+                               # (needs mask_ratio_schedule='epoch')
 contrastive_mask_ratio = 0.5   # contrastive pass of tgdp / dualpass
-contrastive_masking = 'guided' # tgdp: 'guided' | 'random' | 'gumbel' (the release's) | 'gumbel_proportional'
-contrastive_direction = 'both' # InfoNCE: 'both' (TG-DP release) | 'v2a' (visual queries: CAV-MAE Sync) | 'a2v'
-contrastive_negatives = 'global'  # 'global' (every rank's batch: TG-DP release) | 'local' (this rank's: CAV-MAE Sync)
+contrastive_masking = 'guided' # tgdp: 'guided' | 'random' | 'gumbel' (the release's)
+                               # | 'gumbel_proportional'
+contrastive_direction = 'both' # InfoNCE: 'both' (TG-DP release) | 'v2a' (CAV-MAE Sync: visual query)
+                               # | 'a2v'
+contrastive_negatives = 'global'  # 'global' (every rank's batch: TG-DP release)
+                                  # | 'local' (this rank's: CAV-MAE Sync)
 rec_weight = 1.0
 con_weight = 0.1
 dis_weight = 1.0               # tgdp distillation; 0 turns it off
@@ -99,17 +108,18 @@ max_iters = 0                  # 0 = derived from epochs
 device = 'cuda'
 dtype = 'bfloat16'             # 'float32' | 'bfloat16' | 'float16' (autocast)
 compile = True
-compile_mode = 'default'       # torch.compile mode: 'default' | 'max-autotune' (autotuned kernels, CUDA graphs)
+compile_mode = 'default'       # torch.compile 'default' | 'max-autotune' (tuned kernels, CUDA graphs)
 backend = 'nccl'               # 'nccl' on GPU, 'gloo' on CPU
-timeout_minutes = 60           # collectives wait this long (the periodic retrieval evaluation runs in between)
+timeout_minutes = 60           # collectives wait this long (the periodic retrieval runs in between)
 seed = 1337
 peak_tflops = 989.0            # per device, for MFU (H100 SXM dense bf16)
 bench = False                  # time steps on random tensors, no data (config/bench.py)
 bench_iters = 20
 bench_warmup = 5
-profile = False                # bench: torch.profiler over the timed steps, table in out_dir/profile.txt
+profile = False                # bench: torch.profiler over the timed steps, out_dir/profile.txt
 # -----------------------------------------------------------------------------
-config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
+config_keys = [k for k, v in globals().items()
+               if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
 
 
 def apply_overrides(argv):
@@ -137,34 +147,55 @@ def apply_overrides(argv):
             if isinstance(default, float) and type(value) is int:
                 value = float(value)
             if type(value) is not type(default):
-                sys.exit(f'error: setting {key} must be {type(default).__name__}, got {value!r} (from {source})')
+                sys.exit(f'error: setting {key} must be {type(default).__name__}, '
+                         f'got {value!r} (from {source})')
             globals()[key] = value
 
 
 apply_overrides(sys.argv[1:])
 config = {k: globals()[k] for k in config_keys}
-allowed = dict(method=('tgdp', 'sync', 'dualpass', 'cavmae'), contrastive_masking=masking.CONTRASTIVE_MASKINGS,
-               contrastive_direction=('both', 'v2a', 'a2v'), contrastive_negatives=('global', 'local'),
+allowed = dict(method=('tgdp', 'sync', 'dualpass', 'cavmae'),
+               contrastive_masking=masking.CONTRASTIVE_MASKINGS,
+               contrastive_direction=('both', 'v2a', 'a2v'),
+               contrastive_negatives=('global', 'local'),
                mask_ratio_schedule=('none', 'epoch', 'step'), decoder_attention=('self', 'cross'),
                dtype=('float32', 'bfloat16', 'float16'),
-               compile_mode=('default', 'max-autotune', 'max-autotune-no-cudagraphs', 'reduce-overhead'))
+               compile_mode=('default', 'max-autotune', 'max-autotune-no-cudagraphs',
+                             'reduce-overhead'))
 for key, values in allowed.items():
     if config[key] not in values:
         sys.exit(f"error: {key} must be one of {', '.join(map(repr, values))}; got {config[key]!r}")
 if adaptive_batch and mask_ratio_schedule != 'epoch':
-    sys.exit("error: adaptive_batch=True changes the batch once per epoch: it needs mask_ratio_schedule='epoch'")
+    sys.exit("error: adaptive_batch=True changes the batch once per epoch: "
+             "it needs mask_ratio_schedule='epoch'")
 if mask_ratio_schedule != 'none' and mask_ratio_end > mask_ratio:
-    sys.exit(f'error: mask_ratio_schedule={mask_ratio_schedule!r} would raise the mask ratio from {mask_ratio} to '
-             f'{mask_ratio_end}; the DiffMAViL curriculum lowers it (--mask_ratio=0.9 --mask_ratio_end=0.8)')
+    sys.exit(f'error: mask_ratio_schedule={mask_ratio_schedule!r} would raise the mask ratio from '
+             f'{mask_ratio} to {mask_ratio_end}; the DiffMAViL curriculum lowers it '
+             f'(--mask_ratio=0.9 --mask_ratio_end=0.8)')
 
 # -----------------------------------------------------------------------------
 # processes and devices
+def attempt_store():
+    """torchrun --max-restarts: under its shared agent store (TORCHELASTIC_USE_AGENT_STORE) a
+    restarted rank can read the keys of the attempt before, a dead peer's address (torch 2.11:
+    gloo's connect is refused); each attempt's keys get a prefix of their own. Several nodes
+    (whose restart counts can differ): run torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1."""
+    if os.environ.get('TORCHELASTIC_USE_AGENT_STORE') != 'True':
+        return {}
+    timeout = timedelta(minutes=timeout_minutes)
+    store, rank, world_size = next(dist.rendezvous('env://', timeout=timeout))
+    prefix = f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    return dict(store=dist.PrefixStore(prefix, store), rank=rank, world_size=world_size)
+
+
 ddp = int(os.environ.get('RANK', -1)) != -1
 if ddp:
     if backend == 'nccl' and not torch.cuda.is_available():
         sys.exit("error: backend='nccl' needs CUDA; on CPU run with --device=cpu --backend=gloo")
-    dist.init_process_group(backend=backend, timeout=timedelta(minutes=timeout_minutes))
-    rank, local_rank, world_size = dist.get_rank(), int(os.environ['LOCAL_RANK']), dist.get_world_size()
+    dist.init_process_group(backend=backend, timeout=timedelta(minutes=timeout_minutes),
+                            **attempt_store())
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    local_rank = int(os.environ['LOCAL_RANK'])
     if device.startswith('cuda'):
         device = f'cuda:{local_rank}'
         torch.cuda.set_device(device)
@@ -199,18 +230,18 @@ if master:
 # -----------------------------------------------------------------------------
 # data and the schedule over it
 def epoch_mask_ratio(epoch):  # reconstruction mask ratio of an epoch under the 'epoch' curriculum
-    return masking.mask_ratio_schedule(epoch / max(1, math.ceil(epochs) - 1), mask_ratio, mask_ratio_end)
+    progress = epoch / max(1, math.ceil(epochs) - 1)
+    return masking.mask_ratio_schedule(progress, mask_ratio, mask_ratio_end)
 
 
 def epoch_batch_size(epoch):  # clips per rank per micro-step in an epoch
     if not adaptive_batch:
         return batch_size
-    return masking.adaptive_batch_size(batch_size, epoch_mask_ratio(epoch), mask_ratio, mask_ratio_end)
+    ratio = epoch_mask_ratio(epoch)
+    return masking.adaptive_batch_size(batch_size, ratio, mask_ratio, mask_ratio_end)
 
 
-dataset = eval_dataset = stream = None
-train_clips = 0
-if not bench:
+def check_data_paths():
     for key in ('train_json',) + (('eval_json',) if eval_json else ()):
         path = globals()[key]
         if not path or not (os.path.isfile(path) or is_shard_set(path)):
@@ -218,32 +249,36 @@ if not bench:
                      f'For a demo on built-in synthetic clips run\n'
                      f'  python scripts/synth.py --out data_synth && python train.py config/demo.py\n'
                      f'for real videos see `python scripts/prepare.py --help` and the README.')
-    data_args = dict(audio_length=audio_length, num_mel_bins=num_mel_bins, img_size=img_size, num_frames=num_frames)
-    if is_shard_set(train_json):  # sequential reads: each rank and loader worker streams its own shards
-        stream = ShardStream(train_json, [epoch_batch_size(e) for e in range(math.ceil(epochs) or 1)], seed=seed,
-                             rank=rank, world_size=world_size, num_workers=num_workers, shuffle_buffer=shuffle_buffer,
-                             time_shift=time_shift, **data_args)
-        train_clips = sum(n for _, n in stream.shards)
-    else:  # random access: a DistributedSampler permutation per epoch
-        dataset = AVDataset(train_json, mode='train', time_shift=time_shift, seed=seed, **data_args)  # no labels
-        sampler = DistributedSampler(dataset, world_size, rank, shuffle=True, seed=seed, drop_last=True)
-        train_clips = len(dataset)
+
+
+# train_data: one interface whatever the source (data.train_batches)
+eval_dataset = None
+data_args = dict(audio_length=audio_length, num_mel_bins=num_mel_bins, img_size=img_size)
+if bench:  # random tensors, nothing read
+    train_data = RandomBatches(batch_size, bench_warmup + bench_iters, gradient_accumulation_steps,
+                               **data_args)
+else:
+    check_data_paths()
+    data_args['num_frames'] = num_frames
+    batch_sizes = [epoch_batch_size(e) for e in range(math.ceil(epochs) or 1)]  # the last holds on
+    train_data = train_batches(train_json, batch_sizes, seed=seed, rank=rank, world_size=world_size,
+                               num_workers=num_workers, accumulation=gradient_accumulation_steps,
+                               shuffle_buffer=shuffle_buffer, time_shift=time_shift,
+                               skip_bad=skip_bad,
+                               bad_list=os.path.join(out_dir, 'bad_clips.txt') if master else '',
+                               **data_args)
     eval_dataset = AVDataset(eval_json, mode='eval', **data_args) if eval_json else None
     if eval_dataset is not None and len(eval_dataset) < world_size:
         sys.exit(f'error: eval_json={eval_json!r} has {len(eval_dataset)} clips, '
                  f'fewer than the {world_size} ranks that share it')
 
 
-@functools.cache  # called per step and per shard batch; fixed once the data is known
+@functools.cache  # called every step; fixed once the data is known
 def epoch_iters(epoch):  # optimiser steps in an epoch
-    if bench:
-        return bench_warmup + bench_iters
-    if stream is not None:
-        return stream.batches_per_epoch(epoch) // gradient_accumulation_steps
-    return len(sampler) // (epoch_batch_size(epoch) * gradient_accumulation_steps)
+    return train_data.batches_per_epoch(epoch) // gradient_accumulation_steps
 
 
-def locate(it):  # iteration -> (epoch, steps of that epoch already done): epochs may differ in length
+def locate(it):  # iteration -> (epoch, steps of it already done): epochs may differ in length
     epoch = 0
     while it >= epoch_iters(epoch):
         it -= epoch_iters(epoch)
@@ -253,12 +288,13 @@ def locate(it):  # iteration -> (epoch, steps of that epoch already done): epoch
 
 def iters_for(num_epochs):  # optimiser steps in the first num_epochs (fractional) epochs
     whole = int(num_epochs)
-    return sum(epoch_iters(e) for e in range(whole)) + round((num_epochs - whole) * epoch_iters(whole))
+    part = round((num_epochs - whole) * epoch_iters(whole))
+    return sum(epoch_iters(e) for e in range(whole)) + part
 
 
-if not bench and min(epoch_iters(e) for e in range(math.ceil(epochs) or 1)) == 0:
+if min(epoch_iters(e) for e in range(math.ceil(epochs) or 1)) == 0:
     largest = max(map(epoch_batch_size, range(math.ceil(epochs) or 1)))
-    sys.exit(f'error: {train_clips} clips are fewer than one step ({largest} '
+    sys.exit(f'error: {train_data.clips} clips are fewer than one step ({largest} '
              f'x {gradient_accumulation_steps} x {world_size} ranks); lower batch_size')
 max_iters = bench_warmup + bench_iters if bench else max_iters or iters_for(epochs)
 warmup_iters = iters_for(warmup_epochs)
@@ -280,110 +316,128 @@ def get_momentum(it):  # EMA momentum: cosine ramp from ema_momentum to ema_mome
     return warmup_cosine(it, max_iters, 0, ema_momentum, ema_momentum_end)
 
 
-class EpochItems(Dataset):
-    """Key (epoch, index) -> the training item of that epoch. Items are a pure function of (seed, epoch, index),
-    so one loader can serve every epoch and its workers stay alive across epoch boundaries."""
-
-    def __init__(self, dataset):
-        self.dataset = dataset
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, key):
-        epoch, index = key
-        self.dataset.set_epoch(epoch)  # this worker's copy
-        return self.dataset[index]
-
-
-def batch_keys(start_iter):
-    """This rank's micro-batches as lists of (epoch, index) keys from optimiser step start_iter on, crossing
-    epochs: each epoch is DistributedSampler's share of a fresh permutation, cut into that epoch's batch size."""
-    epoch, done = locate(start_iter)
-    while True:
-        sampler.set_epoch(epoch)
-        order, B = list(sampler), epoch_batch_size(epoch)
-        for b in range(done * gradient_accumulation_steps, epoch_iters(epoch) * gradient_accumulation_steps):
-            yield [(epoch, i) for i in order[b * B:(b + 1) * B]]
-        epoch, done = epoch + 1, 0
-
-
-def ignore_sigterm(_):  # workers: the main process handles pre-emption and shuts them down itself
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
-def micro_batches(start_iter):
-    """Endless stream of this rank's (audio, image) micro-batches on the device, from step start_iter on.
-    bench: the same random tensors again and again; as each step begins, the profiler steps and, after
-    bench_warmup steps, the clock starts (t_bench)."""
-    global t_bench
-    if bench:
-        audio = torch.randn(batch_size, audio_length, num_mel_bins, device=device)
-        image = torch.randn(batch_size, 3, img_size, img_size, device=device)
-        for n in itertools.count():
-            if profiler is not None and n and n % gradient_accumulation_steps == 0:
-                profiler.step()
-            if n == bench_warmup * gradient_accumulation_steps:
-                sync_device()
-                t_bench = time.time()
-            yield audio, image
-    pin = device_type == 'cuda'
-    if stream is not None:
-        epoch, done = locate(start_iter)
-        stream.set_start(epoch, done * gradient_accumulation_steps)
-        loader = DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=pin,
-                            worker_init_fn=ignore_sigterm)
-    else:
-        loader = DataLoader(EpochItems(dataset), batch_sampler=batch_keys(start_iter), num_workers=num_workers,
-                            pin_memory=pin, collate_fn=collate, worker_init_fn=ignore_sigterm)
-    for batch in loader:
-        if stream is not None and batch['batch'] >= epoch_iters(batch['epoch']) * gradient_accumulation_steps:
-            continue  # the end of a shard epoch that does not fill an optimiser step
-        yield batch['audio'].to(device, non_blocking=True), batch['image'].to(device, non_blocking=True)
-
-
 # -----------------------------------------------------------------------------
 # model, teacher, optimiser
 model_args = {f.name: globals()[f.name] for f in fields(ModelConfig) if f.name != 'global_token'}
 model_args['global_token'] = method != 'cavmae'  # CAV-MAE style: mean-pooled patch tokens
 # settings that fix what every step computes from which clips: a resumed run must keep them
-resume_fixed = ('batch_size', 'gradient_accumulation_steps', 'epochs', 'warmup_epochs', 'max_iters', 'method',
-                'mask_ratio', 'mask_ratio_schedule', 'mask_ratio_end', 'adaptive_batch', 'contrastive_mask_ratio',
-                'contrastive_masking', 'learning_rate', 'min_lr', 'ema_momentum', 'ema_momentum_end', 'seed',
-                'num_frames', 'time_shift', 'shuffle_buffer')
-iter_num, ckpt = 0, None
-ckpt_path = os.path.join(out_dir, 'ckpt.pt')
-if init_from == 'resume':
-    if not os.path.isfile(ckpt_path):
-        sys.exit(f"error: init_from='resume' but {ckpt_path} does not exist")
-    ckpt = torch.load(ckpt_path, map_location='cpu', weights_only=False)
+resume_fixed = ('batch_size', 'gradient_accumulation_steps', 'epochs', 'warmup_epochs', 'max_iters',
+                'method', 'mask_ratio', 'mask_ratio_schedule', 'mask_ratio_end', 'adaptive_batch',
+                'contrastive_mask_ratio', 'contrastive_masking', 'learning_rate', 'min_lr',
+                'ema_momentum', 'ema_momentum_end', 'seed', 'num_frames', 'time_shift',
+                'shuffle_buffer')
+ckpt_path, prev_path = os.path.join(out_dir, 'ckpt.pt'), os.path.join(out_dir, 'ckpt_prev.pt')
+log_path = os.path.join(out_dir, 'log.jsonl')  # steps and retrieval
+epochs_path = os.path.join(out_dir, 'epochs.jsonl')  # per epoch: the clips used and left out
+
+
+def newest_checkpoint():
+    """(path, checkpoint) of out_dir's newest readable checkpoint: ckpt.pt, else the one saved
+    before it, ckpt_prev.pt (an unreadable ckpt.pt is reported and moved aside); or (None, None)."""
+    errors = []
+    for path in (ckpt_path, prev_path):
+        if not os.path.isfile(path):
+            continue
+        try:
+            ckpt = read_checkpoint(path)
+        except ValueError as e:
+            errors.append(str(e))
+            continue
+        if errors and master:  # keep the bad file, but out of the rotation
+            os.replace(ckpt_path, os.path.join(out_dir, 'ckpt_unreadable.pt'))
+            print(f'warning: {errors[0]}\n  resuming from the previous checkpoint {path} instead '
+                  f'(the unreadable {ckpt_path} is now ckpt_unreadable.pt)', file=sys.stderr)
+        return path, ckpt
+    if errors:
+        sys.exit(f'error: no readable checkpoint in {out_dir}: ' + '; '.join(errors))
+    return None, None
+
+
+def check_resume(path, ckpt):
+    """Exit unless the checkpoint's run is this one: the same model, schedule and data."""
     then = {**ckpt['config'], **ckpt['model_args'], 'world_size': ckpt.get('world_size'),
             'train_clips': ckpt.get('train_clips')}
-    now = {**config, **model_args, 'world_size': world_size, 'train_clips': train_clips}
-    changed = {k: (then.get(k), now[k]) for k in (*model_args, *resume_fixed, 'world_size', 'train_clips')
-               if then.get(k) != now[k]}
+    now = {**config, **model_args, 'world_size': world_size, 'train_clips': train_data.clips}
+    keys = (*model_args, *resume_fixed, 'world_size', 'train_clips')
+    changed = {k: (then.get(k), now[k]) for k in keys if then.get(k) != now[k]}
     if changed:
-        sys.exit(f'error: cannot resume {ckpt_path}: these settings differ from the checkpoint (then, now): {changed}. '
-                 f'They fix the model or which clips and schedule each step uses; to start a new run from these '
-                 f'weights use --init_from={ckpt_path} and another out_dir.')
+        sys.exit(f'error: cannot resume {path}: these settings differ from the checkpoint (then, '
+                 f'now): {changed}. They fix the model or which clips and schedule each step '
+                 f'uses; to start a new run from these weights use --init_from={path} and another '
+                 f'out_dir.')
+    if ckpt.get('data_layout', train_data.layout()) != train_data.layout():
+        sys.exit(f'error: cannot resume {path}: the training data or num_workers differ from the '
+                 f'checkpoint (then {ckpt["data_layout"]}, now {train_data.layout()}); a run '
+                 f'resumes mid-epoch only on the same clips, ranks and (shards) loader workers')
+
+
+def start_log(path, it):
+    """A log holds one run: a resume drops the records of the steps after its checkpoint (they run
+    again); a fresh start moves an earlier log aside (a run that saved no checkpoint)."""
+    if not master or not os.path.isfile(path) or os.path.getsize(path) == 0:
+        return
+    if it == 0:
+        n = 1
+        while os.path.exists(f'{path}.{n}'):
+            n += 1
+        os.replace(path, f'{path}.{n}')
+        print(f'{out_dir} holds {os.path.basename(path)} but no checkpoint: moved it to {path}.{n}')
+        return
+    lines, kept = open(path).read().splitlines(), []
+    for line in lines:
+        try:
+            if json.loads(line).get('iter', 0) <= it:
+                kept.append(line)
+        except ValueError:  # a record cut short when the run was killed
+            pass
+    if len(kept) < len(lines):
+        with open(path + '.tmp', 'w') as f:
+            f.writelines(line + '\n' for line in kept)
+        os.replace(path + '.tmp', path)
+        print(f'{path}: dropped {len(lines) - len(kept)} records after iteration {it} '
+              f'(run again now)')
+
+
+def finish_early():  # the checkpoint is the run's last
+    if master:
+        print(f'{ckpt_file}: this run is finished ({iter_num} of {max_iters} iterations); '
+              f'nothing to train. For a new run choose another out_dir.')
+    if ddp:
+        dist.destroy_process_group()
+    sys.exit(0)
+
+
+ckpt_file, ckpt = newest_checkpoint()
+if init_from == 'resume' and ckpt is None:
+    sys.exit(f"error: init_from='resume' but {out_dir} holds no checkpoint ({ckpt_path})")
+iter_num = 0
+if ckpt is not None:  # init_from='resume', or a restart into the run's out_dir
+    check_resume(ckpt_file, ckpt)
     iter_num = ckpt['iter_num']
-    if stream is not None and ckpt['stream_layout'] != stream.layout():
-        sys.exit(f'error: cannot resume {ckpt_path}: the shard set or num_workers differ from the checkpoint '
-                 f'(then {ckpt["stream_layout"]}, now {stream.layout()}); a shard stream resumes mid-epoch only on '
-                 f'the same shards, ranks and loader workers')
+    if iter_num >= max_iters:
+        finish_early()
+    if master:
+        print(f'resuming {ckpt_file} at iteration {iter_num} of {max_iters}'
+              + ('' if init_from == 'resume' else
+                 f' (init_from={init_from!r} starts only a new out_dir)'))
+for path in (log_path, epochs_path):
+    start_log(path, iter_num)
 model = CAVMAESync(ModelConfig(**model_args))
 if ckpt is not None:
     model.load_state_dict(ckpt['model'])
 elif init_from != 'scratch':
     if not os.path.isfile(init_from):
-        sys.exit(f"error: init_from must be 'scratch', 'resume' or a checkpoint file; {init_from!r} is none of these")
-    load_weights(model, init_from, verbose=master)  # ImageNet MAE, CAV-MAE layout, official release or train.py
+        sys.exit(f"error: init_from must be 'scratch', 'resume' or a checkpoint file; "
+                 f"{init_from!r} is none of these")
+    # ImageNet MAE, CAV-MAE layout, official release or train.py
+    load_weights(model, init_from, verbose=master)
 model.to(device)
 raw_model = model  # unwrapped: EMA source, checkpoints, evaluation
 teacher = make_teacher(model) if method == 'tgdp' else None
 if teacher is not None and ckpt is not None:
     teacher.load_state_dict(ckpt['teacher'])
-optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate, betas=(beta1, beta2), weight_decay=weight_decay,
+optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate, betas=(beta1, beta2),
+                             weight_decay=weight_decay,
                              fused=True)  # one kernel over all tensors, no full-size temporaries
 scaler = torch.amp.GradScaler(device_type, enabled=dtype == 'float16')
 if ckpt is not None:
@@ -404,7 +458,8 @@ if ddp:
 
 
 def train_flops_per_clip(rec_mask_ratio):
-    """Analytic training FLOPs per clip: 3x forward for the student (forward + backward), 1x for the teacher."""
+    """Analytic training FLOPs per clip: 3x forward for the student (forward + backward), 1x for
+    the teacher."""
     c = raw_model.config
     if method in ('sync', 'cavmae'):
         return 3 * sum(forward_flops(c, rec_mask_ratio, 'sync').values())
@@ -489,19 +544,22 @@ def on_sigterm(signum, frame):
 
 
 def train_step(batches, rec_mask_ratio):
-    """One optimiser step over gradient_accumulation_steps micro-batches. Returns (terms, stop flags):
-    flags[0] = some rank saw a non-finite loss (the update is skipped), flags[1] = some rank got SIGTERM."""
+    """One optimiser step over gradient_accumulation_steps micro-batches. Returns (terms, stop
+    flags): flags[0] = some rank saw a non-finite loss (the update is skipped), flags[1] = some
+    rank got SIGTERM."""
     terms_sum = {}
     for micro_step in range(gradient_accumulation_steps):
         audio, image = next(batches)
-        sync_grads = not ddp or micro_step == gradient_accumulation_steps - 1  # all-reduce only on the last
+        # all-reduce only on the last
+        sync_grads = not ddp or micro_step == gradient_accumulation_steps - 1
         with (nullcontext() if sync_grads else model.no_sync()):
             with mixed_precision:
                 loss, terms = losses_for(audio, image, rec_mask_ratio)
             scaler.scale(loss / gradient_accumulation_steps).backward()
         for k, v in terms.items():
             terms_sum[k] = terms_sum.get(k, 0.0) + v / gradient_accumulation_steps
-    flags = torch.tensor([float(not torch.isfinite(terms_sum['loss'])), float(stop_requested)], device=device)
+    flags = torch.tensor([float(not torch.isfinite(terms_sum['loss'])), float(stop_requested)],
+                         device=device)
     if ddp:
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
     if flags[0] == 0:
@@ -518,10 +576,12 @@ def train_step(batches, rec_mask_ratio):
 # logging, evaluation, checkpoints
 
 def log_step(it, terms, rec_mask_ratio, clips_s):
-    """Means over the global batch (every rank joins the all-reduce) -> log.jsonl and a progress-bar line."""
+    """Means over the global batch (every rank joins the all-reduce) -> log.jsonl and a progress-bar
+    line."""
     values = torch.stack(list(terms.values())).float()
     if ddp:
         dist.all_reduce(values, op=dist.ReduceOp.AVG)
+    skipped = skipped_clips() if skip_bad else None
     if not master:
         return
     epoch = locate(it - 1)[0]
@@ -529,22 +589,43 @@ def log_step(it, terms, rec_mask_ratio, clips_s):
     if device_type == 'cuda':
         mfu = train_flops_per_clip(rec_mask_ratio) * clips_s / world_size / (peak_tflops * 1e12)
     record = {'iter': it, 'epoch': epoch, 'lr': get_lr(it - 1), 'mask_ratio': rec_mask_ratio,
-              'batch_size': epoch_batch_size(epoch) * gradient_accumulation_steps * world_size, 'clips_s': clips_s,
-              'mfu': mfu, **dict(zip(terms, values.tolist()))}
+              'batch_size': epoch_batch_size(epoch) * gradient_accumulation_steps * world_size,
+              'clips_s': clips_s, 'mfu': mfu, **dict(zip(terms, values.tolist()))}
+    if skipped is not None:
+        record['skipped_clips'] = skipped
     log(record)
-    tqdm.write(f"iter {it}: loss {record['loss']:.4f} rec {record['rec']:.4f} con {record['con']:.4f}"
+    tqdm.write(f"iter {it}: loss {record['loss']:.4f} rec {record['rec']:.4f} "
+               f"con {record['con']:.4f}"
               + (f" dis {record['dis']:.4f}" if 'dis' in record else '')
               + f" acc {record['con_acc']:.3f} lr {record['lr']:.2e} {clips_s:.1f} clips/s"
               + (f' mfu {100 * mfu:.1f}%' if mfu is not None else ''))
 
 
+def skipped_clips():  # unreadable clips every rank replaced since the last call (skip_bad)
+    count = torch.tensor(float(train_data.skipped), device=device)
+    train_data.skipped = 0
+    if ddp:
+        dist.all_reduce(count)
+    return int(count)
+
+
+def log_epoch(it):  # as an epoch begins: the clips its steps use and leave out (< one global batch)
+    if master:
+        epoch = locate(it)[0]
+        steps, clips = epoch_iters(epoch), train_data.clips
+        used = steps * gradient_accumulation_steps * epoch_batch_size(epoch) * world_size
+        log({'iter': it, 'epoch': epoch, 'clips': clips, 'clips_used': used,
+             'clips_left_out': clips - used}, epochs_path)
+        tqdm.write(f'epoch {epoch}: {used} of {clips} clips, {clips - used} left out')
+
+
 def evaluate_retrieval(it):
-    """Held-out retrieval (diagonal mean over frames): every rank extracts the features of its contiguous share
-    of the clips with loader workers, rank 0 gathers them in order and scores."""
+    """Held-out retrieval (diagonal mean over frames): every rank extracts the features of its
+    contiguous share of the clips with loader workers, rank 0 gathers them in order and scores."""
     n = len(eval_dataset)
     share = Subset(eval_dataset, range(rank * n // world_size, (rank + 1) * n // world_size))
-    feats = extract_features(raw_model, share, batch_size=max(1, batch_size // num_frames), device=device,
-                             num_workers=num_workers)
+    feats = extract_features(raw_model, share, batch_size=max(1, batch_size // num_frames),
+                             device=device, num_workers=num_workers, dtype=dtype)
     if ddp:
         parts = [None] * world_size if master else None
         dist.gather_object(feats, parts, dst=0, group=cpu_group)
@@ -558,19 +639,27 @@ def evaluate_retrieval(it):
 
 
 def save_checkpoint(it):
-    """Rank 0 writes a temporary file and renames it: a crash never leaves a half-written ckpt.pt."""
+    """Rank 0 writes a temporary file, then renames ckpt.pt to ckpt_prev.pt and the new file to
+    ckpt.pt: a crash never leaves a half-written ckpt.pt, and a bad file leaves the one before."""
     if master:
-        state = dict(model=raw_model.state_dict(), teacher=teacher.state_dict() if teacher is not None else None,
+        state = dict(model=raw_model.state_dict(),
+                     teacher=teacher.state_dict() if teacher is not None else None,
                      optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), iter_num=it,
-                     epoch=locate(it)[0], model_args=model_args, config=config, world_size=world_size,
-                     train_clips=train_clips, stream_layout=stream.layout() if stream is not None else None,
+                     epoch=locate(it)[0], model_args=model_args, config=config,
+                     world_size=world_size,
+                     train_clips=train_data.clips, data_layout=train_data.layout(),
                      noise_gen=noise_gen.get_state())
-        torch.save(state, ckpt_path + '.tmp')
+        with open(ckpt_path + '.tmp', 'wb') as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())  # on the disk before the renames
+        if os.path.isfile(ckpt_path):
+            os.replace(ckpt_path, prev_path)
         os.replace(ckpt_path + '.tmp', ckpt_path)
 
 
-def log(record):
-    with open(os.path.join(out_dir, 'log.jsonl'), 'a') as f:
+def log(record, path=log_path):
+    with open(path, 'a') as f:
         f.write(json.dumps(record) + '\n')
 
 
@@ -582,7 +671,8 @@ if ckpt is not None:
     del ckpt
 profiler = None
 if bench and profile:
-    def write_profile(prof):  # called when the active steps end (the profiler drops their events after that)
+    # called when the active steps end (the profiler drops their events after that)
+    def write_profile(prof):
         table = prof.key_averages().table(sort_by=f'{device_type}_time_total', row_limit=30)
         with open(os.path.join(out_dir, 'profile.txt'), 'w') as f:
             f.write(table)
@@ -590,40 +680,59 @@ if bench and profile:
     if device_type == 'cuda':
         acts.append(torch.profiler.ProfilerActivity.CUDA)
     profiler = torch.profiler.profile(activities=acts, on_trace_ready=write_profile,
-                                      schedule=torch.profiler.schedule(wait=0, warmup=bench_warmup, active=bench_iters))
+                                      schedule=torch.profiler.schedule(wait=0, warmup=bench_warmup,
+                                                                       active=bench_iters))
     profiler.start()
 model.train()
-batches = micro_batches(iter_num)
+start_epoch, start_step = locate(iter_num)
+batches = train_data.loader(start_epoch, start_step * gradient_accumulation_steps, device)
 bar = tqdm(total=max_iters, initial=iter_num, disable=not master or bench, dynamic_ncols=True)
 
 
 def shutdown():
-    batches.close()  # shut the loader workers down now: they ignore SIGTERM, so exit-time cleanup would hang
+    batches.close()  # loader workers ignore SIGTERM: shut them now (exit-time cleanup would hang)
     bar.close()
     if ddp:
-        dist.barrier()  # tear down together: a rank that leaves while rank 0 still saves can abort in gloo
+        dist.barrier()  # together: a rank that leaves while rank 0 still saves can abort in gloo
         dist.destroy_process_group()
 
 
+def bench_tick(it):  # bench: the profiler steps as a step begins; the clock starts at bench_warmup
+    global t_bench
+    if profiler is not None and it:
+        profiler.step()
+    if it == bench_warmup:
+        sync_device()
+        t_bench = time.time()
+
+
 t_log, clips_since_log = time.time(), 0
+if iter_num == 0 and not bench:
+    log_epoch(0)
 while iter_num < max_iters:
+    if bench:
+        bench_tick(iter_num)
     lr, rec_mask_ratio = get_lr(iter_num), step_mask_ratio(iter_num)
     for group in optimizer.param_groups:
         group['lr'] = lr
     terms, (nonfinite, sigterm) = train_step(batches, rec_mask_ratio)
     if nonfinite:
         if master:
-            print(f'error: non-finite loss at iteration {iter_num} ({ {k: float(v) for k, v in terms.items()} }); '
-                  f'stopping. The last good checkpoint {ckpt_path} is untouched.', file=sys.stderr)
+            values = {k: float(v) for k, v in terms.items()}
+            print(f'error: non-finite loss at iteration {iter_num} ({values}); stopping. '
+                  f'The last good checkpoint {ckpt_path} is untouched.', file=sys.stderr)
         shutdown()
         sys.exit(1)
     if teacher is not None:
         ema_update(teacher, raw_model, get_momentum(iter_num))
-    clips_since_log += epoch_batch_size(locate(iter_num)[0]) * gradient_accumulation_steps * world_size
+    clips_since_log += (epoch_batch_size(locate(iter_num)[0]) * gradient_accumulation_steps
+                        * world_size)
     iter_num += 1
     bar.update(1)
     if bench:  # no logs, evaluation or checkpoints: the report below
         continue
+    if locate(iter_num)[1] == 0 and iter_num < max_iters:
+        log_epoch(iter_num)
     if iter_num % log_interval == 0 or iter_num == max_iters:
         log_step(iter_num, terms, rec_mask_ratio, clips_since_log / (time.time() - t_log))
         t_log, clips_since_log = time.time(), 0

@@ -2,6 +2,7 @@
 checkpoint evaluate.py loads, gives the same losses and weights on 2 gloo ranks as in 1 process on the same
 global batch, and SIGTERM + init_from='resume' gives the same weights as the uninterrupted run.
 Each cell combines a few options, so that every method and every option gets all three checks (README: Tests)."""
+import json
 import os
 import signal
 import subprocess
@@ -11,7 +12,7 @@ import time
 import pytest
 import torch
 
-from test_train import ROOT, TINY, load_ckpt, read_log
+from test_train import ROOT, TINY, killing_wrapper, load_ckpt, read_log
 
 CURRICULUM = ['--mask_ratio=0.9', '--mask_ratio_end=0.8', '--mask_ratio_schedule=epoch', '--adaptive_batch=True']
 CELLS = {  # name -> settings; 40 clips, batch 8 in 1 process = 4 per rank on 2 ranks
@@ -27,7 +28,7 @@ CELLS = {  # name -> settings; 40 clips, batch 8 in 1 process = 4 per rank on 2 
     'sync-curriculum-cross-v2a': ['--method=sync', *CURRICULUM, '--decoder_attention=cross',
                                   '--contrastive_direction=v2a'],
     'tgdp-curriculum-workers': [*CURRICULUM, '--num_workers=2', '--contrastive_masking=gumbel_proportional'],
-    # tar shards: each rank and worker streams its own shards, so 2 ranks see other batches than 1 process
+    # tar shards: each rank and worker reads its own run of the epoch's clips, so 2 ranks see other batches
     'tgdp-shards-workers-accum': ['--train_json={shards}', '--eval_json={shards}', '--num_workers=2',
                                   '--gradient_accumulation_steps=2', '--shuffle_buffer=4'],
 }
@@ -72,6 +73,20 @@ def one_process(synth, tmp_path_factory):
     return get
 
 
+@pytest.fixture(scope='module')
+def two_ranks(synth, tmp_path_factory):
+    """The uninterrupted 2-rank run of each cell (batch 4 per rank), made once and shared."""
+    runs = {}
+
+    def get(cell):
+        if cell not in runs:
+            out = tmp_path_factory.mktemp(cell + '-2ranks')
+            run(command(cell, synth, out, launcher=TORCHRUN, batch_size=4))
+            runs[cell] = out
+        return runs[cell]
+    return get
+
+
 def step_records(out_dir):
     return [r for r in read_log(out_dir) if 'loss' in r]
 
@@ -93,15 +108,17 @@ def test_single_process_run_leaves_a_checkpoint_evaluate_loads(cell, one_process
     if cell.startswith('tgdp'):
         assert ckpt['teacher'] is not None
         assert ('dis' in records[0]) == ('--dis_weight=0.0' not in CELLS[cell])
+    if 'shards' in cell:  # per epoch 2 steps of 2 x 8 clips: 8 of 40 left out, less than one step's 16
+        epochs = [json.loads(line) for line in open(out / 'epochs.jsonl')]
+        assert [(e['epoch'], e['clips_used'], e['clips_left_out']) for e in epochs] == [(0, 32, 8), (1, 32, 8), (2, 32, 8)]
     if 'curriculum' in cell:  # the batch and ratio follow the epoch: 2 steps of 16 clips at 0.9, then 8 at 0.8
         assert [(r['batch_size'], round(r['mask_ratio'], 6)) for r in records] == [(16, 0.9)] * 2 + [(8, 0.8)] * 4
 
 
 @pytest.mark.parametrize('cell', CELLS)
-def test_two_gloo_ranks_match_one_process(cell, one_process, synth, tmp_path):
-    one = one_process(cell)
-    run(command(cell, synth, tmp_path, launcher=TORCHRUN, batch_size=4))
-    log1, log2 = step_records(one), step_records(tmp_path)
+def test_two_gloo_ranks_match_one_process(cell, one_process, two_ranks, synth):
+    one, two = one_process(cell), two_ranks(cell)
+    log1, log2 = step_records(one), step_records(two)
     assert len(log1) == len(log2) == 6
     if 'shards' in cell:  # other clips per batch by design: the ranks just keep in step (equal batch counts)
         steps = [[(r['iter'], r['epoch'], r['batch_size']) for r in log] for log in (log1, log2)]
@@ -114,14 +131,14 @@ def test_two_gloo_ranks_match_one_process(cell, one_process, synth, tmp_path):
                 assert abs(r1[key] - r2[key]) < 1e-4 * max(1.0, abs(r1[key])), (cell, r1['iter'], key, r1[key], r2[key])
     # Adam turns rounding noise in near-zero gradients into +-lr steps: judge the weights by the share that
     # moved apart by more than a thousandth of a step, and by the optimiser's first moments
-    a, b = load_ckpt(one), load_ckpt(tmp_path)
+    a, b = load_ckpt(one), load_ckpt(two)
     differ = sum((a['model'][k] - b['model'][k]).abs().gt(1e-6).sum().item() for k in a['model'])
     total = sum(v.numel() for v in a['model'].values())
     assert differ / total < 0.01, (cell, differ, total)
     for k, s1 in a['optimizer']['state'].items():
         s2 = b['optimizer']['state'][k]['exp_avg']
         assert torch.allclose(s1['exp_avg'], s2, rtol=1e-3, atol=1e-7), (cell, k, (s1['exp_avg'] - s2).abs().max())
-    retrieval = [[r['retrieval'] for r in read_log(out) if 'retrieval' in r] for out in (one, tmp_path)]
+    retrieval = [[r['retrieval'] for r in read_log(out) if 'retrieval' in r] for out in (one, two)]
     assert retrieval[0] == retrieval[1] and len(retrieval[0]) == (2 if cell == 'tgdp' else 1)  # every rank extracts
 
 
@@ -150,6 +167,29 @@ def test_sigterm_and_resume_equal_the_uninterrupted_run(cell, one_process, synth
         for k in a[part] or {}:
             assert torch.equal(a[part][k], b[part][k]), (cell, part, k)
     assert {r['iter']: r['loss'] for r in step_records(full)} == {r['iter']: r['loss'] for r in step_records(tmp_path)}
+
+
+def test_a_rank_killed_mid_run_restarts_and_ends_as_the_uninterrupted_run(two_ranks, synth, tmp_path):
+    """torchrun --max-restarts=1; rank 1 SIGKILLed in step 5 of 6 on the first attempt (checkpoint and
+    retrieval at step 3): the restart, the same command, resumes the out_dir's checkpoint, and the run
+    ends with the uninterrupted run's weights, optimiser state and log, bit for bit."""
+    wrapper = killing_wrapper(tmp_path / 'kill.py', kill_at=5, rank='1')
+    launcher = (*TORCHRUN, '--max-restarts=1', str(wrapper))
+    cmd = command('tgdp', synth, tmp_path / 'out', launcher=launcher, batch_size=4)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,  # main's hangs
+                          env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert 'at iteration 3 of 6' in proc.stdout, proc.stdout[-2000:]
+    full, out = two_ranks('tgdp'), tmp_path / 'out'
+    a, b = load_ckpt(full), load_ckpt(out)
+    assert a['iter_num'] == b['iter_num'] == 6
+    for part in ('model', 'teacher'):
+        assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
+    for k, s in a['optimizer']['state'].items():
+        assert all(torch.equal(t, b['optimizer']['state'][k][n]) for n, t in s.items()), k
+    timeless = [[{k: v for k, v in r.items() if k not in ('clips_s', 'mfu')} for r in read_log(d)]
+                for d in (full, out)]
+    assert timeless[0] == timeless[1]  # steps 4 and 5 logged once, as in the uninterrupted run
 
 
 def test_loader_workers_live_across_epochs(synth, tmp_path):
@@ -204,9 +244,9 @@ def test_retrieval_during_training_is_spread_over_the_ranks(synth, tmp_path):
         f'sys.path.insert(0, {ROOT!r})\n'
         'import evaluate, torch.distributed as dist\n'
         'extract, init = evaluate.extract_features, dist.init_process_group\n'
-        'def spy_extract(model, dataset, batch_size=8, device="cpu", num_workers=0):\n'
+        'def spy_extract(model, dataset, batch_size=8, device="cpu", num_workers=0, dtype="float32"):\n'
         f'    open({str(spy_log)!r}, "a").write(f"extract {{dist.get_rank()}} {{len(dataset)}} {{num_workers}}\\n")\n'
-        '    return extract(model, dataset, batch_size, device, num_workers)\n'
+        '    return extract(model, dataset, batch_size, device, num_workers, dtype)\n'
         'def spy_init(*args, **kw):\n'
         f'    open({str(spy_log)!r}, "a").write(f"timeout {{kw.get(\'timeout\')}}\\n")\n'
         '    return init(*args, **kw)\n'

@@ -220,3 +220,126 @@ def test_bench_mode_prints_throughput_row_and_profile(tmp_path):
     assert float(cells[4]) == float(f'{expected / 1e9:.4g}')  # GFLOP/clip
     assert cells[6] == cells[7] == 'n/a'  # MFU and peak memory are GPU-only
     assert 'aten::' in (tmp_path / 'profile.txt').read_text()
+
+
+# -----------------------------------------------------------------------------
+# restarts, checkpoints, unreadable clips (issue 22)
+
+def killing_wrapper(path, kill_at, rank='0'):
+    """A train.py launcher that SIGKILLs rank `rank` as its kill_at-th micro-batch's loss is computed
+    (losses.info_nce, once per micro-batch), on a first attempt only (torchrun's restart count 0)."""
+    path.write_text(
+        'import os, runpy, signal, sys\n'
+        f'sys.path.insert(0, {ROOT!r})\n'
+        'import losses\n'
+        'calls, info_nce = [0], losses.info_nce\n'
+        'def spy(*args, **kw):\n'
+        '    calls[0] += 1\n'
+        f'    if (calls[0] == {kill_at} and os.environ.get("RANK", "0") == {rank!r}\n'
+        '            and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"):\n'
+        '        os.kill(os.getpid(), signal.SIGKILL)\n'
+        '    return info_nce(*args, **kw)\n'
+        'losses.info_nce = spy\n'
+        'sys.argv = sys.argv[1:]  # launched as `python WRAPPER train.py ARGS`\n'
+        f'runpy.run_path({os.path.join(ROOT, "train.py")!r}, run_name="__main__")\n')
+    return path
+
+
+def same_run(a, b):
+    """Two out_dirs hold the same final weights, optimiser state and logged losses, bit for bit."""
+    ca, cb = load_ckpt(a), load_ckpt(b)
+    assert ca['iter_num'] == cb['iter_num']
+    for part in ('model', 'teacher'):
+        assert ca[part].keys() == cb[part].keys()
+        assert all(torch.equal(ca[part][k], cb[part][k]) for k in ca[part]), part
+    for k, s in ca['optimizer']['state'].items():
+        assert all(torch.equal(t, cb['optimizer']['state'][k][n]) for n, t in s.items()), k
+    timeless = [[{k: v for k, v in r.items() if k not in ('clips_s', 'mfu')} for r in read_log(d)] for d in (a, b)]
+    assert timeless[0] == timeless[1]
+
+
+RESTART = ['--max_iters=4', '--eval_interval=2', '--epochs=1.0']  # 10 steps an epoch: stops at 4
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(synth, tmp_path_factory):
+    out = tmp_path_factory.mktemp('uninterrupted')
+    train(*RESTART, out_dir=out, data=synth)
+    return out
+
+
+def test_a_restart_continues_and_a_finished_run_says_so(synth, uninterrupted, tmp_path):
+    wrapper = killing_wrapper(tmp_path / 'kill.py', kill_at=4)  # in step 4: the checkpoint of step 2 is kept
+    proc = train(*RESTART, out_dir=tmp_path / 'out', data=synth, check=False, launcher=(sys.executable, str(wrapper)))
+    assert proc.returncode == -signal.SIGKILL
+    assert load_ckpt(tmp_path / 'out')['iter_num'] == 2 and len(read_log(tmp_path / 'out')) == 3
+    proc = train(*RESTART, out_dir=tmp_path / 'out', data=synth)  # the same command again: init_from='scratch'
+    assert 'resuming' in proc.stdout and 'ckpt.pt at iteration 2 of 4' in proc.stdout
+    assert 'dropped 1 records after iteration 2' in proc.stdout  # step 3's record: run again, not repeated
+    same_run(uninterrupted, tmp_path / 'out')
+    files = {p.name: p.read_bytes() for p in (tmp_path / 'out').iterdir()}
+    proc = train(*RESTART, out_dir=tmp_path / 'out', data=synth)
+    assert 'this run is finished (4 of 4 iterations)' in proc.stdout and 'iter 1:' not in proc.stdout
+    assert {p.name: p.read_bytes() for p in (tmp_path / 'out').iterdir()} == files  # nothing rewritten
+    epochs = [json.loads(line) for line in open(tmp_path / 'out' / 'epochs.jsonl')]
+    assert epochs == [dict(iter=0, epoch=0, clips=40, clips_used=40, clips_left_out=0)]
+
+
+def test_an_unreadable_checkpoint_falls_back_to_the_previous_one(synth, uninterrupted, tmp_path):
+    out = tmp_path / 'out'
+    out.mkdir()
+    for name in ('ckpt.pt', 'ckpt_prev.pt', 'log.jsonl', 'epochs.jsonl'):
+        (out / name).write_bytes((uninterrupted / name).read_bytes())
+    assert load_ckpt(out)['iter_num'] == 4
+    assert torch.load(out / 'ckpt_prev.pt', weights_only=True)['iter_num'] == 2  # the rotation kept it
+    (out / 'ckpt.pt').write_bytes((out / 'ckpt.pt').read_bytes()[:100_000])  # a copy cut short
+    proc = train(*RESTART, out_dir=out, data=synth)
+    assert f'{out / "ckpt.pt"}: cannot be read' in proc.stderr
+    assert f'resuming from the previous checkpoint {out / "ckpt_prev.pt"}' in proc.stderr
+    assert (out / 'ckpt_unreadable.pt').stat().st_size == 100_000  # kept, out of the rotation
+    same_run(uninterrupted, out)  # steps 3 and 4 recomputed from the older checkpoint
+
+
+def test_skip_bad_skips_and_counts_unreadable_clips(synth, tmp_path):
+    """One clip missing at start-up (dropped, listed) and one that goes bad mid-run (every load fails:
+    replaced in its batch, counted in the log); without skip_bad the run stops naming the file."""
+    data = tmp_path / 'data'
+    entries = json.load(open(synth / 'train.json'))['data']
+    for e in entries:
+        e['wav'], e['video_path'] = str(synth / e['wav']), str(synth / e['video_path'])
+    entries[0]['wav'] = str(tmp_path / 'deleted.wav')  # missing from the start
+    data.mkdir()
+    (data / 'train.json').write_text(json.dumps({'data': entries}))
+    bad_id = entries[5]['video_id']
+    wrapper = tmp_path / 'bad.py'
+    wrapper.write_text(
+        'import runpy, sys\n'
+        f'sys.path.insert(0, {ROOT!r})\n'
+        'import data\n'
+        'load_frame = data.load_frame\n'
+        'def spy(path, img_size, clip_id="", draft=False):\n'
+        f'    if clip_id == {bad_id!r}:\n'
+        '        raise data.ClipError(f"clip {clip_id!r}: cannot read frame file {path}: gone bad")\n'
+        '    return load_frame(path, img_size, clip_id, draft)\n'
+        'data.load_frame = spy\n'
+        'sys.argv = sys.argv[1:]\n'
+        f'runpy.run_path({os.path.join(ROOT, "train.py")!r}, run_name="__main__")\n')
+    launcher = (sys.executable, str(wrapper))
+    proc = train('--max_iters=18', '--skip_bad=True', out_dir=tmp_path / 'out', data=data, launcher=launcher)
+    assert (tmp_path / 'out' / 'bad_clips.txt').read_text() == entries[0]['video_id'] + '\n'
+    epochs = [json.loads(line) for line in open(tmp_path / 'out' / 'epochs.jsonl')]
+    assert [(e['clips'], e['clips_used'], e['clips_left_out']) for e in epochs] == [(39, 36, 3)] * 2
+    # the bad clip is in every epoch's batches unless it is among the 3 left out: count its uses
+    import data as data_module
+    dataset = data_module.AVDataset(str(data / 'train.json'), skip_bad=True, bad_list='')
+    at = [i for i, c in enumerate(dataset.clips) if c['id'] == bad_id][0]
+    sampler = torch.utils.data.DistributedSampler(dataset, 1, 0, shuffle=True, seed=1337, drop_last=True)
+    uses = 0
+    for epoch, steps in ((0, 9), (1, 9)):
+        sampler.set_epoch(epoch)
+        uses += at in list(sampler)[:steps * 4]
+    records = read_log(tmp_path / 'out')
+    assert sum(r['skipped_clips'] for r in records if 'loss' in r) == uses > 0
+    assert f"cannot read frame file" in proc.stderr and 'gone bad' in proc.stderr
+    proc = train('--max_iters=18', out_dir=tmp_path / 'strict', data=data, check=False)
+    assert proc.returncode != 0 and 'deleted.wav' in proc.stderr  # default: an error naming the file
