@@ -410,7 +410,7 @@ class AVDataset(torch.utils.data.Dataset):
     """CAV-MAE JSON or a shard set (+ optional label CSV) -> items (the CAV-MAE Sync input pipeline):
     train: audio (L, F), image (3, H, W), frame (int, drawn per (seed, epoch, clip index)), label, id
     eval:  audio (T, L, F), image (T, 3, H, W), label, id  (one fbank per clip, T segments)
-    data_json: a dataset JSON, or shards written by `data.py shard` (their folder, their index.json,
+    data_json: a dataset JSON, or shards written by `scripts/shard.py` (their folder, their index.json,
     a brace pattern 'DIR/shards-{00000..00012}.tar' or one .tar); shard members are read by byte
     offset, and the items equal those of the JSON the shards were packed from (same order).
     label: float32 multi-hot (num_classes,), length 0 without a label CSV. A clip with no labels gets
@@ -595,7 +595,7 @@ def tar_members(tar, start, end):
             raise ClipError(f"{tar}: no valid tar header at byte {pos} ({e})") from e
         if block[156:157] not in (b'0', b'\0'):
             raise ClipError(f"{tar}: member {name!r} at byte {pos} is not a plain file "
-                            f"(only ustar shards as `data.py shard` writes them are read)")
+                            f"(only ustar shards as `scripts/shard.py` writes them are read)")
         members.append((f'{prefix}/{name}' if prefix else name, pos + 512, size))
         pos += 512 + (size + 511) // 512 * 512
     return members
@@ -664,7 +664,7 @@ def expand_braces(pattern):
 
 
 def is_shard_set(spec):
-    """A shard folder, a .tar or brace pattern, or an index.json written by `data.py shard`."""
+    """A shard folder, a .tar or brace pattern, or an index.json written by `scripts/shard.py`."""
     spec = str(spec)
     if os.path.isdir(spec) or spec.endswith('.tar') or '{' in spec:
         return True
@@ -679,7 +679,7 @@ def read_shard_index(path):
         index = json.load(f)
     if not index.get('complete'):
         raise ValueError(f"{path}: the shards are still being written (or the run stopped): "
-                         f"run `data.py shard` again to finish them")
+                         f"run `scripts/shard.py` again to finish them")
     return index
 
 

@@ -3,7 +3,7 @@ TG-DP pretraining (the TG-DP paper's method and recipe), and the CAV-MAE Sync / 
 baselines.
 
 A debug run on one CPU or GPU:
-$ python data.py synth --out data_synth && python train.py config/demo.py
+$ python scripts/synth.py --out data_synth && python train.py config/demo.py
 One node with 8 GPUs:
 $ torchrun --standalone --nproc_per_node=8 train.py config/tgdp_as2m.py
 Several nodes (run on each; rank 0's address as master):
@@ -40,7 +40,7 @@ from model import (CAVMAESync, ModelConfig, autocast, ema_update, forward_flops,
 # default config: the TG-DP paper setting
 # I/O
 out_dir = 'out'
-train_json = ''                # CAV-MAE layout JSON (data.py prepare / synth) or a shard set
+train_json = ''                # CAV-MAE layout JSON (scripts/prepare.py, synth.py) or a shard set
 eval_json = ''                 # held-out clips (JSON or shard set), periodic retrieval ('' = none)
 eval_interval = 2000           # iterations between retrieval evaluation + checkpoint
 log_interval = 20
