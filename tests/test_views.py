@@ -1,42 +1,19 @@
 """scripts/views.py: what TG-DP's contrastive views keep (teacher priority mass, overlap across
 clips, object pixels), on a planted teacher and through the command line with a random tiny
 checkpoint."""
-import dataclasses
 import json
-import os
 
 import numpy as np
 import pytest
 import torch
 
 import masking
-from model import CAVMAESync, ModelConfig, make_teacher
+from model import ModelConfig
 from scripts import views
-from scripts.synth import make_synthetic
 
-TINY = dict(audio_length=64, img_size=32, embed_dim=64, num_heads=4, modality_depth=1,
-            decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=4, num_registers=2)
+from test_localize import ckpt, synth  # noqa: F401  (the same tiny clips and random checkpoint)
 
 pytestmark = pytest.mark.usefixtures('one_thread')
-
-
-@pytest.fixture(scope='module')
-def synth(tmp_path_factory):
-    """40 clips of 4 classes (32 train, 8 eval) with object masks, frames at the tiny model size."""
-    out = str(tmp_path_factory.mktemp('synth'))
-    make_synthetic(out, num_clips=40, seed=0, num_classes=4, frame_size=32)
-    return dict(eval=os.path.join(out, 'eval.json'))
-
-
-@pytest.fixture(scope='module')
-def ckpt(tmp_path_factory):
-    torch.manual_seed(0)
-    config = ModelConfig(**TINY)
-    model = CAVMAESync(config)
-    path = str(tmp_path_factory.mktemp('ckpt') / 'ckpt.pt')
-    torch.save(dict(model=model.state_dict(), teacher=make_teacher(model).state_dict(),
-                    model_args=dataclasses.asdict(config), config={}, iter_num=0, epoch=0), path)
-    return path
 
 
 def test_keep_overlap_is_the_pairwise_jaccard():
