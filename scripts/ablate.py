@@ -16,9 +16,9 @@ seeds as a line, min..max as a band). OUT is out/ablate (--quick: out/ablate_qui
 Finished runs are skipped and an interrupted one resumes from its checkpoint, so the command can be
 stopped and started again; --runs picks rows.
 
-  table 5  single vs dual pass: --method=sync; --method=dualpass --contrastive_mask_ratio=0.75;
-  TG-DP table 6  contrastive mask ratio: TG-DP with --contrastive_mask_ratio= 0, 0.2, 0.5, 0.65,
-  0.75 table 7  distillation: TG-DP with --dis_weight=0; TG-DP
+  table 5  single vs dual pass: --method=sync; --method=dualpass --contrastive_mask_ratio=0.75; TG-DP
+  table 6  contrastive mask ratio: TG-DP with --contrastive_mask_ratio= 0, 0.2, 0.5, 0.65, 0.75
+  table 7  distillation: TG-DP with --dis_weight=0; TG-DP
   table 8  contrastive view: TG-DP with --contrastive_masking= random, guided, gumbel
 
 Fixed before any comparison and the same for every row (ABLATION_DATA, ABLATION_SETTINGS): 400
