@@ -22,8 +22,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 from evaluate import STRATEGIES, features_for, make_dataset, similarity
 from model import ModelConfig
-from scripts.plot import (add_model_args, checkpoint_titles, frame_to_rgb, parse_model_args,
-                          save_png, spectrogram_to_rgb)
+from scripts.plot import (add_compare_args, add_model_args, checkpoint_titles, frame_to_rgb,
+                          parse_model_args, pick_frame, save_png, spectrogram_to_rgb)
 
 
 def case_study(features, queries, k=5, strategy='diag_mean'):
@@ -48,9 +48,7 @@ def cases_plot(dataset, features, out_path, queries, k=5, titles=None, frame=Non
     features = [features] if isinstance(features, dict) else list(features)
     titles = titles or [f'checkpoint {p + 1}' for p in range(len(features))]
     T = features[0]['g_a'].shape[1]
-    t = T // 2 if frame is None else frame
-    if not 0 <= t < T:
-        raise ValueError(f'--frame {t} is outside 0..{T - 1}')
+    t = pick_frame(frame, T)
     Q = len(queries)
     items = {}
 
@@ -114,10 +112,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(parser)
-    parser.add_argument('--cache', help='directory for extracted features, reused across runs')
-    parser.add_argument('--compare', help='a second checkpoint, drawn beside the first')
-    parser.add_argument('--titles', nargs='+',
-                        help="panel titles (default: the checkpoints' folder names)")
+    add_compare_args(parser)
     parser.add_argument('--data', required=True, help='dataset JSON or shard set')
     parser.add_argument('--out', required=True, help='output .png')
     parser.add_argument('--queries', type=int, nargs='+',

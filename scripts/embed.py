@@ -35,8 +35,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
 from evaluate import features_for
-from scripts.plot import (add_model_args, checkpoint_titles, class_colour, marker, parse_model_args,
-                          save_png)
+from scripts.plot import (add_compare_args, add_model_args, checkpoint_titles, class_colour, marker,
+                          parse_model_args, save_png)
 
 
 def clip_embeddings(g):
@@ -257,10 +257,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(parser)
-    parser.add_argument('--cache', help='directory for extracted features, reused across runs')
-    parser.add_argument('--compare', help='a second checkpoint, drawn beside the first')
-    parser.add_argument('--titles', nargs='+',
-                        help="panel titles (default: the checkpoints' folder names)")
+    add_compare_args(parser)
     parser.add_argument('--data', required=True, help='dataset JSON or shard set')
     parser.add_argument('--label_csv', required=True)
     parser.add_argument('--out', required=True, help='output .png')

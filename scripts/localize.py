@@ -59,7 +59,7 @@ import data
 from evaluate import load_model, print_table
 from model import autocast
 from scripts.plot import (TURBO, add_model_args, colormap, frame_to_rgb, parse_model_args,
-                          safe_name, unit_range)
+                          pick_frame, safe_name, unit_range)
 
 PROTOCOLS = ('ezvsl', 'denseav')
 GEOMETRY = {'ezvsl': 'full',
@@ -134,9 +134,7 @@ def localize(model, dataset, out_dir, frame=None, num_clips=16, batch_size=8, de
     for batch in tqdm(clip_loader(dataset, num_clips, batch_size, num_workers), desc='localize',
                       leave=False):
         T = batch['audio'].shape[1]
-        t = T // 2 if frame is None else frame
-        if not 0 <= t < T:
-            raise ValueError(f'--frame {t} is outside 0..{T - 1}')
+        t = pick_frame(frame, T)
         audio = batch['audio'][:, t].to(device)  # (B, L, F)
         image = batch['image'][:, t].to(device)  # (B, 3, H, W)
         heat = localization_map(model, audio, image, dtype).cpu()  # (B, H, W)

@@ -117,6 +117,22 @@ def add_model_args(parser):
                         help='frames (and aligned segments) per clip')
 
 
+def add_compare_args(parser):
+    """The options of a tool that draws one or two checkpoints side by side."""
+    parser.add_argument('--cache', help='directory for extracted features, reused across runs')
+    parser.add_argument('--compare', help='a second checkpoint, drawn beside the first')
+    parser.add_argument('--titles', nargs='+',
+                        help="panel titles (default: the checkpoints' folder names)")
+
+
+def pick_frame(frame, T):
+    """The frame a picture shows: --frame, or the middle one of T; an error outside 0..T-1."""
+    t = T // 2 if frame is None else frame
+    if not 0 <= t < T:
+        raise ValueError(f'--frame {t} is outside 0..{T - 1}')
+    return t
+
+
 def parse_model_args(parser, argv=None):
     """parser.parse_args with --dtype filled in from --device."""
     args = parser.parse_args(argv)

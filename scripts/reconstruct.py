@@ -25,7 +25,7 @@ import data
 import masking
 from evaluate import load_model, make_dataset
 from model import autocast
-from scripts.plot import (add_model_args, frame_to_rgb, parse_model_args, save_png,
+from scripts.plot import (add_model_args, frame_to_rgb, parse_model_args, pick_frame, save_png,
                           spectrogram_to_rgb)
 
 PAD, HEADER = 4, 16  # pixels between cells, height of the column titles
@@ -90,9 +90,7 @@ def reconstruct(model, dataset, out_path, frame=None, num_clips=4, mask_ratio=0.
         raise ValueError('reconstruct needs the decoder: --weights model (the teacher has none)')
     batch = data.collate([dataset[i] for i in range(min(num_clips, len(dataset)))])
     T = batch['audio'].shape[1]
-    t = T // 2 if frame is None else frame
-    if not 0 <= t < T:
-        raise ValueError(f'--frame {t} is outside 0..{T - 1}')
+    t = pick_frame(frame, T)
     audio = batch['audio'][:, t].to(device)  # (B, L, F)
     image = batch['image'][:, t].to(device)  # (B, 3, H, W)
     gen = torch.Generator().manual_seed(seed)  # the random masks
