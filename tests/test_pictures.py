@@ -240,3 +240,11 @@ def test_embed_writes_pca_plot(synth, ckpts, tmp_path):
     pixels = assert_png(out, (400, 400))
     for k in range(NUM_CLASSES):  # every class colour is drawn
         assert (pixels == class_colour(k)).all(axis=-1).any()
+
+
+def test_pick_frame_is_the_middle_or_the_asked_one_and_checks_the_range():
+    from scripts.plot import pick_frame
+    assert pick_frame(None, 16) == 8 and pick_frame(0, 16) == 0 and pick_frame(15, 16) == 15
+    for bad in (-1, 16):
+        with pytest.raises(ValueError, match=r'--frame .* outside 0\.\.15'):
+            pick_frame(bad, 16)
