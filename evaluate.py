@@ -12,8 +12,7 @@ Evaluation with the papers' protocols (TG-DP and CAV-MAE Sync), so that results 
       --label_csv class_labels_indices.csv --cache feats [--augment cached]
 
 --ckpt: a train.py checkpoint (--weights teacher: its EMA teacher) or an official CAV-MAE Sync /
-TG-DP release. Features are extracted with all T frames of a batch of clips in one forward and,
-with --cache DIR, stored for the next run.
+TG-DP release. One forward runs all T frames of a batch of clips; --cache DIR keeps the features.
 """
 import argparse
 import dataclasses
@@ -43,9 +42,8 @@ PROBE_INPUTS = ('global', 'patch', 'register', 'joint')
 # loading
 
 def load_model(ckpt_path, device='cpu', weights='model'):
-    """A train.py checkpoint or an official CAV-MAE Sync / TG-DP state dict -> CAVMAESync in eval
-    mode, read by model.read_checkpoint, loaded by model.load_weights (as train.py's init_from).
-    weights='teacher': the EMA teacher, built without a decoder so that the load stays strict."""
+    """A train.py checkpoint or an official CAV-MAE Sync / TG-DP release -> CAVMAESync in eval mode,
+    loaded as train.py's init_from. 'teacher': the EMA teacher, built without a decoder (strict)."""
     if weights not in ('model', 'teacher'):
         raise ValueError(f"weights must be 'model' or 'teacher', got {weights!r}")
     ckpt = read_checkpoint(ckpt_path)
@@ -64,9 +62,8 @@ def load_model(ckpt_path, device='cpu', weights='model'):
 
 
 def make_dataset(data_json, label_csv, config, num_frames=16, masks=False):
-    """Eval-mode data.AVDataset (all T frames and their segments) of a dataset JSON or shard set at
-    the model's input sizes; with a label CSV every clip must carry labels; masks=True adds object
-    masks."""
+    """Eval-mode data.AVDataset (all T frames) of a dataset JSON or shard set at the model's input
+    sizes; with a label CSV every clip must carry labels; masks=True adds object masks."""
     return data.AVDataset(data_json, label_csv=label_csv, mode='eval',
                           audio_length=config.audio_length, num_mel_bins=config.num_mel_bins,
                           img_size=config.img_size, num_frames=num_frames,
@@ -78,11 +75,9 @@ def make_dataset(data_json, label_csv, config, num_frames=16, masks=False):
 
 def frame_vectors(model, audio, image, embedding='joint'):
     """One vector per frame and modality: audio (B, L, F), image (B, 3, H, W) -> a, v (B, D).
-      joint     g_a, g_v after the joint layer's audio / visual passes and norm_a / norm_v
-                (the retrieval embedding)
-      global    the modality encoders' global-token outputs, before the joint layer, no LayerNorm:
-                the releases' probe input (CAVMAEFT, cls_token=True; it runs the joint layer and
-                discards it)
+      joint     g_a, g_v after the joint layer and norm_a / norm_v (the retrieval embedding)
+      global    the encoders' global-token outputs, no joint layer, no LayerNorm: the releases'
+                probe input (CAVMAEFT, cls_token=True, runs the joint layer and discards it)
       patch     the mean of the encoders' patch outputs (CAVMAEFT with cls_token=False)
       register  the mean of the encoders' register outputs (CAVMAEFT drops them)"""
     c = model.config
@@ -108,9 +103,8 @@ def frame_vectors(model, audio, image, embedding='joint'):
 @torch.no_grad()
 def extract_features(model, dataset, batch_size=8, device='cpu', num_workers=0, dtype='float32',
                      embedding='joint'):
-    """frame_vectors of every clip, a batch of batch_size clips x T frames per forward, under the
-    caller's precision model.autocast(device, dtype). -> dict(g_a, g_v (N, T, D) float32 on CPU (the
-    `embedding` vectors), labels (N, C), ids [N], class_names [C], embedding)."""
+    """frame_vectors of every clip (batch_size clips x T frames per forward, autocast to dtype) ->
+    dict(g_a, g_v (N, T, D) float32 on CPU, labels (N, C), ids [N], class_names [C], embedding)."""
     was_training = model.training
     model.eval()
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
@@ -150,7 +144,7 @@ def features_for(ckpt, data_json, label_csv=None, weights='model', embedding='jo
                  num_frames=16, cache=None, get_model=None, dtype='float32', batch_size=8,
                  device='cpu', num_workers=0):
     """extract_features of ckpt's `weights` on data_json (+ 'model_args'), through the cache
-    directory when given (the key: the files, weights, embedding, num_frames, dtype). get_model()
+    directory when given (keyed by the files, weights, embedding, num_frames, dtype). get_model()
     loads the model, only when needed (default load_model(ckpt, device, weights))."""
     stamps = [_file_stamp(ckpt), weights, _data_stamp(data_json),
               _file_stamp(label_csv) if label_csv else None, num_frames, embedding, dtype]
@@ -180,8 +174,7 @@ def features_for(ckpt, data_json, label_csv=None, weights='model', embedding='jo
 # retrieval
 
 def similarity(query, candidates, strategy='diag_mean', max_elements=2 ** 26):
-    """Clip-to-clip scores (N, M) of per-frame embeddings query (N, T, D), candidates (M, T, D),
-    frame t aligned with frame t. With cos the cosine of two frames:
+    """Clip-to-clip scores (N, M) of per-frame embeddings query (N, T, D), candidates (M, T, D):
       diag_mean   mean_t   cos(q_t, c_t)     (the papers' default)
       block_mean  mean_t,s cos(q_t, c_s)
       diag_max    max_t    cos(q_t, c_t)
@@ -218,9 +211,8 @@ def similarity(query, candidates, strategy='diag_mean', max_elements=2 ** 26):
 
 
 def retrieval_metrics(sim):
-    """sim (N, N): row i scores query i against every candidate, its match is candidate i. Rank = 1
-    + the other candidates scoring at least as high (a tie counts against the model) -> R@1/5/10
-    (percent of queries), median rank."""
+    """R@1/5/10 (percent) and median rank of sim (N, N), query i matching candidate i. Rank = 1 +
+    the other candidates scoring at least as high (a tie counts against the model)."""
     if sim.dim() != 2 or sim.shape[0] != sim.shape[1]:
         raise ValueError(f'sim must be square (query i matches candidate i), '
                          f'got {tuple(sim.shape)}')
@@ -233,8 +225,8 @@ def retrieval_metrics(sim):
 
 
 def retrieval(features, strategies=('diag_mean',), device='cpu'):
-    """{strategy: {'V->A': metrics, 'A->V': metrics}} of g_a, g_v (N, T, D) scored on device (V->A:
-    visual queries; A->V the transpose, every strategy being symmetric)."""
+    """{strategy: {'V->A': metrics, 'A->V': metrics}} of g_a, g_v (N, T, D) (V->A: visual queries;
+    A->V the transpose, every strategy being symmetric)."""
     g_a, g_v = features['g_a'].to(device), features['g_v'].to(device)
     results = {}
     for strategy in strategies:
@@ -259,10 +251,8 @@ def print_table(header, rows, left=1):
 # attention probe
 
 def average_precisions(scores, targets):
-    """Per-class AP (C,) of scores, targets (N, C) (> 0: positive), sklearn's
-    average_precision_score: the mean over a class's positives of the precision among clips scoring
-    at least as high (tied clips share a threshold). A class without positives gets 0, as in
-    CAV-MAE's stats.py."""
+    """Per-class AP (C,) of scores, targets (N, C) (> 0: positive) as sklearn's
+    average_precision_score (tied clips share a threshold); 0 without positives (as stats.py)."""
     scores, positive = scores.double(), targets > 0
     if scores.shape != positive.shape or scores.dim() != 2:
         raise ValueError(f'scores and targets must both be (N, C), '
@@ -280,8 +270,7 @@ def average_precisions(scores, targets):
 
 
 def mean_average_precision(scores, targets):
-    """mAP (percent) over every class, one without positives counting 0 (CAV-MAE's stats.py): on an
-    eval set lacking some classes, below the mean over the classes present (probe prints both)."""
+    """mAP (percent) over every class, one without positives counting 0 (CAV-MAE's stats.py)."""
     if not (targets > 0).any():
         raise ValueError('no class has a positive: mAP is undefined')
     return 100.0 * average_precisions(scores, targets).mean().item()
@@ -336,41 +325,39 @@ def probe_metric(logits, targets, multilabel):
 
 def label_type_from_csv(label_csv):
     """'multi' (BCE, mAP) when every id of the label CSV is an AudioSet ontology id (/m/, /g/, /t/),
-    else 'single' (cross-entropy, top-1): the label set decides, not the clips' label counts."""
+    else 'single' (cross-entropy, top-1)."""
     mid_to_index, _ = data.read_label_csv(label_csv)
     audioset = all(mid.startswith(('/m/', '/g/', '/t/')) for mid in mid_to_index)
     return 'multi' if audioset else 'single'
 
 
 def class_balanced_weights(labels):
-    """Per-clip sampling weights as CAV-MAE's gen_weight_file.py: a class weighs 1000 / (its clips +
-    0.01), a clip the sum of its classes'. labels (N, C), > 0 = positive -> (N,) float64."""
+    """Per-clip sampling weights (N,) as CAV-MAE's gen_weight_file.py: a class weighs 1000 / (its
+    clips + 0.01), a clip the sum of its classes'."""
     positive = (labels > 0).double()  # (N, C)
     return positive @ (1000.0 / (positive.sum(dim=0) + 0.01))
 
 
 def epoch_order(num_clips, gen, weights=None):
-    """One probe epoch's clips: a permutation, or num_clips draws with replacement in proportion to
-    weights (WeightedRandomSampler(weights, num_clips)'s draws, as the CAV-MAE release)."""
+    """One probe epoch's clips: a permutation, or num_clips weighted draws with replacement (the
+    draws of the CAV-MAE release's WeightedRandomSampler)."""
     if weights is None:
         return torch.randperm(num_clips, generator=gen)
     return torch.multinomial(weights, num_clips, replacement=True, generator=gen)
 
 
 def other_clip(index, num_clips, draw):
-    """A mixup partner, uniform over the other clips (never the clip itself: that would be no
-    mixup); draw(low, high) returns integers in [low, high)."""
+    """A mixup partner, uniform over the other clips (never the clip itself); draw(low, high)
+    returns integers in [low, high)."""
     return (index + draw(1, num_clips)) % num_clips
 
 
 class AugmentedClips(torch.utils.data.Dataset):
     """The papers' probe augmentation at the input (CAV-MAE's fine-tuning mixup, plus a time shift)
-    of the clips `order` of an eval-mode AVDataset (files or shards), item i drawn from (seed,
-    epoch, i): with probability `mixup` a partner (other_clip) and lambda ~ Beta(10, 10) mix the
-    mean-removed waveforms (the partner cut or zero-padded to the clip's length; the mix
-    mean-removed), every frame and the labels; then the waveform rolls by up to data.MAX_TIME_SHIFT
-    samples (the pretraining shift: segments stay with their frames). Built by AVDataset's
-    data.eval_inputs / data.eval_segments."""
+    of the clips `order` of an eval-mode AVDataset, item i drawn from (seed, epoch, i): with
+    probability `mixup` a partner and lambda ~ Beta(10, 10) mix the waveforms (the partner cut or
+    zero-padded), every frame and the labels; then the waveform rolls by up to
+    data.MAX_TIME_SHIFT samples (the pretraining shift: segments stay with their frames)."""
 
     def __init__(self, dataset, order, epoch, seed=0, mixup=0.5):
         self.dataset, self.order, self.epoch = dataset, order.tolist(), epoch
@@ -402,9 +389,8 @@ class AugmentedClips(torch.utils.data.Dataset):
 
 
 def mixed_cached_batches(train_x, train_y, order, batch_size, mixup, gen, beta):
-    """The quick option's batches (x (B, T, dim), y (B, C)) of the clips `order`: each clip mixed,
-    with probability `mixup`, with a partner from the whole training set (other_clip), lambda ~
-    Beta(10, 10)."""
+    """The quick option's batches (x (B, T, dim), y (B, C)) of the clips `order`: each clip mixed
+    with probability `mixup` with a partner from the whole training set, lambda ~ Beta(10, 10)."""
     N = len(train_x)
     for i in range(0, len(order), batch_size):
         idx = order[i:i + batch_size]  # (B,)
@@ -440,12 +426,9 @@ def train_probe(train_x, train_y, eval_x, eval_y, multilabel, lr, epochs, batch_
                 num_heads=12, mixup=0.5, wa_start=3, warmup_frac=0.1, min_lr=0.0, weight_decay=5e-7,
                 device='cpu', seed=0, balanced=False, epoch_inputs=None):
     """An AttentionProbe on frozen features x (N, T, dim), targets y (N, C), scored on eval_x /
-    eval_y: Adam (0.95, 0.999), linear warmup over warmup_frac of the steps then cosine to min_lr,
-    weights averaged over the ends of epochs wa_start..epochs (1-based), BCE (multi-label) or
-    cross-entropy. An epoch draws N clips (epoch_order; balanced: class_balanced_weights).
-    epoch_inputs(epoch, order) -> (x, y) of those clips from augmented inputs (augmented_inputs, the
-    papers' recipe; train_x may be None); without it, the quick option mixed_cached_batches. ->
-    dict(history, last, final, ...)."""
+    eval_y: Adam (0.95, 0.999), warmup then cosine to min_lr, weights averaged over the ends of
+    epochs wa_start..epochs (1-based). epoch_inputs(epoch, order) -> (x, y) of an epoch's clips from
+    augmented inputs (the papers' recipe; train_x may be None); else mixed_cached_batches."""
     if not 1 <= wa_start <= epochs:
         raise ValueError(f'wa_start={wa_start} must lie in 1..epochs={epochs}')
     if not multilabel and (train_y.sum(dim=1) == 0).any():
@@ -522,9 +505,8 @@ def cmd_retrieval(args):
 
 
 def probe_settings(label_csv, label_type, balanced, train_labels, eval_labels):
-    """(multilabel, balanced) from --label_type and --balanced. 'auto': the task from the label CSV,
-    and class-balanced sampling for single-label sets only (VGGSound yes, AS-20K no, as the
-    supplements)."""
+    """(multilabel, balanced). 'auto': the task from the label CSV, and class-balanced sampling for
+    single-label sets only (VGGSound yes, AS-20K no, as the supplements)."""
     task = label_type_from_csv(label_csv) if label_type == 'auto' else label_type
     if task == 'single':
         for name, labels in (('--train', train_labels), ('--eval', eval_labels)):
@@ -537,8 +519,8 @@ def probe_settings(label_csv, label_type, balanced, train_labels, eval_labels):
 
 
 def probe_report(out, eval_scores, eval_labels):
-    """Prints the per-epoch table and the final metric; for mAP also the classes without a positive
-    in the eval set (AP 0, as in CAV-MAE's stats.py) and the mAP over the others, returned too."""
+    """Prints the per-epoch table and the final metric; for mAP also (and returns) the classes
+    without a positive in --eval (AP 0) and the mAP over the others."""
     metric = out['metric']
     print()
     print_table(['epoch', 'lr', 'train loss', metric],
