@@ -346,18 +346,12 @@ def epoch_order(num_clips, gen, weights=None):
     return torch.multinomial(weights, num_clips, replacement=True, generator=gen)
 
 
-def other_clip(index, num_clips, draw):
-    """A mixup partner, uniform over the other clips (never the clip itself); draw(low, high)
-    returns integers in [low, high)."""
-    return (index + draw(1, num_clips)) % num_clips
-
-
 class AugmentedClips(torch.utils.data.Dataset):
     """The papers' probe augmentation at the input (CAV-MAE's fine-tuning mixup, plus a time shift)
     of the clips `order` of an eval-mode AVDataset, item i drawn from (seed, epoch, i): with
-    probability `mixup` a partner and lambda ~ Beta(10, 10) mix the waveforms (the partner cut or
-    zero-padded), every frame and the labels; then the waveform rolls by up to
-    data.MAX_TIME_SHIFT samples (the pretraining shift: segments stay with their frames)."""
+    probability `mixup` a partner (uniform over the other clips) and lambda ~ Beta(10, 10) mix the
+    waveforms (the partner cut or zero-padded), every frame and the labels; then the waveform rolls
+    by up to data.MAX_TIME_SHIFT samples (the pretraining shift: segments keep their frames)."""
 
     def __init__(self, dataset, order, epoch, seed=0, mixup=0.5):
         self.dataset, self.order, self.epoch = dataset, order.tolist(), epoch
@@ -373,7 +367,7 @@ class AugmentedClips(torch.utils.data.Dataset):
         wav, image = data.eval_inputs(clip, ds.img_size, ds.num_frames)  # (n,), (T, 3, H, W)
         label = data.multi_hot(clip['classes'], ds.num_classes)
         if rng.random() < self.mixup:
-            other = ds.clips[other_clip(index, len(ds), rng.integers)]
+            other = ds.clips[(index + rng.integers(1, len(ds))) % len(ds)]  # never the clip itself
             lam = float(rng.beta(10, 10))
             wav2, image2 = data.eval_inputs(other, ds.img_size, ds.num_frames)
             n = len(wav)
@@ -397,7 +391,7 @@ def mixed_cached_batches(train_x, train_y, order, batch_size, mixup, gen, beta):
         x, y = train_x[idx], train_y[idx]  # (B, T, dim), (B, C)
         if mixup > 0:
             B = len(idx)
-            partner = other_clip(idx, N, lambda lo, hi: torch.randint(lo, hi, (B,), generator=gen))
+            partner = (idx + torch.randint(1, N, (B,), generator=gen)) % N  # not the clip itself
             partner = partner.to(x.device)  # (B,)
             mixed = torch.rand(B, generator=gen) < mixup
             lam = torch.where(mixed, beta.sample((B,)), torch.ones(B)).to(x.device)  # (B,)
@@ -472,17 +466,6 @@ def train_probe(train_x, train_y, eval_x, eval_y, multilabel, lr, epochs, batch_
                 last=history[-1][metric_name], wa_epochs=[wa_start, epochs], probe=probe)
 
 
-def augmented_inputs(model, dataset, modality='av', embedding='global', seed=0, mixup=0.5,
-                     dtype='float32', batch_size=8, device='cpu', num_workers=0):
-    """train_probe's epoch_inputs for the papers' recipe: every epoch, the features of its clips of
-    `dataset` (eval-mode AVDataset) re-extracted from AugmentedClips."""
-    def epoch_inputs(epoch, order):
-        clips = AugmentedClips(dataset, order, epoch, seed, mixup)
-        feats = extract_features(model, clips, batch_size, device, num_workers, dtype, embedding)
-        return probe_inputs(feats, modality), feats['labels']
-    return epoch_inputs
-
-
 # -----------------------------------------------------------------------------
 # command line
 
@@ -542,7 +525,7 @@ def probe_report(out, eval_scores, eval_labels):
 
 def probe_training_split(args, get_model, extract):
     """-> (x_train or None, train labels (N, C), epoch_inputs or None): --augment cached reads the
-    cached features of --train; input extracts no plain pass (every epoch extracts its own)."""
+    cached features of --train; input (the papers' recipe) extracts every epoch's AugmentedClips."""
     if args.augment == 'cached':
         train = features_for(args.ckpt, args.train, args.label_csv, args.weights, args.probe_input,
                              args.num_frames, args.cache, get_model, **extract)
@@ -550,8 +533,12 @@ def probe_training_split(args, get_model, extract):
     model = get_model()
     dataset = make_dataset(args.train, args.label_csv, model.config, args.num_frames)
     labels = torch.stack([data.multi_hot(c['classes'], dataset.num_classes) for c in dataset.clips])
-    epoch_inputs = augmented_inputs(model, dataset, args.modality, args.probe_input, args.seed,
-                                    args.mixup, **extract)
+
+    def epoch_inputs(epoch, order):  # train_probe's (x, y) of the epoch's clips
+        clips = AugmentedClips(dataset, order, epoch, args.seed, args.mixup)
+        feats = extract_features(model, clips, args.batch_size, args.device, args.num_workers,
+                                 args.dtype, args.probe_input)
+        return probe_inputs(feats, args.modality), feats['labels']
     return None, labels, epoch_inputs
 
 
@@ -592,21 +579,18 @@ def cmd_probe(args):
         print(f'wrote {args.out}')
 
 
-def add_probe_parser(sub, common):
-    """The probe sub-command and its settings (defaults: the papers' protocol)."""
+def add_probe_parser(sub, common):  # the defaults: the papers' protocol
     p = sub.add_parser('probe', parents=[common], help='attention probe on frozen features')
     p.add_argument('--train', required=True, help='training dataset JSON or shard set')
     p.add_argument('--eval', required=True, help='evaluation dataset JSON or shard set')
     p.add_argument('--label_csv', required=True)
     p.add_argument('--probe_input', choices=PROBE_INPUTS, default='global',
-                   help="global: the modality encoders' global-token outputs (the releases'); "
-                        'patch / register: their mean patch / register outputs; joint: g_a, g_v '
-                        'after the joint layer and norm_a / norm_v (the retrieval embedding)')
+                   help="global: the encoders' global-token outputs (the releases'); patch / "
+                        'register: their mean outputs; joint: the retrieval embedding')
     p.add_argument('--modality', choices=('av', 'a', 'v'), default='av')
     p.add_argument('--augment', choices=('input', 'cached'), default='input',
-                   help="input: the papers' recipe, time shift and mixup of waveforms, frames and "
-                        'labels, features re-extracted every epoch; cached: the quick option, '
-                        'mixup of the cached features')
+                   help="input: the papers' recipe, time shift and mixup of the clips, features "
+                        're-extracted every epoch; cached: quick, mixup of the cached features')
     p.add_argument('--mixup', type=float, default=0.5, help='probability that a clip is mixed')
     p.add_argument('--lr', type=float, help='default: 5e-2 multi-label (AS-20K), 1e-3 single')
     p.add_argument('--epochs', type=int, help='default: 15 multi-label, 10 single-label')
@@ -620,7 +604,6 @@ def add_probe_parser(sub, common):
     p.add_argument('--min_lr', type=float, default=0.0, help='the cosine schedule ends here')
     p.add_argument('--wa_start', type=int, default=3, help='first epoch (1-based) averaged')
     p.add_argument('--seed', type=int, default=0)
-    p.add_argument('--out', help='results JSON')
     p.set_defaults(run=cmd_probe)
 
 
@@ -639,11 +622,11 @@ def main(argv=None):
     common.add_argument('--num_workers', type=int, default=min(4, os.cpu_count() or 1))
     common.add_argument('--num_frames', type=int, default=16, help='frames (and segments) per clip')
     common.add_argument('--cache', help='directory for extracted features, reused across runs')
+    common.add_argument('--out', help='results JSON')
     p = sub.add_parser('retrieval', parents=[common], help='zero-shot V->A and A->V retrieval')
     p.add_argument('--data', required=True, help='dataset JSON or shard set')
     p.add_argument('--label_csv', help='only stored with the features')
     p.add_argument('--strategy', nargs='+', choices=STRATEGIES, default=['diag_mean'])
-    p.add_argument('--out', help='results JSON')
     p.set_defaults(run=cmd_retrieval)
     add_probe_parser(sub, common)
     args = parser.parse_args(argv)
