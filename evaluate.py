@@ -114,9 +114,8 @@ def extract_features(model, dataset, batch_size=8, device='cpu', num_workers=0, 
         audio = batch['audio'].to(device, non_blocking=True)  # (B, T, L, F)
         image = batch['image'].to(device, non_blocking=True)  # (B, T, 3, H, W)
         B, T = audio.shape[:2]
-        with autocast(device, dtype):
-            a, v = frame_vectors(model, audio.flatten(0, 1), image.flatten(0, 1),
-                                 embedding)  # (B*T, D) each
+        with autocast(device, dtype):  # a, v: (B*T, D) each
+            a, v = frame_vectors(model, audio.flatten(0, 1), image.flatten(0, 1), embedding)
         g_a.append(a.float().view(B, T, -1).cpu())
         g_v.append(v.float().view(B, T, -1).cpu())
         labels.append(batch['label'])
@@ -400,22 +399,6 @@ def mixed_cached_batches(train_x, train_y, order, batch_size, mixup, gen, beta):
         yield x, y
 
 
-def probe_steps(probe, optimizer, loss_fn, batches, lr_at, step):
-    """One epoch of optimiser steps on batches (x, y) at lr_at(step) -> (loss sum, next step)."""
-    probe.train()
-    total_loss = 0.0
-    for x, y in batches:
-        for group in optimizer.param_groups:
-            group['lr'] = lr_at(step)
-        loss = loss_fn(probe(x), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        total_loss += loss.item() * len(x)
-        step += 1
-    return total_loss, step
-
-
 def train_probe(train_x, train_y, eval_x, eval_y, multilabel, lr, epochs, batch_size=48,
                 num_heads=12, mixup=0.5, wa_start=3, warmup_frac=0.1, min_lr=0.0, weight_decay=5e-7,
                 device='cpu', seed=0, balanced=False, epoch_inputs=None):
@@ -453,7 +436,17 @@ def train_probe(train_x, train_y, eval_x, eval_y, multilabel, lr, epochs, batch_
         else:  # features of augmented inputs, in the epoch's order: not mixed again
             epoch_x, epoch_y = (t.to(device) for t in epoch_inputs(epoch, order))  # (N, T, dim), y
             batches = zip(epoch_x.split(batch_size), epoch_y.float().split(batch_size))
-        total_loss, step = probe_steps(probe, optimizer, loss_fn, batches, lr_at, step)
+        probe.train()
+        total_loss = 0.0
+        for x, y in batches:
+            for group in optimizer.param_groups:
+                group['lr'] = lr_at(step)
+            loss = loss_fn(probe(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total_loss += loss.item() * len(x)
+            step += 1
         metric = probe_metric(_probe_scores(probe, eval_x, device), eval_y, multilabel)
         history.append(dict(epoch=epoch, lr=lr_at(step - 1), loss=total_loss / N,
                             **{metric_name: metric}))
@@ -480,11 +473,8 @@ def cmd_retrieval(args):
     rows = [[s, d, m['R@1'], m['R@5'], m['R@10'], m['MedR']]
             for s, r in results.items() for d, m in r.items()]
     print_table(['strategy', 'direction', 'R@1', 'R@5', 'R@10', 'MedR'], rows, left=2)
-    if args.out:
-        with open(args.out, 'w') as f:
-            json.dump(dict(ckpt=args.ckpt, weights=args.weights, data=args.data, num_clips=N,
-                           num_frames=T, dtype=args.dtype, results=results), f, indent=2)
-        print(f'wrote {args.out}')
+    return dict(ckpt=args.ckpt, weights=args.weights, data=args.data, num_clips=N, num_frames=T,
+                dtype=args.dtype, results=results)
 
 
 def probe_settings(label_csv, label_type, balanced, train_labels, eval_labels):
@@ -569,17 +559,34 @@ def cmd_probe(args):
                       args.min_lr, device=args.device, seed=args.seed, balanced=balanced,
                       epoch_inputs=epoch_inputs)
     report = probe_report(out, _probe_scores(out['probe'], x_eval, args.device), test['labels'])
-    if args.out:
-        with open(args.out, 'w') as f:
-            json.dump(dict(ckpt=args.ckpt, weights=args.weights, train=args.train, eval=args.eval,
-                           probe_input=args.probe_input, modality=args.modality, lr=lr,
-                           epochs=epochs, metric=out['metric'], balanced=balanced,
-                           augment=args.augment, dtype=args.dtype, final=out['final'],
-                           last=out['last'], history=out['history'], **report), f, indent=2)
-        print(f'wrote {args.out}')
+    return dict(ckpt=args.ckpt, weights=args.weights, train=args.train, eval=args.eval,
+                probe_input=args.probe_input, modality=args.modality, lr=lr, epochs=epochs,
+                metric=out['metric'], balanced=balanced, augment=args.augment, dtype=args.dtype,
+                final=out['final'], last=out['last'], history=out['history'], **report)
 
 
-def add_probe_parser(sub, common):  # the defaults: the papers' protocol
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest='command', required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument('--ckpt', required=True, help='train.py checkpoint or official release')
+    common.add_argument('--weights', choices=('model', 'teacher'), default='model',
+                        help='train.py checkpoints: student or EMA teacher')
+    common.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    common.add_argument('--dtype', choices=('float32', 'bfloat16', 'float16'),
+                        help='autocast precision; default bfloat16 on cuda, float32 elsewhere')
+    common.add_argument('--batch_size', type=int, default=8, help='clips per forward, all frames')
+    common.add_argument('--num_workers', type=int, default=min(4, os.cpu_count() or 1))
+    common.add_argument('--num_frames', type=int, default=16, help='frames (and segments) per clip')
+    common.add_argument('--cache', help='directory for extracted features, reused across runs')
+    common.add_argument('--out', help='results JSON')
+    p = sub.add_parser('retrieval', parents=[common], help='zero-shot V->A and A->V retrieval')
+    p.add_argument('--data', required=True, help='dataset JSON or shard set')
+    p.add_argument('--label_csv', help='only stored with the features')
+    p.add_argument('--strategy', nargs='+', choices=STRATEGIES, default=['diag_mean'])
+    p.set_defaults(run=cmd_retrieval)
+    # the probe's defaults: the papers' protocol
     p = sub.add_parser('probe', parents=[common], help='attention probe on frozen features')
     p.add_argument('--train', required=True, help='training dataset JSON or shard set')
     p.add_argument('--eval', required=True, help='evaluation dataset JSON or shard set')
@@ -605,34 +612,14 @@ def add_probe_parser(sub, common):  # the defaults: the papers' protocol
     p.add_argument('--wa_start', type=int, default=3, help='first epoch (1-based) averaged')
     p.add_argument('--seed', type=int, default=0)
     p.set_defaults(run=cmd_probe)
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest='command', required=True)
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument('--ckpt', required=True, help='train.py checkpoint or official release')
-    common.add_argument('--weights', choices=('model', 'teacher'), default='model',
-                        help='train.py checkpoints: student or EMA teacher')
-    common.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
-    common.add_argument('--dtype', choices=('float32', 'bfloat16', 'float16'),
-                        help='autocast precision; default bfloat16 on cuda, float32 elsewhere')
-    common.add_argument('--batch_size', type=int, default=8, help='clips per forward, all frames')
-    common.add_argument('--num_workers', type=int, default=min(4, os.cpu_count() or 1))
-    common.add_argument('--num_frames', type=int, default=16, help='frames (and segments) per clip')
-    common.add_argument('--cache', help='directory for extracted features, reused across runs')
-    common.add_argument('--out', help='results JSON')
-    p = sub.add_parser('retrieval', parents=[common], help='zero-shot V->A and A->V retrieval')
-    p.add_argument('--data', required=True, help='dataset JSON or shard set')
-    p.add_argument('--label_csv', help='only stored with the features')
-    p.add_argument('--strategy', nargs='+', choices=STRATEGIES, default=['diag_mean'])
-    p.set_defaults(run=cmd_retrieval)
-    add_probe_parser(sub, common)
     args = parser.parse_args(argv)
     if args.dtype is None:
         args.dtype = 'bfloat16' if torch.device(args.device).type == 'cuda' else 'float32'
-    args.run(args)
+    results = args.run(args)
+    if args.out:
+        with open(args.out, 'w') as f:
+            json.dump(results, f, indent=2)
+        print(f'wrote {args.out}')
 
 
 if __name__ == '__main__':
