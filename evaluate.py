@@ -10,9 +10,6 @@ Evaluation with the papers' protocols (TG-DP and CAV-MAE Sync), so that results 
   python evaluate.py retrieval --ckpt out/ckpt.pt --data vgg_retrieval.json --cache feats
   python evaluate.py probe --ckpt out/ckpt.pt --train as20k.json --eval as_eval.json \\
       --label_csv class_labels_indices.csv --cache feats [--augment cached]
-
---ckpt: a train.py checkpoint (--weights teacher: its EMA teacher) or an official CAV-MAE Sync /
-TG-DP release. One forward runs all T frames of a batch of clips; --cache DIR keeps the features.
 """
 import argparse
 import dataclasses
@@ -39,7 +36,7 @@ PROBE_INPUTS = ('global', 'patch', 'register', 'joint')
 
 
 # -----------------------------------------------------------------------------
-# loading
+# model, data and features
 
 def load_model(ckpt_path, device='cpu', weights='model'):
     """A train.py checkpoint or an official CAV-MAE Sync / TG-DP release -> CAVMAESync in eval mode,
@@ -62,16 +59,12 @@ def load_model(ckpt_path, device='cpu', weights='model'):
 
 
 def make_dataset(data_json, label_csv, config, num_frames=16, masks=False):
-    """Eval-mode data.AVDataset (all T frames) of a dataset JSON or shard set at the model's input
-    sizes; with a label CSV every clip must carry labels; masks=True adds object masks."""
+    """Eval-mode data.AVDataset (all T frames) at the model's sizes; with a CSV, labels required."""
     return data.AVDataset(data_json, label_csv=label_csv, mode='eval',
                           audio_length=config.audio_length, num_mel_bins=config.num_mel_bins,
                           img_size=config.img_size, num_frames=num_frames,
                           require_labels=label_csv is not None, masks=masks)
 
-
-# -----------------------------------------------------------------------------
-# features
 
 def frame_vectors(model, audio, image, embedding='joint'):
     """One vector per frame and modality: audio (B, L, F), image (B, 3, H, W) -> a, v (B, D).
@@ -143,8 +136,7 @@ def features_for(ckpt, data_json, label_csv=None, weights='model', embedding='jo
                  num_frames=16, cache=None, get_model=None, dtype='float32', batch_size=8,
                  device='cpu', num_workers=0):
     """extract_features of ckpt's `weights` on data_json (+ 'model_args'), through the cache
-    directory when given (keyed by the files, weights, embedding, num_frames, dtype). get_model()
-    loads the model, only when needed (default load_model(ckpt, device, weights))."""
+    directory when given (keyed by the files and settings); get_model() only when needed."""
     stamps = [_file_stamp(ckpt), weights, _data_stamp(data_json),
               _file_stamp(label_csv) if label_csv else None, num_frames, embedding, dtype]
     path = None
@@ -224,12 +216,11 @@ def retrieval_metrics(sim):
 
 
 def retrieval(features, strategies=('diag_mean',), device='cpu'):
-    """{strategy: {'V->A': metrics, 'A->V': metrics}} of g_a, g_v (N, T, D) (V->A: visual queries;
-    A->V the transpose, every strategy being symmetric)."""
+    """{strategy: {'V->A': metrics, 'A->V': metrics}} of g_a, g_v (N, T, D)."""
     g_a, g_v = features['g_a'].to(device), features['g_v'].to(device)
     results = {}
     for strategy in strategies:
-        sim_va = similarity(g_v, g_a, strategy)  # (N, N) rows: visual queries
+        sim_va = similarity(g_v, g_a, strategy)  # (N, N) rows: visual queries; A->V: the transpose
         results[strategy] = {'V->A': retrieval_metrics(sim_va), 'A->V': retrieval_metrics(sim_va.T)}
     return results
 
@@ -331,15 +322,13 @@ def label_type_from_csv(label_csv):
 
 
 def class_balanced_weights(labels):
-    """Per-clip sampling weights (N,) as CAV-MAE's gen_weight_file.py: a class weighs 1000 / (its
-    clips + 0.01), a clip the sum of its classes'."""
+    """Per-clip sampling weights (N,) as CAV-MAE's gen_weight_file.py, summed over its classes."""
     positive = (labels > 0).double()  # (N, C)
     return positive @ (1000.0 / (positive.sum(dim=0) + 0.01))
 
 
 def epoch_order(num_clips, gen, weights=None):
-    """One probe epoch's clips: a permutation, or num_clips weighted draws with replacement (the
-    draws of the CAV-MAE release's WeightedRandomSampler)."""
+    """One probe epoch's clips: a permutation, or the release's WeightedRandomSampler draws."""
     if weights is None:
         return torch.randperm(num_clips, generator=gen)
     return torch.multinomial(weights, num_clips, replacement=True, generator=gen)
