@@ -118,18 +118,14 @@ def extract_features(model, dataset, batch_size=8, device='cpu', num_workers=0, 
                 class_names=list(getattr(dataset, 'class_names', None) or []), embedding=embedding)
 
 
-def _file_stamp(path):
+def _stamp(path, shards=False):
+    """[path, size, mtime] of a file; a shard set (shards=True): those of its shards, index.json."""
+    if shards and data.is_shard_set(path):
+        paths = [p for p, _ in data.shard_tables(path)]
+        index = os.path.join(os.path.dirname(paths[0]), 'index.json')
+        return [_stamp(p) for p in paths + ([index] if os.path.isfile(index) else [])]
     st = os.stat(path)
     return [os.path.abspath(path), st.st_size, st.st_mtime_ns]
-
-
-def _data_stamp(spec):
-    """A dataset JSON's stamp, or a shard set's: every shard file and the index.json beside them."""
-    if not data.is_shard_set(spec):
-        return _file_stamp(spec)
-    paths = [path for path, _ in data.shard_tables(spec)]
-    index = os.path.join(os.path.dirname(paths[0]), 'index.json')
-    return [_file_stamp(p) for p in paths + ([index] if os.path.isfile(index) else [])]
 
 
 def features_for(ckpt, data_json, label_csv=None, weights='model', embedding='joint',
@@ -137,8 +133,8 @@ def features_for(ckpt, data_json, label_csv=None, weights='model', embedding='jo
                  device='cpu', num_workers=0):
     """extract_features of ckpt's `weights` on data_json (+ 'model_args'), through the cache
     directory when given (keyed by the files and settings); get_model() only when needed."""
-    stamps = [_file_stamp(ckpt), weights, _data_stamp(data_json),
-              _file_stamp(label_csv) if label_csv else None, num_frames, embedding, dtype]
+    stamps = [_stamp(ckpt), weights, _stamp(data_json, shards=True),
+              _stamp(label_csv) if label_csv else None, num_frames, embedding, dtype]
     path = None
     if cache:
         key = hashlib.sha1(json.dumps(stamps).encode()).hexdigest()[:16]
@@ -230,11 +226,10 @@ def print_table(header, rows, left=1):
     cells = [[f'{x:.1f}' if isinstance(x, float) else str(x) for x in row]
              for row in [header] + rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    for j, row in enumerate(cells):
+    cells.insert(1, ['-' * w for w in widths])  # the rule under the header
+    for row in cells:
         print('  '.join(c.rjust(w) if i >= left else c.ljust(w)
                         for i, (c, w) in enumerate(zip(row, widths))))
-        if j == 0:
-            print('  '.join('-' * w for w in widths))
 
 
 # -----------------------------------------------------------------------------
@@ -314,8 +309,7 @@ def probe_metric(logits, targets, multilabel):
 
 
 def label_type_from_csv(label_csv):
-    """'multi' (BCE, mAP) when every id of the label CSV is an AudioSet ontology id (/m/, /g/, /t/),
-    else 'single' (cross-entropy, top-1)."""
+    """'multi' (BCE, mAP) if every id of the label CSV is an AudioSet ontology id, else 'single'."""
     mid_to_index, _ = data.read_label_csv(label_csv)
     audioset = all(mid.startswith(('/m/', '/g/', '/t/')) for mid in mid_to_index)
     return 'multi' if audioset else 'single'
@@ -480,28 +474,6 @@ def probe_settings(label_csv, label_type, balanced, train_labels, eval_labels):
     return task == 'multi', task == 'single' if balanced == 'auto' else balanced == 'yes'
 
 
-def probe_report(out, eval_scores, eval_labels):
-    """Prints the per-epoch table and the final metric; for mAP also (and returns) the classes
-    without a positive in --eval (AP 0) and the mAP over the others."""
-    metric = out['metric']
-    print()
-    print_table(['epoch', 'lr', 'train loss', metric],
-                [[h['epoch'], f"{h['lr']:.2e}", f"{h['loss']:.4f}", h[metric]]
-                 for h in out['history']], left=0)
-    print(f"\n{metric}: {out['final']:.1f} with weights averaged over epochs "
-          f"{out['wa_epochs'][0]}-{out['wa_epochs'][1]} ({out['last']:.1f} with the last weights)")
-    if not out['multilabel']:
-        return {}
-    present = (eval_labels > 0).any(dim=0)  # (C,)
-    aps = average_precisions(eval_scores.sigmoid(), eval_labels)  # (C,)
-    report = dict(classes=len(present), classes_without_positive=int((~present).sum()),
-                  mAP_present=100.0 * aps[present].mean().item())
-    print(f"mAP over all {report['classes']} classes (CAV-MAE's stats.py); "
-          f"{report['classes_without_positive']} have no positive in --eval and count as AP 0; "
-          f"over the {int(present.sum())} with positives: {report['mAP_present']:.1f}")
-    return report
-
-
 def probe_training_split(args, get_model, extract):
     """-> (x_train or None, train labels (N, C), epoch_inputs or None): --augment cached reads the
     cached features of --train; input (the papers' recipe) extracts every epoch's AugmentedClips."""
@@ -547,7 +519,22 @@ def cmd_probe(args):
                       args.probe_batch_size, num_heads, args.mixup, args.wa_start, args.warmup_frac,
                       args.min_lr, device=args.device, seed=args.seed, balanced=balanced,
                       epoch_inputs=epoch_inputs)
-    report = probe_report(out, _probe_scores(out['probe'], x_eval, args.device), test['labels'])
+    metric, report = out['metric'], {}
+    print()
+    print_table(['epoch', 'lr', 'train loss', metric],
+                [[h['epoch'], f"{h['lr']:.2e}", f"{h['loss']:.4f}", h[metric]]
+                 for h in out['history']], left=0)
+    print(f"\n{metric}: {out['final']:.1f} with weights averaged over epochs "
+          f"{out['wa_epochs'][0]}-{out['wa_epochs'][1]} ({out['last']:.1f} with the last weights)")
+    if multilabel:  # and the mAP over the classes with a positive in --eval (the others: AP 0)
+        present = (test['labels'] > 0).any(dim=0)  # (C,)
+        scores = _probe_scores(out['probe'], x_eval, args.device).sigmoid()  # (N, C)
+        aps = average_precisions(scores, test['labels'])  # (C,)
+        report = dict(classes=len(present), classes_without_positive=int((~present).sum()),
+                      mAP_present=100.0 * aps[present].mean().item())
+        print(f"mAP over all {report['classes']} classes (CAV-MAE's stats.py); "
+              f"{report['classes_without_positive']} have no positive in --eval and count as AP 0; "
+              f"over the {int(present.sum())} with positives: {report['mAP_present']:.1f}")
     return dict(ckpt=args.ckpt, weights=args.weights, train=args.train, eval=args.eval,
                 probe_input=args.probe_input, modality=args.modality, lr=lr, epochs=epochs,
                 metric=out['metric'], balanced=balanced, augment=args.augment, dtype=args.dtype,
