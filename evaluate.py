@@ -201,8 +201,7 @@ def retrieval_metrics(sim):
     """R@1/5/10 (percent) and median rank of sim (N, N), query i matching candidate i. Rank = 1 +
     the other candidates scoring at least as high (a tie counts against the model)."""
     if sim.dim() != 2 or sim.shape[0] != sim.shape[1]:
-        raise ValueError(f'sim must be square (query i matches candidate i), '
-                         f'got {tuple(sim.shape)}')
+        raise ValueError(f'sim must be square (N, N), got {tuple(sim.shape)}')
     if not torch.isfinite(sim).all():
         raise ValueError('sim has NaN or infinite scores')
     ranks = (sim >= sim.diagonal()[:, None]).sum(dim=1)  # (N,) 1-based: the match counts itself
@@ -331,9 +330,8 @@ def epoch_order(num_clips, gen, weights=None):
 class AugmentedClips(torch.utils.data.Dataset):
     """The papers' probe augmentation at the input (CAV-MAE's fine-tuning mixup, plus a time shift)
     of the clips `order` of an eval-mode AVDataset, item i drawn from (seed, epoch, i): with
-    probability `mixup` a partner (uniform over the other clips) and lambda ~ Beta(10, 10) mix the
-    waveforms (the partner cut or zero-padded), every frame and the labels; then the waveform rolls
-    by up to data.MAX_TIME_SHIFT samples (the pretraining shift: segments keep their frames)."""
+    probability `mixup` another clip and lambda ~ Beta(10, 10) mix the waveforms, frames and labels;
+    the waveform then rolls by up to data.MAX_TIME_SHIFT (the pretraining shift)."""
 
     def __init__(self, dataset, order, epoch, seed=0, mixup=0.5):
         self.dataset, self.order, self.epoch = dataset, order.tolist(), epoch
@@ -365,8 +363,7 @@ class AugmentedClips(torch.utils.data.Dataset):
 
 
 def mixed_cached_batches(train_x, train_y, order, batch_size, mixup, gen, beta):
-    """The quick option's batches (x (B, T, dim), y (B, C)) of the clips `order`: each clip mixed
-    with probability `mixup` with a partner from the whole training set, lambda ~ Beta(10, 10)."""
+    """The quick option's batches (x, y) of the clips `order`: mixup with the whole training set."""
     N = len(train_x)
     for i in range(0, len(order), batch_size):
         idx = order[i:i + batch_size]  # (B,)
@@ -386,14 +383,12 @@ def train_probe(train_x, train_y, eval_x, eval_y, multilabel, lr, epochs, batch_
                 num_heads=12, mixup=0.5, wa_start=3, warmup_frac=0.1, min_lr=0.0, weight_decay=5e-7,
                 device='cpu', seed=0, balanced=False, epoch_inputs=None):
     """An AttentionProbe on frozen features x (N, T, dim), targets y (N, C), scored on eval_x /
-    eval_y: Adam (0.95, 0.999), warmup then cosine to min_lr, weights averaged over the ends of
-    epochs wa_start..epochs (1-based). epoch_inputs(epoch, order) -> (x, y) of an epoch's clips from
-    augmented inputs (the papers' recipe; train_x may be None); else mixed_cached_batches."""
+    eval_y, weights averaged over the ends of epochs wa_start..epochs (1-based). epoch_inputs(epoch,
+    order) -> (x, y) from augmented inputs (the papers' recipe); else mixed_cached_batches."""
     if not 1 <= wa_start <= epochs:
         raise ValueError(f'wa_start={wa_start} must lie in 1..epochs={epochs}')
     if not multilabel and (train_y.sum(dim=1) == 0).any():
-        raise ValueError('single-label probing needs one label per training clip; '
-                         'some clips have none')
+        raise ValueError('single-label probing needs a label on every training clip')
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # the probe's initialisation and the Beta draws
     weights = class_balanced_weights(train_y) if balanced else None
