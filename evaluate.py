@@ -394,8 +394,7 @@ def train_probe(train_x, train_y, eval_x, eval_y, multilabel, lr, epochs, batch_
     weights = class_balanced_weights(train_y) if balanced else None
     if train_x is None and epoch_inputs is None:
         raise ValueError('train_probe needs train_x (cached features) or epoch_inputs')
-    if train_x is not None:
-        train_x = train_x.to(device)  # frozen features: moved once
+    train_x = None if train_x is None else train_x.to(device)  # frozen features: moved once
     train_y, N = train_y.float().to(device), len(train_y)
     probe = AttentionProbe(eval_x.shape[-1], train_y.shape[1], num_heads).to(device)
     optimizer = torch.optim.Adam(probe.parameters(), lr=lr, betas=(0.95, 0.999),
