@@ -489,14 +489,12 @@ def probe_training_split(args, get_model, extract):
 
 def cmd_probe(args):
     get_model = functools.cache(lambda: load_model(args.ckpt, args.device, args.weights))
-    extract = dict(dtype=args.dtype, batch_size=args.batch_size, device=args.device,
-                   num_workers=args.num_workers)
+    extract = {k: getattr(args, k) for k in ('dtype', 'batch_size', 'device', 'num_workers')}
     test = features_for(args.ckpt, args.eval, args.label_csv, args.weights, args.probe_input,
                         args.num_frames, args.cache, get_model, **extract)
     x_train, train_labels, epoch_inputs = probe_training_split(args, get_model, extract)
     if train_labels.shape[1] == 0 or train_labels.shape[1] != test['labels'].shape[1]:
-        raise ValueError(f'--train and --eval need labels from the same --label_csv '
-                         f'{args.label_csv}')
+        raise ValueError(f'--train and --eval need labels of the same --label_csv {args.label_csv}')
     multilabel, balanced = probe_settings(args.label_csv, args.label_type, args.balanced,
                                           train_labels, test['labels'])
     # the papers' probing: AS-20K (multi-label) lr 5e-2, 15 epochs; VGGSound (single-label) 1e-3, 10
@@ -556,7 +554,6 @@ def main(argv=None):
     p.add_argument('--label_csv', help='only stored with the features')
     p.add_argument('--strategy', nargs='+', choices=STRATEGIES, default=['diag_mean'])
     p.set_defaults(run=cmd_retrieval)
-    # the probe's defaults: the papers' protocol
     p = sub.add_parser('probe', parents=[common], help='attention probe on frozen features')
     p.add_argument('--train', required=True, help='training dataset JSON or shard set')
     p.add_argument('--eval', required=True, help='evaluation dataset JSON or shard set')
