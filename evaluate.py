@@ -10,10 +10,6 @@ Evaluation with the papers' protocols (TG-DP and CAV-MAE Sync), so that results 
   python evaluate.py retrieval --ckpt out/ckpt.pt --data vgg_retrieval.json --cache feats
   python evaluate.py probe --ckpt out/ckpt.pt --train as20k.json --eval as_eval.json \\
       --label_csv class_labels_indices.csv --cache feats [--augment cached]
-
---ckpt: a train.py checkpoint (--weights teacher: its EMA teacher) or an official CAV-MAE Sync /
-TG-DP release. Features are extracted with all T frames of a batch of clips in one forward and,
-with --cache DIR, stored for the next run.
 """
 import argparse
 import dataclasses
@@ -40,12 +36,11 @@ PROBE_INPUTS = ('global', 'patch', 'register', 'joint')
 
 
 # -----------------------------------------------------------------------------
-# loading
+# model, data and features
 
 def load_model(ckpt_path, device='cpu', weights='model'):
-    """A train.py checkpoint or an official CAV-MAE Sync / TG-DP state dict -> CAVMAESync in eval
-    mode, read by model.read_checkpoint, loaded by model.load_weights (as train.py's init_from).
-    weights='teacher': the EMA teacher, built without a decoder so that the load stays strict."""
+    """A train.py checkpoint or an official CAV-MAE Sync / TG-DP release -> CAVMAESync in eval mode,
+    loaded as train.py's init_from. 'teacher': the EMA teacher, built without a decoder (strict)."""
     if weights not in ('model', 'teacher'):
         raise ValueError(f"weights must be 'model' or 'teacher', got {weights!r}")
     ckpt = read_checkpoint(ckpt_path)
@@ -64,25 +59,18 @@ def load_model(ckpt_path, device='cpu', weights='model'):
 
 
 def make_dataset(data_json, label_csv, config, num_frames=16, masks=False):
-    """Eval-mode data.AVDataset (all T frames and their segments) of a dataset JSON or shard set at
-    the model's input sizes; with a label CSV every clip must carry labels; masks=True adds object
-    masks."""
+    """Eval-mode data.AVDataset (all T frames) at the model's sizes; with a CSV, labels required."""
     return data.AVDataset(data_json, label_csv=label_csv, mode='eval',
                           audio_length=config.audio_length, num_mel_bins=config.num_mel_bins,
                           img_size=config.img_size, num_frames=num_frames,
                           require_labels=label_csv is not None, masks=masks)
 
 
-# -----------------------------------------------------------------------------
-# features
-
 def frame_vectors(model, audio, image, embedding='joint'):
     """One vector per frame and modality: audio (B, L, F), image (B, 3, H, W) -> a, v (B, D).
-      joint     g_a, g_v after the joint layer's audio / visual passes and norm_a / norm_v
-                (the retrieval embedding)
-      global    the modality encoders' global-token outputs, before the joint layer, no LayerNorm:
-                the releases' probe input (CAVMAEFT, cls_token=True; it runs the joint layer and
-                discards it)
+      joint     g_a, g_v after the joint layer and norm_a / norm_v (the retrieval embedding)
+      global    the encoders' global-token outputs, no joint layer, no LayerNorm: the releases'
+                probe input (CAVMAEFT, cls_token=True, runs the joint layer and discards it)
       patch     the mean of the encoders' patch outputs (CAVMAEFT with cls_token=False)
       register  the mean of the encoders' register outputs (CAVMAEFT drops them)"""
     c = model.config
@@ -108,9 +96,8 @@ def frame_vectors(model, audio, image, embedding='joint'):
 @torch.no_grad()
 def extract_features(model, dataset, batch_size=8, device='cpu', num_workers=0, dtype='float32',
                      embedding='joint'):
-    """frame_vectors of every clip, a batch of batch_size clips x T frames per forward, under the
-    caller's precision model.autocast(device, dtype). -> dict(g_a, g_v (N, T, D) float32 on CPU (the
-    `embedding` vectors), labels (N, C), ids [N], class_names [C], embedding)."""
+    """frame_vectors of every clip (batch_size clips x T frames per forward, autocast to dtype) ->
+    dict(g_a, g_v (N, T, D) float32 on CPU, labels (N, C), ids [N], class_names [C], embedding)."""
     was_training = model.training
     model.eval()
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
@@ -120,9 +107,8 @@ def extract_features(model, dataset, batch_size=8, device='cpu', num_workers=0, 
         audio = batch['audio'].to(device, non_blocking=True)  # (B, T, L, F)
         image = batch['image'].to(device, non_blocking=True)  # (B, T, 3, H, W)
         B, T = audio.shape[:2]
-        with autocast(device, dtype):
-            a, v = frame_vectors(model, audio.flatten(0, 1), image.flatten(0, 1),
-                                 embedding)  # (B*T, D) each
+        with autocast(device, dtype):  # a, v: (B*T, D) each
+            a, v = frame_vectors(model, audio.flatten(0, 1), image.flatten(0, 1), embedding)
         g_a.append(a.float().view(B, T, -1).cpu())
         g_v.append(v.float().view(B, T, -1).cpu())
         labels.append(batch['label'])
@@ -132,28 +118,23 @@ def extract_features(model, dataset, batch_size=8, device='cpu', num_workers=0, 
                 class_names=list(getattr(dataset, 'class_names', None) or []), embedding=embedding)
 
 
-def _file_stamp(path):
+def _stamp(path, shards=False):
+    """[path, size, mtime] of a file; a shard set (shards=True): those of its shards, index.json."""
+    if shards and data.is_shard_set(path):
+        paths = [p for p, _ in data.shard_tables(path)]
+        index = os.path.join(os.path.dirname(paths[0]), 'index.json')
+        return [_stamp(p) for p in paths + ([index] if os.path.isfile(index) else [])]
     st = os.stat(path)
     return [os.path.abspath(path), st.st_size, st.st_mtime_ns]
-
-
-def _data_stamp(spec):
-    """A dataset JSON's stamp, or a shard set's: every shard file and the index.json beside them."""
-    if not data.is_shard_set(spec):
-        return _file_stamp(spec)
-    paths = [path for path, _ in data.shard_tables(spec)]
-    index = os.path.join(os.path.dirname(paths[0]), 'index.json')
-    return [_file_stamp(p) for p in paths + ([index] if os.path.isfile(index) else [])]
 
 
 def features_for(ckpt, data_json, label_csv=None, weights='model', embedding='joint',
                  num_frames=16, cache=None, get_model=None, dtype='float32', batch_size=8,
                  device='cpu', num_workers=0):
     """extract_features of ckpt's `weights` on data_json (+ 'model_args'), through the cache
-    directory when given (the key: the files, weights, embedding, num_frames, dtype). get_model()
-    loads the model, only when needed (default load_model(ckpt, device, weights))."""
-    stamps = [_file_stamp(ckpt), weights, _data_stamp(data_json),
-              _file_stamp(label_csv) if label_csv else None, num_frames, embedding, dtype]
+    directory when given (keyed by the files and settings); get_model() only when needed."""
+    stamps = [_stamp(ckpt), weights, _stamp(data_json, shards=True),
+              _stamp(label_csv) if label_csv else None, num_frames, embedding, dtype]
     path = None
     if cache:
         key = hashlib.sha1(json.dumps(stamps).encode()).hexdigest()[:16]
@@ -180,8 +161,7 @@ def features_for(ckpt, data_json, label_csv=None, weights='model', embedding='jo
 # retrieval
 
 def similarity(query, candidates, strategy='diag_mean', max_elements=2 ** 26):
-    """Clip-to-clip scores (N, M) of per-frame embeddings query (N, T, D), candidates (M, T, D),
-    frame t aligned with frame t. With cos the cosine of two frames:
+    """Clip-to-clip scores (N, M) of per-frame embeddings query (N, T, D), candidates (M, T, D):
       diag_mean   mean_t   cos(q_t, c_t)     (the papers' default)
       block_mean  mean_t,s cos(q_t, c_s)
       diag_max    max_t    cos(q_t, c_t)
@@ -218,12 +198,10 @@ def similarity(query, candidates, strategy='diag_mean', max_elements=2 ** 26):
 
 
 def retrieval_metrics(sim):
-    """sim (N, N): row i scores query i against every candidate, its match is candidate i. Rank = 1
-    + the other candidates scoring at least as high (a tie counts against the model) -> R@1/5/10
-    (percent of queries), median rank."""
+    """R@1/5/10 (percent) and median rank of sim (N, N), query i matching candidate i. Rank = 1 +
+    the other candidates scoring at least as high (a tie counts against the model)."""
     if sim.dim() != 2 or sim.shape[0] != sim.shape[1]:
-        raise ValueError(f'sim must be square (query i matches candidate i), '
-                         f'got {tuple(sim.shape)}')
+        raise ValueError(f'sim must be square (N, N), got {tuple(sim.shape)}')
     if not torch.isfinite(sim).all():
         raise ValueError('sim has NaN or infinite scores')
     ranks = (sim >= sim.diagonal()[:, None]).sum(dim=1)  # (N,) 1-based: the match counts itself
@@ -233,12 +211,11 @@ def retrieval_metrics(sim):
 
 
 def retrieval(features, strategies=('diag_mean',), device='cpu'):
-    """{strategy: {'V->A': metrics, 'A->V': metrics}} of g_a, g_v (N, T, D) scored on device (V->A:
-    visual queries; A->V the transpose, every strategy being symmetric)."""
+    """{strategy: {'V->A': metrics, 'A->V': metrics}} of g_a, g_v (N, T, D)."""
     g_a, g_v = features['g_a'].to(device), features['g_v'].to(device)
     results = {}
     for strategy in strategies:
-        sim_va = similarity(g_v, g_a, strategy)  # (N, N) rows: visual queries
+        sim_va = similarity(g_v, g_a, strategy)  # (N, N) rows: visual queries; A->V: the transpose
         results[strategy] = {'V->A': retrieval_metrics(sim_va), 'A->V': retrieval_metrics(sim_va.T)}
     return results
 
@@ -248,21 +225,18 @@ def print_table(header, rows, left=1):
     cells = [[f'{x:.1f}' if isinstance(x, float) else str(x) for x in row]
              for row in [header] + rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    for j, row in enumerate(cells):
+    cells.insert(1, ['-' * w for w in widths])  # the rule under the header
+    for row in cells:
         print('  '.join(c.rjust(w) if i >= left else c.ljust(w)
                         for i, (c, w) in enumerate(zip(row, widths))))
-        if j == 0:
-            print('  '.join('-' * w for w in widths))
 
 
 # -----------------------------------------------------------------------------
 # attention probe
 
 def average_precisions(scores, targets):
-    """Per-class AP (C,) of scores, targets (N, C) (> 0: positive), sklearn's
-    average_precision_score: the mean over a class's positives of the precision among clips scoring
-    at least as high (tied clips share a threshold). A class without positives gets 0, as in
-    CAV-MAE's stats.py."""
+    """Per-class AP (C,) of scores, targets (N, C) (> 0: positive) as sklearn's
+    average_precision_score (tied clips share a threshold); 0 without positives (as stats.py)."""
     scores, positive = scores.double(), targets > 0
     if scores.shape != positive.shape or scores.dim() != 2:
         raise ValueError(f'scores and targets must both be (N, C), '
@@ -280,8 +254,7 @@ def average_precisions(scores, targets):
 
 
 def mean_average_precision(scores, targets):
-    """mAP (percent) over every class, one without positives counting 0 (CAV-MAE's stats.py): on an
-    eval set lacking some classes, below the mean over the classes present (probe prints both)."""
+    """mAP (percent) over every class, one without positives counting 0 (CAV-MAE's stats.py)."""
     if not (targets > 0).any():
         raise ValueError('no class has a positive: mAP is undefined')
     return 100.0 * average_precisions(scores, targets).mean().item()
@@ -335,42 +308,30 @@ def probe_metric(logits, targets, multilabel):
 
 
 def label_type_from_csv(label_csv):
-    """'multi' (BCE, mAP) when every id of the label CSV is an AudioSet ontology id (/m/, /g/, /t/),
-    else 'single' (cross-entropy, top-1): the label set decides, not the clips' label counts."""
+    """'multi' (BCE, mAP) if every id of the label CSV is an AudioSet ontology id, else 'single'."""
     mid_to_index, _ = data.read_label_csv(label_csv)
     audioset = all(mid.startswith(('/m/', '/g/', '/t/')) for mid in mid_to_index)
     return 'multi' if audioset else 'single'
 
 
 def class_balanced_weights(labels):
-    """Per-clip sampling weights as CAV-MAE's gen_weight_file.py: a class weighs 1000 / (its clips +
-    0.01), a clip the sum of its classes'. labels (N, C), > 0 = positive -> (N,) float64."""
+    """Per-clip sampling weights (N,) as CAV-MAE's gen_weight_file.py, summed over its classes."""
     positive = (labels > 0).double()  # (N, C)
     return positive @ (1000.0 / (positive.sum(dim=0) + 0.01))
 
 
 def epoch_order(num_clips, gen, weights=None):
-    """One probe epoch's clips: a permutation, or num_clips draws with replacement in proportion to
-    weights (WeightedRandomSampler(weights, num_clips)'s draws, as the CAV-MAE release)."""
+    """One probe epoch's clips: a permutation, or the release's WeightedRandomSampler draws."""
     if weights is None:
         return torch.randperm(num_clips, generator=gen)
     return torch.multinomial(weights, num_clips, replacement=True, generator=gen)
 
 
-def other_clip(index, num_clips, draw):
-    """A mixup partner, uniform over the other clips (never the clip itself: that would be no
-    mixup); draw(low, high) returns integers in [low, high)."""
-    return (index + draw(1, num_clips)) % num_clips
-
-
 class AugmentedClips(torch.utils.data.Dataset):
     """The papers' probe augmentation at the input (CAV-MAE's fine-tuning mixup, plus a time shift)
-    of the clips `order` of an eval-mode AVDataset (files or shards), item i drawn from (seed,
-    epoch, i): with probability `mixup` a partner (other_clip) and lambda ~ Beta(10, 10) mix the
-    mean-removed waveforms (the partner cut or zero-padded to the clip's length; the mix
-    mean-removed), every frame and the labels; then the waveform rolls by up to data.MAX_TIME_SHIFT
-    samples (the pretraining shift: segments stay with their frames). Built by AVDataset's
-    data.eval_inputs / data.eval_segments."""
+    of the clips `order` of an eval-mode AVDataset, item i drawn from (seed, epoch, i): with
+    probability `mixup` another clip and lambda ~ Beta(10, 10) mix the waveforms, frames and labels;
+    the waveform then rolls by up to data.MAX_TIME_SHIFT (the pretraining shift)."""
 
     def __init__(self, dataset, order, epoch, seed=0, mixup=0.5):
         self.dataset, self.order, self.epoch = dataset, order.tolist(), epoch
@@ -386,7 +347,7 @@ class AugmentedClips(torch.utils.data.Dataset):
         wav, image = data.eval_inputs(clip, ds.img_size, ds.num_frames)  # (n,), (T, 3, H, W)
         label = data.multi_hot(clip['classes'], ds.num_classes)
         if rng.random() < self.mixup:
-            other = ds.clips[other_clip(index, len(ds), rng.integers)]
+            other = ds.clips[(index + rng.integers(1, len(ds))) % len(ds)]  # never the clip itself
             lam = float(rng.beta(10, 10))
             wav2, image2 = data.eval_inputs(other, ds.img_size, ds.num_frames)
             n = len(wav)
@@ -402,16 +363,14 @@ class AugmentedClips(torch.utils.data.Dataset):
 
 
 def mixed_cached_batches(train_x, train_y, order, batch_size, mixup, gen, beta):
-    """The quick option's batches (x (B, T, dim), y (B, C)) of the clips `order`: each clip mixed,
-    with probability `mixup`, with a partner from the whole training set (other_clip), lambda ~
-    Beta(10, 10)."""
+    """The quick option's batches (x, y) of the clips `order`: mixup with the whole training set."""
     N = len(train_x)
     for i in range(0, len(order), batch_size):
         idx = order[i:i + batch_size]  # (B,)
         x, y = train_x[idx], train_y[idx]  # (B, T, dim), (B, C)
         if mixup > 0:
             B = len(idx)
-            partner = other_clip(idx, N, lambda lo, hi: torch.randint(lo, hi, (B,), generator=gen))
+            partner = (idx + torch.randint(1, N, (B,), generator=gen)) % N  # not the clip itself
             partner = partner.to(x.device)  # (B,)
             mixed = torch.rand(B, generator=gen) < mixup
             lam = torch.where(mixed, beta.sample((B,)), torch.ones(B)).to(x.device)  # (B,)
@@ -420,44 +379,22 @@ def mixed_cached_batches(train_x, train_y, order, batch_size, mixup, gen, beta):
         yield x, y
 
 
-def probe_steps(probe, optimizer, loss_fn, batches, lr_at, step):
-    """One epoch of optimiser steps on batches (x, y) at lr_at(step) -> (loss sum, next step)."""
-    probe.train()
-    total_loss = 0.0
-    for x, y in batches:
-        for group in optimizer.param_groups:
-            group['lr'] = lr_at(step)
-        loss = loss_fn(probe(x), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        total_loss += loss.item() * len(x)
-        step += 1
-    return total_loss, step
-
-
 def train_probe(train_x, train_y, eval_x, eval_y, multilabel, lr, epochs, batch_size=48,
                 num_heads=12, mixup=0.5, wa_start=3, warmup_frac=0.1, min_lr=0.0, weight_decay=5e-7,
                 device='cpu', seed=0, balanced=False, epoch_inputs=None):
     """An AttentionProbe on frozen features x (N, T, dim), targets y (N, C), scored on eval_x /
-    eval_y: Adam (0.95, 0.999), linear warmup over warmup_frac of the steps then cosine to min_lr,
-    weights averaged over the ends of epochs wa_start..epochs (1-based), BCE (multi-label) or
-    cross-entropy. An epoch draws N clips (epoch_order; balanced: class_balanced_weights).
-    epoch_inputs(epoch, order) -> (x, y) of those clips from augmented inputs (augmented_inputs, the
-    papers' recipe; train_x may be None); without it, the quick option mixed_cached_batches. ->
-    dict(history, last, final, ...)."""
+    eval_y, weights averaged over the ends of epochs wa_start..epochs (1-based). epoch_inputs(epoch,
+    order) -> (x, y) from augmented inputs (the papers' recipe); else mixed_cached_batches."""
     if not 1 <= wa_start <= epochs:
         raise ValueError(f'wa_start={wa_start} must lie in 1..epochs={epochs}')
     if not multilabel and (train_y.sum(dim=1) == 0).any():
-        raise ValueError('single-label probing needs one label per training clip; '
-                         'some clips have none')
+        raise ValueError('single-label probing needs a label on every training clip')
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # the probe's initialisation and the Beta draws
     weights = class_balanced_weights(train_y) if balanced else None
     if train_x is None and epoch_inputs is None:
         raise ValueError('train_probe needs train_x (cached features) or epoch_inputs')
-    if train_x is not None:
-        train_x = train_x.to(device)  # frozen features: moved once
+    train_x = None if train_x is None else train_x.to(device)  # frozen features: moved once
     train_y, N = train_y.float().to(device), len(train_y)
     probe = AttentionProbe(eval_x.shape[-1], train_y.shape[1], num_heads).to(device)
     optimizer = torch.optim.Adam(probe.parameters(), lr=lr, betas=(0.95, 0.999),
@@ -476,7 +413,17 @@ def train_probe(train_x, train_y, eval_x, eval_y, multilabel, lr, epochs, batch_
         else:  # features of augmented inputs, in the epoch's order: not mixed again
             epoch_x, epoch_y = (t.to(device) for t in epoch_inputs(epoch, order))  # (N, T, dim), y
             batches = zip(epoch_x.split(batch_size), epoch_y.float().split(batch_size))
-        total_loss, step = probe_steps(probe, optimizer, loss_fn, batches, lr_at, step)
+        probe.train()
+        total_loss = 0.0
+        for x, y in batches:
+            for group in optimizer.param_groups:
+                group['lr'] = lr_at(step)
+            loss = loss_fn(probe(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total_loss += loss.item() * len(x)
+            step += 1
         metric = probe_metric(_probe_scores(probe, eval_x, device), eval_y, multilabel)
         history.append(dict(epoch=epoch, lr=lr_at(step - 1), loss=total_loss / N,
                             **{metric_name: metric}))
@@ -487,17 +434,6 @@ def train_probe(train_x, train_y, eval_x, eval_y, multilabel, lr, epochs, batch_
     final = probe_metric(_probe_scores(probe, eval_x, device), eval_y, multilabel)
     return dict(metric=metric_name, multilabel=multilabel, history=history, final=final,
                 last=history[-1][metric_name], wa_epochs=[wa_start, epochs], probe=probe)
-
-
-def augmented_inputs(model, dataset, modality='av', embedding='global', seed=0, mixup=0.5,
-                     dtype='float32', batch_size=8, device='cpu', num_workers=0):
-    """train_probe's epoch_inputs for the papers' recipe: every epoch, the features of its clips of
-    `dataset` (eval-mode AVDataset) re-extracted from AugmentedClips."""
-    def epoch_inputs(epoch, order):
-        clips = AugmentedClips(dataset, order, epoch, seed, mixup)
-        feats = extract_features(model, clips, batch_size, device, num_workers, dtype, embedding)
-        return probe_inputs(feats, modality), feats['labels']
-    return epoch_inputs
 
 
 # -----------------------------------------------------------------------------
@@ -514,17 +450,13 @@ def cmd_retrieval(args):
     rows = [[s, d, m['R@1'], m['R@5'], m['R@10'], m['MedR']]
             for s, r in results.items() for d, m in r.items()]
     print_table(['strategy', 'direction', 'R@1', 'R@5', 'R@10', 'MedR'], rows, left=2)
-    if args.out:
-        with open(args.out, 'w') as f:
-            json.dump(dict(ckpt=args.ckpt, weights=args.weights, data=args.data, num_clips=N,
-                           num_frames=T, dtype=args.dtype, results=results), f, indent=2)
-        print(f'wrote {args.out}')
+    return dict(ckpt=args.ckpt, weights=args.weights, data=args.data, num_clips=N, num_frames=T,
+                dtype=args.dtype, results=results)
 
 
 def probe_settings(label_csv, label_type, balanced, train_labels, eval_labels):
-    """(multilabel, balanced) from --label_type and --balanced. 'auto': the task from the label CSV,
-    and class-balanced sampling for single-label sets only (VGGSound yes, AS-20K no, as the
-    supplements)."""
+    """(multilabel, balanced). 'auto': the task from the label CSV, and class-balanced sampling for
+    single-label sets only (VGGSound yes, AS-20K no, as the supplements)."""
     task = label_type_from_csv(label_csv) if label_type == 'auto' else label_type
     if task == 'single':
         for name, labels in (('--train', train_labels), ('--eval', eval_labels)):
@@ -536,31 +468,9 @@ def probe_settings(label_csv, label_type, balanced, train_labels, eval_labels):
     return task == 'multi', task == 'single' if balanced == 'auto' else balanced == 'yes'
 
 
-def probe_report(out, eval_scores, eval_labels):
-    """Prints the per-epoch table and the final metric; for mAP also the classes without a positive
-    in the eval set (AP 0, as in CAV-MAE's stats.py) and the mAP over the others, returned too."""
-    metric = out['metric']
-    print()
-    print_table(['epoch', 'lr', 'train loss', metric],
-                [[h['epoch'], f"{h['lr']:.2e}", f"{h['loss']:.4f}", h[metric]]
-                 for h in out['history']], left=0)
-    print(f"\n{metric}: {out['final']:.1f} with weights averaged over epochs "
-          f"{out['wa_epochs'][0]}-{out['wa_epochs'][1]} ({out['last']:.1f} with the last weights)")
-    if not out['multilabel']:
-        return {}
-    present = (eval_labels > 0).any(dim=0)  # (C,)
-    aps = average_precisions(eval_scores.sigmoid(), eval_labels)  # (C,)
-    report = dict(classes=len(present), classes_without_positive=int((~present).sum()),
-                  mAP_present=100.0 * aps[present].mean().item())
-    print(f"mAP over all {report['classes']} classes (CAV-MAE's stats.py); "
-          f"{report['classes_without_positive']} have no positive in --eval and count as AP 0; "
-          f"over the {int(present.sum())} with positives: {report['mAP_present']:.1f}")
-    return report
-
-
 def probe_training_split(args, get_model, extract):
     """-> (x_train or None, train labels (N, C), epoch_inputs or None): --augment cached reads the
-    cached features of --train; input extracts no plain pass (every epoch extracts its own)."""
+    cached features of --train; input (the papers' recipe) extracts every epoch's AugmentedClips."""
     if args.augment == 'cached':
         train = features_for(args.ckpt, args.train, args.label_csv, args.weights, args.probe_input,
                              args.num_frames, args.cache, get_model, **extract)
@@ -568,21 +478,23 @@ def probe_training_split(args, get_model, extract):
     model = get_model()
     dataset = make_dataset(args.train, args.label_csv, model.config, args.num_frames)
     labels = torch.stack([data.multi_hot(c['classes'], dataset.num_classes) for c in dataset.clips])
-    epoch_inputs = augmented_inputs(model, dataset, args.modality, args.probe_input, args.seed,
-                                    args.mixup, **extract)
+
+    def epoch_inputs(epoch, order):  # train_probe's (x, y) of the epoch's clips
+        clips = AugmentedClips(dataset, order, epoch, args.seed, args.mixup)
+        feats = extract_features(model, clips, args.batch_size, args.device, args.num_workers,
+                                 args.dtype, args.probe_input)
+        return probe_inputs(feats, args.modality), feats['labels']
     return None, labels, epoch_inputs
 
 
 def cmd_probe(args):
     get_model = functools.cache(lambda: load_model(args.ckpt, args.device, args.weights))
-    extract = dict(dtype=args.dtype, batch_size=args.batch_size, device=args.device,
-                   num_workers=args.num_workers)
+    extract = {k: getattr(args, k) for k in ('dtype', 'batch_size', 'device', 'num_workers')}
     test = features_for(args.ckpt, args.eval, args.label_csv, args.weights, args.probe_input,
                         args.num_frames, args.cache, get_model, **extract)
     x_train, train_labels, epoch_inputs = probe_training_split(args, get_model, extract)
     if train_labels.shape[1] == 0 or train_labels.shape[1] != test['labels'].shape[1]:
-        raise ValueError(f'--train and --eval need labels from the same --label_csv '
-                         f'{args.label_csv}')
+        raise ValueError(f'--train and --eval need labels of the same --label_csv {args.label_csv}')
     multilabel, balanced = probe_settings(args.label_csv, args.label_type, args.balanced,
                                           train_labels, test['labels'])
     # the papers' probing: AS-20K (multi-label) lr 5e-2, 15 epochs; VGGSound (single-label) 1e-3, 10
@@ -599,47 +511,26 @@ def cmd_probe(args):
                       args.probe_batch_size, num_heads, args.mixup, args.wa_start, args.warmup_frac,
                       args.min_lr, device=args.device, seed=args.seed, balanced=balanced,
                       epoch_inputs=epoch_inputs)
-    report = probe_report(out, _probe_scores(out['probe'], x_eval, args.device), test['labels'])
-    if args.out:
-        with open(args.out, 'w') as f:
-            json.dump(dict(ckpt=args.ckpt, weights=args.weights, train=args.train, eval=args.eval,
-                           probe_input=args.probe_input, modality=args.modality, lr=lr,
-                           epochs=epochs, metric=out['metric'], balanced=balanced,
-                           augment=args.augment, dtype=args.dtype, final=out['final'],
-                           last=out['last'], history=out['history'], **report), f, indent=2)
-        print(f'wrote {args.out}')
-
-
-def add_probe_parser(sub, common):
-    """The probe sub-command and its settings (defaults: the papers' protocol)."""
-    p = sub.add_parser('probe', parents=[common], help='attention probe on frozen features')
-    p.add_argument('--train', required=True, help='training dataset JSON or shard set')
-    p.add_argument('--eval', required=True, help='evaluation dataset JSON or shard set')
-    p.add_argument('--label_csv', required=True)
-    p.add_argument('--probe_input', choices=PROBE_INPUTS, default='global',
-                   help="global: the modality encoders' global-token outputs (the releases'); "
-                        'patch / register: their mean patch / register outputs; joint: g_a, g_v '
-                        'after the joint layer and norm_a / norm_v (the retrieval embedding)')
-    p.add_argument('--modality', choices=('av', 'a', 'v'), default='av')
-    p.add_argument('--augment', choices=('input', 'cached'), default='input',
-                   help="input: the papers' recipe, time shift and mixup of waveforms, frames and "
-                        'labels, features re-extracted every epoch; cached: the quick option, '
-                        'mixup of the cached features')
-    p.add_argument('--mixup', type=float, default=0.5, help='probability that a clip is mixed')
-    p.add_argument('--lr', type=float, help='default: 5e-2 multi-label (AS-20K), 1e-3 single')
-    p.add_argument('--epochs', type=int, help='default: 15 multi-label, 10 single-label')
-    p.add_argument('--probe_batch_size', type=int, default=48)
-    p.add_argument('--probe_heads', type=int, help="default: the encoder's number of heads")
-    p.add_argument('--label_type', choices=('auto', 'multi', 'single'), default='auto',
-                   help='auto: multi (BCE, mAP) for AudioSet ontology ids, else single (top-1)')
-    p.add_argument('--balanced', choices=('auto', 'yes', 'no'), default='auto',
-                   help='class-balanced sampling (gen_weight_file.py); auto: single-label only')
-    p.add_argument('--warmup_frac', type=float, default=0.1, help='share of steps in linear warmup')
-    p.add_argument('--min_lr', type=float, default=0.0, help='the cosine schedule ends here')
-    p.add_argument('--wa_start', type=int, default=3, help='first epoch (1-based) averaged')
-    p.add_argument('--seed', type=int, default=0)
-    p.add_argument('--out', help='results JSON')
-    p.set_defaults(run=cmd_probe)
+    metric, report = out['metric'], {}
+    print()
+    print_table(['epoch', 'lr', 'train loss', metric],
+                [[h['epoch'], f"{h['lr']:.2e}", f"{h['loss']:.4f}", h[metric]]
+                 for h in out['history']], left=0)
+    print(f"\n{metric}: {out['final']:.1f} with weights averaged over epochs "
+          f"{out['wa_epochs'][0]}-{out['wa_epochs'][1]} ({out['last']:.1f} with the last weights)")
+    if multilabel:  # and the mAP over the classes with a positive in --eval (the others: AP 0)
+        present = (test['labels'] > 0).any(dim=0)  # (C,)
+        scores = _probe_scores(out['probe'], x_eval, args.device).sigmoid()  # (N, C)
+        aps = average_precisions(scores, test['labels'])  # (C,)
+        report = dict(classes=len(present), classes_without_positive=int((~present).sum()),
+                      mAP_present=100.0 * aps[present].mean().item())
+        print(f"mAP over all {report['classes']} classes (CAV-MAE's stats.py); "
+              f"{report['classes_without_positive']} have no positive in --eval and count as AP 0; "
+              f"over the {int(present.sum())} with positives: {report['mAP_present']:.1f}")
+    return dict(ckpt=args.ckpt, weights=args.weights, train=args.train, eval=args.eval,
+                probe_input=args.probe_input, modality=args.modality, lr=lr, epochs=epochs,
+                metric=out['metric'], balanced=balanced, augment=args.augment, dtype=args.dtype,
+                final=out['final'], last=out['last'], history=out['history'], **report)
 
 
 def main(argv=None):
@@ -657,17 +548,45 @@ def main(argv=None):
     common.add_argument('--num_workers', type=int, default=min(4, os.cpu_count() or 1))
     common.add_argument('--num_frames', type=int, default=16, help='frames (and segments) per clip')
     common.add_argument('--cache', help='directory for extracted features, reused across runs')
+    common.add_argument('--out', help='results JSON')
     p = sub.add_parser('retrieval', parents=[common], help='zero-shot V->A and A->V retrieval')
     p.add_argument('--data', required=True, help='dataset JSON or shard set')
     p.add_argument('--label_csv', help='only stored with the features')
     p.add_argument('--strategy', nargs='+', choices=STRATEGIES, default=['diag_mean'])
-    p.add_argument('--out', help='results JSON')
     p.set_defaults(run=cmd_retrieval)
-    add_probe_parser(sub, common)
+    p = sub.add_parser('probe', parents=[common], help='attention probe on frozen features')
+    p.add_argument('--train', required=True, help='training dataset JSON or shard set')
+    p.add_argument('--eval', required=True, help='evaluation dataset JSON or shard set')
+    p.add_argument('--label_csv', required=True)
+    p.add_argument('--probe_input', choices=PROBE_INPUTS, default='global',
+                   help="global: the encoders' global-token outputs (the releases'); patch / "
+                        'register: their mean outputs; joint: the retrieval embedding')
+    p.add_argument('--modality', choices=('av', 'a', 'v'), default='av')
+    p.add_argument('--augment', choices=('input', 'cached'), default='input',
+                   help="input: the papers' recipe, time shift and mixup of the clips, features "
+                        're-extracted every epoch; cached: quick, mixup of the cached features')
+    p.add_argument('--mixup', type=float, default=0.5, help='probability that a clip is mixed')
+    p.add_argument('--lr', type=float, help='default: 5e-2 multi-label (AS-20K), 1e-3 single')
+    p.add_argument('--epochs', type=int, help='default: 15 multi-label, 10 single-label')
+    p.add_argument('--probe_batch_size', type=int, default=48)
+    p.add_argument('--probe_heads', type=int, help="default: the encoder's number of heads")
+    p.add_argument('--label_type', choices=('auto', 'multi', 'single'), default='auto',
+                   help='auto: multi (BCE, mAP) for AudioSet ontology ids, else single (top-1)')
+    p.add_argument('--balanced', choices=('auto', 'yes', 'no'), default='auto',
+                   help='class-balanced sampling (gen_weight_file.py); auto: single-label only')
+    p.add_argument('--warmup_frac', type=float, default=0.1, help='share of steps in linear warmup')
+    p.add_argument('--min_lr', type=float, default=0.0, help='the cosine schedule ends here')
+    p.add_argument('--wa_start', type=int, default=3, help='first epoch (1-based) averaged')
+    p.add_argument('--seed', type=int, default=0)
+    p.set_defaults(run=cmd_probe)
     args = parser.parse_args(argv)
     if args.dtype is None:
         args.dtype = 'bfloat16' if torch.device(args.device).type == 'cuda' else 'float32'
-    args.run(args)
+    results = args.run(args)
+    if args.out:
+        with open(args.out, 'w') as f:
+            json.dump(results, f, indent=2)
+        print(f'wrote {args.out}')
 
 
 if __name__ == '__main__':
