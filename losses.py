@@ -29,14 +29,11 @@ def gather_across_ranks(x):
 
 
 def info_nce(g_a, g_v, temperature=0.05, direction='both', negatives='global'):
-    """InfoNCE on L2-normalised global embeddings g_a, g_v (B, D) -> (loss, top-1 accuracy of the
-    queries).
-    direction: 'both' (mean of the a->v and v->a cross-entropies: TG-DP's release, the default for
-      every method), 'v2a' (visual queries scored against audio candidates only: CAV-MAE Sync's
-      release, bidirect_contrast=False), 'a2v' (audio queries only).
-    negatives: 'global' (queries scored against the candidates of every rank, so the negatives span
-      the global batch, gradients flow back through the gather: TG-DP's release) or 'local' (this
-      rank's batch only, as a DataParallel replica sees it: CAV-MAE / CAV-MAE Sync; results then
+    """InfoNCE on L2-normalised global embeddings g_a, g_v (B, D) -> (loss, top-1 accuracy).
+    direction: 'both' (mean of a->v and v->a: TG-DP's release, every method's default), 'v2a'
+      (visual queries on audio candidates: CAV-MAE Sync's bidirect_contrast=False) or 'a2v'.
+    negatives: 'global' (every rank's candidates, gradients through the gather: TG-DP's release)
+      or 'local' (this rank's batch, as a DataParallel replica: CAV-MAE (Sync); results then
       depend on the number of ranks)."""
     if direction not in ('both', 'v2a', 'a2v') or negatives not in ('global', 'local'):
         raise ValueError(f"info_nce: direction must be 'both', 'v2a' or 'a2v' and negatives "

@@ -20,8 +20,7 @@ def gather(x, keep):
 
 
 def place(rows, keep, base):
-    """gather's inverse: rows (B, k, D) written at positions keep (B, k) of base (B, N, D)
-    -> (B, N, D) (base cast to the rows' dtype; not in place)."""
+    """gather's inverse: base (B, N, D), cast to the rows' dtype, with rows (B, k, D) at keep."""
     return base.to(rows.dtype).scatter(1, keep.unsqueeze(-1).expand(-1, -1, rows.shape[-1]), rows)
 
 
@@ -37,10 +36,9 @@ def masked_indices(keep, num_patches):
 
 
 def random_masking(batch_size, num_patches, mask_ratio, device=None, noise=None):
-    """Unstructured random masking as MAE: per-sample uniform noise (B, N), argsort, keep the k
-    smallest. noise: optional, drawn by the caller (train.py draws it for the global batch so that
-    masks do not depend on how the batch is split across ranks); the outputs live on its device.
-    Returns keep (B, k) and mask (B, N), 1 = masked."""
+    """MAE's random masking -> keep (B, k), mask (B, N) (1 = masked): the k smallest of uniform
+    noise (B, N), optionally the caller's (train.py draws it for the global batch, so that masks do
+    not depend on how the batch is split across ranks)."""
     k = num_keep(num_patches, mask_ratio)
     if noise is None:
         noise = torch.rand(batch_size, num_patches, device=device)
@@ -71,12 +69,10 @@ def gumbel_keep(priority, mask_ratio, noise=None):
 
 def gumbel_score_keep(scores, mask_ratio, noise=None, temperature=1.0, eps=1e-12):
     """contrastive_masking='gumbel' (the TG-DP paper: "Gumbel noise is added to the teacher scores
-    before top-k"), as the TG-DP release computes it (get_patch2cls_rank(mode='prob')): Gumbel noise
-    added to log_softmax(scores / temperature), top-k. scores (B, N): the teacher's head-averaged
-    attention of each patch to the global token, NOT normalised over patches (the release uses it
-    raw). log_softmax differs from its input by a per-row constant, so this ranks by
-    scores / temperature + Gumbel noise: with attention weights well below 1 against noise of std
-    1.28 the choice is close to uniformly random. noise: optional uniform (B, N) from the caller."""
+    before top-k") as the TG-DP release computes it (get_patch2cls_rank(mode='prob')): top-k of
+    log_softmax(scores / temperature) + Gumbel noise, scores (B, N) the teacher's raw attention (not
+    normalised). log_softmax shifts each row by a constant, so this ranks scores / temperature +
+    noise: weights well below 1 against noise of std 1.28 make the choice nearly uniform."""
     noise = torch.rand_like(scores) if noise is None else noise
     gumbel = -torch.log(-torch.log(noise.clamp(eps, 1.0 - eps)))
     logp = F.softmax(scores.float() / max(temperature, eps), dim=1).clamp_min(eps).log()  # release
@@ -87,16 +83,10 @@ CONTRASTIVE_MASKINGS = ('guided', 'gumbel', 'gumbel_proportional', 'random')
 
 
 def contrastive_keep(method, attention, mask_ratio, noise=None):
-    """Visible patches (B, k) of the contrastive view. attention (B, N): the teacher's raw attention
-    to the global token (forward_teacher); noise: optional uniform (B, N).
-      'guided'               top-k of the priority (TG-DP's distinct guided mask)
-      'gumbel'               the paper's / release's Gumbel reading of the raw attention
-                             (gumbel_score_keep)
-      'gumbel_proportional'  sampling in proportion to the priority (gumbel_keep)
-      'random'               uniformly random (random_masking)
-    The priority is the attention normalised over patches (teacher_priority). Only 'gumbel' reads
-    the scale: for the others the normalisation is a per-row factor under a top-k (and a per-row
-    constant under gumbel_keep's log), so it changes no choice beyond float rounding."""
+    """Visible patches (B, k) of the contrastive view from the teacher's raw attention (B, N)
+    (forward_teacher): 'guided' (guided_keep), 'gumbel' (gumbel_score_keep), 'gumbel_proportional'
+    (gumbel_keep) or 'random'. Only 'gumbel' reads the scale: teacher_priority's normalisation is a
+    per-row factor under a top-k (a constant under a log), changing no choice beyond rounding."""
     if method == 'gumbel':
         return gumbel_score_keep(attention, mask_ratio, noise)
     if method == 'guided':
@@ -110,8 +100,7 @@ def contrastive_keep(method, attention, mask_ratio, noise=None):
 
 
 def mask_ratio_schedule(progress, rho1, rho2):
-    """DiffMAViL curriculum: the mask ratio moves linearly from rho1 (progress 0) to rho2
-    (progress 1)."""
+    """DiffMAViL curriculum: the mask ratio linear from rho1 (progress 0) to rho2 (progress 1)."""
     progress = min(max(progress, 0.0), 1.0)
     return rho1 + (rho2 - rho1) * progress
 

@@ -1,23 +1,13 @@
 """
-The CAV-MAE Sync backbone with every pass TG-DP needs.
-
-Two ViT encoders (audio, visual) with a learned global token and register tokens, one shared joint
-layer run three ways (audio-only, visual-only, fused), and a joint MAE decoder (CAV-MAE Sync).
-Parameter names follow the official release so that its checkpoints load with a rename-free
-conversion.
-
-Passes (each does only the work it needs):
-  forward           a training step's student work: embed -> masked encoders -> fused joint pass ->
-                    decoder -> loss, and the global tokens; CAV-MAE Sync reads them from the same
-                    encoding, TG-DP (and the dual pass) from a second, contrastive view
-  forward_teacher   full inputs -> g_a, g_v and the raw attention of each patch to the global token
-  forward_features  unmasked inference: g_a, g_v and the patch tokens of the same passes
-
-DiffMAViL's decoder options, off by default so that the official layout is unchanged:
-diffused_mask_tokens (noised masked patches instead of the mask token) and decoder_attention='cross'
-(masked-position queries attend only to the visible latents).
+The CAV-MAE Sync backbone with every pass TG-DP needs: two ViT encoders (audio, visual) with a
+learned global token and register tokens, one shared joint layer run three ways (audio-only,
+visual-only, fused) and a joint MAE decoder; parameter names as the official release's. Passes:
+forward (a training step's student work), forward_teacher (full inputs -> global tokens and the
+attention of each patch to them), forward_features (unmasked inference). DiffMAViL's decoder
+options are off by default: diffused_mask_tokens, decoder_attention='cross'.
 """
 import argparse
+import collections
 import contextlib
 import math
 import os
@@ -50,8 +40,7 @@ class ModelConfig:
     global_token: bool = True      # False: CAV-MAE style, the mean-pooled patch tokens embed
     norm_pix_loss: bool = False    # per-patch normalised reconstruction targets
     diffused_mask_tokens: bool = False  # DiffMAViL: projected, DDPM-noised patches, no mask token
-    decoder_attention: str = 'self'     # 'self': joint self-attention decoder; 'cross': masked
-                                        # queries attend to the visible latents (DiffMAViL)
+    decoder_attention: str = 'self'     # or 'cross': masked queries on visible latents (DiffMAViL)
 
     def __post_init__(self):
         p = self.patch_size
@@ -60,11 +49,9 @@ class ModelConfig:
                 raise ValueError(f'ModelConfig.{name}={getattr(self, name)} is not a multiple of '
                                  f'patch_size={p}')
         if self.embed_dim % self.num_heads or self.decoder_embed_dim % self.decoder_num_heads:
-            raise ValueError('embed_dim / decoder_embed_dim must be divisible by their number of '
-                             'heads')
+            raise ValueError('embed dims must be divisible by their numbers of heads')
         if self.embed_dim % 4 or self.decoder_embed_dim % 4:
-            raise ValueError('embed dims must be multiples of 4 for the 2-D sin-cos positional '
-                             'embedding')
+            raise ValueError('embed dims must be multiples of 4 (2-D sin-cos positions)')
         if self.joint_depth < 1:
             raise ValueError(f'ModelConfig.joint_depth must be at least 1, got {self.joint_depth}')
         if self.decoder_attention not in ('self', 'cross'):
@@ -76,8 +63,8 @@ class ModelConfig:
 # building blocks
 
 def sincos_pos_embed_2d(dim, grid_h, grid_w):
-    """Fixed 2-D sin-cos embedding (grid_h * grid_w, dim), row-major, as in MAE / CAV-MAE:
-    the first half of the channels encodes the column index, the second half the row index."""
+    """Fixed 2-D sin-cos embedding (grid_h * grid_w, dim), row-major, as MAE / CAV-MAE: the first
+    half of the channels encodes the column index, the second half the row index."""
     def sincos_1d(d, pos):  # (M,) -> (M, d)
         omega = 1.0 / 10000 ** (torch.arange(d // 2, dtype=torch.float64) / (d / 2))
         out = pos.double()[:, None] * omega[None]  # (M, d/2)
@@ -88,9 +75,8 @@ def sincos_pos_embed_2d(dim, grid_h, grid_w):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention. forward runs PyTorch's fused kernel (SDPA); forward_with_weights
-    computes the softmax explicitly and returns it, for the one pass that reads the weights (the
-    teacher's joint layer)."""
+    """Multi-head self-attention: forward runs the fused kernel (SDPA), forward_with_weights an
+    explicit softmax for the one pass that reads the weights (the teacher's joint layer)."""
 
     def __init__(self, dim, num_heads):
         super().__init__()
@@ -107,23 +93,20 @@ class Attention(nn.Module):
         return self.proj(x.transpose(1, 2).flatten(2))
 
     def forward(self, x, n_out=None, segments=None):
-        """x (B, N, D) -> outputs of the first n_out tokens (B, n_out, D), all N when None; every
-        query attends to all N tokens. segments: lengths of independent sequences packed along N;
-        attention stays within each."""
+        """x (B, N, D) -> outputs of the first n_out tokens (B, n_out, D), all N when None;
+        segments: lengths of independent sequences packed along N, attention within each."""
         q, k, v = self.split_heads(x)
         if segments is None:
             out = F.scaled_dot_product_attention(q[:, :, :n_out], k, v)  # (B, H, n_out, hd)
             return self.merge_heads(out)
         if n_out is not None:
-            raise ValueError('Attention: n_out (outputs of the first tokens only) and packed '
-                             'segments do not combine')
+            raise ValueError('Attention: n_out and packed segments do not combine')
         heads = [F.scaled_dot_product_attention(*qkv)
                  for qkv in zip(*(t.split(segments, dim=2) for t in (q, k, v)))]
         return self.merge_heads(torch.cat(heads, dim=2))  # from (B, H, N, hd)
 
     def forward_with_weights(self, x, n_out=None):
-        """forward (one sequence) with an explicit softmax -> (outputs (B, n_out or N, D),
-        weights (B, H, N, N))."""
+        """forward (one sequence) -> (outputs (B, n_out or N, D), weights (B, H, N, N))."""
         q, k, v = self.split_heads(x)
         attn = (q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).softmax(dim=-1)  # (B, H, N, N)
         return self.merge_heads(attn[:, :, :n_out] @ v), attn
@@ -140,9 +123,8 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm ViT block. The joint block has three LayerNorm pairs: norm1/norm2 for the fused
-    pass, norm*_a for the audio pass and norm*_v for the visual pass, around shared attention and
-    MLP (CAV-MAE). LayerNorm eps is PyTorch's default 1e-5, as in the release (MAE uses 1e-6)."""
+    """Pre-norm ViT block; a joint block has LayerNorm pairs for the fused (norm1/2), audio (_a) and
+    visual (_v) passes around shared attention and MLP (CAV-MAE). eps 1e-5 as the release's."""
 
     def __init__(self, dim, num_heads, mlp_ratio, joint=False):
         super().__init__()
@@ -166,8 +148,7 @@ class Block(nn.Module):
         return x + self.mlp(norm2(x))
 
     def forward_with_attention(self, x, modality='av', n_out=None):
-        """forward plus the attention weights (B, H, N, N) (explicit softmax: the teacher's joint
-        layer only)."""
+        """forward plus the attention weights (B, H, N, N) (the teacher's joint layer only)."""
         norm1, norm2 = self.norms(modality)
         h, attn = self.attn.forward_with_weights(norm1(x), n_out)
         x = x[:, :n_out] + h
@@ -184,20 +165,19 @@ class PatchEmbed(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# DiffMAViL's decoder options: diffused mask tokens (the DDPM schedule here, CAVMAESync.diffuse and
-# diffused_tokens) and the cross-attention decoder (CrossBlock here, CAVMAESync.cross_decode)
+# DiffMAViL's decoder options: diffused mask tokens (the DDPM schedule, CAVMAESync.diffuse and
+# mask_tokens) and the cross-attention decoder (CrossBlock, CAVMAESync.cross_decode)
 
 def diffusion_alpha_bar(num_steps=1000):
-    """DiffMAViL's DDPM schedule: betas linear from 1e-4 to 0.02 raised to the power 0.8;
-    returns abar (num_steps,) with abar[t - 1] = prod_{s <= t} (1 - beta_s), t = 1..num_steps."""
+    """DiffMAViL's DDPM schedule, betas linear from 1e-4 to 0.02 to the power 0.8 -> abar
+    (num_steps,), abar[t - 1] = prod_{s <= t} (1 - beta_s), t = 1..num_steps."""
     betas = torch.linspace(1e-4, 0.02, num_steps, dtype=torch.float64) ** 0.8
     return torch.cumprod(1.0 - betas, dim=0).float()
 
 
 class CrossBlock(nn.Module):
-    """Pre-norm cross-attention block of DiffMAViL's decoder: queries x (B, Nq, D) attend to latents
-    (B, Nk, D) (never to each other), then an MLP on the queries. Separate q and kv projections: the
-    latents are only keys/values."""
+    """DiffMAViL's pre-norm cross-attention block: queries x (B, Nq, D) attend to latents (B, Nk, D)
+    (never to each other), then an MLP on the queries; the latents are only keys/values."""
 
     def __init__(self, dim, num_heads, mlp_ratio):
         super().__init__()
@@ -234,7 +214,6 @@ class CAVMAESync(nn.Module):
         self.grid_v = (c.img_size // p, c.img_size // p)
         self.num_patches_a = self.grid_a[0] * self.grid_a[1]
         self.num_patches_v = self.grid_v[0] * self.grid_v[1]
-
         self.patch_embed_a = PatchEmbed(1, D, p)
         self.patch_embed_v = PatchEmbed(3, D, p)
         self.register_buffer('pos_embed_a', sincos_pos_embed_2d(D, *self.grid_a)[None])  # 1, Na, D
@@ -260,8 +239,7 @@ class CAVMAESync(nn.Module):
         self._init_weights()
 
     def _build_decoder(self):
-        c = self.config
-        p, Dd = c.patch_size, c.decoder_embed_dim
+        c, p, Dd = self.config, self.config.patch_size, self.config.decoder_embed_dim
         self.decoder_embed = nn.Linear(c.embed_dim, Dd)
         if not c.diffused_mask_tokens:  # with diffused tokens it would get no gradient (DDP stops)
             self.mask_token = nn.Parameter(torch.zeros(1, 1, Dd))
@@ -281,9 +259,8 @@ class CAVMAESync(nn.Module):
         self.decoder_pred_v = nn.Linear(Dd, p * p * 3)
 
     def _init_weights(self):
-        """As the CAV-MAE Sync / TG-DP releases: xavier for linear layers and patch filters;
-        N(0, 0.02) for the global, mask and modality tokens; N(0, 1) for the register tokens (the
-        releases draw them with torch.randn and never re-initialise them)."""
+        """As the releases: xavier for linear layers and patch filters, N(0, 0.02) for the global,
+        mask and modality tokens, N(0, 1) for the register tokens (torch.randn, never re-drawn)."""
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
@@ -297,11 +274,9 @@ class CAVMAESync(nn.Module):
     # --- inputs ------------------------------------------------------------------
 
     def patchify_audio(self, audio):  # (B, L, F) -> (B, Na, p*p), row-major over (freq, time)
-        p = self.config.patch_size
-        x = audio.transpose(1, 2)  # (B, F, L)
-        B, Fb, L = x.shape
-        x = x.reshape(B, Fb // p, p, L // p, p).permute(0, 1, 3, 2, 4)  # (B, f, t, p, p)
-        return x.reshape(B, self.num_patches_a, p * p)
+        p, (f, t) = self.config.patch_size, self.grid_a
+        x = audio.transpose(1, 2).reshape(-1, f, p, t, p).permute(0, 1, 3, 2, 4)  # (B, f, t, p, p)
+        return x.reshape(-1, f * t, p * p)
 
     def unpatchify_audio(self, x):  # (B, Na, p*p) -> (B, L, F)
         p, (f, t) = self.config.patch_size, self.grid_a
@@ -347,12 +322,8 @@ class CAVMAESync(nn.Module):
         return x[:, :x.shape[1] - self.config.num_registers]
 
     def encode_pair(self, x1, x2, modality):
-        """encode of two views of the same clips in one pass (the student's reconstruction and
-        contrastive views): x1 (B, k1, D), x2 (B, k2, D) -> (encode(x1, modality),
-        encode(x2, modality)).
-        The views are packed into one sequence, attention staying within each: every linear layer is
-        one matmul for both, and the backward forms one weight gradient instead of one per view plus
-        their sum (faster)."""
+        """(encode(x1, modality), encode(x2, modality)) for two views x1 (B, k1, D), x2 (B, k2, D),
+        packed into one sequence (attention within each): one matmul per layer for both, faster."""
         seqs = [self.add_tokens(x, modality) for x in (x1, x2)]
         lengths = [seq.shape[1] for seq in seqs]
         h = torch.cat(seqs, dim=1)  # (B, n1 + n2, D)
@@ -361,25 +332,12 @@ class CAVMAESync(nn.Module):
         R = self.config.num_registers
         return tuple(seq[:, :n - R] for seq, n in zip(h.split(lengths, dim=1), lengths))
 
-    def masked_encode(self, emb, modality, keep, con_keep=None):
-        """The encoder on the visible patches keep (B, k) of one modality's embedded patches
-        emb (B, N, D) -> (encoding (B, [1 +] k, D), the encoding the global token is read from).
-        con_keep (B, c): TG-DP's (and the dual pass's) contrastive view of the same clips, packed
-        with the first through the encoder (encode_pair); its encoding (B, [1 +] c, D) comes
-        second."""
-        visible = masking.gather(emb, keep)  # (B, k, D)
-        if con_keep is None:  # CAV-MAE Sync: the one encoding feeds both objectives
-            enc = self.encode(visible, modality)
-            return enc, enc
-        return self.encode_pair(visible, masking.gather(emb, con_keep), modality)
-
     # --- joint layer -------------------------------------------------------------
 
     def joint(self, x, modality, tokens=True):
-        """Joint layer, single-modality pass with the modality's LayerNorms, then norm_a / norm_v.
-        x (B, [1 +] k, D) -> (embedding (B, D), patch tokens (B, k, D) or None).
-        tokens=False: only the embedding is wanted, so the last block computes its attention output,
-        projection and MLP for the global token alone (the patch tokens' would be thrown away)."""
+        """Joint layer's single-modality pass (the modality's LayerNorms, then norm_a / norm_v):
+        x (B, [1 +] k, D) -> (embedding (B, D), patch tokens (B, k, D) or None). tokens=False: the
+        last block computes attention output, projection and MLP for the global token alone."""
         n_out = 1 if self.config.global_token and not tokens else None
         for i, blk in enumerate(self.blocks_u):
             x = blk(x, modality, n_out if i == len(self.blocks_u) - 1 else None)
@@ -389,9 +347,8 @@ class CAVMAESync(nn.Module):
         return x.mean(dim=1), x  # CAV-MAE style: mean-pooled patch tokens
 
     def joint_attention(self, x, modality):
-        """The teacher's joint pass: joint(x, modality, tokens=False) -> (embedding (B, D),
-        attention weights (B, H, N, N) of the last joint block). The only pass with explicit
-        attention; every other one uses SDPA."""
+        """The teacher's joint pass, joint(x, modality, tokens=False) -> (embedding (B, D),
+        attention weights (B, H, N, N) of the last joint block): the one explicit attention."""
         if not self.config.global_token:
             raise ValueError('teacher-guided masking needs global_token=True '
                              '(priorities are attention to the global token)')
@@ -404,21 +361,16 @@ class CAVMAESync(nn.Module):
         """Encodings -> (g_a, g_v) (B, D) each: the joint layer's audio and visual passes."""
         return self.joint(enc_a, 'a', tokens=False)[0], self.joint(enc_v, 'v', tokens=False)[0]
 
-    def patch_tokens(self, enc):  # encoder output -> its patch tokens only (no global token)
-        return enc[:, 1:] if self.config.global_token else enc
-
     # --- decoder -----------------------------------------------------------------
 
     def fused_decode(self, enc_a, enc_v, keep_a, keep_v, patches_a=None, patches_v=None,
                      diffusion=None):
-        """Fused joint pass over the visible patches of both modalities, then the decoder.
-        enc_a (B, [1 +] ka, D), keep_a (B, ka) -> predictions (B, Na, p*p), (B, Nv, p*p*3).
-        patches_a, patches_v and diffusion: the inputs of diffused_tokens (with
-        diffused_mask_tokens only).
-        With decoder_attention='cross' only the masked positions are predicted; the visible ones
-        are zeros (the loss averages masked patches only)."""
-        # fused joint pass over both modalities' visible patches, into the decoder's width
-        xa, xv = self.patch_tokens(enc_a), self.patch_tokens(enc_v)  # (B, ka, D), (B, kv, D)
+        """Fused joint pass over both modalities' visible patches, then the decoder: enc_a (B, [1 +]
+        ka, D), keep_a (B, ka) -> predictions (B, Na, p*p), (B, Nv, p*p*3) (the cross decoder:
+        zeros at the visible ones). patches_a, patches_v, diffusion: for mask_tokens."""
+        # fused joint pass over both modalities' visible patch tokens, into the decoder's width
+        G = int(self.config.global_token)
+        xa, xv = enc_a[:, G:], enc_v[:, G:]  # (B, ka, D), (B, kv, D)
         x = torch.cat([xa, xv], dim=1)  # (B, ka + kv, D)
         for blk in self.blocks_u:
             x = blk(x, 'av')
@@ -444,38 +396,19 @@ class CAVMAESync(nn.Module):
         return self.decoder_pred_a(x[:, :Na]), self.decoder_pred_v(x[:, Na:])
 
     def mask_tokens(self, B, patches_a, patches_v, diffusion=None):
-        """What the decoder sees at the masked positions, (B, Na, Dd) and (B, Nv, Dd): the learned
-        mask token, or with diffused_mask_tokens DiffMAViL's noised patches (diffused_tokens)."""
-        if self.config.diffused_mask_tokens:
-            return self.diffused_tokens(patches_a, patches_v, diffusion)
-        if diffusion is not None:
-            raise ValueError('diffusion noise given, but diffused_mask_tokens is off: it would be '
-                             'ignored')
-        Dd = self.config.decoder_embed_dim
-        return (self.mask_token.expand(B, self.num_patches_a, Dd),
-                self.mask_token.expand(B, self.num_patches_v, Dd))
-
-    # --- decoder: DiffMAViL's options ----------------------------------------------
-
-    def diffuse(self, x0, t, eps=None):
-        """DDPM forward process: x0 (B, N, P), timesteps t (B,) in 1..T ->
-        x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps."""
-        eps = torch.randn_like(x0) if eps is None else eps
-        abar = self.alpha_bar[t - 1].view(-1, 1, 1)  # (B, 1, 1)
-        return abar.sqrt() * x0 + (1.0 - abar).sqrt() * eps
-
-    def diffused_tokens(self, patches_a, patches_v, diffusion=None):
-        """DiffMAViL's mask tokens: the raw input patches patches_a (B, Na, p*p), patches_v
-        (B, Nv, p*p*3), DDPM-noised and projected to the decoder's width -> (B, Na, Dd),
-        (B, Nv, Dd). diffusion: optional (t (B,) in 1..T, eps_a like patches_a, eps_v like
-        patches_v) drawn by the caller (train.py draws them from its shared generator); None draws
-        them from torch's RNG (t, then eps_a, then eps_v)."""
+        """The decoder input at the masked positions, (B, Na, Dd), (B, Nv, Dd): the mask token, or
+        DiffMAViL's raw patches (B, N, P), DDPM-noised and projected. diffusion: (t (B,) in 1..T,
+        eps_a, eps_v) from the caller (train.py's shared generator); None draws them here."""
+        if not self.config.diffused_mask_tokens:
+            if diffusion is not None:
+                raise ValueError('diffusion noise given, but diffused_mask_tokens is off')
+            Dd = self.config.decoder_embed_dim
+            return (self.mask_token.expand(B, self.num_patches_a, Dd),
+                    self.mask_token.expand(B, self.num_patches_v, Dd))
         if patches_a is None or patches_v is None:
-            raise ValueError('diffused_mask_tokens needs the raw input patches: pass patches_a and '
-                             'patches_v')
-        # decision: one timestep per clip, shared by all its patches and both modalities (DiffMAViL
-        # draws t per sample). Every patch is noised and projected (simpler than gathering the
-        # masked ones); the visible ones are overwritten.
+            raise ValueError('diffused_mask_tokens needs the raw patches patches_a and patches_v')
+        # decision: one t per clip for all its patches and both modalities (DiffMAViL: per sample);
+        # every patch is noised and projected (simpler), the visible ones are then overwritten
         if diffusion is None:
             B, T = patches_a.shape[0], self.alpha_bar.shape[0]
             t = torch.randint(1, T + 1, (B,), device=patches_a.device)
@@ -485,10 +418,14 @@ class CAVMAESync(nn.Module):
         return (self.decoder_noise_embed_a(self.diffuse(patches_a, t, eps_a)),   # (B, Na, Dd)
                 self.decoder_noise_embed_v(self.diffuse(patches_v, t, eps_v)))   # (B, Nv, Dd)
 
+    def diffuse(self, x0, t, eps):
+        """DDPM forward process: x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t (B,) in 1..T."""
+        abar = self.alpha_bar[t - 1].view(-1, 1, 1)  # (B, 1, 1)
+        return abar.sqrt() * x0 + (1.0 - abar).sqrt() * eps
+
     def cross_decode(self, x, keep, pred):
-        """DiffMAViL's cross-attention decoder on one modality's decoder input x (B, N, Dd)
-        (positions and modality added): the masked positions are the queries, the visible ones the
-        keys/values. -> predictions (B, N, P) at the masked positions, zeros at the visible ones."""
+        """DiffMAViL's decoder on one modality's input x (B, N, Dd), masked positions the queries,
+        visible ones the keys/values -> predictions (B, N, P), zeros at the visible positions."""
         masked = masking.masked_indices(keep, x.shape[1])  # (B, N - k)
         q, latents = masking.gather(x, masked), masking.gather(x, keep)  # (B, N-k, Dd), (B, k, Dd)
         for blk in self.decoder_blocks:
@@ -496,54 +433,49 @@ class CAVMAESync(nn.Module):
         q = pred(self.decoder_norm(q))  # (B, N - k, P)
         return masking.place(q, masked, q.new_zeros(*x.shape[:2], q.shape[-1]))  # (B, N, P)
 
-    # --- loss ----------------------------------------------------------------------
-
-    def reconstruction_loss(self, patches_a, patches_v, pred_a, pred_v, keep_a, keep_v):
-        """MSE on the masked patches per modality -> dict(loss, loss_a, loss_v, pred_a, pred_v,
-        mask_a (B, Na), mask_v (B, Nv)), masks 1 = masked."""
-        mask_a = masking.mask_of(keep_a, self.num_patches_a)  # (B, Na)
-        mask_v = masking.mask_of(keep_v, self.num_patches_v)  # (B, Nv)
-        loss_a = mae_loss(pred_a, patches_a, mask_a, self.config.norm_pix_loss)
-        loss_v = mae_loss(pred_v, patches_v, mask_v, self.config.norm_pix_loss)
-        return dict(loss=loss_a + loss_v, loss_a=loss_a, loss_v=loss_v, pred_a=pred_a,
-                    pred_v=pred_v, mask_a=mask_a, mask_v=mask_v)
-
     # --- the passes ------------------------------------------------------------------
 
     def forward(self, audio, image, keep_a, keep_v, con_keep_a=None, con_keep_v=None,
                 diffusion=None):
-        """The student's work for one training step, in one call so that DDP sees a single forward.
-        audio (B, L, F), image (B, 3, H, W); keep_a (B, ka), keep_v (B, kv): the visible patches of
-        the reconstruction view, drawn by the caller (masking.random_masking; made outside, a
-        mask-ratio curriculum changes only their length, which a compiled graph takes as a dynamic
-        size). con_keep_a (B, ca), con_keep_v (B, cv): the contrastive view (TG-DP, dual pass);
-        None: CAV-MAE Sync's single view. diffusion: see diffused_tokens.
-        -> dict: loss, loss_a, loss_v, pred_a (B, Na, p*p), pred_v (B, Nv, p*p*3), mask_a (B, Na),
-        mask_v (B, Nv) (1 = masked), g_a, g_v (B, D)."""
+        """A training step's student work, one call so that DDP sees one forward. audio (B, L, F),
+        image (B, 3, H, W); keep_a (B, ka), keep_v (B, kv): the reconstruction view's visible
+        patches (made outside: a mask-ratio curriculum changes one dynamic size under compile);
+        con_keep_a, con_keep_v: the contrastive view (TG-DP), None for CAV-MAE Sync's single view.
+        -> dict(loss, loss_a, loss_v, pred_a, pred_v, mask_a, mask_v (1 = masked), g_a, g_v)."""
         if (con_keep_a is None) != (con_keep_v is None):
             raise ValueError('forward: give the contrastive view of both modalities (con_keep_a '
                              'and con_keep_v) or neither')
-        # embed patches: once per modality, every view gathers from them
+        # 1. embed the patches, once per modality: every view gathers from them
         emb_a, emb_v = self.embed_audio(audio), self.embed_image(image)  # (B, Na, D), (B, Nv, D)
-        # encoders on the visible patches; a contrastive view goes through with the first (packed)
-        enc_a, con_a = self.masked_encode(emb_a, 'a', keep_a, con_keep_a)  # (B, 1+ka, D) (B, 1+ca, D)
-        enc_v, con_v = self.masked_encode(emb_v, 'v', keep_v, con_keep_v)  # (B, 1+kv, D) (B, 1+cv, D)
-        # decoder: the fused joint pass and the decoder on the reconstruction view
+        # 2. encoders on the visible patches
+        if con_keep_a is None:  # CAV-MAE Sync: the one encoding feeds both objectives
+            enc_a = self.encode(masking.gather(emb_a, keep_a), 'a')  # (B, 1 + ka, D)
+            enc_v = self.encode(masking.gather(emb_v, keep_v), 'v')  # (B, 1 + kv, D)
+            con_a, con_v = enc_a, enc_v
+        else:  # TG-DP: a second, contrastive view, packed with the first through the encoders
+            enc_a, con_a = self.encode_pair(masking.gather(emb_a, keep_a),  # (B, 1+ka, D),
+                                            masking.gather(emb_a, con_keep_a), 'a')  # (B, 1+ca, D)
+            enc_v, con_v = self.encode_pair(masking.gather(emb_v, keep_v),  # (B, 1+kv, D),
+                                            masking.gather(emb_v, con_keep_v), 'v')  # (B, 1+cv, D)
+        # 3. the fused joint pass and the decoder on the reconstruction view
         patches_a, patches_v = self.patchify_audio(audio), self.patchify_image(image)  # the targets
         pred_a, pred_v = self.fused_decode(enc_a, enc_v, keep_a, keep_v, patches_a, patches_v,
                                            diffusion)  # (B, Na, p*p), (B, Nv, p*p*3)
-        # loss: MSE on the masked patches
-        out = self.reconstruction_loss(patches_a, patches_v, pred_a, pred_v, keep_a, keep_v)
-        # global tokens: the joint layer's audio and visual passes on the contrastive view
-        out['g_a'], out['g_v'] = self.global_embeddings(con_a, con_v)  # (B, D) each
-        return out
+        # 4. loss: MSE on the masked patches per modality
+        mask_a = masking.mask_of(keep_a, self.num_patches_a)  # (B, Na), 1 = masked
+        mask_v = masking.mask_of(keep_v, self.num_patches_v)  # (B, Nv)
+        loss_a = mae_loss(pred_a, patches_a, mask_a, self.config.norm_pix_loss)
+        loss_v = mae_loss(pred_v, patches_v, mask_v, self.config.norm_pix_loss)
+        # 5. global tokens: the joint layer's audio and visual passes on the contrastive view
+        g_a, g_v = self.global_embeddings(con_a, con_v)  # (B, D) each
+        return dict(loss=loss_a + loss_v, loss_a=loss_a, loss_v=loss_v, pred_a=pred_a,
+                    pred_v=pred_v, mask_a=mask_a, mask_v=mask_v, g_a=g_a, g_v=g_v)
 
     @torch.no_grad()
     def forward_teacher(self, audio, image):
-        """Full, unmasked, unshuffled inputs -> (g_a, g_v, attn_a (B, Na), attn_v (B, Nv)): per
-        patch, the head-averaged attention of its query to the global key in the last joint layer's
-        audio / visual pass, raw (masking.contrastive_keep normalises it into TG-DP's priority where
-        a masking needs it; the release's Gumbel reading ranks the raw scale)."""
+        """Full inputs -> (g_a, g_v, attn_a (B, Na), attn_v (B, Nv)): each patch query's head-mean
+        attention to the global key in the last joint block, raw (masking.teacher_priority
+        normalises it; the release's Gumbel reading ranks the raw scale)."""
         out = []
         for modality, x in (('a', self.embed_audio(audio)), ('v', self.embed_image(image))):
             g, attn = self.joint_attention(self.encode(x, modality), modality)
@@ -552,8 +484,8 @@ class CAVMAESync(nn.Module):
         return g_a, g_v, attn_a, attn_v
 
     def forward_features(self, audio, image, tokens=True):
-        """Unmasked inference -> (g_a (B, D), g_v (B, D), tokens_a (B, Na, D), tokens_v (B, Nv, D)),
-        embeddings and patch tokens after norm_a / norm_v; tokens=False: (g_a, g_v, None, None)."""
+        """Unmasked inference -> (g_a, g_v (B, D), tokens_a (B, Na, D), tokens_v (B, Nv, D)) after
+        norm_a / norm_v; tokens=False: (g_a, g_v, None, None)."""
         g_a, tokens_a = self.joint(self.encode(self.embed_audio(audio), 'a'), 'a', tokens=tokens)
         g_v, tokens_v = self.joint(self.encode(self.embed_image(image), 'v'), 'v', tokens=tokens)
         return g_a, g_v, tokens_a, tokens_v
@@ -563,37 +495,26 @@ class CAVMAESync(nn.Module):
 # analytic FLOP count (matmuls only; they are > 99% of the work)
 
 def block_flops(n, dim, mlp_ratio):
-    """Forward FLOPs of one ViT block on n tokens: qkv + proj + MLP (2*n*dim*(4 + 2r)*dim) and
-    attention (4*n^2*dim)."""
+    """Forward FLOPs of one ViT block on n tokens: qkv, proj and MLP, then attention."""
     return 2 * n * dim * dim * (4 + 2 * mlp_ratio) + 4 * n * n * dim
 
 
 def cross_block_flops(nq, nk, dim, mlp_ratio):
-    """Forward FLOPs of one CrossBlock, nq queries on nk latents: q + proj + MLP on the queries
-    (2*nq*dim*(2 + 2r)*dim), k/v on the latents (4*nk*dim^2), attention (4*nq*nk*dim)."""
+    """Forward FLOPs of one CrossBlock: q, proj, MLP on nq queries, k/v on nk latents, attention."""
     return 2 * nq * dim * dim * (2 + 2 * mlp_ratio) + 4 * nk * dim * dim + 4 * nq * nk * dim
 
 
 def forward_flops(c, mask_ratio, passes):
-    """Forward FLOPs per clip of each module for the given passes.
-    passes: 'reconstruction' (masked encoders, fused joint, decoder), 'sync' (the same plus the
-    joint audio/visual passes on the same encoding: forward without a contrastive view),
+    """Forward FLOPs per clip of each module for one kind of pass: 'reconstruction' (masked
+    encoders, fused joint pass, decoder), 'sync' (the same plus the joint audio/visual passes),
     'contrastive' (masked encoders, joint audio/visual passes: forward's second view), 'full'
-    (unmasked encoders and joint audio/visual passes with every token's output: forward_features),
-    'teacher' (as 'full', but the last joint block outputs the global token only, with explicit
-    attention: forward_teacher). The embedding-only passes ('sync', 'contrastive', 'teacher') skip
-    the patch tokens' outputs in the last joint block.
-    The 'decoder' entry follows the decoder options: the self decoder runs its blocks and prediction
-    heads on all Na + Nv positions; the cross decoder runs, per modality, its blocks with the masked
-    positions as queries and the visible ones as keys/values and predicts the masked positions only;
-    diffused mask tokens add the projection of every patch (all are noised and projected, see
-    diffused_tokens)."""
+    (forward_features), 'teacher' (forward_teacher). The embedding-only passes ('sync',
+    'contrastive', 'teacher') skip the patch tokens' outputs in the last joint block."""
     p, D, Dd, r = c.patch_size, c.embed_dim, c.decoder_embed_dim, c.mlp_ratio
     Na, Nv = (c.num_mel_bins // p) * (c.audio_length // p), (c.img_size // p) ** 2
-    if passes in ('full', 'teacher'):
-        ka, kv = Na, Nv
-    else:
-        ka, kv = masking.num_keep(Na, mask_ratio), masking.num_keep(Nv, mask_ratio)
+    full = passes in ('full', 'teacher')  # unmasked
+    ka = Na if full else masking.num_keep(Na, mask_ratio)
+    kv = Nv if full else masking.num_keep(Nv, mask_ratio)
     G, R = int(c.global_token), c.num_registers
     out = {'patch_embed': 2 * (Na * p * p + Nv * 3 * p * p) * D}  # all embedded, then gathered
     out['encoders'] = c.modality_depth * (block_flops(G + ka + R, D, r)
@@ -614,9 +535,8 @@ def forward_flops(c, mask_ratio, passes):
         def joint_pass(n):  # one modality's joint pass on n tokens
             if passes == 'full' or not G:
                 return c.joint_depth * block_flops(n, D, r)
-            # last block, embedding only (Block n_out=1): qkv on all tokens, proj + MLP on the
-            # global token, attention of the global query; the teacher's explicit attention also
-            # scores every other query
+            # last block, embedding only (n_out=1): qkv on all tokens, proj, MLP and attention for
+            # the global query; the teacher's explicit attention also scores every other query
             attention = 2 * n * n * D + 2 * n * D if passes == 'teacher' else 4 * n * D
             last = 6 * n * D * D + 2 * D * D * (1 + 2 * r) + attention
             return (c.joint_depth - 1) * block_flops(n, D, r) + last
@@ -625,7 +545,7 @@ def forward_flops(c, mask_ratio, passes):
 
 
 # -----------------------------------------------------------------------------
-# teacher
+# teacher, precision, schedules
 
 def make_teacher(student):
     """Encoder-only EMA copy of the student: no decoder, no gradients, never in the optimiser."""
@@ -637,18 +557,15 @@ def make_teacher(student):
 
 
 def autocast(device, dtype):
-    """The one mixed-precision policy, chosen by the caller: 'float32' runs in full precision,
-    'bfloat16' / 'float16' under torch.autocast on the device's type (train.py's dtype setting,
-    evaluate.py's --dtype)."""
+    """The one mixed-precision policy: 'float32' as is, 'bfloat16' / 'float16' under autocast."""
     if dtype == 'float32':
         return contextlib.nullcontext()
     return torch.autocast(torch.device(device).type, dtype=getattr(torch, dtype))
 
 
 def warmup_cosine(step, total, warmup, start, end):
-    """Linear warmup from 0 to `start` over `warmup` steps, then a half cosine from `start` down (or
-    up) to `end` at step `total`: pretraining's and probing's learning rate, and (warmup 0) the
-    teacher's EMA momentum ramp."""
+    """Linear warmup from 0 to `start` over `warmup` steps, then a half cosine to `end` at step
+    `total`: the learning rates, and (warmup 0) the teacher's EMA momentum ramp."""
     if step < warmup:
         return start * (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
@@ -670,22 +587,15 @@ def ema_update(teacher, student, momentum):
 
 _UNUSED_NORM = re.compile(
     r'^(blocks_a|blocks_v|decoder_blocks)\.\d+\.norm[12]_[av]\.(weight|bias)$')
-_FIXED_POSITIONS = ('pos_embed_a', 'pos_embed_v', 'decoder_pos_embed_a',
-                    'decoder_pos_embed_v')  # sin-cos buffers here
+_FIXED_POSITIONS = re.compile(r'^(decoder_)?pos_embed_[av]$')  # sin-cos buffers here
 KIND_NAMES = {'train': 'train.py checkpoint', 'official': 'official CAV-MAE Sync / TG-DP release',
-              'cavmae': "CAV-MAE layout (e.g. the releases' converted ImageNet MAE file "
-                        "ori_mae_11_for_pretrain.pth)",
+              'cavmae': "CAV-MAE layout (e.g. the releases' ori_mae_11_for_pretrain.pth)",
               'mae': 'ImageNet MAE ViT weights'}
 
 
-def _strip(key):  # DataParallel's prefix
-    return key[len('module.'):] if key.startswith('module.') else key
-
-
 def read_checkpoint(path):
-    """torch.load(path) on the CPU as tensors and plain containers only (weights_only: a release is
-    a file from the internet). MAE's full checkpoint keeps its training arguments as an
-    argparse.Namespace, which is allowed too. Errors name the file."""
+    """torch.load(path) on the CPU, tensors and plain containers only (weights_only: a release is a
+    file from the internet; MAE's full file adds an argparse.Namespace). Errors name the file."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f'checkpoint {path} does not exist')
     try:
@@ -697,16 +607,14 @@ def read_checkpoint(path):
 
 
 def convert_official_state_dict(sd, config=None):
-    """Official CAV-MAE Sync / TG-DP checkpoint -> state dict for CAVMAESync(config or
-    ModelConfig()).
-    Keys may carry DataParallel's 'module.' prefix. The audio/visual LayerNorm pairs exist in every
-    official block but only the joint blocks use them: those are dropped. Anything else unknown, or
-    anything missing, is an error naming the key."""
+    """Official CAV-MAE Sync / TG-DP state dict -> CAVMAESync(config or ModelConfig())'s: the
+    audio/visual LayerNorm pairs outside the joint blocks are dropped (no pass uses them); another
+    unknown key, or a missing one, is an error naming it."""
     with torch.device('meta'):
         expected = CAVMAESync(config or ModelConfig()).state_dict()
     out = {}
     for key, value in sd.items():
-        name = _strip(key)
+        name = key.removeprefix('module.')
         if _UNUSED_NORM.match(name):
             continue
         if name not in expected:
@@ -722,85 +630,38 @@ def convert_official_state_dict(sd, config=None):
 
 
 def checkpoint_kind(ckpt):
-    """What a loaded checkpoint holds (a state dict may sit under 'model' and carry 'module.'
-    prefixes):
-      'train'     written by train.py (model, teacher, model_args, ...)
-      'official'  a CAV-MAE Sync / TG-DP release: blocks_u.* with register tokens, or with global
-                  tokens
-      'cavmae'    the CAV-MAE layout without registers: the releases' converted ImageNet MAE file
-                  (ori_mae_11_for_pretrain.pth, whose global tokens include a third, cls_token_av)
-                  or a CAV-MAE model
-      'mae'       ImageNet MAE ViT weights, encoder only (mae_pretrain_vit_base.pth) or full
-                  (..._full.pth)
-    Anything else is an error."""
+    """A loaded checkpoint's layout, a key of KIND_NAMES: 'official' has blocks_u.* and register
+    or two global tokens, 'cavmae' blocks_u.* without (ori_mae_11_for_pretrain.pth has a third,
+    cls_token_av), 'mae' blocks.* and patch_embed. State dicts may be under 'model', 'module.'."""
     if isinstance(ckpt, dict) and 'model_args' in ckpt and 'model' in ckpt:
         return 'train'
     sd = ckpt.get('model', ckpt) if isinstance(ckpt, dict) else None
-    names = {_strip(k) for k in sd} if isinstance(sd, dict) else set()
+    names = {k.removeprefix('module.') for k in sd} if isinstance(sd, dict) else set()
     if any(n.startswith('blocks_u.') for n in names):
         if 'register_tokens' in names or ('cls_token_a' in names and 'cls_token_av' not in names):
             return 'official'
         return 'cavmae'
     if any(n.startswith('blocks.') for n in names) and 'patch_embed.proj.weight' in names:
         return 'mae'
-    raise ValueError('checkpoint is neither a train.py checkpoint (no model_args), an official '
-                     'CAV-MAE Sync / TG-DP or CAV-MAE state dict (no blocks_u.* keys) nor ImageNet '
-                     'MAE weights (no blocks.* / patch_embed keys)')
+    raise ValueError('checkpoint is neither a train.py checkpoint (no model_args), a CAV-MAE '
+                     '(Sync) state dict (no blocks_u.*) nor MAE weights (no blocks.*, patch_embed)')
 
 
-def _summary(names):
-    """Names with block indices folded ('decoder_blocks.* (12)'), so that a report stays short."""
-    groups = {}
-    for name in names:
-        group = re.sub(r'\.\d+\..*$', '.*', name)
-        groups[group] = groups.get(group, 0) + 1
+def _summary(names):  # block indices folded, 'decoder_blocks.* (12)', so that a report stays short
+    groups = collections.Counter(re.sub(r'\.\d+\..*$', '.*', name) for name in names)
     return ', '.join(g if n == 1 else f'{g} ({n})' for g, n in groups.items()) or 'none'
 
 
-def _load_mapping(model, mapping, sources, source_keys, description, verbose):
-    """mapping: model name -> tensor, sources: model name -> the source key it came from. Names the
-    model lacks are skipped (a decoder-less model, the cross-attention decoder, fewer blocks); a
-    shape mismatch is an error naming both keys. Prints what was loaded, which source keys went
-    unused and which parameters stayed at their initialisation. Returns dict(loaded, unused,
-    at_init) (sorted names)."""
-    target = model.state_dict()
-    load = {}
-    for name, value in mapping.items():
-        if name not in target:
-            continue
-        if tuple(value.shape) != tuple(target[name].shape):
-            raise ValueError(f'{description}: {sources[name]!r} -> {name} has shape '
-                             f'{tuple(value.shape)}, the model expects {tuple(target[name].shape)}')
-        load[name] = value
-    model.load_state_dict(load, strict=False)
-    unused = sorted(set(source_keys) - {sources[n] for n in load})
-    at_init = sorted(n for n, _ in model.named_parameters() if n not in load)
-    if verbose:
-        print(f'{description}: loaded {len(load)} tensors\n'
-              f'  source keys not used: {_summary(unused)}\n'
-              f'  parameters left at init: {_summary(at_init)}')
-    return dict(loaded=sorted(load), unused=unused, at_init=at_init)
-
-
-def load_mae_weights(model, sd, verbose=True):
-    """ImageNet MAE ViT weights (the public layout, optionally under 'model'), mapped as CAV-MAE's
-    adapt_vmae_weights.py builds the converted file that CAV-MAE, CAV-MAE Sync and TG-DP start from:
-    blocks 0..modality_depth-1 into both modality encoders, the next joint_depth blocks into the
-    joint layer (its norm pair copied to all three pairs), norm to norm / norm_a / norm_v, cls_token
-    to both global tokens, the RGB patch filter to the visual embedding and its SUM over the three
-    channels to the audio one (bias shared). From the full file (mae_pretrain_vit_base_full.pth)
-    also the decoder: decoder_embed, mask_token, the decoder blocks, decoder_norm, decoder_pred ->
-    decoder_pred_v and its first p*p rows -> decoder_pred_a. Not used: pos_embed / decoder_pos_embed
-    (fixed sin-cos here, the same values), the blocks beyond the model's depth. Stay at init:
-    modality embeddings, register tokens, and the decoder when the file has none (or
-    decoder_attention='cross', whose blocks have other names). Returns _load_mapping's dict."""
-    sd = sd.get('model', sd)
-    c = model.config
-    mapping, sources = {}, {}
+def _mae_mapping(sd, c):
+    """ImageNet MAE ViT weights -> {model name: (MAE key, tensor)}, as CAV-MAE's
+    adapt_vmae_weights.py builds the file CAV-MAE, CAV-MAE Sync and TG-DP start from: the first
+    blocks into both encoders, the next into the joint layer (its norms copied to all three pairs),
+    the audio patch filter the SUM of the RGB ones, the audio head decoder_pred's first p*p rows.
+    pos_embed and decoder_pos_embed are not used (the same sin-cos values are fixed here)."""
+    out = {}
 
     def put(key, value, *names):
-        for name in names:
-            mapping[name], sources[name] = value, key
+        out.update({name: (key, value) for name in names})
 
     for key, value in sd.items():
         block = re.match(r'(decoder_)?blocks\.(\d+)\.(.*)$', key)
@@ -829,44 +690,49 @@ def load_mae_weights(model, sd, verbose=True):
                      'decoder_norm.weight', 'decoder_norm.bias'):
             put(key, value, key)
         elif key in ('decoder_pred.weight', 'decoder_pred.bias'):  # (p*p*3, Dd): row, col, channel
-            suffix = key.split('.')[1]
-            put(key, value, f'decoder_pred_v.{suffix}')
-            # adapt_vmae_weights.py: [:256]
-            put(key, value[:c.patch_size ** 2], f'decoder_pred_a.{suffix}')
-    part = 'full: encoder + decoder' if 'decoder_pred.weight' in sd else 'encoder only'
-    return _load_mapping(model, mapping, sources, sd.keys(), f'ImageNet MAE weights ({part})',
-                         verbose)
+            put(key, value, key.replace('pred', 'pred_v'))
+            put(key, value[:c.patch_size ** 2], key.replace('pred', 'pred_a'))  # release: [:256]
+    return out
 
 
-def load_cavmae_weights(model, sd, verbose=True):
-    """A state dict in the CAV-MAE layout (names as ours, optionally under 'model' and
-    'module.'-prefixed): the releases' converted ImageNet MAE file ori_mae_11_for_pretrain.pth or a
-    CAV-MAE model. Every tensor whose name and shape match is loaded (CAV-MAE Sync / TG-DP start by
-    loading that file into their model); not used: the position tables (fixed sin-cos here;
-    CAV-MAE's are for 10 s of audio), the LayerNorm pairs no pass uses, cls_token_av, the decoder
-    blocks under decoder_attention='cross'. Register tokens (and the global tokens, when the file
-    has none) stay at init. Returns _load_mapping's dict."""
-    sd = sd.get('model', sd)
-    mapping, sources = {}, {}
-    for key, value in sd.items():
-        name = _strip(key)
-        if name in _FIXED_POSITIONS or _UNUSED_NORM.match(name):
+def _load_by_name(model, kind, sd, name, verbose):
+    """load_weights for 'mae' (_mae_mapping) and 'cavmae' (by name, as the releases load
+    ori_mae_11_for_pretrain.pth; its position tables are for 10 s of audio). Names the model lacks
+    are skipped, a shape mismatch is an error naming both keys; register tokens stay at init."""
+    c = model.config
+    if kind == 'mae':
+        mapping = _mae_mapping(sd, c)
+    else:
+        mapping = {}
+        for key, value in sd.items():
+            n = key.removeprefix('module.')
+            cross = n.startswith('decoder_blocks.') and c.decoder_attention == 'cross'
+            if not (_FIXED_POSITIONS.match(n) or _UNUSED_NORM.match(n) or cross):
+                mapping[n] = (key, value)
+    target = model.state_dict()
+    load = {}
+    for n, (key, value) in mapping.items():
+        if n not in target:
             continue
-        if name.startswith('decoder_blocks.') and model.config.decoder_attention == 'cross':
-            continue  # self-attention blocks: not half of each into a CrossBlock (norm2/mlp match)
-        mapping[name], sources[name] = value, key
-    return _load_mapping(model, mapping, sources, sd.keys(), KIND_NAMES['cavmae'], verbose)
+        if tuple(value.shape) != tuple(target[n].shape):
+            raise ValueError(f'{name} ({KIND_NAMES[kind]}): {key!r} -> {n} has shape '
+                             f'{tuple(value.shape)}, the model expects {tuple(target[n].shape)}')
+        load[n] = value
+    model.load_state_dict(load, strict=False)
+    unused = sorted(set(sd) - {mapping[n][0] for n in load})
+    at_init = sorted(n for n, _ in model.named_parameters() if n not in load)
+    if verbose:
+        print(f'initialised from {name}: {KIND_NAMES[kind]}: loaded {len(load)} tensors\n'
+              f'  source keys not used: {_summary(unused)}\n'
+              f'  parameters left at init: {_summary(at_init)}')
+    return dict(kind=kind, loaded=sorted(load), unused=unused, at_init=at_init)
 
 
 def load_weights(model, source, weights='model', verbose=True, name=None):
-    """Weights into a built CAVMAESync, the same way for train.py (init_from) and evaluate.py
-    (load_model). source: a file path or an already loaded checkpoint; by checkpoint_kind:
-      'train'     its `weights` ('model' or 'teacher') state dict, strict
-      'official'  convert_official_state_dict, strict (bare or wrapped as {'model': state_dict},
-                  with or without 'module.' prefixes)
-      'cavmae'    load_cavmae_weights;  'mae': load_mae_weights (encoder-only or full file)
-    Prints what was loaded and what stayed at init (name: how to call the source, default its path).
-    Returns dict(kind, loaded, unused, at_init)."""
+    """Weights from source (a path or a loaded checkpoint) into a built CAVMAESync, by
+    checkpoint_kind: 'train' its `weights` ('model' or 'teacher'), strict; 'official' converted,
+    strict; 'mae', 'cavmae' _load_by_name. Prints what was loaded and what stayed at init (name:
+    the source's name in it, default its path). -> dict(kind, loaded, unused, at_init)."""
     if weights not in ('model', 'teacher'):
         raise ValueError(f"weights must be 'model' or 'teacher', got {weights!r}")
     name = name or (source if isinstance(source, str) else 'checkpoint')
@@ -879,19 +745,11 @@ def load_weights(model, source, weights='model', verbose=True, name=None):
         raise ValueError(f'{name}: an {KIND_NAMES[kind]} has no teacher weights '
                          '(only train.py checkpoints keep the EMA teacher)')
     if kind in ('mae', 'cavmae'):
-        load = load_mae_weights if kind == 'mae' else load_cavmae_weights
-        out = load(model, ckpt, verbose=False)
-        if verbose:
-            print(f"initialised from {name}: {KIND_NAMES[kind]}: "
-                  f"loaded {len(out['loaded'])} tensors\n"
-                  f"  source keys not used: {_summary(out['unused'])}\n"
-                  f"  parameters left at init: {_summary(out['at_init'])}")
-        return dict(kind=kind, **out)
+        return _load_by_name(model, kind, ckpt.get('model', ckpt), name, verbose)
     if kind == 'train':
         sd = ckpt[weights]
         if sd is None:
-            raise ValueError(f'{name}: weights={weights!r} asked, but this run kept no {weights} '
-                             'weights')
+            raise ValueError(f'{name}: this run kept no {weights} weights')
         what = f'{KIND_NAMES[kind]}, {weights} weights, iteration {ckpt.get("iter_num", "?")}'
     else:
         sd = convert_official_state_dict(ckpt.get('model', ckpt), model.config)

@@ -8,8 +8,7 @@ import sys
 import pytest
 import torch
 
-from model import (CAVMAESync, ModelConfig, checkpoint_kind, convert_official_state_dict, load_mae_weights,
-                   load_weights, read_checkpoint)
+from model import CAVMAESync, ModelConfig, checkpoint_kind, convert_official_state_dict, load_weights, read_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # tiny model whose sizes a hand-built "MAE" can match: D=48, 2 + 1 blocks, decoder 32 wide, 2 blocks, 8-px patches
@@ -141,10 +140,10 @@ def test_mae_weights_errors_and_decoder_options():
     mae = random_mae()
     bad = {'model': dict(mae['model'], **{'blocks.0.attn.qkv.weight': torch.zeros(5, 5)})}
     with pytest.raises(ValueError, match='blocks_a.0.attn.qkv.weight'):
-        load_mae_weights(fresh(), bad)
+        load_weights(fresh(), bad)
     # the cross-attention decoder has other block names: its blocks stay at init, the rest still loads
     model = fresh(decoder_attention='cross')
-    out = load_mae_weights(model, mae)
+    out = load_weights(model, mae)
     assert all(n in out['at_init'] for n, _ in model.decoder_blocks.named_parameters(prefix='decoder_blocks'))
     assert torch.equal(model.decoder_embed.weight, mae['model']['decoder_embed.weight'])
     assert any(k.startswith('decoder_blocks.0.') for k in out['unused'])
