@@ -1,15 +1,9 @@
-"""
-TG-DP pretraining (the TG-DP paper's method and recipe), and the CAV-MAE Sync / dual-pass / CAV-MAE
-baselines.
-
-A debug run on one CPU or GPU:
-$ python scripts/synth.py --out data_synth && python train.py config/demo.py
-One node with 8 GPUs:
-$ torchrun --standalone --nproc_per_node=8 train.py config/tgdp_as2m.py
-Several nodes (run on each; rank 0's address as master):
+"""TG-DP pretraining (the TG-DP paper's method and recipe) and the CAV-MAE Sync / dual-pass /
+CAV-MAE baselines. Settings: the globals below, overridden by config files, then --key=value.
+$ python scripts/synth.py --out data_synth && python train.py config/demo.py  # debug, CPU or GPU
+$ torchrun --standalone --nproc_per_node=8 train.py config/tgdp_as2m.py  # one node, 8 GPUs
 $ torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=10.0.0.1 --master_port=29500 \
-    train.py config/tgdp_as2m.py
-Settings are the globals below, overridden by config files and --key=value, in that order.
+    train.py config/tgdp_as2m.py  # several nodes: run on each, rank 0's address as master
 """
 import ast
 import functools
@@ -18,6 +12,7 @@ import math
 import os
 import signal
 import sys
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import fields
@@ -44,16 +39,14 @@ train_json = ''                # CAV-MAE layout JSON (scripts/prepare.py, synth.
 eval_json = ''                 # held-out clips (JSON or shard set), periodic retrieval ('' = none)
 eval_interval = 2000           # iterations between retrieval evaluation + checkpoint
 log_interval = 20
-init_from = 'scratch'          # 'scratch', 'resume' or a weights file (model.load_weights); an
-                               # out_dir holding a checkpoint resumes it (a restart continues)
+init_from = 'scratch'          # 'scratch' | 'resume' | weights file; out_dir's checkpoint resumes
 # data
 batch_size = 64                # clips per rank per micro-step
 gradient_accumulation_steps = 1
 num_workers = 8
 shuffle_buffer = 1000          # shard sets: clips in each loader worker's shuffle buffer
-skip_bad = False               # skip unreadable clips: a JSON's checked at start-up (ids in
-                               # out_dir/bad_clips.txt); one failing mid-run is replaced in its
-                               # batch, counted in the log ('skipped_clips'). False: an error
+skip_bad = False               # skip unreadable clips (a JSON's at start-up: out_dir/bad_clips.txt;
+                               # mid-run: replaced in its batch, log: skipped_clips); False: error
 num_frames = 16
 time_shift = True              # random time shift of the waveform (pretraining augmentation)
 # model (ModelConfig; the global token is on except for method='cavmae')
@@ -74,20 +67,15 @@ norm_pix_loss = False
 diffused_mask_tokens = False   # DiffMAViL: noised masked patches instead of the learned mask token
 decoder_attention = 'self'     # 'self' | 'cross' (DiffMAViL: masked queries see visible latents)
 # method
-method = 'tgdp'                # 'tgdp' | 'sync' (CAV-MAE Sync) | 'cavmae'
-                               # | 'dualpass' (two random passes, no teacher)
+method = 'tgdp'                # 'tgdp' | 'sync' (CAV-MAE Sync) | 'cavmae' | 'dualpass' (no teacher)
 mask_ratio = 0.75              # reconstruction pass (and the single pass of sync / cavmae)
 mask_ratio_schedule = 'none'   # DiffMAViL curriculum 'none' | 'epoch' | 'step' to mask_ratio_end
 mask_ratio_end = 0.8
 adaptive_batch = False         # DiffMAViL: epoch batch (1 - min ratio) / (1 - ratio_e) * batch_size
-                               # (needs mask_ratio_schedule='epoch')
 contrastive_mask_ratio = 0.5   # contrastive pass of tgdp / dualpass
-contrastive_masking = 'guided' # tgdp: 'guided' | 'random' | 'gumbel' (the release's)
-                               # | 'gumbel_proportional'
-contrastive_direction = 'both' # InfoNCE: 'both' (TG-DP release) | 'v2a' (CAV-MAE Sync: visual query)
-                               # | 'a2v'
-contrastive_negatives = 'global'  # 'global' (every rank's batch: TG-DP release)
-                                  # | 'local' (this rank's: CAV-MAE Sync)
+contrastive_masking = 'guided' # 'guided' | 'random' | 'gumbel' (release) | 'gumbel_proportional'
+contrastive_direction = 'both' # InfoNCE 'both' (TG-DP) | 'v2a' (CAV-MAE Sync: visual query) | 'a2v'
+contrastive_negatives = 'global'  # 'global' (every rank's batch, TG-DP) | 'local' (CAV-MAE Sync)
 rec_weight = 1.0
 con_weight = 0.1
 dis_weight = 1.0               # tgdp distillation; 0 turns it off
@@ -108,7 +96,7 @@ max_iters = 0                  # 0 = derived from epochs
 device = 'cuda'
 dtype = 'bfloat16'             # 'float32' | 'bfloat16' | 'float16' (autocast)
 compile = True
-compile_mode = 'default'       # torch.compile 'default' | 'max-autotune' (tuned kernels, CUDA graphs)
+compile_mode = 'default'       # torch.compile: 'default' | 'max-autotune' (tuned kernels, graphs)
 backend = 'nccl'               # 'nccl' on GPU, 'gloo' on CPU
 timeout_minutes = 60           # collectives wait this long (the periodic retrieval runs in between)
 seed = 1337
@@ -124,22 +112,21 @@ config_keys = [k for k, v in globals().items()
 
 def apply_overrides(argv):
     """Config files (python, executed) then --key=value; unknown keys and wrong types are errors."""
-    for arg in argv:
-        if arg.startswith('--'):
-            key, sep, text = arg[2:].partition('=')
+    for source in argv:
+        if source.startswith('--'):
+            key, sep, text = source[2:].partition('=')
             if not sep:
-                sys.exit(f'error: {arg!r} must be --key=value')
+                sys.exit(f'error: {source!r} must be --key=value')
             try:
-                value = ast.literal_eval(text)
+                updates = {key: ast.literal_eval(text)}
             except (SyntaxError, ValueError):
-                value = text  # a bare string
-            updates, source = {key: value}, arg
-        else:
-            if not os.path.isfile(arg):
-                sys.exit(f'error: config file {arg!r} not found')
-            updates, source = {}, arg
-            exec(open(arg).read(), {}, updates)
+                updates = {key: text}  # a bare string
+        elif os.path.isfile(source):
+            updates = {}
+            exec(open(source).read(), {}, updates)
             updates = {k: v for k, v in updates.items() if not k.startswith('_')}
+        else:
+            sys.exit(f'error: config file {source!r} not found')
         for key, value in updates.items():
             if key not in config_keys:
                 sys.exit(f'error: unknown setting {key!r} (from {source})')
@@ -166,8 +153,7 @@ for key, values in allowed.items():
     if config[key] not in values:
         sys.exit(f"error: {key} must be one of {', '.join(map(repr, values))}; got {config[key]!r}")
 if adaptive_batch and mask_ratio_schedule != 'epoch':
-    sys.exit("error: adaptive_batch=True changes the batch once per epoch: "
-             "it needs mask_ratio_schedule='epoch'")
+    sys.exit("error: adaptive_batch=True (a batch per epoch) needs mask_ratio_schedule='epoch'")
 if mask_ratio_schedule != 'none' and mask_ratio_end > mask_ratio:
     sys.exit(f'error: mask_ratio_schedule={mask_ratio_schedule!r} would raise the mask ratio from '
              f'{mask_ratio} to {mask_ratio_end}; the DiffMAViL curriculum lowers it '
@@ -175,34 +161,29 @@ if mask_ratio_schedule != 'none' and mask_ratio_end > mask_ratio:
 
 # -----------------------------------------------------------------------------
 # processes and devices
-def attempt_store():
-    """torchrun --max-restarts: under its shared agent store (TORCHELASTIC_USE_AGENT_STORE) a
-    restarted rank can read the keys of the attempt before, a dead peer's address (torch 2.11:
-    gloo's connect is refused); each attempt's keys get a prefix of their own. Several nodes
-    (whose restart counts can differ): run torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1."""
-    if os.environ.get('TORCHELASTIC_USE_AGENT_STORE') != 'True':
-        return {}
-    timeout = timedelta(minutes=timeout_minutes)
-    store, rank, world_size = next(dist.rendezvous('env://', timeout=timeout))
-    prefix = f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
-    return dict(store=dist.PrefixStore(prefix, store), rank=rank, world_size=world_size)
-
-
 ddp = int(os.environ.get('RANK', -1)) != -1
 if ddp:
     if backend == 'nccl' and not torch.cuda.is_available():
         sys.exit("error: backend='nccl' needs CUDA; on CPU run with --device=cpu --backend=gloo")
-    dist.init_process_group(backend=backend, timeout=timedelta(minutes=timeout_minutes),
-                            **attempt_store())
+    timeout = timedelta(minutes=timeout_minutes)
+    # torchrun --max-restarts: under its shared agent store a restarted rank can read the keys of
+    # the attempt before, a dead peer's address (torch 2.11: gloo's connect is refused); each
+    # attempt's keys get a prefix. Several nodes (restart counts can differ): run torchrun with
+    # TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1.
+    attempt_store = {}
+    if os.environ.get('TORCHELASTIC_USE_AGENT_STORE') == 'True':
+        agent, rank, world_size = next(dist.rendezvous('env://', timeout=timeout))
+        prefix = f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+        attempt_store = dict(store=dist.PrefixStore(prefix, agent), rank=rank,
+                             world_size=world_size)
+    dist.init_process_group(backend=backend, timeout=timeout, **attempt_store)
     rank, world_size = dist.get_rank(), dist.get_world_size()
     local_rank = int(os.environ['LOCAL_RANK'])
     if device.startswith('cuda'):
         device = f'cuda:{local_rank}'
         torch.cuda.set_device(device)
     # evaluation features are gathered as Python objects on the CPU: a gloo group beside NCCL
-    cpu_group = None
-    if backend == 'nccl':
-        cpu_group = dist.new_group(backend='gloo', timeout=timedelta(minutes=timeout_minutes))
+    cpu_group = dist.new_group(backend='gloo', timeout=timeout) if backend == 'nccl' else None
 else:
     rank, local_rank, world_size = 0, 0, 1
 master = rank == 0
@@ -215,13 +196,6 @@ if device_type == 'cuda':
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
 mixed_precision = autocast(device, dtype)  # entered around every micro-step's forward
-
-
-def sync_device():  # wait for the GPU's queued work (timing)
-    if device_type == 'cuda':
-        torch.cuda.synchronize()
-
-
 if master:
     os.makedirs(out_dir, exist_ok=True)
     print('config:\n' + '\n'.join(f'  {k:24s} = {v!r}' for k, v in config.items()))
@@ -241,16 +215,6 @@ def epoch_batch_size(epoch):  # clips per rank per micro-step in an epoch
     return masking.adaptive_batch_size(batch_size, ratio, mask_ratio, mask_ratio_end)
 
 
-def check_data_paths():
-    for key in ('train_json',) + (('eval_json',) if eval_json else ()):
-        path = globals()[key]
-        if not path or not (os.path.isfile(path) or is_shard_set(path)):
-            sys.exit(f'error: {key}={path!r} is neither a file nor a shard set. '
-                     f'For a demo on built-in synthetic clips run\n'
-                     f'  python scripts/synth.py --out data_synth && python train.py config/demo.py\n'
-                     f'for real videos see `python scripts/prepare.py --help` and the README.')
-
-
 # train_data: one interface whatever the source (data.train_batches)
 eval_dataset = None
 data_args = dict(audio_length=audio_length, num_mel_bins=num_mel_bins, img_size=img_size)
@@ -258,7 +222,13 @@ if bench:  # random tensors, nothing read
     train_data = RandomBatches(batch_size, bench_warmup + bench_iters, gradient_accumulation_steps,
                                **data_args)
 else:
-    check_data_paths()
+    for key in ('train_json',) + (('eval_json',) if eval_json else ()):
+        path = globals()[key]
+        if not path or not (os.path.isfile(path) or is_shard_set(path)):
+            sys.exit(f'error: {key}={path!r} is neither a file nor a shard set. For a demo on '
+                     f'built-in synthetic clips run\n  python scripts/synth.py --out data_synth '
+                     f'&& python train.py config/demo.py\nfor real videos see '
+                     f'`python scripts/prepare.py --help` and the README.')
     data_args['num_frames'] = num_frames
     batch_sizes = [epoch_batch_size(e) for e in range(math.ceil(epochs) or 1)]  # the last holds on
     train_data = train_batches(train_json, batch_sizes, seed=seed, rank=rank, world_size=world_size,
@@ -298,6 +268,11 @@ if min(epoch_iters(e) for e in range(math.ceil(epochs) or 1)) == 0:
              f'x {gradient_accumulation_steps} x {world_size} ranks); lower batch_size')
 max_iters = bench_warmup + bench_iters if bench else max_iters or iters_for(epochs)
 warmup_iters = iters_for(warmup_epochs)
+# linear warmup, then cosine decay to min_lr; the teacher's EMA momentum: a cosine ramp
+get_lr = functools.partial(warmup_cosine, total=max_iters, warmup=warmup_iters, start=learning_rate,
+                           end=min_lr)
+get_momentum = functools.partial(warmup_cosine, total=max_iters, warmup=0, start=ema_momentum,
+                                 end=ema_momentum_end)
 
 
 def step_mask_ratio(it):  # reconstruction mask ratio of an iteration
@@ -308,16 +283,8 @@ def step_mask_ratio(it):  # reconstruction mask ratio of an iteration
     return mask_ratio
 
 
-def get_lr(it):  # linear warmup, then cosine decay to min_lr over the remaining iterations
-    return warmup_cosine(it, max_iters, warmup_iters, learning_rate, min_lr)
-
-
-def get_momentum(it):  # EMA momentum: cosine ramp from ema_momentum to ema_momentum_end
-    return warmup_cosine(it, max_iters, 0, ema_momentum, ema_momentum_end)
-
-
 # -----------------------------------------------------------------------------
-# model, teacher, optimiser
+# checkpoints and restarts
 model_args = {f.name: globals()[f.name] for f in fields(ModelConfig) if f.name != 'global_token'}
 model_args['global_token'] = method != 'cavmae'  # CAV-MAE style: mean-pooled patch tokens
 # settings that fix what every step computes from which clips: a resumed run must keep them
@@ -332,12 +299,10 @@ epochs_path = os.path.join(out_dir, 'epochs.jsonl')  # per epoch: the clips used
 
 
 def newest_checkpoint():
-    """(path, checkpoint) of out_dir's newest readable checkpoint: ckpt.pt, else the one saved
-    before it, ckpt_prev.pt (an unreadable ckpt.pt is reported and moved aside); or (None, None)."""
+    """(path, checkpoint) of out_dir's newest readable checkpoint: ckpt.pt, else ckpt_prev.pt (an
+    unreadable ckpt.pt is reported and moved aside); (None, None) if none, an exit if resume."""
     errors = []
-    for path in (ckpt_path, prev_path):
-        if not os.path.isfile(path):
-            continue
+    for path in filter(os.path.isfile, (ckpt_path, prev_path)):
         try:
             ckpt = read_checkpoint(path)
         except ValueError as e:
@@ -350,11 +315,14 @@ def newest_checkpoint():
         return path, ckpt
     if errors:
         sys.exit(f'error: no readable checkpoint in {out_dir}: ' + '; '.join(errors))
+    if init_from == 'resume':
+        sys.exit(f"error: init_from='resume' but {out_dir} holds no checkpoint ({ckpt_path})")
     return None, None
 
 
-def check_resume(path, ckpt):
-    """Exit unless the checkpoint's run is this one: the same model, schedule and data."""
+def resume_at(path, ckpt):
+    """The checkpoint's iteration; exits unless its run is this one (the same model, schedule and
+    data) and unfinished (a finished run says so and exits 0)."""
     then = {**ckpt['config'], **ckpt['model_args'], 'world_size': ckpt.get('world_size'),
             'train_clips': ckpt.get('train_clips')}
     now = {**config, **model_args, 'world_size': world_size, 'train_clips': train_data.clips}
@@ -362,13 +330,25 @@ def check_resume(path, ckpt):
     changed = {k: (then.get(k), now[k]) for k in keys if then.get(k) != now[k]}
     if changed:
         sys.exit(f'error: cannot resume {path}: these settings differ from the checkpoint (then, '
-                 f'now): {changed}. They fix the model or which clips and schedule each step '
-                 f'uses; to start a new run from these weights use --init_from={path} and another '
+                 f'now): {changed}. They fix the model or which clips and schedule each step uses; '
+                 f'to start a new run from these weights use --init_from={path} and another '
                  f'out_dir.')
     if ckpt.get('data_layout', train_data.layout()) != train_data.layout():
         sys.exit(f'error: cannot resume {path}: the training data or num_workers differ from the '
                  f'checkpoint (then {ckpt["data_layout"]}, now {train_data.layout()}); a run '
                  f'resumes mid-epoch only on the same clips, ranks and (shards) loader workers')
+    it = ckpt['iter_num']
+    if it >= max_iters:  # the checkpoint is the run's last
+        if master:
+            print(f'{path}: this run is finished ({it} of {max_iters} iterations); nothing to '
+                  f'train. For a new run choose another out_dir.')
+        if ddp:
+            dist.destroy_process_group()
+        sys.exit(0)
+    if master:
+        print(f'resuming {path} at iteration {it} of {max_iters}' + ('' if init_from == 'resume'
+              else f' (init_from={init_from!r} starts only a new out_dir)'))
+    return it
 
 
 def start_log(path, it):
@@ -398,30 +378,33 @@ def start_log(path, it):
               f'(run again now)')
 
 
-def finish_early():  # the checkpoint is the run's last
-    if master:
-        print(f'{ckpt_file}: this run is finished ({iter_num} of {max_iters} iterations); '
-              f'nothing to train. For a new run choose another out_dir.')
-    if ddp:
-        dist.destroy_process_group()
-    sys.exit(0)
+def save_checkpoint(it):
+    """Rank 0 writes a temporary file, then renames ckpt.pt to ckpt_prev.pt and the new file to
+    ckpt.pt: a crash never leaves a half-written ckpt.pt, and a bad file leaves the one before."""
+    if not master:
+        return
+    state = dict(model=raw_model.state_dict(),
+                 teacher=teacher.state_dict() if teacher is not None else None,
+                 optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), iter_num=it,
+                 epoch=locate(it)[0], model_args=model_args, config=config, world_size=world_size,
+                 train_clips=train_data.clips, data_layout=train_data.layout(),
+                 noise_gen=noise_gen.get_state())
+    with open(ckpt_path + '.tmp', 'wb') as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())  # on the disk before the renames
+    if os.path.isfile(ckpt_path):
+        os.replace(ckpt_path, prev_path)
+    os.replace(ckpt_path + '.tmp', ckpt_path)
 
 
-ckpt_file, ckpt = newest_checkpoint()
-if init_from == 'resume' and ckpt is None:
-    sys.exit(f"error: init_from='resume' but {out_dir} holds no checkpoint ({ckpt_path})")
-iter_num = 0
-if ckpt is not None:  # init_from='resume', or a restart into the run's out_dir
-    check_resume(ckpt_file, ckpt)
-    iter_num = ckpt['iter_num']
-    if iter_num >= max_iters:
-        finish_early()
-    if master:
-        print(f'resuming {ckpt_file} at iteration {iter_num} of {max_iters}'
-              + ('' if init_from == 'resume' else
-                 f' (init_from={init_from!r} starts only a new out_dir)'))
+ckpt_file, ckpt = newest_checkpoint()  # init_from='resume', or a restart into the run's out_dir
+iter_num = resume_at(ckpt_file, ckpt) if ckpt is not None else 0
 for path in (log_path, epochs_path):
     start_log(path, iter_num)
+
+# -----------------------------------------------------------------------------
+# model, teacher, optimiser
 model = CAVMAESync(ModelConfig(**model_args))
 if ckpt is not None:
     model.load_state_dict(ckpt['model'])
@@ -429,16 +412,14 @@ elif init_from != 'scratch':
     if not os.path.isfile(init_from):
         sys.exit(f"error: init_from must be 'scratch', 'resume' or a checkpoint file; "
                  f"{init_from!r} is none of these")
-    # ImageNet MAE, CAV-MAE layout, official release or train.py
-    load_weights(model, init_from, verbose=master)
+    load_weights(model, init_from, verbose=master)  # ImageNet MAE, CAV-MAE, a release or train.py
 model.to(device)
 raw_model = model  # unwrapped: EMA source, checkpoints, evaluation
 teacher = make_teacher(model) if method == 'tgdp' else None
 if teacher is not None and ckpt is not None:
     teacher.load_state_dict(ckpt['teacher'])
 optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate, betas=(beta1, beta2),
-                             weight_decay=weight_decay,
-                             fused=True)  # one kernel over all tensors, no full-size temporaries
+                             weight_decay=weight_decay, fused=True)  # one kernel, no temporaries
 scaler = torch.amp.GradScaler(device_type, enabled=dtype == 'float16')
 if ckpt is not None:
     optimizer.load_state_dict(ckpt['optimizer'])
@@ -457,9 +438,7 @@ if ddp:
     model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None)
 
 
-def train_flops_per_clip(rec_mask_ratio):
-    """Analytic training FLOPs per clip: 3x forward for the student (forward + backward), 1x for
-    the teacher."""
+def train_flops_per_clip(rec_mask_ratio):  # analytic: 3x forward for the student, 1x the teacher
     c = raw_model.config
     if method in ('sync', 'cavmae'):
         return 3 * sum(forward_flops(c, rec_mask_ratio, 'sync').values())
@@ -470,18 +449,18 @@ def train_flops_per_clip(rec_mask_ratio):
 
 # -----------------------------------------------------------------------------
 # one step
-# Every random choice of a step (masks, Gumbel noise, diffusion noise) comes from one generator with the same
-# state on all ranks: each draws the noise of the whole global batch and keeps its own rows. The rows follow
-# DistributedSampler's interleaving (global row i * world_size + rank), so a run computes the same masks
-# for the same clips whatever the number of ranks, and the state is one tensor to checkpoint.
+# Every random choice of a step (masks, Gumbel noise, diffusion noise) comes from one generator with
+# the same state on all ranks: each draws the noise of the whole global batch and keeps its own rows
+# (DistributedSampler's interleaving, global row i * world_size + rank), so a run computes the same
+# masks for the same clips whatever the number of ranks, and the state is one tensor to checkpoint.
 noise_gen = torch.Generator(device=device).manual_seed(seed)
 
 
-def noise(B, *shape, draw=torch.rand, **kw):  # (B, *shape) noise: this rank's rows of the global batch's
+def noise(B, *shape, draw=torch.rand, **kw):  # (B, *shape): this rank's rows of the global batch's
     return draw(world_size * B, *shape, generator=noise_gen, device=device, **kw)[rank::world_size]
 
 
-def diffusion_noise(B):  # DiffMAViL's timestep per clip and Gaussian noise per patch, or None when off
+def diffusion_noise(B):  # DiffMAViL's timestep per clip and noise per patch, or None when off
     if not diffused_mask_tokens:
         return None
     P = patch_size * patch_size
@@ -492,9 +471,8 @@ def diffusion_noise(B):  # DiffMAViL's timestep per clip and Gaussian noise per 
 
 
 def dynamic_size(*tensors, dim):
-    """Compiled runs: tensors' size along dim changes during the run (DiffMAViL's schedules), so it
-    enters the graph compiled at the first step as a dynamic size; otherwise every new value would
-    compile again, and after torch._dynamo.config.recompile_limit the step would run uncompiled."""
+    """Compiled runs: the tensors' size along dim changes (DiffMAViL's schedules); it enters the
+    first step's graph as a dynamic size, else each new value compiles again (up to the limit)."""
     for t in tensors:
         if compile and t is not None:
             torch._dynamo.maybe_mark_dynamic(t, dim)
@@ -502,7 +480,6 @@ def dynamic_size(*tensors, dim):
 
 def losses_for(audio, image, rec_mask_ratio):
     """One micro-batch of the selected method -> (total loss, dict of detached terms)."""
-    terms = {}
     con_a = con_v = None  # the contrastive view; none for sync / cavmae (one view feeds both)
     B, Na, Nv = audio.shape[0], raw_model.num_patches_a, raw_model.num_patches_v
     if adaptive_batch:  # B changes per epoch
@@ -524,10 +501,11 @@ def losses_for(audio, image, rec_mask_ratio):
     if adaptive_batch:
         dynamic_size(keep_a, keep_v, con_a, con_v, *(diffusion or ()), dim=0)
     out = model(audio, image, keep_a, keep_v, con_a, con_v, diffusion)
-    loss_con, terms['con_acc'] = info_nce(out['g_a'], out['g_v'], temperature, contrastive_direction,
-                                          contrastive_negatives)
+    loss_con, con_acc = info_nce(out['g_a'], out['g_v'], temperature, contrastive_direction,
+                                 contrastive_negatives)
     loss = rec_weight * out['loss'] + con_weight * loss_con
-    terms.update(rec=out['loss'], rec_a=out['loss_a'], rec_v=out['loss_v'], con=loss_con)
+    terms = dict(con_acc=con_acc, rec=out['loss'], rec_a=out['loss_a'], rec_v=out['loss_v'],
+                 con=loss_con)
     if method == 'tgdp' and dis_weight > 0:
         terms['dis'] = distill_loss(out['g_a'], out['g_v'], t_a, t_v)
         loss = loss + dis_weight * terms['dis']
@@ -535,31 +513,24 @@ def losses_for(audio, image, rec_mask_ratio):
     return loss, {k: v.detach() for k, v in terms.items()}
 
 
-stop_requested = False  # set by SIGTERM (cluster pre-emption): finish the current step, save, exit
-
-
-def on_sigterm(signum, frame):
-    global stop_requested
-    stop_requested = True
+stop_requested = threading.Event()  # set by SIGTERM (pre-emption): finish the step, save, exit
 
 
 def train_step(batches, rec_mask_ratio):
-    """One optimiser step over gradient_accumulation_steps micro-batches. Returns (terms, stop
-    flags): flags[0] = some rank saw a non-finite loss (the update is skipped), flags[1] = some
-    rank got SIGTERM."""
+    """One optimiser step over gradient_accumulation_steps micro-batches -> (terms, flags): some
+    rank saw a non-finite loss (the update is skipped), some rank got SIGTERM."""
     terms_sum = {}
     for micro_step in range(gradient_accumulation_steps):
         audio, image = next(batches)
-        # all-reduce only on the last
-        sync_grads = not ddp or micro_step == gradient_accumulation_steps - 1
+        sync_grads = not ddp or micro_step == gradient_accumulation_steps - 1  # all-reduce last
         with (nullcontext() if sync_grads else model.no_sync()):
             with mixed_precision:
                 loss, terms = losses_for(audio, image, rec_mask_ratio)
             scaler.scale(loss / gradient_accumulation_steps).backward()
         for k, v in terms.items():
             terms_sum[k] = terms_sum.get(k, 0.0) + v / gradient_accumulation_steps
-    flags = torch.tensor([float(not torch.isfinite(terms_sum['loss'])), float(stop_requested)],
-                         device=device)
+    flags = torch.tensor([float(not torch.isfinite(terms_sum['loss'])),
+                          float(stop_requested.is_set())], device=device)
     if ddp:
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
     if flags[0] == 0:
@@ -573,15 +544,22 @@ def train_step(batches, rec_mask_ratio):
 
 
 # -----------------------------------------------------------------------------
-# logging, evaluation, checkpoints
+# logging and evaluation
+def log(record, path=log_path):
+    with open(path, 'a') as f:
+        f.write(json.dumps(record) + '\n')
+
 
 def log_step(it, terms, rec_mask_ratio, clips_s):
-    """Means over the global batch (every rank joins the all-reduce) -> log.jsonl and a progress-bar
-    line."""
+    """Means over the global batch (every rank joins the all-reduce) -> log.jsonl, progress bar."""
     values = torch.stack(list(terms.values())).float()
     if ddp:
         dist.all_reduce(values, op=dist.ReduceOp.AVG)
-    skipped = skipped_clips() if skip_bad else None
+    if skip_bad:  # unreadable clips every rank replaced since the last record
+        skipped = torch.tensor(float(train_data.skipped), device=device)
+        train_data.skipped = 0
+        if ddp:
+            dist.all_reduce(skipped)
     if not master:
         return
     epoch = locate(it - 1)[0]
@@ -591,22 +569,12 @@ def log_step(it, terms, rec_mask_ratio, clips_s):
     record = {'iter': it, 'epoch': epoch, 'lr': get_lr(it - 1), 'mask_ratio': rec_mask_ratio,
               'batch_size': epoch_batch_size(epoch) * gradient_accumulation_steps * world_size,
               'clips_s': clips_s, 'mfu': mfu, **dict(zip(terms, values.tolist()))}
-    if skipped is not None:
-        record['skipped_clips'] = skipped
+    if skip_bad:
+        record['skipped_clips'] = int(skipped)
     log(record)
-    tqdm.write(f"iter {it}: loss {record['loss']:.4f} rec {record['rec']:.4f} "
-               f"con {record['con']:.4f}"
-              + (f" dis {record['dis']:.4f}" if 'dis' in record else '')
-              + f" acc {record['con_acc']:.3f} lr {record['lr']:.2e} {clips_s:.1f} clips/s"
-              + (f' mfu {100 * mfu:.1f}%' if mfu is not None else ''))
-
-
-def skipped_clips():  # unreadable clips every rank replaced since the last call (skip_bad)
-    count = torch.tensor(float(train_data.skipped), device=device)
-    train_data.skipped = 0
-    if ddp:
-        dist.all_reduce(count)
-    return int(count)
+    shown = ' '.join(f'{k} {record[k]:.4f}' for k in ('loss', 'rec', 'con', 'dis') if k in record)
+    tqdm.write(f"iter {it}: {shown} acc {record['con_acc']:.3f} lr {record['lr']:.2e} "
+               f"{clips_s:.1f} clips/s" + (f' mfu {100 * mfu:.1f}%' if mfu is not None else ''))
 
 
 def log_epoch(it):  # as an epoch begins: the clips its steps use and leave out (< one global batch)
@@ -638,34 +606,9 @@ def evaluate_retrieval(it):
             f"{d} {r['R@1']:.1f}/{r['R@5']:.1f}/{r['R@10']:.1f}" for d, r in results.items()))
 
 
-def save_checkpoint(it):
-    """Rank 0 writes a temporary file, then renames ckpt.pt to ckpt_prev.pt and the new file to
-    ckpt.pt: a crash never leaves a half-written ckpt.pt, and a bad file leaves the one before."""
-    if master:
-        state = dict(model=raw_model.state_dict(),
-                     teacher=teacher.state_dict() if teacher is not None else None,
-                     optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), iter_num=it,
-                     epoch=locate(it)[0], model_args=model_args, config=config,
-                     world_size=world_size,
-                     train_clips=train_data.clips, data_layout=train_data.layout(),
-                     noise_gen=noise_gen.get_state())
-        with open(ckpt_path + '.tmp', 'wb') as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())  # on the disk before the renames
-        if os.path.isfile(ckpt_path):
-            os.replace(ckpt_path, prev_path)
-        os.replace(ckpt_path + '.tmp', ckpt_path)
-
-
-def log(record, path=log_path):
-    with open(path, 'a') as f:
-        f.write(json.dumps(record) + '\n')
-
-
 # -----------------------------------------------------------------------------
 # the loop
-signal.signal(signal.SIGTERM, on_sigterm)
+signal.signal(signal.SIGTERM, lambda signum, frame: stop_requested.set())
 if ckpt is not None:
     noise_gen.set_state(ckpt['noise_gen'])
     del ckpt
@@ -697,21 +640,16 @@ def shutdown():
         dist.destroy_process_group()
 
 
-def bench_tick(it):  # bench: the profiler steps as a step begins; the clock starts at bench_warmup
-    global t_bench
-    if profiler is not None and it:
-        profiler.step()
-    if it == bench_warmup:
-        sync_device()
-        t_bench = time.time()
-
-
 t_log, clips_since_log = time.time(), 0
 if iter_num == 0 and not bench:
     log_epoch(0)
 while iter_num < max_iters:
-    if bench:
-        bench_tick(iter_num)
+    if profiler is not None and iter_num:  # bench: the profiler steps as a step begins
+        profiler.step()
+    if bench and iter_num == bench_warmup:  # the clock starts (GPU: once the queued work is done)
+        if device_type == 'cuda':
+            torch.cuda.synchronize()
+        t_bench = time.time()
     lr, rec_mask_ratio = get_lr(iter_num), step_mask_ratio(iter_num)
     for group in optimizer.param_groups:
         group['lr'] = lr
@@ -747,7 +685,8 @@ while iter_num < max_iters:
         sys.exit(0)
 
 if bench:
-    sync_device()
+    if device_type == 'cuda':
+        torch.cuda.synchronize()
     dt = time.time() - t_bench
     flops_per_clip = train_flops_per_clip(mask_ratio)
     clips_s = batch_size * gradient_accumulation_steps * bench_iters / dt
@@ -764,6 +703,6 @@ if bench:
     graphs = torch._dynamo.utils.counters['stats']['unique_graphs'] if compile else 'off'
     print('| method | batch | s/iter | clips/s | GFLOP/clip | TFLOP/s | MFU | peak mem | graphs |\n'
           '|---|---|---|---|---|---|---|---|---|\n'
-          f'| {method} | {batch_size} | {dt / bench_iters:.3f} | {clips_s:.1f} | {flops_per_clip / 1e9:.4g} '
-          f'| {tflops:.3g} | {mfu} | {mem} | {graphs} |')
+          f'| {method} | {batch_size} | {dt / bench_iters:.3f} | {clips_s:.1f} '
+          f'| {flops_per_clip / 1e9:.4g} | {tflops:.3g} | {mfu} | {mem} | {graphs} |')
 shutdown()
