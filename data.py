@@ -5,8 +5,8 @@ pipeline), and tar shards (webdataset convention) read back as items or as a tra
 Layout (CAV-MAE): a JSON {"data": [{"video_id", "wav", "video_path", "labels"}]}, frame i of a clip
 at {video_path}/frame_{i}/{video_id}.jpg, labels = comma-separated `mid`s of a CSV with header
 index,mid,display_name; relative paths are resolved against the JSON's folder. Object masks (for
-localisation): {video_path}/mask_{i}/{video_id}.png, grey level / 255 = the sounding object's weight.
-scripts/ writes these files: synth.py, prepare.py, splits.py, shard.py (each with --help).
+localisation): {video_path}/mask_{i}/{video_id}.png, grey level / 255 = the sounding object's
+weight. scripts/ writes these files: synth.py, prepare.py, splits.py, shard.py (each with --help).
 """
 
 import csv
@@ -37,12 +37,15 @@ def torchaudio_error(error):
         except metadata.PackageNotFoundError:
             versions[name] = 'not installed'
     requirements = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'requirements.txt')
-    pins = [line.strip() for line in open(requirements) if line.startswith(('torch=', 'torchaudio='))] \
-        if os.path.isfile(requirements) else []
+    pins = []
+    if os.path.isfile(requirements):
+        pins = [line.strip() for line in open(requirements)
+                if line.startswith(('torch=', 'torchaudio='))]
+    pinned = ' with '.join(pins) or 'torch==2.11.0 with torchaudio==2.11.0'
     return (f"error: torchaudio does not load ({type(error).__name__}: {error})\n"
-            f"installed: torch {versions['torch']} with torchaudio {versions['torchaudio']}; this project pins "
-            f"{' with '.join(pins) or 'torch==2.11.0 with torchaudio==2.11.0'}. A torchaudio wheel only loads with "
-            f"the torch it was built for: run `pip install -r requirements.txt` in a new virtual environment.")
+            f"installed: torch {versions['torch']} with torchaudio {versions['torchaudio']}; "
+            f"this project pins {pinned}. A torchaudio wheel only loads with the torch it was "
+            f"built for: run `pip install -r requirements.txt` in a new virtual environment.")
 
 
 try:
@@ -152,24 +155,27 @@ def load_waveform(path, clip_id):
 
 
 def load_segment_fbank(path, clip_id, num_mel_bins, start, end, shift=0):
-    """fbank rows [start, end) of a wav (a path or a ShardMember) rolled by shift samples (torch.roll:
-    the train-time shift), reading only the samples those rows need from a 16 kHz file (4.2 s of a
-    10 s clip for 416 rows); other rates are read whole and resampled. The clip mean is not removed:
-    kaldi's per-frame DC removal cancels it, so the rows equal load_waveform's (to float32 rounding)."""
+    """fbank rows [start, end) of a wav (a path or a ShardMember) rolled by shift samples
+    (torch.roll: the train-time shift), reading only the samples those rows need from a 16 kHz file
+    (4.2 s of a 10 s clip for 416 rows); other rates are read whole and resampled. The clip mean is
+    not removed: kaldi's per-frame DC removal cancels it, so the rows equal load_waveform's (to
+    float32 rounding)."""
     with open_wav(path, clip_id) as f:
         num_samples = f.frames
         if f.samplerate != SAMPLE_RATE:
             waveform = torch.roll(load_waveform(path, clip_id), shift)
             return fbank_frames(waveform, num_mel_bins, start, end)
 
-        def read(a, b):  # samples [a, b) of the rolled waveform: source samples from (a - shift) mod N on
+        def read(a, b):  # samples [a, b) of the rolled waveform: source from (a - shift) mod N on
             src, pieces = (a - shift) % num_samples, []
             try:
                 f.seek(src)
-                pieces.append(f.read(min(b - a, num_samples - src), dtype='float32', always_2d=True)[:, 0])
-                if b - a > num_samples - src:  # the roll wrapped: the rest from the start of the file
+                n = min(b - a, num_samples - src)
+                pieces.append(f.read(n, dtype='float32', always_2d=True)[:, 0])
+                if b - a > n:  # the roll wrapped: the rest from the start of the file
                     f.seek(0)
-                    pieces.append(f.read(b - a - len(pieces[0]), dtype='float32', always_2d=True)[:, 0])
+                    n = b - a - len(pieces[0])
+                    pieces.append(f.read(n, dtype='float32', always_2d=True)[:, 0])
             except Exception as e:
                 raise ClipError(f"clip '{clip_id}': cannot read wav file {path}: {e}") from e
             samples = np.concatenate(pieces) if len(pieces) > 1 else pieces[0]
@@ -186,9 +192,9 @@ def resized_size(w, h, img_size):
 
 
 def fit_frame(img, img_size, resample, geometry='crop', size=None):
-    """PIL image -> (img_size, img_size). 'crop': shorter side to img_size (size: resized_size), centre
-    crop as torchvision's CenterCrop (the training and evaluation pipeline); 'full': the whole frame
-    resized, as the Flickr-SoundNet / VGG-SS localisation code (EZ-VSL), so boxes keep their place."""
+    """PIL image -> (img_size, img_size). 'crop': shorter side to img_size (size: resized_size),
+    centre crop as torchvision's CenterCrop (the training and evaluation pipeline); 'full': the
+    whole frame resized, as the Flickr-SoundNet / VGG-SS localisation code (EZ-VSL) does."""
     if geometry == 'full':
         return img.resize((img_size, img_size), resample)
     if geometry != 'crop':
@@ -206,15 +212,15 @@ def load_frame(path, img_size, clip_id='', draft=False, geometry='crop'):
     sample video); no effect on frames prepared at 224 px."""
     def decode(path):
         with Image.open(image_file(path)) as img:
-            size = resized_size(*img.size, img_size)  # of the full frame, also when draft decodes it smaller
+            size = resized_size(*img.size, img_size)  # of the full frame, also when drafted
             if draft:
                 img.draft('RGB', size)
             return img.convert('RGB'), size
     img, size = opened(path, 'frame', decode, clip_id)
     img = fit_frame(img, img_size, Image.BICUBIC, geometry, size)
-    x = torch.from_numpy(np.array(img)).permute(2, 0, 1).float()  # (3, H, W) in 0..255 (np.array: writable uint8)
+    x = torch.from_numpy(np.array(img)).permute(2, 0, 1).float()  # (3, H, W) in 0..255 (writable)
     scale = 255.0 * torch.tensor(IMAGE_STD)[:, None, None]
-    return x.sub_(255.0 * torch.tensor(IMAGE_MEAN)[:, None, None]).div_(scale)  # in place: no more copies
+    return x.sub_(255.0 * torch.tensor(IMAGE_MEAN)[:, None, None]).div_(scale)  # in place
 
 
 def frame_path(video_path, i, clip_id):
@@ -257,8 +263,8 @@ def read_label_csv(label_csv):
 
 
 def label_indices(labels, mid_to_index, where, clip_id, require_labels=False):
-    """'mid1,mid2' -> sorted class indices; [] without a label CSV (empty mid_to_index). A clip keeps its
-    indices, not a multi-hot vector: 2 M AudioSet clips x 527 classes would be 4 GB of float32."""
+    """'mid1,mid2' -> sorted class indices; [] without a label CSV (empty mid_to_index). A clip
+    keeps its indices, not a multi-hot vector: 2 M AudioSet clips x 527 classes: 4 GB float32."""
     if not mid_to_index:
         return []
     mids = [m.strip() for m in labels.split(',') if m.strip()]
@@ -277,9 +283,9 @@ def multi_hot(indices, num_classes):
 
 
 def read_clip_table(spec):
-    """A dataset JSON or a shard set -> list of dicts: id, index, labels, and either wav + video_path
-    (files) or tar + offset + end (a clip's members in a shard). index is the clip's position in the
-    JSON (for shards: in the JSON they were packed from); the table is in index order."""
+    """A dataset JSON or a shard set -> list of dicts id, index, labels, and either wav + video_path
+    (files) or tar + offset + end (a clip's members in a shard), in index order: the clip's position
+    in the JSON (for shards: in the JSON they were packed from)."""
     if is_shard_set(spec):
         clips = [dict(id=c[1], labels=c[2], index=c[3], tar=path, offset=c[4], end=c[5])
                  for path, table in shard_tables(spec) for c in table]
@@ -306,7 +312,8 @@ def clip_wav(clip):
     for ext in ('wav', 'flac'):
         if ext in members:
             return members[ext]
-    raise ClipError(f"clip '{clip['id']}': no wav or flac member in {clip['tar']} at byte {clip['offset']}")
+    raise ClipError(f"clip '{clip['id']}': no wav or flac member in {clip['tar']} "
+                    f"at byte {clip['offset']}")
 
 
 def clip_frame(clip, i):
@@ -315,7 +322,8 @@ def clip_frame(clip, i):
         return frame_path(clip['video_path'], i, clip['id'])
     member = clip_members(clip).get(f'frame_{i:02d}.jpg')
     if member is None:
-        raise ClipError(f"clip '{clip['id']}': frame member frame_{i:02d}.jpg not found in {clip['tar']}")
+        raise ClipError(f"clip '{clip['id']}': frame member frame_{i:02d}.jpg not found in "
+                        f"{clip['tar']}")
     return member
 
 
@@ -324,7 +332,7 @@ def check_clip(clip, num_frames):
     try:
         open_wav(clip_wav(clip)).close()
         for i in range(num_frames):
-            opened(clip_frame(clip, i), 'frame', lambda frame: Image.open(image_file(frame)).close())
+            opened(clip_frame(clip, i), 'frame', lambda f: Image.open(image_file(f)).close())
     except ClipError as e:
         return str(e)
     return None
@@ -338,8 +346,8 @@ def with_members(clip):
 
 
 def eval_inputs(clip, img_size, num_frames, geometry='crop'):
-    """A clip's whole waveform (n,) (16 kHz, mean removed) and its num_frames frames (T, 3, H, W), from
-    files or a shard: what an eval item is built from (AVDataset, and the probe's augmented clips)."""
+    """A clip's whole waveform (n,) (16 kHz, mean removed) and its num_frames frames (T, 3, H, W),
+    from files or a shard: an eval item's inputs (AVDataset's, and the probe's augmented clips)."""
     clip = with_members(clip)
     waveform = load_waveform(clip_wav(clip), clip['id'])
     frames = [load_frame(clip_frame(clip, i), img_size, clip['id'], geometry=geometry)
@@ -358,9 +366,9 @@ def eval_segments(waveform, num_frames, audio_length, num_mel_bins):
 
 def load_item(clip, mode, epoch, seed, audio_length, num_mel_bins, img_size, num_frames,
               time_shift, geometry='crop'):
-    """One clip (a row of read_clip_table) -> AVDataset's item without its label. Train mode draws the
-    frame and the time shift from (seed, epoch, clip index): a pure function, so the same clip gives
-    the same item from files or shards, in any worker, rank, or order."""
+    """One clip (a row of read_clip_table) -> AVDataset's item without its label. Train mode draws
+    the frame and the time shift from (seed, epoch, clip index): a pure function, so the same clip
+    gives the same item from files or shards, in any worker, rank, or order."""
     T, L = num_frames, audio_length
     clip = with_members(clip)
     if mode != 'train':
@@ -378,8 +386,8 @@ def load_item(clip, mode, epoch, seed, audio_length, num_mel_bins, img_size, num
 
 
 class AVDataset(torch.utils.data.Dataset):
-    """CAV-MAE JSON or a shard set (+ optional label CSV) -> items (the CAV-MAE Sync input pipeline):
-    train: audio (L, F), image (3, H, W), frame (int, drawn per (seed, epoch, clip index)), label, id
+    """CAV-MAE JSON or a shard set (+ optional label CSV) -> items (CAV-MAE Sync's input pipeline):
+    train: audio (L, F), image (3, H, W), frame (int, from (seed, epoch, clip index)), label, id
     eval:  audio (T, L, F), image (T, 3, H, W), label, id  (one fbank per clip, T segments)
     data_json: a dataset JSON or shards of `scripts/shard.py` (is_shard_set), giving the same items.
     label: multi-hot (num_classes,), all 0 for a clip without labels unless require_labels (probing
@@ -401,11 +409,12 @@ class AVDataset(torch.utils.data.Dataset):
         self.img_size, self.num_frames = img_size, num_frames
         self.time_shift, self.seed, self.epoch = time_shift, seed, 0
         if geometry not in ('crop', 'full') or (geometry == 'full' and mode == 'train'):
-            raise ValueError(f"geometry must be 'crop' or, in eval mode, 'full'; got {geometry!r} ({mode})")
+            raise ValueError(f"geometry must be 'crop' or, in eval mode, 'full'; "
+                             f"got {geometry!r} ({mode})")
         self.masks, self.geometry = masks, geometry
         self.clips = read_clip_table(data_json)
         if masks and self.clips and 'video_path' not in self.clips[0]:
-            raise ValueError(f'{data_json}: masks=True needs a dataset JSON (shards carry no masks)')
+            raise ValueError(f'{data_json}: masks=True needs a dataset JSON (shards have no masks)')
         if not self.clips:
             raise ValueError(f"{data_json} lists no clips")
         mid_to_index, self.class_names = read_label_csv(label_csv) if label_csv else ({}, [])
@@ -443,22 +452,24 @@ class AVDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         clip = self.clips[index]
-        item = load_item(clip, self.mode, self.epoch, self.seed, self.audio_length, self.num_mel_bins,
-                         self.img_size, self.num_frames, self.time_shift, self.geometry)
+        item = load_item(clip, self.mode, self.epoch, self.seed, self.audio_length,
+                         self.num_mel_bins, self.img_size, self.num_frames, self.time_shift,
+                         self.geometry)
         item['label'] = multi_hot(clip['classes'], self.num_classes)
         if self.masks:
             frames = [item['frame']] if self.mode == 'train' else range(self.num_frames)
             paths = [mask_path(clip['video_path'], i, clip['id']) for i in frames]
             has = torch.tensor([os.path.isfile(p) for p in paths])  # (T,)
             empty = torch.zeros(self.img_size, self.img_size)
-            mask = torch.stack([load_mask(p, self.img_size, clip['id'], self.geometry) if ok else empty
-                                for p, ok in zip(paths, has)])  # (T, H, W)
-            item['mask'], item['has_mask'] = (mask[0], has[0]) if self.mode == 'train' else (mask, has)
+            mask = torch.stack([load_mask(p, self.img_size, clip['id'], self.geometry) if ok
+                                else empty for p, ok in zip(paths, has)])  # (T, H, W)
+            train = self.mode == 'train'
+            item['mask'], item['has_mask'] = (mask[0], has[0]) if train else (mask, has)
         return item
 
 
 def collate(items):
-    """list of items -> batch: audio, image, label (mask, has_mask) stacked (B, ...), frame (B,), id list."""
+    """items -> batch: audio, image, label (mask, has_mask) stacked (B, ...), frame (B,), ids."""
     batch = {key: torch.stack([item[key] for item in items]) for key in ('audio', 'image', 'label')}
     batch['id'] = [item['id'] for item in items]
     for key in ('mask', 'has_mask'):
@@ -483,7 +494,7 @@ _shard_fds, _shard_fds_pid = OrderedDict(), None
 
 
 def shard_fd(path):
-    """A read-only descriptor of a shard, opened once per process (a forked worker opens its own)."""
+    """A read-only descriptor of a shard, opened once per process (a forked worker opens its own)"""
     global _shard_fds_pid
     if _shard_fds_pid != os.getpid():
         _shard_fds.clear()  # the parent's descriptors: not ours to use or close
@@ -517,9 +528,6 @@ class ShardMember(io.RawIOBase):
     def seekable(self):
         return True
 
-    def tell(self):
-        return self.pos
-
     def seek(self, pos, whence=0):
         self.pos = max(0, (pos, self.pos + pos, self.size + pos)[whence])
         return self.pos
@@ -535,8 +543,7 @@ class ShardMember(io.RawIOBase):
         self.pos += len(data)
         return data
 
-    def readall(self):
-        return self.read()
+    readall = read  # read() reads to the end
 
 
 def tar_members(tar, start, end):
@@ -582,7 +589,7 @@ def clip_members(clip):
 
 def scan_shard(tar, start=0, end=None):
     """The clips whose headers lie in bytes [start, end) of a shard (default: all), in tar order ->
-    dicts key, id, labels, index (from key.json), offset, end, members [(name, data offset, size)]."""
+    dicts key, id, labels, index (from key.json), offset, end, members [(name, offset, size)]."""
     end = os.fstat(shard_fd(tar)).st_size if end is None else end
     clips = []
     for name, offset, size in tar_members(tar, start, end):
@@ -604,21 +611,12 @@ def scan_shard(tar, start=0, end=None):
     return clips
 
 
-def shard_clip(tar, offset, end):
-    """The clip in bytes [offset, end) of a shard (its range in index.json) -> scan_shard's dict."""
-    clips = scan_shard(tar, offset, end)
-    if len(clips) != 1:
-        raise ClipError(f"{tar}: bytes {offset}..{end} hold {len(clips)} clips where its "
-                        f"index.json has one: re-run the shard writer")
-    return clips[0]
-
-
 def table_row(clip):  # one clip of a shard in index.json
     return [clip['key'], clip['id'], clip['labels'], clip['index'], clip['offset'], clip['end']]
 
 
 def expand_braces(pattern):
-    """'DIR/shards-{00000..00002}.tar' -> the 3 paths (ranges keep the zero padding; '{a,b}' too)."""
+    """'DIR/shards-{00000..00002}.tar' -> the 3 paths (ranges keep zero padding; '{a,b}' too)."""
     m = re.search(r'\{([^{}]*)\}', pattern)
     if not m:
         return [pattern]
@@ -627,7 +625,8 @@ def expand_braces(pattern):
         items = [str(i).zfill(len(r[1])) for i in range(int(r[1]), int(r[2]) + 1)]
     else:
         items = m.group(1).split(',')
-    return [p for item in items for p in expand_braces(pattern[:m.start()] + item + pattern[m.end():])]
+    head, tail = pattern[:m.start()], pattern[m.end():]
+    return [p for item in items for p in expand_braces(head + item + tail)]
 
 
 def is_shard_set(spec):
@@ -641,18 +640,9 @@ def is_shard_set(spec):
     return False
 
 
-def read_shard_index(path):
-    with open(path) as f:
-        index = json.load(f)
-    if not index.get('complete'):
-        raise ValueError(f"{path}: the shards are still being written (or the run stopped): "
-                         f"run `scripts/shard.py` again to finish them")
-    return index
-
-
 def shard_tables(spec):
-    """A shard set -> [(shard path, [index.json rows: key, id, labels, index, offset, end])], from the
-    index.json beside the shards; shards it does not list are scanned (headers)."""
+    """A shard set -> [(shard path, [index.json rows: key, id, labels, index, offset, end])], from
+    the index.json beside the shards; shards it does not list are scanned (headers)."""
     spec = str(spec)
     if os.path.isdir(spec):
         index_path, paths = os.path.join(spec, 'index.json'), None
@@ -667,9 +657,13 @@ def shard_tables(spec):
         index_path = os.path.join(os.path.dirname(paths[0]), 'index.json')
     tables = {}
     if os.path.isfile(index_path):
+        with open(index_path) as f:
+            index = json.load(f)
+        if not index.get('complete'):
+            raise ValueError(f"{index_path}: the shards are still being written (or the run "
+                             f"stopped): run `scripts/shard.py` again to finish them")
         root = os.path.dirname(os.path.abspath(index_path))
-        shards = read_shard_index(index_path)['shards']
-        tables = {os.path.join(root, s['name']): s['clips'] for s in shards}
+        tables = {os.path.join(root, s['name']): s['clips'] for s in index['shards']}
     if paths is None:
         paths = list(tables)
     result = []
@@ -677,7 +671,9 @@ def shard_tables(spec):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"shard {path} not found (shard set {spec})")
         rows = tables.get(os.path.abspath(path))
-        result.append((path, rows if rows is not None else [table_row(c) for c in scan_shard(path)]))
+        if rows is None:
+            rows = [table_row(c) for c in scan_shard(path)]
+        result.append((path, rows))
     return result
 
 
@@ -717,8 +713,8 @@ def readable_or_error(load, skip_bad):
 
 
 def collate_readable(items):
-    """collate, each error item (readable_or_error) replaced by a copy of a readable item of the batch
-    (listed in batch['skipped']): the batch keeps its size, so every rank stays in step."""
+    """collate, each error item (readable_or_error) replaced by a copy of a readable item of the
+    batch (listed in batch['skipped']): the batch keeps its size, so every rank stays in step."""
     good = [item for item in items if 'error' not in item]
     errors = [item['error'] for item in items if 'error' in item]
     if not good:
@@ -744,7 +740,7 @@ class TrainBatches:
         return self.clips // self.world_size // (B * self.accumulation) * self.accumulation
 
     def device_batches(self, device, **loader_args):
-        """A DataLoader's batches of self -> (audio, image) on the device; skipped clips are counted."""
+        """DataLoader(self)'s batches -> (audio, image) on the device; skipped clips are counted."""
         loader = torch.utils.data.DataLoader(self, num_workers=self.num_workers,
                                              pin_memory=device.startswith('cuda'),
                                              worker_init_fn=ignore_sigterm, **loader_args)
@@ -887,9 +883,9 @@ class ShardStream(TrainBatches, torch.utils.data.IterableDataset):
 
 
 class FileBatches(TrainBatches):
-    """Training batches of an AVDataset read by random access: epoch e is DistributedSampler's share
-    of a permutation from (seed, e), in batches_per_epoch(e) batches of batch_size_of(batch_size, e).
-    Items are a pure function of (seed, epoch, clip index), so one loader serves every epoch."""
+    """Training batches of an AVDataset read by random access: epoch e is DistributedSampler's
+    share of a permutation from (seed, e), in batches_per_epoch(e) batches. Items are a pure
+    function of (seed, epoch, clip index), so one loader serves every epoch."""
 
     def __init__(self, dataset, batch_size, rank=0, world_size=1, num_workers=0, accumulation=1,
                  seed=0, skip_bad=False):
@@ -950,8 +946,8 @@ def train_batches(spec, batch_size, seed=0, rank=0, world_size=1, num_workers=0,
                   shuffle_buffer=1000, skip_bad=False, bad_list=None, **item_args):
     """Pretraining batches, one interface for every source: a shard set -> ShardStream, a dataset
     JSON -> FileBatches (skip_bad: as AVDataset's at start-up, then a clip unreadable mid-run is
-    replaced in its batch, collate_readable). Each has clips, batches_per_epoch(epoch), layout() (for
-    the checkpoint), loader(epoch, batch, device) and skipped (the count skipped mid-run)."""
+    replaced in its batch, collate_readable). Each has clips, batches_per_epoch(epoch), layout()
+    (for the checkpoint), loader(epoch, batch, device) and skipped (the count skipped mid-run)."""
     if is_shard_set(spec):
         return ShardStream(spec, batch_size, seed=seed, rank=rank, world_size=world_size,
                            num_workers=num_workers, shuffle_buffer=shuffle_buffer,
