@@ -764,13 +764,13 @@ class ShardStream(TrainBatches, torch.utils.data.IterableDataset):
       shuffle_buffer clips seeded from (seed, e, rank, role).
     Items are AVDataset's train items of the JSON the shards were packed from; a batch is
     collate_readable's plus 'epoch' and 'batch' (its place in the rank's epoch). start=(epoch, k)
-    begins at batch k with exactly the batches an uninterrupted stream yields from there; a resume
-    needs the same layout() (pass the checkpoint's as resume_layout: a difference raises)."""
+    begins at batch k with exactly the batches an uninterrupted stream yields from there, given the
+    same layout() (train.py compares it with the checkpoint's)."""
 
     def __init__(self, shards, batch_size, label_csv=None, seed=0, rank=0, world_size=1,
                  num_workers=0, start=(0, 0), shuffle_buffer=1000, audio_length=416,
                  num_mel_bins=128, img_size=224, num_frames=16, time_shift=False,
-                 resume_layout=None, accumulation=1, skip_bad=False):
+                 accumulation=1, skip_bad=False):
         tables = shard_tables(shards)
         self.shards = [(path, len(rows)) for path, rows in tables]
         # clip c of shard s: bytes [starts[s][c], starts[s][c + 1]); arrays, light to fork
@@ -784,12 +784,6 @@ class ShardStream(TrainBatches, torch.utils.data.IterableDataset):
         self.where = f"{shards} (label CSV {label_csv})"
         self.item_args = dict(audio_length=audio_length, num_mel_bins=num_mel_bins,
                               img_size=img_size, num_frames=num_frames, time_shift=time_shift)
-        if resume_layout is not None:
-            changed = [k for k, v in self.layout().items() if resume_layout.get(k) != v]
-            if changed:
-                raise ValueError(f"resume: {', '.join(changed)} changed since the checkpoint; "
-                                 f"mid-epoch resume of a shard stream needs the same shards, seed, "
-                                 f"shuffle buffer, world size and num_workers")
         self.set_start(*start)
 
     def set_start(self, epoch, k):
