@@ -488,7 +488,6 @@ def collate(items):
 # ids such as '--PJHxphWEs_30.000' hold dots, which webdataset would read as an extension).
 
 SHARD_FORMAT = 'tgdp-shards/1'
-SHARD_NAME = 'shards-{:05d}.tar'
 MAX_OPEN_SHARDS = 64  # descriptors kept open per process (least recently used closed first)
 _shard_fds, _shard_fds_pid = OrderedDict(), None
 
