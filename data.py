@@ -4,17 +4,9 @@ pipeline), and tar shards (webdataset convention) read back as items or as a tra
 
 Layout (CAV-MAE): a JSON {"data": [{"video_id", "wav", "video_path", "labels"}]}, frame i of a clip
 at {video_path}/frame_{i}/{video_id}.jpg, labels = comma-separated `mid`s of a CSV with header
-index,mid,display_name. Relative paths in a JSON are resolved against the JSON's own folder (the
-files written here use them, so a dataset folder can be moved).
-
-Object masks: {video_path}/mask_{i}/{video_id}.png, an 8-bit PNG the size of the frame, nonzero =
-the sounding object's pixels (empty when no sounding object is on screen). The same format works
-for real data (draw the boxes or masks of the sounding objects); AVDataset(masks=True) reads them
-and scripts/localize.py scores localisation against them.
-
-The programs that write these files live in scripts/ (each with --help): synth.py (synthetic
-clips), prepare.py (raw videos -> wavs + frames with ffmpeg), splits.py (labelled AudioSet /
-VGGSound splits and retrieval subsets), shard.py (tar shards), bench_loader.py (loader speed).
+index,mid,display_name; relative paths are resolved against the JSON's folder. Object masks (for
+localisation): {video_path}/mask_{i}/{video_id}.png, grey level / 255 = the sounding object's
+weight. scripts/ writes these files: synth.py, prepare.py, splits.py, shard.py (each with --help).
 """
 
 import csv
@@ -35,7 +27,7 @@ from tqdm import tqdm
 
 
 def torchaudio_error(error):
-    """Why torchaudio did not load, for a person: in practice a torchaudio wheel built for another torch (its
+    """Why torchaudio did not load, for a person: in practice a wheel built for another torch (its
     native library then misses a symbol), so name the installed pair and the pinned one."""
     from importlib import metadata
     versions = {}
@@ -45,12 +37,15 @@ def torchaudio_error(error):
         except metadata.PackageNotFoundError:
             versions[name] = 'not installed'
     requirements = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'requirements.txt')
-    pins = [line.strip() for line in open(requirements) if line.startswith(('torch=', 'torchaudio='))] \
-        if os.path.isfile(requirements) else []
+    pins = []
+    if os.path.isfile(requirements):
+        pins = [line.strip() for line in open(requirements)
+                if line.startswith(('torch=', 'torchaudio='))]
+    pinned = ' with '.join(pins) or 'torch==2.11.0 with torchaudio==2.11.0'
     return (f"error: torchaudio does not load ({type(error).__name__}: {error})\n"
-            f"installed: torch {versions['torch']} with torchaudio {versions['torchaudio']}; this project pins "
-            f"{' with '.join(pins) or 'torch==2.11.0 with torchaudio==2.11.0'}. A torchaudio wheel only loads with "
-            f"the torch it was built for: run `pip install -r requirements.txt` in a new virtual environment.")
+            f"installed: torch {versions['torch']} with torchaudio {versions['torchaudio']}; "
+            f"this project pins {pinned}. A torchaudio wheel only loads with the torch it was "
+            f"built for: run `pip install -r requirements.txt` in a new virtual environment.")
 
 
 try:
@@ -75,6 +70,34 @@ MAX_TIME_SHIFT = 2560  # samples
 
 class ClipError(RuntimeError):
     """A clip's wav or frame is missing or unreadable; the message names the file and the clip."""
+
+
+def opened(path, kind, open_file, clip_id=None):
+    """open_file(path) for a clip's `kind` ('wav', 'frame') file, a path or a ShardMember (read from
+    its start); ClipError naming the file (and clip_id, if given) if it is missing or unreadable."""
+    prefix = '' if clip_id is None else f"clip '{clip_id}': "
+    if isinstance(path, str) and not os.path.isfile(path):
+        raise ClipError(f"{prefix}{kind} file not found: {path}")
+    try:
+        if not isinstance(path, str):
+            path.seek(0)
+        return open_file(path)
+    except Exception as e:
+        raise ClipError(f"{prefix}cannot read {kind} file {path}: {e}") from e
+
+
+def open_wav(path, clip_id=None):
+    """opened's soundfile.SoundFile of a wav; ClipError also if it has no samples."""
+    f = opened(path, 'wav', sf.SoundFile, clip_id)
+    if f.frames == 0:
+        f.close()
+        prefix = '' if clip_id is None else f"clip '{clip_id}': "
+        raise ClipError(f"{prefix}wav file has no samples: {path}")
+    return f
+
+
+def image_file(path):  # a frame for Image.open: a path, or a ShardMember's bytes
+    return path if isinstance(path, str) else io.BytesIO(path.readall())
 
 
 # -----------------------------------------------------------------------------
@@ -103,10 +126,9 @@ def mono_16k(waveform, sample_rate):
 
 def fbank_rows(read, num_samples, num_mel_bins, start=0, end=TARGET_FRAMES):
     """Rows [start, end) of the zero-padded kaldi fbank of a mono 16 kHz waveform of num_samples
-    samples, where read(a, b) returns its samples [a, b). Kaldi frame k reads only samples
-    [k*HOP, k*HOP + WINDOW) (snip_edges, per-frame DC removal and pre-emphasis), so computing just
-    the samples the rows need gives the full result (same arithmetic per row; only float32 rounding
-    of the batched FFT may differ, ~1e-5 relative)."""
+    samples, read(a, b) -> its samples [a, b). Kaldi frame k reads only samples [k*HOP, k*HOP +
+    WINDOW) (snip_edges, per-frame DC removal and pre-emphasis), so reading just what the rows need
+    gives the full result (only float32 rounding of the batched FFT may differ, ~1e-5 relative)."""
     num_available = 0 if num_samples < WINDOW else 1 + (num_samples - WINDOW) // HOP
     last = min(end, num_available)
     fbank = torch.zeros(end - start, num_mel_bins)  # (end - start, F); rows past the audio stay 0
@@ -123,54 +145,37 @@ def fbank_frames(waveform, num_mel_bins, start=0, end=TARGET_FRAMES):
     return fbank_rows(lambda a, b: waveform[a:b], len(waveform), num_mel_bins, start, end)
 
 
-def wav_to_fbank(waveform, sample_rate, num_mel_bins=128):
-    """(N,) or (C, N) waveform -> (1024, F) un-normalised log-mel fbank, zero-padded or cut."""
-    return fbank_frames(mono_16k(waveform, sample_rate), num_mel_bins)
-
-
 def load_waveform(path, clip_id):
     """wav file (a path or a ShardMember) -> (N,) float32 first channel at 16 kHz, mean removed."""
-    if isinstance(path, str) and not os.path.isfile(path):
-        raise ClipError(f"clip '{clip_id}': wav file not found: {path}")
-    try:
-        if not isinstance(path, str):
-            path.seek(0)
-        samples, sample_rate = sf.read(path, dtype='float32', always_2d=True)  # (N, C)
-    except Exception as e:
-        raise ClipError(f"clip '{clip_id}': cannot read wav file {path}: {e}") from e
+    read = functools.partial(sf.read, dtype='float32', always_2d=True)
+    samples, sample_rate = opened(path, 'wav', read, clip_id)  # (N, C)
     if len(samples) == 0:
         raise ClipError(f"clip '{clip_id}': wav file has no samples: {path}")
     return mono_16k(torch.from_numpy(samples[:, 0]), sample_rate)
 
 
 def load_segment_fbank(path, clip_id, num_mel_bins, start, end, shift=0):
-    """fbank rows [start, end) of a wav rolled by shift samples (torch.roll: the train-time shift),
-    reading only the samples those rows need from a 16 kHz file (4.2 s of a 10 s clip for 416 rows;
-    a roll that wraps reads two pieces); other rates are read whole and resampled. The clip mean is
-    not removed: kaldi's per-frame DC removal cancels any constant offset, so the rows equal those of
-    load_waveform's mean-removed waveform (to float32 rounding). path: a file or a ShardMember."""
-    if isinstance(path, str) and not os.path.isfile(path):
-        raise ClipError(f"clip '{clip_id}': wav file not found: {path}")
-    try:
-        f = sf.SoundFile(path)
-    except Exception as e:
-        raise ClipError(f"clip '{clip_id}': cannot read wav file {path}: {e}") from e
-    with f:
+    """fbank rows [start, end) of a wav (a path or a ShardMember) rolled by shift samples
+    (torch.roll: the train-time shift), reading only the samples those rows need from a 16 kHz file
+    (4.2 s of a 10 s clip for 416 rows); other rates are read whole and resampled. The clip mean is
+    not removed: kaldi's per-frame DC removal cancels it, so the rows equal load_waveform's (to
+    float32 rounding)."""
+    with open_wav(path, clip_id) as f:
         num_samples = f.frames
-        if num_samples == 0:
-            raise ClipError(f"clip '{clip_id}': wav file has no samples: {path}")
         if f.samplerate != SAMPLE_RATE:
             waveform = torch.roll(load_waveform(path, clip_id), shift)
             return fbank_frames(waveform, num_mel_bins, start, end)
 
-        def read(a, b):  # samples [a, b) of the rolled waveform: source samples from (a - shift) mod N on
+        def read(a, b):  # samples [a, b) of the rolled waveform: source from (a - shift) mod N on
             src, pieces = (a - shift) % num_samples, []
             try:
                 f.seek(src)
-                pieces.append(f.read(min(b - a, num_samples - src), dtype='float32', always_2d=True)[:, 0])
-                if b - a > num_samples - src:  # the roll wrapped: the rest from the start of the file
+                n = min(b - a, num_samples - src)
+                pieces.append(f.read(n, dtype='float32', always_2d=True)[:, 0])
+                if b - a > n:  # the roll wrapped: the rest from the start of the file
                     f.seek(0)
-                    pieces.append(f.read(b - a - len(pieces[0]), dtype='float32', always_2d=True)[:, 0])
+                    n = b - a - len(pieces[0])
+                    pieces.append(f.read(n, dtype='float32', always_2d=True)[:, 0])
             except Exception as e:
                 raise ClipError(f"clip '{clip_id}': cannot read wav file {path}: {e}") from e
             samples = np.concatenate(pieces) if len(pieces) > 1 else pieces[0]
@@ -186,46 +191,36 @@ def resized_size(w, h, img_size):
     return (img_size, int(img_size * h / w)) if w <= h else (int(img_size * w / h), img_size)
 
 
-def resize_centre_crop(img, size, img_size, resample):
-    """PIL image -> resized to size (resized_size), then the centre (img_size, img_size) as CenterCrop."""
+def fit_frame(img, img_size, resample, geometry='crop', size=None):
+    """PIL image -> (img_size, img_size). 'crop': shorter side to img_size (size: resized_size),
+    centre crop as torchvision's CenterCrop (the training and evaluation pipeline); 'full': the
+    whole frame resized, as the Flickr-SoundNet / VGG-SS localisation code (EZ-VSL) does."""
+    if geometry == 'full':
+        return img.resize((img_size, img_size), resample)
+    if geometry != 'crop':
+        raise ValueError(f"geometry must be 'crop' or 'full', got {geometry!r}")
+    size = size or resized_size(*img.size, img_size)
     img = img.resize(size, resample)  # a no-op copy when already that size
     left, top = int(round((size[0] - img_size) / 2.0)), int(round((size[1] - img_size) / 2.0))
     return img.crop((left, top, left + img_size, top + img_size))
 
 
-def fit_frame(img, img_size, resample, geometry='crop', size=None):
-    """PIL image -> (img_size, img_size). geometry 'crop': shorter side to img_size, centre crop (the
-    training and evaluation pipeline); 'full': the whole frame resized to img_size x img_size, as the
-    Flickr-SoundNet / VGG-SS localisation code (EZ-VSL) does, so that boxes keep full-frame coordinates."""
-    if geometry == 'full':
-        return img.resize((img_size, img_size), resample)
-    if geometry != 'crop':
-        raise ValueError(f"geometry must be 'crop' or 'full', got {geometry!r}")
-    return resize_centre_crop(img, size or resized_size(*img.size, img_size), img_size, resample)
-
-
 def load_frame(path, img_size, clip_id='', draft=False, geometry='crop'):
-    """JPEG -> (3, img_size, img_size): shorter side to img_size (bicubic), centre crop, normalised
-    (geometry='full': the whole frame resized instead, fit_frame).
-    Sizes are computed as torchvision's Resize/CenterCrop do, as in the reference pipeline.
-    draft: let the JPEG decoder scale by 1/2, 1/4 or 1/8 while decoding when the result still covers
-    the target size: a 1280x720 frame loads 2.4x faster, within 0.75 of 255 levels on average of the
-    full decode (measured on a sample video); no effect on frames prepared at 224 px.
-    path: a file or a ShardMember."""
-    if isinstance(path, str) and not os.path.isfile(path):
-        raise ClipError(f"clip '{clip_id}': frame file not found: {path}")
-    try:
-        with Image.open(path if isinstance(path, str) else io.BytesIO(path.readall())) as img:
-            size = resized_size(*img.size, img_size)  # of the full frame, also when draft decodes it smaller
+    """JPEG (a path or a ShardMember) -> (3, img_size, img_size) normalised, bicubic, fit_frame's
+    geometry. draft: let the JPEG decoder scale by 1/2, 1/4 or 1/8 where the result still covers the
+    target: a 1280x720 frame loads 2.4x faster, within 0.75 of 255 levels on average (measured on a
+    sample video); no effect on frames prepared at 224 px."""
+    def decode(path):
+        with Image.open(image_file(path)) as img:
+            size = resized_size(*img.size, img_size)  # of the full frame, also when drafted
             if draft:
                 img.draft('RGB', size)
-            img = img.convert('RGB')
-    except Exception as e:
-        raise ClipError(f"clip '{clip_id}': cannot read frame file {path}: {e}") from e
+            return img.convert('RGB'), size
+    img, size = opened(path, 'frame', decode, clip_id)
     img = fit_frame(img, img_size, Image.BICUBIC, geometry, size)
-    x = torch.from_numpy(np.array(img)).permute(2, 0, 1).float()  # (3, H, W) in 0..255 (np.array: writable uint8)
+    x = torch.from_numpy(np.array(img)).permute(2, 0, 1).float()  # (3, H, W) in 0..255 (writable)
     scale = 255.0 * torch.tensor(IMAGE_STD)[:, None, None]
-    return x.sub_(255.0 * torch.tensor(IMAGE_MEAN)[:, None, None]).div_(scale)  # in place: no more copies
+    return x.sub_(255.0 * torch.tensor(IMAGE_MEAN)[:, None, None]).div_(scale)  # in place
 
 
 def frame_path(video_path, i, clip_id):
@@ -233,15 +228,13 @@ def frame_path(video_path, i, clip_id):
 
 
 def mask_path(video_path, i, clip_id):
-    """Object mask of frame i: an 8-bit PNG the size of the frame file, grey level / 255 = the weight of
-    the sounding object at that pixel (0 = background)."""
     return os.path.join(video_path, f'mask_{i}', f'{clip_id}.png')
 
 
 def load_mask(path, img_size, clip_id='', geometry='crop'):
     """Mask PNG -> (img_size, img_size) float32 weights in [0, 1] (grey level / 255: a binary mask
-    gives 0 / 1, Flickr's annotator consensus 0.5 / 1), with load_frame's geometry (fit_frame;
-    nearest-neighbour resampling, so that no new grey levels appear)."""
+    gives 0 / 1, Flickr's annotator consensus 0.5 / 1) in load_frame's geometry (nearest-neighbour:
+    no new grey levels)."""
     try:
         with Image.open(path) as img:
             img = img.convert('L')
@@ -270,8 +263,8 @@ def read_label_csv(label_csv):
 
 
 def label_indices(labels, mid_to_index, where, clip_id, require_labels=False):
-    """'mid1,mid2' -> sorted class indices; [] without a label CSV (empty mid_to_index). A clip keeps its
-    indices, not a multi-hot vector: 2 M AudioSet clips x 527 classes would be 4 GB of float32."""
+    """'mid1,mid2' -> sorted class indices; [] without a label CSV (empty mid_to_index). A clip
+    keeps its indices, not a multi-hot vector: 2 M AudioSet clips x 527 classes: 4 GB float32."""
     if not mid_to_index:
         return []
     mids = [m.strip() for m in labels.split(',') if m.strip()]
@@ -290,9 +283,9 @@ def multi_hot(indices, num_classes):
 
 
 def read_clip_table(spec):
-    """A dataset JSON or a shard set -> list of dicts: id, index, labels, and either wav + video_path
-    (files) or tar + offset + end (a clip's members in a shard). index is the clip's position in the
-    JSON (for shards: in the JSON they were packed from); the table is in index order."""
+    """A dataset JSON or a shard set -> list of dicts id, index, labels, and either wav + video_path
+    (files) or tar + offset + end (a clip's members in a shard), in index order: the clip's position
+    in the JSON (for shards: in the JSON they were packed from)."""
     if is_shard_set(spec):
         clips = [dict(id=c[1], labels=c[2], index=c[3], tar=path, offset=c[4], end=c[5])
                  for path, table in shard_tables(spec) for c in table]
@@ -306,7 +299,8 @@ def read_clip_table(spec):
         if missing:
             raise ValueError(f"{spec}: entry {n} lacks {sorted(missing)}")
         clips.append(dict(id=entry['video_id'], labels=entry.get('labels', ''), index=n,
-                          wav=os.path.join(root, entry['wav']), video_path=os.path.join(root, entry['video_path'])))
+                          wav=os.path.join(root, entry['wav']),
+                          video_path=os.path.join(root, entry['video_path'])))
     return clips
 
 
@@ -318,7 +312,8 @@ def clip_wav(clip):
     for ext in ('wav', 'flac'):
         if ext in members:
             return members[ext]
-    raise ClipError(f"clip '{clip['id']}': no wav or flac member in {clip['tar']} at byte {clip['offset']}")
+    raise ClipError(f"clip '{clip['id']}': no wav or flac member in {clip['tar']} "
+                    f"at byte {clip['offset']}")
 
 
 def clip_frame(clip, i):
@@ -327,31 +322,18 @@ def clip_frame(clip, i):
         return frame_path(clip['video_path'], i, clip['id'])
     member = clip_members(clip).get(f'frame_{i:02d}.jpg')
     if member is None:
-        raise ClipError(f"clip '{clip['id']}': frame member frame_{i:02d}.jpg not found in {clip['tar']}")
+        raise ClipError(f"clip '{clip['id']}': frame member frame_{i:02d}.jpg not found in "
+                        f"{clip['tar']}")
     return member
 
 
 def check_clip(clip, num_frames):
     """None, or why the clip's wav or one of its frames cannot be opened (headers only)."""
     try:
-        wav = clip_wav(clip)
-        if isinstance(wav, str) and not os.path.isfile(wav):
-            return f'wav file not found: {wav}'
-        try:
-            if sf.info(wav).frames == 0:
-                return f'wav file has no samples: {wav}'
-        except Exception as e:
-            return f'cannot read wav file {wav}: {e}'
+        open_wav(clip_wav(clip)).close()
         for i in range(num_frames):
-            frame = clip_frame(clip, i)
-            if isinstance(frame, str) and not os.path.isfile(frame):
-                return f'frame file not found: {frame}'
-            try:
-                with Image.open(frame if isinstance(frame, str) else io.BytesIO(frame.readall())) as img:
-                    img.size
-            except Exception as e:
-                return f'cannot read frame file {frame}: {e}'
-    except ClipError as e:  # a shard clip without a wav or frame member
+            opened(clip_frame(clip, i), 'frame', lambda f: Image.open(image_file(f)).close())
+    except ClipError as e:
         return str(e)
     return None
 
@@ -365,9 +347,7 @@ def with_members(clip):
 
 def eval_inputs(clip, img_size, num_frames, geometry='crop'):
     """A clip's whole waveform (n,) (16 kHz, mean removed) and its num_frames frames (T, 3, H, W),
-    from files or a shard: what an evaluation item is built from (AVDataset's eval mode, and the
-    probe's augmented clips, which mix and shift the waveform first). geometry: of the frames
-    (fit_frame)."""
+    from files or a shard: an eval item's inputs (AVDataset's, and the probe's augmented clips)."""
     clip = with_members(clip)
     waveform = load_waveform(clip_wav(clip), clip['id'])
     frames = [load_frame(clip_frame(clip, i), img_size, clip['id'], geometry=geometry)
@@ -386,10 +366,9 @@ def eval_segments(waveform, num_frames, audio_length, num_mel_bins):
 
 def load_item(clip, mode, epoch, seed, audio_length, num_mel_bins, img_size, num_frames,
               time_shift, geometry='crop'):
-    """One clip (a row of read_clip_table) -> the dataset item (AVDataset's docstring) without its
-    label. Train mode draws the frame and the time shift from (seed, epoch, clip index): a pure
-    function, so the same clip gives the same item from files or shards, in any worker, rank, or
-    order. geometry: of the eval-mode frames (fit_frame)."""
+    """One clip (a row of read_clip_table) -> AVDataset's item without its label. Train mode draws
+    the frame and the time shift from (seed, epoch, clip index): a pure function, so the same clip
+    gives the same item from files or shards, in any worker, rank, or order."""
     T, L = num_frames, audio_length
     clip = with_members(clip)
     if mode != 'train':
@@ -407,25 +386,17 @@ def load_item(clip, mode, epoch, seed, audio_length, num_mel_bins, img_size, num
 
 
 class AVDataset(torch.utils.data.Dataset):
-    """CAV-MAE JSON or a shard set (+ optional label CSV) -> items (the CAV-MAE Sync input pipeline):
-    train: audio (L, F), image (3, H, W), frame (int, drawn per (seed, epoch, clip index)), label, id
+    """CAV-MAE JSON or a shard set (+ optional label CSV) -> items (CAV-MAE Sync's input pipeline):
+    train: audio (L, F), image (3, H, W), frame (int, from (seed, epoch, clip index)), label, id
     eval:  audio (T, L, F), image (T, 3, H, W), label, id  (one fbank per clip, T segments)
-    data_json: a dataset JSON, or shards written by `scripts/shard.py` (their folder, their index.json,
-    a brace pattern 'DIR/shards-{00000..00012}.tar' or one .tar); shard members are read by byte
-    offset, and the items equal those of the JSON the shards were packed from (same order).
-    label: float32 multi-hot (num_classes,), length 0 without a label CSV. A clip with no labels gets
-    an all-zero label unless require_labels (probing needs labels, pretraining does not); label ids
-    that are not in the CSV are always an error (a wrong CSV).
-    masks=True adds mask (T, H, W) / (H, W) float32 weights in [0, 1] (the sounding object's pixels,
-    from {video_path}/mask_{i}/{video_id}.png, see mask_path) and has_mask (T,) / () bool: False where
-    a frame has no mask file (its mask is then all 0). JSON datasets only.
-    geometry (eval mode): 'crop' (default, the training pipeline's) or 'full' (the whole frame and its
-    mask resized, the localisation benchmarks' geometry; fit_frame).
-    audio_length, num_mel_bins, img_size come from the model config; time_shift acts in train mode
-    only. skip_bad=True checks every file at start-up, drops clips with a missing or unreadable
-    wav/frame, prints the count and writes their ids to bad_list (default: next to the JSON,
-    <json name>.bad.txt; '' writes and prints nothing); otherwise such a clip raises ClipError
-    when loaded."""
+    data_json: a dataset JSON or shards of `scripts/shard.py` (is_shard_set), giving the same items.
+    label: multi-hot (num_classes,), all 0 for a clip without labels unless require_labels (probing
+    needs them); label ids not in the CSV are always an error. masks=True (JSON only) adds mask
+    (T, H, W) / (H, W) (load_mask; 0 where a frame has no mask file) and has_mask (T,) / () bool.
+    geometry (eval mode): 'crop' or 'full' (fit_frame). skip_bad=True checks every file at start-up,
+    drops clips with a missing or unreadable wav/frame and writes their ids to bad_list (default
+    <json name>.bad.txt beside the JSON; '' writes and prints nothing); else such a clip raises
+    ClipError when loaded."""
 
     def __init__(self, data_json, label_csv=None, mode='train', audio_length=416,
                  num_mel_bins=128, img_size=224, num_frames=16, time_shift=False, seed=0,
@@ -438,18 +409,20 @@ class AVDataset(torch.utils.data.Dataset):
         self.img_size, self.num_frames = img_size, num_frames
         self.time_shift, self.seed, self.epoch = time_shift, seed, 0
         if geometry not in ('crop', 'full') or (geometry == 'full' and mode == 'train'):
-            raise ValueError(f"geometry must be 'crop' or, in eval mode, 'full'; got {geometry!r} ({mode})")
+            raise ValueError(f"geometry must be 'crop' or, in eval mode, 'full'; "
+                             f"got {geometry!r} ({mode})")
         self.masks, self.geometry = masks, geometry
         self.clips = read_clip_table(data_json)
         if masks and self.clips and 'video_path' not in self.clips[0]:
-            raise ValueError(f'{data_json}: masks=True needs a dataset JSON (shards carry no masks)')
+            raise ValueError(f'{data_json}: masks=True needs a dataset JSON (shards have no masks)')
         if not self.clips:
             raise ValueError(f"{data_json} lists no clips")
         mid_to_index, self.class_names = read_label_csv(label_csv) if label_csv else ({}, [])
         self.num_classes = len(self.class_names)
         where = f"{data_json} (label CSV {label_csv})"
         for clip in self.clips:
-            clip['classes'] = label_indices(clip.pop('labels'), mid_to_index, where, clip['id'], require_labels)
+            clip['classes'] = label_indices(clip.pop('labels'), mid_to_index, where, clip['id'],
+                                            require_labels)
         if skip_bad:
             self._drop_bad_clips(data_json, bad_list)
 
@@ -480,26 +453,28 @@ class AVDataset(torch.utils.data.Dataset):
     def __getitem__(self, index):
         clip = self.clips[index]
         item = load_item(clip, self.mode, self.epoch, self.seed, self.audio_length,
-                         self.num_mel_bins, self.img_size, self.num_frames, self.time_shift, self.geometry)
+                         self.num_mel_bins, self.img_size, self.num_frames, self.time_shift,
+                         self.geometry)
         item['label'] = multi_hot(clip['classes'], self.num_classes)
         if self.masks:
             frames = [item['frame']] if self.mode == 'train' else range(self.num_frames)
             paths = [mask_path(clip['video_path'], i, clip['id']) for i in frames]
             has = torch.tensor([os.path.isfile(p) for p in paths])  # (T,)
             empty = torch.zeros(self.img_size, self.img_size)
-            mask = torch.stack([load_mask(p, self.img_size, clip['id'], self.geometry) if ok else empty
-                                for p, ok in zip(paths, has)])  # (T, H, W)
-            item['mask'], item['has_mask'] = (mask[0], has[0]) if self.mode == 'train' else (mask, has)
+            mask = torch.stack([load_mask(p, self.img_size, clip['id'], self.geometry) if ok
+                                else empty for p, ok in zip(paths, has)])  # (T, H, W)
+            train = self.mode == 'train'
+            item['mask'], item['has_mask'] = (mask[0], has[0]) if train else (mask, has)
         return item
 
 
 def collate(items):
-    """list of items -> batch: audio/image/label (and mask/has_mask) stacked (B, ...), frame (B,) int64, id list."""
+    """items -> batch: audio, image, label (mask, has_mask) stacked (B, ...), frame (B,), ids."""
     batch = {key: torch.stack([item[key] for item in items]) for key in ('audio', 'image', 'label')}
     batch['id'] = [item['id'] for item in items]
-    if 'mask' in items[0]:
-        batch['mask'] = torch.stack([item['mask'] for item in items])
-        batch['has_mask'] = torch.stack([item['has_mask'] for item in items])
+    for key in ('mask', 'has_mask'):
+        if key in items[0]:
+            batch[key] = torch.stack([item[key] for item in items])
     if 'frame' in items[0]:
         batch['frame'] = torch.tensor([item['frame'] for item in items])
     return batch
@@ -513,13 +488,12 @@ def collate(items):
 # ids such as '--PJHxphWEs_30.000' hold dots, which webdataset would read as an extension).
 
 SHARD_FORMAT = 'tgdp-shards/1'
-SHARD_NAME = 'shards-{:05d}.tar'
 MAX_OPEN_SHARDS = 64  # descriptors kept open per process (least recently used closed first)
 _shard_fds, _shard_fds_pid = OrderedDict(), None
 
 
 def shard_fd(path):
-    """A read-only descriptor of a shard, opened once per process (a forked loader worker opens its own)."""
+    """A read-only descriptor of a shard, opened once per process (a forked worker opens its own)"""
     global _shard_fds_pid
     if _shard_fds_pid != os.getpid():
         _shard_fds.clear()  # the parent's descriptors: not ours to use or close
@@ -538,7 +512,7 @@ def shard_fd(path):
 
 class ShardMember(io.RawIOBase):
     """Read-only file view of one tar member, bytes [offset, offset + size) of a shard, read with
-    os.pread: no shared file position, so soundfile and Pillow can read it like a file, in any worker."""
+    os.pread: no shared file position, so soundfile and Pillow read it as a file in any worker."""
 
     def __init__(self, tar, name, offset, size):
         super().__init__()
@@ -552,9 +526,6 @@ class ShardMember(io.RawIOBase):
 
     def seekable(self):
         return True
-
-    def tell(self):
-        return self.pos
 
     def seek(self, pos, whence=0):
         self.pos = max(0, (pos, self.pos + pos, self.size + pos)[whence])
@@ -571,8 +542,7 @@ class ShardMember(io.RawIOBase):
         self.pos += len(data)
         return data
 
-    def readall(self):
-        return self.read()
+    readall = read  # read() reads to the end
 
 
 def tar_members(tar, start, end):
@@ -586,7 +556,8 @@ def tar_members(tar, start, end):
         try:
             if block[257:262] != b'ustar':
                 raise ValueError('no ustar magic')
-            if int(block[148:156].strip(b'\0 ') or b'0', 8) != sum(block[:148]) + 8 * 32 + sum(block[156:]):
+            checksum = sum(block[:148]) + 8 * 32 + sum(block[156:])  # the field counts as spaces
+            if int(block[148:156].strip(b'\0 ') or b'0', 8) != checksum:
                 raise ValueError('bad checksum')
             size = int(block[124:136].strip(b'\0 ') or b'0', 8)
             name = block[:100].split(b'\0', 1)[0].decode()
@@ -616,9 +587,8 @@ def clip_members(clip):
 
 
 def scan_shard(tar, start=0, end=None):
-    """Every clip whose headers lie in bytes [start, end) of a shard (default: all of it), from its
-    headers and key.json members -> list of dicts key, id, labels, index, offset, end (the clip's
-    bytes) and members [(name, data offset, size)], in tar order."""
+    """The clips whose headers lie in bytes [start, end) of a shard (default: all), in tar order ->
+    dicts key, id, labels, index (from key.json), offset, end, members [(name, offset, size)]."""
     end = os.fstat(shard_fd(tar)).st_size if end is None else end
     clips = []
     for name, offset, size in tar_members(tar, start, end):
@@ -640,27 +610,22 @@ def scan_shard(tar, start=0, end=None):
     return clips
 
 
-def shard_clip(tar, offset, end):
-    """The clip in bytes [offset, end) of a shard (its range in index.json) -> scan_shard's dict."""
-    clips = scan_shard(tar, offset, end)
-    if len(clips) != 1:
-        raise ClipError(f"{tar}: bytes {offset}..{end} hold {len(clips)} clips where its "
-                        f"index.json has one: re-run the shard writer")
-    return clips[0]
-
-
 def table_row(clip):  # one clip of a shard in index.json
     return [clip['key'], clip['id'], clip['labels'], clip['index'], clip['offset'], clip['end']]
 
 
 def expand_braces(pattern):
-    """'DIR/shards-{00000..00002}.tar' -> the 3 paths (numeric ranges keep the zero padding; '{a,b}' lists too)."""
+    """'DIR/shards-{00000..00002}.tar' -> the 3 paths (ranges keep zero padding; '{a,b}' too)."""
     m = re.search(r'\{([^{}]*)\}', pattern)
     if not m:
         return [pattern]
     r = re.fullmatch(r'(\d+)\.\.(\d+)', m.group(1))
-    items = [str(i).zfill(len(r[1])) for i in range(int(r[1]), int(r[2]) + 1)] if r else m.group(1).split(',')
-    return [p for item in items for p in expand_braces(pattern[:m.start()] + item + pattern[m.end():])]
+    if r:
+        items = [str(i).zfill(len(r[1])) for i in range(int(r[1]), int(r[2]) + 1)]
+    else:
+        items = m.group(1).split(',')
+    head, tail = pattern[:m.start()], pattern[m.end():]
+    return [p for item in items for p in expand_braces(head + item + tail)]
 
 
 def is_shard_set(spec):
@@ -674,18 +639,9 @@ def is_shard_set(spec):
     return False
 
 
-def read_shard_index(path):
-    with open(path) as f:
-        index = json.load(f)
-    if not index.get('complete'):
-        raise ValueError(f"{path}: the shards are still being written (or the run stopped): "
-                         f"run `scripts/shard.py` again to finish them")
-    return index
-
-
 def shard_tables(spec):
-    """A shard set -> [(shard path, [index.json rows: key, id, labels, index, offset, end])]. The
-    rows come from the index.json next to the shards; shards it does not list are scanned (headers)."""
+    """A shard set -> [(shard path, [index.json rows: key, id, labels, index, offset, end])], from
+    the index.json beside the shards; shards it does not list are scanned (headers)."""
     spec = str(spec)
     if os.path.isdir(spec):
         index_path, paths = os.path.join(spec, 'index.json'), None
@@ -700,8 +656,13 @@ def shard_tables(spec):
         index_path = os.path.join(os.path.dirname(paths[0]), 'index.json')
     tables = {}
     if os.path.isfile(index_path):
+        with open(index_path) as f:
+            index = json.load(f)
+        if not index.get('complete'):
+            raise ValueError(f"{index_path}: the shards are still being written (or the run "
+                             f"stopped): run `scripts/shard.py` again to finish them")
         root = os.path.dirname(os.path.abspath(index_path))
-        tables = {os.path.join(root, s['name']): s['clips'] for s in read_shard_index(index_path)['shards']}
+        tables = {os.path.join(root, s['name']): s['clips'] for s in index['shards']}
     if paths is None:
         paths = list(tables)
     result = []
@@ -709,16 +670,10 @@ def shard_tables(spec):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"shard {path} not found (shard set {spec})")
         rows = tables.get(os.path.abspath(path))
-        result.append((path, rows if rows is not None else [table_row(c) for c in scan_shard(path)]))
+        if rows is None:
+            rows = [table_row(c) for c in scan_shard(path)]
+        result.append((path, rows))
     return result
-
-
-def epoch_batches(clips, world_size, batch_size, accumulation=1):
-    """Micro-batches each rank takes in an epoch of `clips` clips: its share, clips // world_size
-    (as DistributedSampler(drop_last=True) cuts it), in whole optimiser steps of accumulation
-    batches of batch_size; the same count on every rank. Left out: less than one global batch of
-    world_size * accumulation * batch_size clips."""
-    return clips // world_size // (batch_size * accumulation) * accumulation
 
 
 def batch_size_of(batch_size, epoch):
@@ -758,8 +713,7 @@ def readable_or_error(load, skip_bad):
 
 def collate_readable(items):
     """collate, each error item (readable_or_error) replaced by a copy of a readable item of the
-    same batch: the batch keeps its size, so every rank draws the same noise and stays in step.
-    batch['skipped'] lists the errors."""
+    batch (listed in batch['skipped']): the batch keeps its size, so every rank stays in step."""
     good = [item for item in items if 'error' not in item]
     errors = [item['error'] for item in items if 'error' in item]
     if not good:
@@ -774,43 +728,48 @@ def ignore_sigterm(_):  # loader workers: the main process handles pre-emption a
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def device_batches(source, loader, device):
-    """A loader's batches -> (audio, image) on the device; skipped clips add to source.skipped."""
-    for batch in loader:
-        for error in batch['skipped']:
-            source.skipped += 1
-            print(f'skip_bad: skipped an unreadable clip: {error}', file=sys.stderr)
-        audio = batch['audio'].to(device, non_blocking=True)  # (B, L, F)
-        yield audio, batch['image'].to(device, non_blocking=True)  # (B, 3, H, W)
+class TrainBatches:
+    """What ShardStream and FileBatches share: the batch count and the loader on the device."""
+
+    def batches_per_epoch(self, epoch):
+        """Micro-batches each rank takes in an epoch (the same on every rank; cheap): its share,
+        clips // world_size as DistributedSampler(drop_last=True) cuts it, in whole optimiser steps
+        of `accumulation` batches; less than one global batch is left out."""
+        B = batch_size_of(self.batch_size, epoch)
+        return self.clips // self.world_size // (B * self.accumulation) * self.accumulation
+
+    def device_batches(self, device, **loader_args):
+        """DataLoader(self)'s batches -> (audio, image) on the device; skipped clips are counted."""
+        loader = torch.utils.data.DataLoader(self, num_workers=self.num_workers,
+                                             pin_memory=device.startswith('cuda'),
+                                             worker_init_fn=ignore_sigterm, **loader_args)
+        for batch in loader:
+            for error in batch['skipped']:
+                self.skipped += 1
+                print(f'skip_bad: skipped an unreadable clip: {error}', file=sys.stderr)
+            audio = batch['audio'].to(device, non_blocking=True)  # (B, L, F)
+            yield audio, batch['image'].to(device, non_blocking=True)  # (B, 3, H, W)
 
 
-class ShardStream(torch.utils.data.IterableDataset):
+class ShardStream(TrainBatches, torch.utils.data.IterableDataset):
     """Training batches from a shard set, endless across epochs, each reader reading its clips in
-    order (sequential reads). In epoch e, with W = max(1, num_workers) loader workers per rank:
+    order (sequential reads). In epoch e, with W = max(1, num_workers) readers per rank:
     - the shards in a permutation from (seed, e), each in tar order, make one sequence of all N
-      clips; rank r takes N // world_size of them from r * (N // world_size) on and uses
-      batches_per_epoch(e) batches of batch_size(e) (an int, a list per epoch whose last entry
-      holds on, or a function): whole optimiser steps of `accumulation` batches, the same count on
-      every rank (epoch_batches), so no rank waits for another and less than one global batch is
-      left out;
-    - a rank's batches are numbered across epochs and batch g comes from reader role g mod W: the
-      DataLoader takes batches from its workers in turn, so they arrive in order. Each role takes a
-      contiguous run of the rank's clips (whatever the shards' boundaries: each clip is read from
-      its own byte range in the index) through a shuffle buffer of shuffle_buffer clips seeded
-      from (seed, e, rank, role).
-    Items are AVDataset's train items of the JSON the shards were packed from (frame and time
-    shift drawn from (seed, e, clip index)); a batch is collate's dict plus 'epoch', 'batch' (its
-    position in the rank's epoch) and 'skipped'. skip_bad: an unreadable clip is replaced by a
-    copy of another clip of its batch and named in 'skipped' (collate_readable); else ClipError.
-    start=(epoch, k) begins at batch k of that epoch, with exactly the batches an uninterrupted
-    stream yields from there (nothing before it is read). Resume needs the same shards, seed,
-    shuffle_buffer, world_size and num_workers: save layout() with the checkpoint and pass it back
-    as resume_layout (a difference raises ValueError)."""
+      clips; rank r takes N // world_size of them from r * (N // world_size) on, in
+      batches_per_epoch(e) batches of batch_size_of(batch_size, e);
+    - batch g of a rank (numbered across epochs) comes from reader role g mod W, as the DataLoader
+      takes batches from its workers in turn; each role reads a contiguous run of the rank's clips
+      (each by its byte range, whatever the shard boundaries) through a shuffle buffer of
+      shuffle_buffer clips seeded from (seed, e, rank, role).
+    Items are AVDataset's train items of the JSON the shards were packed from; a batch is
+    collate_readable's plus 'epoch' and 'batch' (its place in the rank's epoch). start=(epoch, k)
+    begins at batch k with exactly the batches an uninterrupted stream yields from there, given the
+    same layout() (train.py compares it with the checkpoint's)."""
 
     def __init__(self, shards, batch_size, label_csv=None, seed=0, rank=0, world_size=1,
                  num_workers=0, start=(0, 0), shuffle_buffer=1000, audio_length=416,
                  num_mel_bins=128, img_size=224, num_frames=16, time_shift=False,
-                 resume_layout=None, accumulation=1, skip_bad=False):
+                 accumulation=1, skip_bad=False):
         tables = shard_tables(shards)
         self.shards = [(path, len(rows)) for path, rows in tables]
         # clip c of shard s: bytes [starts[s][c], starts[s][c + 1]); arrays, light to fork
@@ -824,12 +783,6 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.where = f"{shards} (label CSV {label_csv})"
         self.item_args = dict(audio_length=audio_length, num_mel_bins=num_mel_bins,
                               img_size=img_size, num_frames=num_frames, time_shift=time_shift)
-        if resume_layout is not None:
-            changed = [k for k, v in self.layout().items() if resume_layout.get(k) != v]
-            if changed:
-                raise ValueError(f"resume: {', '.join(changed)} changed since the checkpoint; "
-                                 f"mid-epoch resume of a shard stream needs the same shards, seed, "
-                                 f"shuffle buffer, world size and num_workers")
         self.set_start(*start)
 
     def set_start(self, epoch, k):
@@ -845,18 +798,10 @@ class ShardStream(torch.utils.data.IterableDataset):
                     shuffle_buffer=self.shuffle_buffer, world_size=self.world_size,
                     num_workers=self.num_workers)
 
-    def epoch_batch_size(self, epoch):
-        return batch_size_of(self.batch_size, epoch)
-
-    def batches_per_epoch(self, epoch):
-        """Batches each rank gets in an epoch (the same on every rank); cheap, call it anywhere."""
-        B = self.epoch_batch_size(epoch)
-        return epoch_batches(self.clips, self.world_size, B, self.accumulation)
-
     def role_batches(self, epoch, role):
         """[(k, sequence positions of its clips)] for the batches k of the rank's epoch that reader
         role makes, in order; positions only (nothing is read)."""
-        W, B = max(1, self.num_workers), self.epoch_batch_size(epoch)
+        W, B = max(1, self.num_workers), batch_size_of(self.batch_size, epoch)
         M = self.batches_per_epoch(epoch)
         if M == 0:
             raise ValueError(f"epoch {epoch}: {self.clips} clips fill no batch of {B} on each of "
@@ -885,9 +830,12 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     def load(self, epoch, position):
         path, offset, end = self.byte_range(epoch, position)
-        clip = shard_clip(path, offset, end)
-        classes = label_indices(clip['labels'], self.mid_to_index, self.where, clip['id'])
-        item = load_item(clip, 'train', epoch, self.seed, **self.item_args)
+        clips = scan_shard(path, offset, end)
+        if len(clips) != 1:
+            raise ClipError(f"{path}: bytes {offset}..{end} hold {len(clips)} clips where its "
+                            f"index.json has one: re-run the shard writer")
+        classes = label_indices(clips[0]['labels'], self.mid_to_index, self.where, clips[0]['id'])
+        item = load_item(clips[0], 'train', epoch, self.seed, **self.item_args)
         return dict(item, label=multi_hot(classes, len(self.class_names)))
 
     def __iter__(self):
@@ -916,10 +864,7 @@ class ShardStream(torch.utils.data.IterableDataset):
     def loader(self, epoch, batch, device):
         """(audio, image) batches on the device from batch `batch` of `epoch` on, endless."""
         self.set_start(epoch, batch)
-        loader = torch.utils.data.DataLoader(self, batch_size=None, num_workers=self.num_workers,
-                                             pin_memory=device.startswith('cuda'),
-                                             worker_init_fn=ignore_sigterm)
-        yield from device_batches(self, loader, device)
+        yield from self.device_batches(device, batch_size=None)
 
     def read_ahead(self, epoch, positions, advised):
         """Ask the kernel to read the shards of these clips ahead, in the background (once each)."""
@@ -930,26 +875,18 @@ class ShardStream(torch.utils.data.IterableDataset):
                 os.posix_fadvise(shard_fd(path), 0, 0, os.POSIX_FADV_WILLNEED)
 
 
-class FileBatches:
-    """Training batches of an AVDataset read by random access (a dataset JSON): epoch e is
-    DistributedSampler's share of a permutation from (seed, e) (rank r takes every world_size-th
-    clip), cut into batches_per_epoch(e) batches of batch_size(e) (an int or a list per epoch whose
-    last entry holds on). Items are a pure function of (seed, epoch, clip index), so one loader
-    serves every epoch and its workers stay alive across epoch boundaries. skip_bad: as
-    ShardStream's."""
+class FileBatches(TrainBatches):
+    """Training batches of an AVDataset read by random access: epoch e is DistributedSampler's
+    share of a permutation from (seed, e), in batches_per_epoch(e) batches. Items are a pure
+    function of (seed, epoch, clip index), so one loader serves every epoch."""
 
     def __init__(self, dataset, batch_size, rank=0, world_size=1, num_workers=0, accumulation=1,
                  seed=0, skip_bad=False):
         self.dataset, self.batch_size, self.num_workers = dataset, batch_size, num_workers
         self.clips, self.world_size, self.seed = len(dataset), world_size, seed
-        self.accumulation = accumulation
+        self.accumulation, self.skip_bad, self.skipped = accumulation, skip_bad, 0
         self.sampler = torch.utils.data.DistributedSampler(dataset, world_size, rank, shuffle=True,
                                                            seed=seed, drop_last=True)
-        self.skip_bad, self.skipped = skip_bad, 0
-
-    def batches_per_epoch(self, epoch):
-        return epoch_batches(self.clips, self.world_size, batch_size_of(self.batch_size, epoch),
-                             self.accumulation)
 
     def layout(self):
         return dict(clips=self.clips, world_size=self.world_size, seed=self.seed)
@@ -970,12 +907,8 @@ class FileBatches:
 
     def loader(self, epoch, batch, device):
         """(audio, image) batches on the device from batch `batch` of `epoch` on, endless."""
-        loader = torch.utils.data.DataLoader(self, batch_sampler=self.batch_keys(epoch, batch),
-                                             num_workers=self.num_workers,
-                                             pin_memory=device.startswith('cuda'),
-                                             collate_fn=collate_readable,
-                                             worker_init_fn=ignore_sigterm)
-        yield from device_batches(self, loader, device)
+        yield from self.device_batches(device, batch_sampler=self.batch_keys(epoch, batch),
+                                       collate_fn=collate_readable)
 
 
 class RandomBatches:
@@ -1004,12 +937,10 @@ class RandomBatches:
 
 def train_batches(spec, batch_size, seed=0, rank=0, world_size=1, num_workers=0, accumulation=1,
                   shuffle_buffer=1000, skip_bad=False, bad_list=None, **item_args):
-    """Pretraining batches, one interface whatever the source: a shard set -> ShardStream
-    (sequential reads), a dataset JSON -> FileBatches of AVDataset (skip_bad: unreadable clips
-    dropped at start-up, listed in bad_list; shards were checked when written). Each has clips,
-    batches_per_epoch(epoch), layout() (for the checkpoint), loader(epoch, batch, device) and
-    skipped (clips skipped mid-run). item_args: audio_length, num_mel_bins, img_size, num_frames,
-    time_shift."""
+    """Pretraining batches, one interface for every source: a shard set -> ShardStream, a dataset
+    JSON -> FileBatches (skip_bad: as AVDataset's at start-up, then a clip unreadable mid-run is
+    replaced in its batch, collate_readable). Each has clips, batches_per_epoch(epoch), layout()
+    (for the checkpoint), loader(epoch, batch, device) and skipped (the count skipped mid-run)."""
     if is_shard_set(spec):
         return ShardStream(spec, batch_size, seed=seed, rank=rank, world_size=world_size,
                            num_workers=num_workers, shuffle_buffer=shuffle_buffer,

@@ -38,8 +38,10 @@ import numpy as np
 import soundfile as sf
 from tqdm import tqdm
 
-from data import (SHARD_FORMAT, SHARD_NAME, ClipError, check_clip, clip_frame, read_clip_table,
-                  scan_shard, table_row)
+from data import (SHARD_FORMAT, ClipError, check_clip, clip_frame, read_clip_table, scan_shard,
+                  table_row)
+
+SHARD_NAME = 'shards-{:05d}.tar'
 
 
 def shard_payload(clip, audio, num_frames):

@@ -74,6 +74,11 @@ def test_segment_bounds():
             assert end - start == L and 0 <= start and end <= 1024
 
 
+def wav_to_fbank(waveform, sample_rate, num_mel_bins=128):
+    """(N,) or (C, N) waveform -> (1024, F) un-normalised fbank, as an eval item computes it."""
+    return data.fbank_frames(data.mono_16k(waveform, sample_rate), num_mel_bins)
+
+
 @pytest.mark.parametrize('sample_rate,channels,seconds', [(16000, 1, 12.0), (44100, 2, 7.0), (16000, 1, 0.02)])
 def test_wav_to_fbank_matches_independent_kaldi(sample_rate, channels, seconds):
     waveform = torch.randn(channels, int(sample_rate * seconds)) * 0.1 + 0.05  # with a DC offset
@@ -84,7 +89,7 @@ def test_wav_to_fbank_matches_independent_kaldi(sample_rate, channels, seconds):
         expected = torch.zeros(1024, 128)
     else:
         expected = reference_fbank(first)
-    got = data.wav_to_fbank(waveform if channels > 1 else waveform[0], sample_rate, 128)
+    got = wav_to_fbank(waveform if channels > 1 else waveform[0], sample_rate, 128)
     assert got.shape == (1024, 128)
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-5)
 
@@ -350,7 +355,7 @@ def synth_clips(synth_dir):
             frames = [np.asarray(Image.open(data.frame_path(synth_dir, i, e['video_id'])), dtype=np.float32) / 255
                       for i in range(16)]
             clips.append(dict(split=split, cls=int(e['labels'].split('_')[1]), on=np.array(meta[e['video_id']]['on'], bool),
-                              fbank=data.wav_to_fbank(torch.from_numpy(waveform), sr, 128), frames=np.stack(frames)))
+                              fbank=wav_to_fbank(torch.from_numpy(waveform), sr, 128), frames=np.stack(frames)))
     return clips
 
 
@@ -435,7 +440,7 @@ def test_segment_read_other_rates_and_channels(tmp_path):
     path = str(tmp_path / 'b.wav')
     sf.write(path, stereo, 44100, subtype='FLOAT')
     start, end = data.segment_bounds(3, 16, 1024, 416)
-    expected = data.wav_to_fbank(torch.from_numpy(stereo.T.copy()), 44100)  # first channel, resampled
+    expected = wav_to_fbank(torch.from_numpy(stereo.T.copy()), 44100)  # first channel, resampled
     got = data.load_segment_fbank(path, 'b', 128, start, end, 0)
     torch.testing.assert_close(got, expected[start:end], atol=1e-3, rtol=1e-4)
     with pytest.raises(data.ClipError, match="clip 'c'.*not found"):

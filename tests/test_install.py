@@ -27,8 +27,8 @@ def test_one_fbank_through_torchaudio():
     """A 1 kHz tone: 1024 rows of 128 mel bins, the loudest bin the one whose centre is nearest 1 kHz
     (HTK mel scale over 20 Hz .. 8 kHz, written out here)."""
     t = np.arange(10 * data.SAMPLE_RATE) / data.SAMPLE_RATE
-    fbank = data.wav_to_fbank(torch.tensor(0.5 * np.sin(2 * math.pi * 1000 * t), dtype=torch.float32)[None],
-                              data.SAMPLE_RATE)
+    tone = torch.tensor(0.5 * np.sin(2 * math.pi * 1000 * t), dtype=torch.float32)[None]
+    fbank = data.fbank_frames(data.mono_16k(tone, data.SAMPLE_RATE), 128)
     assert fbank.shape == (1024, 128) and torch.isfinite(fbank).all()
     mel = lambda f: 1127 * math.log(1 + f / 700)  # noqa: E731
     lo, hi = mel(20), mel(8000)
