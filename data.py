@@ -4,9 +4,8 @@ pipeline), and tar shards (webdataset convention) read back as items or as a tra
 
 Layout (CAV-MAE): a JSON {"data": [{"video_id", "wav", "video_path", "labels"}]}, frame i of a clip
 at {video_path}/frame_{i}/{video_id}.jpg, labels = comma-separated `mid`s of a CSV with header
-index,mid,display_name; relative paths are resolved against the JSON's folder. Object masks (for
-localisation): {video_path}/mask_{i}/{video_id}.png, grey level / 255 = the sounding object's
-weight. scripts/ writes these files: synth.py, prepare.py, splits.py, shard.py (each with --help).
+index,mid,display_name; relative paths are resolved against the JSON's folder (object masks for
+localisation: scripts/localize.py). scripts/ writes these files: synth.py, prepare.py, splits.py, shard.py.
 """
 
 import csv
@@ -227,23 +226,6 @@ def frame_path(video_path, i, clip_id):
     return os.path.join(video_path, f'frame_{i}', f'{clip_id}.jpg')
 
 
-def mask_path(video_path, i, clip_id):
-    return os.path.join(video_path, f'mask_{i}', f'{clip_id}.png')
-
-
-def load_mask(path, img_size, clip_id='', geometry='crop'):
-    """Mask PNG -> (img_size, img_size) float32 weights in [0, 1] (grey level / 255: a binary mask
-    gives 0 / 1, Flickr's annotator consensus 0.5 / 1) in load_frame's geometry (nearest-neighbour:
-    no new grey levels)."""
-    try:
-        with Image.open(path) as img:
-            img = img.convert('L')
-    except Exception as e:
-        raise ClipError(f"clip '{clip_id}': cannot read mask file {path}: {e}") from e
-    img = fit_frame(img, img_size, Image.NEAREST, geometry)
-    return torch.from_numpy(np.array(img)).float().div_(255.0)
-
-
 # -----------------------------------------------------------------------------
 # dataset
 
@@ -391,16 +373,14 @@ class AVDataset(torch.utils.data.Dataset):
     eval:  audio (T, L, F), image (T, 3, H, W), label, id  (one fbank per clip, T segments)
     data_json: a dataset JSON or shards of `scripts/shard.py` (is_shard_set), giving the same items.
     label: multi-hot (num_classes,), all 0 for a clip without labels unless require_labels (probing
-    needs them); label ids not in the CSV are always an error. masks=True (JSON only) adds mask
-    (T, H, W) / (H, W) (load_mask; 0 where a frame has no mask file) and has_mask (T,) / () bool.
-    geometry (eval mode): 'crop' or 'full' (fit_frame). skip_bad=True checks every file at start-up,
+    needs them); label ids not in the CSV are always an error. geometry (eval mode): 'crop' or 'full' (fit_frame). skip_bad=True checks every file at start-up,
     drops clips with a missing or unreadable wav/frame and writes their ids to bad_list (default
     <json name>.bad.txt beside the JSON; '' writes and prints nothing); else such a clip raises
     ClipError when loaded."""
 
     def __init__(self, data_json, label_csv=None, mode='train', audio_length=416,
                  num_mel_bins=128, img_size=224, num_frames=16, time_shift=False, seed=0,
-                 skip_bad=False, bad_list=None, require_labels=False, masks=False, geometry='crop'):
+                 skip_bad=False, bad_list=None, require_labels=False, geometry='crop'):
         if mode not in ('train', 'eval'):
             raise ValueError(f"mode must be 'train' or 'eval', got {mode!r}")
         if not 0 < audio_length <= TARGET_FRAMES:
@@ -411,10 +391,8 @@ class AVDataset(torch.utils.data.Dataset):
         if geometry not in ('crop', 'full') or (geometry == 'full' and mode == 'train'):
             raise ValueError(f"geometry must be 'crop' or, in eval mode, 'full'; "
                              f"got {geometry!r} ({mode})")
-        self.masks, self.geometry = masks, geometry
+        self.geometry = geometry
         self.clips = read_clip_table(data_json)
-        if masks and self.clips and 'video_path' not in self.clips[0]:
-            raise ValueError(f'{data_json}: masks=True needs a dataset JSON (shards have no masks)')
         if not self.clips:
             raise ValueError(f"{data_json} lists no clips")
         mid_to_index, self.class_names = read_label_csv(label_csv) if label_csv else ({}, [])
@@ -456,25 +434,13 @@ class AVDataset(torch.utils.data.Dataset):
                          self.num_mel_bins, self.img_size, self.num_frames, self.time_shift,
                          self.geometry)
         item['label'] = multi_hot(clip['classes'], self.num_classes)
-        if self.masks:
-            frames = [item['frame']] if self.mode == 'train' else range(self.num_frames)
-            paths = [mask_path(clip['video_path'], i, clip['id']) for i in frames]
-            has = torch.tensor([os.path.isfile(p) for p in paths])  # (T,)
-            empty = torch.zeros(self.img_size, self.img_size)
-            mask = torch.stack([load_mask(p, self.img_size, clip['id'], self.geometry) if ok
-                                else empty for p, ok in zip(paths, has)])  # (T, H, W)
-            train = self.mode == 'train'
-            item['mask'], item['has_mask'] = (mask[0], has[0]) if train else (mask, has)
         return item
 
 
 def collate(items):
-    """items -> batch: audio, image, label (mask, has_mask) stacked (B, ...), frame (B,), ids."""
+    """items -> batch: audio, image, label stacked (B, ...), frame (B,) (train mode), ids."""
     batch = {key: torch.stack([item[key] for item in items]) for key in ('audio', 'image', 'label')}
     batch['id'] = [item['id'] for item in items]
-    for key in ('mask', 'has_mask'):
-        if key in items[0]:
-            batch[key] = torch.stack([item[key] for item in items])
     if 'frame' in items[0]:
         batch['frame'] = torch.tensor([item['frame'] for item in items])
     return batch

@@ -58,12 +58,12 @@ def load_model(ckpt_path, device='cpu', weights='model'):
     return model.to(device).eval()
 
 
-def make_dataset(data_json, label_csv, config, num_frames=16, masks=False):
+def make_dataset(data_json, label_csv, config, num_frames=16):
     """Eval-mode data.AVDataset (all T frames) at the model's sizes; with a CSV, labels required."""
     return data.AVDataset(data_json, label_csv=label_csv, mode='eval',
                           audio_length=config.audio_length, num_mel_bins=config.num_mel_bins,
                           img_size=config.img_size, num_frames=num_frames,
-                          require_labels=label_csv is not None, masks=masks)
+                          require_labels=label_csv is not None)
 
 
 def frame_vectors(model, audio, image, embedding='joint'):

@@ -67,19 +67,69 @@ GEOMETRY = {'ezvsl': 'full',
 AUC_THRESHOLDS = [0.05 * i for i in range(21)]
 
 
+def mask_path(video_path, i, clip_id):
+    """Object mask of frame i: an 8-bit PNG the size of the frame, grey level / 255 = weight."""
+    return os.path.join(video_path, f'mask_{i}', f'{clip_id}.png')
+
+
+def load_mask(path, img_size, clip_id='', geometry='crop'):
+    """Mask PNG -> (img_size, img_size) float32 weights in [0, 1] (grey level / 255: a binary mask
+    gives 0 / 1, Flickr's annotator consensus 0.5 / 1) in data.load_frame's geometry
+    (nearest-neighbour: no new grey levels)."""
+    try:
+        with Image.open(path) as img:
+            img = img.convert('L')
+    except Exception as e:
+        raise data.ClipError(f"clip '{clip_id}': cannot read mask file {path}: {e}") from e
+    img = data.fit_frame(img, img_size, Image.NEAREST, geometry)
+    return torch.from_numpy(np.array(img)).float().div_(255.0)
+
+
+class MaskedClips(torch.utils.data.Dataset):
+    """An eval-mode data.AVDataset of a JSON, its items with mask (T, H, W) (load_mask in the
+    dataset's geometry; 0 where a frame has no mask file) and has_mask (T,) bool."""
+
+    def __init__(self, dataset):
+        if dataset.mode != 'eval' or 'video_path' not in dataset.clips[0]:
+            raise ValueError('object masks need an eval-mode dataset of a JSON (shards have none)')
+        self.dataset, self.clips = dataset, dataset.clips
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        ds, clip = self.dataset, self.clips[index]
+        item = ds[index]
+        paths = [mask_path(clip['video_path'], i, clip['id']) for i in range(ds.num_frames)]
+        has = torch.tensor([os.path.isfile(p) for p in paths])  # (T,)
+        empty = torch.zeros(ds.img_size, ds.img_size)
+        mask = torch.stack([load_mask(p, ds.img_size, clip['id'], ds.geometry) if ok else empty
+                            for p, ok in zip(paths, has)])  # (T, H, W)
+        return dict(item, mask=mask, has_mask=has)
+
+
+def collate(items):
+    """data.collate, plus mask (B, T, H, W) and has_mask (B, T) when the items have them."""
+    batch = data.collate(items)
+    for key in ('mask', 'has_mask'):
+        if key in items[0]:
+            batch[key] = torch.stack([item[key] for item in items])
+    return batch
+
+
 def clip_loader(dataset, num_clips, batch_size, num_workers):
     """The first num_clips clips of dataset, in order, as collated batches."""
     subset = Subset(dataset, range(min(num_clips, len(dataset))))
     return DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                      collate_fn=data.collate)
+                      collate_fn=collate)
 
 
 def localization_dataset(data_json, config, num_frames, geometry, label_csv=None):
     """Eval-mode frames and weighted object masks in a protocol's geometry ('full' or 'crop')."""
-    return data.AVDataset(data_json, label_csv=label_csv, mode='eval',
-                          audio_length=config.audio_length,
-                          num_mel_bins=config.num_mel_bins, img_size=config.img_size,
-                          num_frames=num_frames, masks=True, geometry=geometry)
+    return MaskedClips(data.AVDataset(data_json, label_csv=label_csv, mode='eval',
+                                      audio_length=config.audio_length,
+                                      num_mel_bins=config.num_mel_bins, img_size=config.img_size,
+                                      num_frames=num_frames, geometry=geometry))
 
 
 def localization_map(model, audio, image, dtype='float32'):
@@ -346,7 +396,7 @@ def print_denseav(scores):
 
 
 def has_any_mask(dataset, num_frames):
-    return any(os.path.isfile(data.mask_path(clip['video_path'], i, clip['id']))
+    return any(os.path.isfile(mask_path(clip['video_path'], i, clip['id']))
                for clip in dataset.clips for i in range(num_frames))
 
 

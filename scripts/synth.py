@@ -34,7 +34,7 @@ Writes OUT/audio/{id}.wav (16 kHz PCM_16), OUT/frame_{i}/{id}.jpg, OUT/mask_{i}/
 train.json, eval.json, labels.csv (index,mid,display_name), synth_meta.json (each clip's class and
 on/off pattern, for checks) and synth_config.json (the settings). Object masks: an 8-bit PNG the
 size of the frame, nonzero = the sounding object's pixels (empty when no sounding object is on
-screen); the same format works for real data, AVDataset(masks=True) reads it and the localisation
+screen); the same format works for real data, scripts/localize.py reads it and the localisation
 evaluation scores against it.
 """
 import os, sys
@@ -50,7 +50,8 @@ import soundfile as sf
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from data import HOP, SAMPLE_RATE, TARGET_FRAMES, frame_path, mask_path
+from data import HOP, SAMPLE_RATE, TARGET_FRAMES, frame_path
+from scripts.localize import mask_path
 
 SYNTH_SECONDS = 10
 SYNTH_FRAMES = 16

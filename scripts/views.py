@@ -28,9 +28,9 @@ import torch
 from tqdm import tqdm
 
 import masking
-from evaluate import load_model, make_dataset, print_table
+from evaluate import load_model, print_table
 from model import autocast
-from scripts.localize import clip_loader
+from scripts.localize import clip_loader, localization_dataset
 from scripts.plot import add_model_args, parse_model_args
 
 
@@ -66,9 +66,7 @@ def teacher_priorities(model, dataset, batch_size=8, device='cpu', num_workers=0
         if 'mask' in batch:
             p = model.config.patch_size
             m = batch['mask'].flatten(0, 1).float()  # (B T, H, W)
-            objects.append(m.unfold(1, p, p).unfold(2, p,
-                                                    p).sum((-1,
-                                                            -2)).flatten(1))  # (B T, Nv) per patch
+            objects.append(m.unfold(1, p, p).unfold(2, p, p).sum((-1, -2)).flatten(1))  # (B T, Nv)
     return ({k: torch.cat(v) for k, v in raw.items()}, torch.cat(groups),
             torch.cat(objects) if objects else None)
 
@@ -118,7 +116,7 @@ def main(argv=None):
     if args.weights != 'teacher':
         print('views: the priorities come from --weights model (train.py guides with the teacher)')
     model = load_model(args.ckpt, args.device, args.weights)
-    dataset = make_dataset(args.data, None, model.config, args.num_frames, masks=True)
+    dataset = localization_dataset(args.data, model.config, args.num_frames, 'crop')
     scores = view_scores(model, dataset, args.mask_ratio, args.batch_size, args.device,
                          args.num_workers, args.num_clips, args.seed, args.dtype)
     n = min(args.num_clips or len(dataset), len(dataset))

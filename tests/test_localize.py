@@ -136,7 +136,7 @@ def test_localization_scores_match_per_frame_reference(synth, ckpt, monkeypatch)
     exactly tied values there, so one ulp moves pixels across it.) The synthetic masks are 0 / 255:
     read as weights they are 0 / 1, so the metrics are the binary masks' as before."""
     model = localize.load_model(ckpt)
-    ds = data.AVDataset(synth['eval'], mode='eval', audio_length=64, img_size=32, masks=True)
+    ds = localize.MaskedClips(data.AVDataset(synth['eval'], mode='eval', audio_length=64, img_size=32))
     maps = capture_maps(monkeypatch)
     scores = localize.localization_scores(model, ds, batch_size=3)
     heats = torch.cat(maps)  # (frames, H, W) in the order of per_frame
@@ -217,7 +217,7 @@ def test_localize_writes_heat_maps(synth, ckpt, tmp_path):
 
 def test_localize_draws_the_mask_outline(synth, ckpt, tmp_path):
     model = localize.load_model(ckpt)
-    ds = data.AVDataset(synth['eval'], mode='eval', audio_length=64, img_size=32, masks=True)
+    ds = localize.MaskedClips(data.AVDataset(synth['eval'], mode='eval', audio_length=64, img_size=32))
     meta = json.load(open(os.path.join(synth['dir'], 'synth_meta.json')))
     clip = next(i for i in range(len(ds)) if meta[ds.clips[i]['id']]['on'][8])  # object in frame 8
     sub = torch.utils.data.Subset(ds, [clip])

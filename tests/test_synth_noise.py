@@ -1,5 +1,5 @@
 """scripts/synth.py synthetic clips: the semantic-noise options change only what they name, and the object masks
-mark exactly the sounding object's pixels (in the files and through AVDataset(masks=True))."""
+mark exactly the sounding object's pixels (in the files and through scripts/localize.py's MaskedClips)."""
 import colorsys
 import json
 import os
@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 import data
+from scripts.localize import MaskedClips, collate, load_mask, mask_path
 from scripts.synth import make_synthetic, synth_clip
 
 K = 4  # classes
@@ -112,28 +113,26 @@ def test_make_synthetic_writes_masks_and_dataset_reads_them(tmp_path):
     eval_json = os.path.join(out, 'eval.json')
     plain = data.AVDataset(eval_json, mode='eval', audio_length=64, img_size=32)
     assert set(plain[0]) == {'audio', 'image', 'label', 'id'}  # no mask keys unless asked
-    ds = data.AVDataset(eval_json, mode='eval', audio_length=64, img_size=32, masks=True)
+    ds = MaskedClips(data.AVDataset(eval_json, mode='eval', audio_length=64, img_size=32))
     for k in range(len(ds)):
         item = ds[k]
         assert item['mask'].shape == (16, 32, 32) and item['mask'].dtype == torch.float32 and item['has_mask'].all()
         assert set(item['mask'].unique().tolist()) <= {0.0, 1.0}  # synthetic masks are 0 / 255: weights 0 / 1
         for i in range(16):
-            file_mask = np.asarray(Image.open(data.mask_path(out, i, item['id'])))
+            file_mask = np.asarray(Image.open(mask_path(out, i, item['id'])))
             assert file_mask.dtype == np.uint8 and set(np.unique(file_mask)) <= {0, 255}
             assert item['mask'][i].any() == bool(meta[item['id']]['visible'][i])
             if item['mask'][i].any():  # the resized mask sits on the resized frame's object
                 rgb = (item['image'][i].permute(1, 2, 0) * torch.tensor(data.IMAGE_STD) +
                        torch.tensor(data.IMAGE_MEAN)).clamp(0, 1).mul(255).round().byte().numpy()
                 assert iou(coloured(rgb), item['mask'][i].numpy()) > 0.7
-    batch = data.collate([ds[0], ds[1]])
+    batch = collate([ds[0], ds[1]])
     assert batch['mask'].shape == (2, 16, 32, 32) and batch['has_mask'].shape == (2, 16)
-    os.remove(data.mask_path(out, 3, ds[0]['id']))  # a frame nobody annotated
+    os.remove(mask_path(out, 3, ds[0]['id']))  # a frame nobody annotated
     item = ds[0]
     assert not item['has_mask'][3] and not item['mask'][3].any() and item['has_mask'].sum() == 15
-    train = data.AVDataset(os.path.join(out, 'train.json'), mode='train', audio_length=64, img_size=32, masks=True)
-    item = train[0]
-    expected = data.load_mask(data.mask_path(out, item['frame'], item['id']), 32)
-    assert item['mask'].shape == (32, 32) and torch.equal(item['mask'], expected) and item['has_mask']
+    with pytest.raises(ValueError, match='eval-mode'):
+        MaskedClips(data.AVDataset(os.path.join(out, 'train.json'), mode='train', audio_length=64, img_size=32))
 
 
 def test_bad_options_are_errors(tmp_path):
@@ -154,7 +153,7 @@ def test_load_mask_has_the_geometry_of_load_frame(tmp_path, size):
     Image.fromarray(rgb).save(tmp_path / 'f.png')
     Image.fromarray(mask).save(tmp_path / 'm.png')
     image = data.load_frame(str(tmp_path / 'f.png'), 24)
-    loaded = data.load_mask(str(tmp_path / 'm.png'), 24)
+    loaded = load_mask(str(tmp_path / 'm.png'), 24)
     red = image[0] * data.IMAGE_STD[0] + data.IMAGE_MEAN[0] > 0.6  # (24, 24)
     assert loaded.shape == (24, 24) and loaded.any()
     assert iou(red.numpy(), loaded.numpy()) > 0.6
