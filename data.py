@@ -29,22 +29,18 @@ def torchaudio_error(error):
     """Why torchaudio did not load, for a person: in practice a wheel built for another torch (its
     native library then misses a symbol), so name the installed pair and the pinned one."""
     from importlib import metadata
-    versions = {}
-    for name in ('torch', 'torchaudio'):
+    def version(name):
         try:
-            versions[name] = metadata.version(name)
+            return f'{name} {metadata.version(name)}'
         except metadata.PackageNotFoundError:
-            versions[name] = 'not installed'
+            return f'{name} not installed'
+    installed = [version(name) for name in ('torch', 'torchaudio')]
     requirements = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'requirements.txt')
-    pins = []
-    if os.path.isfile(requirements):
-        pins = [line.strip() for line in open(requirements)
-                if line.startswith(('torch=', 'torchaudio='))]
-    pinned = ' with '.join(pins) or 'torch==2.11.0 with torchaudio==2.11.0'
+    pins = [line.strip() for line in open(requirements) if line.startswith(('torch=', 'torchaudio='))]
     return (f"error: torchaudio does not load ({type(error).__name__}: {error})\n"
-            f"installed: torch {versions['torch']} with torchaudio {versions['torchaudio']}; "
-            f"this project pins {pinned}. A torchaudio wheel only loads with the torch it was "
-            f"built for: run `pip install -r requirements.txt` in a new virtual environment.")
+            f"installed: {' with '.join(installed)}; this project pins {' with '.join(pins)}. A "
+            f"torchaudio wheel only loads with the torch it was built for: run `pip install -r "
+            f"requirements.txt` in a new virtual environment.")
 
 
 try:
@@ -576,10 +572,6 @@ def scan_shard(tar, start=0, end=None):
     return clips
 
 
-def table_row(clip):  # one clip of a shard in index.json
-    return [clip['key'], clip['id'], clip['labels'], clip['index'], clip['offset'], clip['end']]
-
-
 def expand_braces(pattern):
     """'DIR/shards-{00000..00002}.tar' -> the 3 paths (ranges keep zero padding; '{a,b}' too)."""
     m = re.search(r'\{([^{}]*)\}', pattern)
@@ -607,39 +599,25 @@ def is_shard_set(spec):
 
 def shard_tables(spec):
     """A shard set -> [(shard path, [index.json rows: key, id, labels, index, offset, end])], from
-    the index.json beside the shards; shards it does not list are scanned (headers)."""
+    the index.json that `scripts/shard.py` writes beside the shards."""
     spec = str(spec)
-    if os.path.isdir(spec):
-        index_path, paths = os.path.join(spec, 'index.json'), None
-        if not os.path.isfile(index_path):
-            paths = sorted(os.path.join(spec, n) for n in os.listdir(spec) if n.endswith('.tar'))
-            if not paths:
-                raise FileNotFoundError(f"{spec}: no index.json and no .tar shards")
-    elif spec.endswith('.json'):
-        index_path, paths = spec, None
-    else:
-        paths = expand_braces(spec)
-        index_path = os.path.join(os.path.dirname(paths[0]), 'index.json')
-    tables = {}
-    if os.path.isfile(index_path):
-        with open(index_path) as f:
-            index = json.load(f)
-        if not index.get('complete'):
-            raise ValueError(f"{index_path}: the shards are still being written (or the run "
-                             f"stopped): run `scripts/shard.py` again to finish them")
-        root = os.path.dirname(os.path.abspath(index_path))
-        tables = {os.path.join(root, s['name']): s['clips'] for s in index['shards']}
-    if paths is None:
-        paths = list(tables)
-    result = []
-    for path in paths:
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"shard {path} not found (shard set {spec})")
-        rows = tables.get(os.path.abspath(path))
-        if rows is None:
-            rows = [table_row(c) for c in scan_shard(path)]
-        result.append((path, rows))
-    return result
+    paths = None if os.path.isdir(spec) or spec.endswith('.json') else expand_braces(spec)
+    index_path = spec if spec.endswith('.json') else os.path.join(
+        spec if paths is None else os.path.dirname(paths[0]), 'index.json')
+    if not os.path.isfile(index_path):
+        raise FileNotFoundError(f"{index_path} not found: shards are read through the index.json "
+                                f"that `scripts/shard.py` writes beside them")
+    with open(index_path) as f:
+        index = json.load(f)
+    if not index.get('complete'):
+        raise ValueError(f"{index_path}: the shards are still being written (or the run stopped): "
+                         f"run `scripts/shard.py` again to finish them")
+    root = os.path.dirname(os.path.abspath(index_path))
+    tables = {os.path.join(root, s['name']): s['clips'] for s in index['shards']}
+    for path in paths or tables:
+        if not os.path.isfile(path) or os.path.abspath(path) not in tables:
+            raise FileNotFoundError(f"shard {path} not found or not in {index_path}")
+    return [(path, tables[os.path.abspath(path)]) for path in paths or tables]
 
 
 def batch_size_of(batch_size, epoch):
@@ -727,12 +705,13 @@ class ShardStream(TrainBatches, torch.utils.data.IterableDataset):
       takes batches from its workers in turn; each role reads a contiguous run of the rank's clips
       (each by its byte range, whatever the shard boundaries) through a shuffle buffer of
       shuffle_buffer clips seeded from (seed, e, rank, role).
-    Items are AVDataset's train items of the JSON the shards were packed from; a batch is
+    Items are AVDataset's train items of the JSON the shards were packed from (no labels:
+    pretraining reads none); a batch is
     collate_readable's plus 'epoch' and 'batch' (its place in the rank's epoch). start=(epoch, k)
     begins at batch k with exactly the batches an uninterrupted stream yields from there, given the
     same layout() (train.py compares it with the checkpoint's)."""
 
-    def __init__(self, shards, batch_size, label_csv=None, seed=0, rank=0, world_size=1,
+    def __init__(self, shards, batch_size, seed=0, rank=0, world_size=1,
                  num_workers=0, start=(0, 0), shuffle_buffer=1000, audio_length=416,
                  num_mel_bins=128, img_size=224, num_frames=16, time_shift=False,
                  accumulation=1, skip_bad=False):
@@ -745,8 +724,6 @@ class ShardStream(TrainBatches, torch.utils.data.IterableDataset):
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
         self.num_workers, self.shuffle_buffer = num_workers, shuffle_buffer
         self.accumulation, self.skip_bad, self.skipped = accumulation, skip_bad, 0
-        self.mid_to_index, self.class_names = read_label_csv(label_csv) if label_csv else ({}, [])
-        self.where = f"{shards} (label CSV {label_csv})"
         self.item_args = dict(audio_length=audio_length, num_mel_bins=num_mel_bins,
                               img_size=img_size, num_frames=num_frames, time_shift=time_shift)
         self.set_start(*start)
@@ -800,9 +777,8 @@ class ShardStream(TrainBatches, torch.utils.data.IterableDataset):
         if len(clips) != 1:
             raise ClipError(f"{path}: bytes {offset}..{end} hold {len(clips)} clips where its "
                             f"index.json has one: re-run the shard writer")
-        classes = label_indices(clips[0]['labels'], self.mid_to_index, self.where, clips[0]['id'])
         item = load_item(clips[0], 'train', epoch, self.seed, **self.item_args)
-        return dict(item, label=multi_hot(classes, len(self.class_names)))
+        return dict(item, label=torch.zeros(0))
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()

@@ -38,10 +38,13 @@ import numpy as np
 import soundfile as sf
 from tqdm import tqdm
 
-from data import (SHARD_FORMAT, ClipError, check_clip, clip_frame, read_clip_table, scan_shard,
-                  table_row)
+from data import SHARD_FORMAT, ClipError, check_clip, clip_frame, read_clip_table, scan_shard
 
 SHARD_NAME = 'shards-{:05d}.tar'
+
+
+def table_row(clip):  # one clip of a shard in index.json
+    return [clip['key'], clip['id'], clip['labels'], clip['index'], clip['offset'], clip['end']]
 
 
 def shard_payload(clip, audio, num_frames):

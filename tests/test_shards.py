@@ -187,8 +187,8 @@ def test_shard_writing_resumes_and_lists_bad_clips(synth, tmp_path, capsys):
 # the training stream
 
 def stream(synth, **kwargs):
-    return data.ShardStream(synth['shards'], **{'batch_size': 3, 'label_csv': synth['labels'], 'seed': 5,
-                                                 'shuffle_buffer': 5, **SMALL, **kwargs})
+    return data.ShardStream(synth['shards'], **{'batch_size': 3, 'seed': 5, 'shuffle_buffer': 5, **SMALL,
+                                                 **kwargs})
 
 
 def take(s, n):
@@ -213,7 +213,7 @@ def test_stream_uses_every_clip_in_equal_batches_per_rank(synth):
     """2 ranks x 2 workers, batch 4, 30 clips in 8 shards: each rank takes 15 // 4 = 3 batches from its
     half of the epoch's sequence, each worker role a contiguous run of it whatever the shard
     boundaries; items equal the JSON loader's; 6 clips (< one global batch of 8) left out."""
-    ref = data.AVDataset(synth['json'], synth['labels'], mode='train', seed=5, **SMALL)
+    ref = data.AVDataset(synth['json'], mode='train', seed=5, **SMALL)  # pretraining: no labels
     number = {c['id']: n for n, c in enumerate(ref.clips)}
     ranks = [stream(synth, rank=r, world_size=2, num_workers=2, batch_size=4) for r in (0, 1)]
     assert [[s.batches_per_epoch(e) for e in range(3)] for s in ranks] == [[3, 3, 3]] * 2
