@@ -4,8 +4,8 @@ pipeline), and tar shards (webdataset convention) read back as items or as a tra
 
 Layout (CAV-MAE): a JSON {"data": [{"video_id", "wav", "video_path", "labels"}]}, frame i of a clip
 at {video_path}/frame_{i}/{video_id}.jpg, labels = comma-separated `mid`s of a CSV with header
-index,mid,display_name; relative paths are resolved against the JSON's folder (object masks for
-localisation: scripts/localize.py). scripts/ writes these files: synth.py, prepare.py, splits.py, shard.py.
+index,mid,display_name; relative paths are resolved against the JSON's folder (object masks: see
+scripts/localize.py). scripts/ writes these files: synth.py, prepare.py, splits.py, shard.py.
 """
 
 import csv
@@ -290,8 +290,7 @@ def clip_wav(clip):
     for ext in ('wav', 'flac'):
         if ext in members:
             return members[ext]
-    raise ClipError(f"clip '{clip['id']}': no wav or flac member in {clip['tar']} "
-                    f"at byte {clip['offset']}")
+    raise ClipError(f"clip '{clip['id']}': no wav or flac member in {clip['tar']} at byte {clip['offset']}")
 
 
 def clip_frame(clip, i):
@@ -300,8 +299,7 @@ def clip_frame(clip, i):
         return frame_path(clip['video_path'], i, clip['id'])
     member = clip_members(clip).get(f'frame_{i:02d}.jpg')
     if member is None:
-        raise ClipError(f"clip '{clip['id']}': frame member frame_{i:02d}.jpg not found in "
-                        f"{clip['tar']}")
+        raise ClipError(f"clip '{clip['id']}': frame member frame_{i:02d}.jpg not found in {clip['tar']}")
     return member
 
 
@@ -328,8 +326,7 @@ def eval_inputs(clip, img_size, num_frames, geometry='crop'):
     from files or a shard: an eval item's inputs (AVDataset's, and the probe's augmented clips)."""
     clip = with_members(clip)
     waveform = load_waveform(clip_wav(clip), clip['id'])
-    frames = [load_frame(clip_frame(clip, i), img_size, clip['id'], geometry=geometry)
-              for i in range(num_frames)]
+    frames = [load_frame(clip_frame(clip, i), img_size, clip['id'], geometry=geometry) for i in range(num_frames)]
     return waveform, torch.stack(frames)
 
 
@@ -356,8 +353,7 @@ def load_item(clip, mode, epoch, seed, audio_length, num_mel_bins, img_size, num
     frame = int(rng.integers(T))
     shift = int(rng.integers(-MAX_TIME_SHIFT, MAX_TIME_SHIFT + 1)) if time_shift else 0
     start, end = segment_bounds(frame, T, TARGET_FRAMES, L)
-    audio = load_segment_fbank(clip_wav(clip), clip['id'], num_mel_bins, start, end,
-                               shift)  # (L, F)
+    audio = load_segment_fbank(clip_wav(clip), clip['id'], num_mel_bins, start, end, shift)  # (L, F)
     # JPEG draft decoding for training only: evaluation decodes in full, as the reference pipeline
     image = load_frame(clip_frame(clip, frame), img_size, clip['id'], draft=True)
     return dict(id=clip['id'], frame=frame, audio=(audio - FBANK_MEAN) / FBANK_STD, image=image)
@@ -369,10 +365,10 @@ class AVDataset(torch.utils.data.Dataset):
     eval:  audio (T, L, F), image (T, 3, H, W), label, id  (one fbank per clip, T segments)
     data_json: a dataset JSON or shards of `scripts/shard.py` (is_shard_set), giving the same items.
     label: multi-hot (num_classes,), all 0 for a clip without labels unless require_labels (probing
-    needs them); label ids not in the CSV are always an error. geometry (eval mode): 'crop' or 'full' (fit_frame). skip_bad=True checks every file at start-up,
-    drops clips with a missing or unreadable wav/frame and writes their ids to bad_list (default
-    <json name>.bad.txt beside the JSON; '' writes and prints nothing); else such a clip raises
-    ClipError when loaded."""
+    needs them); label ids not in the CSV are always an error. geometry (eval mode): 'crop' or 'full'
+    (fit_frame). skip_bad=True checks every file at start-up, drops clips with a missing or unreadable
+    wav/frame and writes their ids to bad_list (default <json name>.bad.txt beside the JSON; '' writes
+    and prints nothing); else such a clip raises ClipError when loaded."""
 
     def __init__(self, data_json, label_csv=None, mode='train', audio_length=416,
                  num_mel_bins=128, img_size=224, num_frames=16, time_shift=False, seed=0,
@@ -385,8 +381,7 @@ class AVDataset(torch.utils.data.Dataset):
         self.img_size, self.num_frames = img_size, num_frames
         self.time_shift, self.seed, self.epoch = time_shift, seed, 0
         if geometry not in ('crop', 'full') or (geometry == 'full' and mode == 'train'):
-            raise ValueError(f"geometry must be 'crop' or, in eval mode, 'full'; "
-                             f"got {geometry!r} ({mode})")
+            raise ValueError(f"geometry must be 'crop' or, in eval mode, 'full'; got {geometry!r} ({mode})")
         self.geometry = geometry
         self.clips = read_clip_table(data_json)
         if not self.clips:
@@ -395,8 +390,7 @@ class AVDataset(torch.utils.data.Dataset):
         self.num_classes = len(self.class_names)
         where = f"{data_json} (label CSV {label_csv})"
         for clip in self.clips:
-            clip['classes'] = label_indices(clip.pop('labels'), mid_to_index, where, clip['id'],
-                                            require_labels)
+            clip['classes'] = label_indices(clip.pop('labels'), mid_to_index, where, clip['id'], require_labels)
         if skip_bad:
             self._drop_bad_clips(data_json, bad_list)
 
@@ -566,8 +560,7 @@ def scan_shard(tar, start=0, end=None):
         try:
             meta = json.loads(meta.readall())
         except ValueError as e:
-            raise ClipError(f"{tar}: clip {clip['key']}: unreadable {clip['key']}.json ({e})") \
-                from e
+            raise ClipError(f"{tar}: clip {clip['key']}: unreadable {clip['key']}.json ({e})") from e
         clip.update(id=meta['id'], labels=meta.get('labels', ''), index=meta['index'])
     return clips
 
@@ -662,8 +655,7 @@ def collate_readable(items):
     errors = [item['error'] for item in items if 'error' in item]
     if not good:
         raise ClipError('every clip of a batch is unreadable: ' + '; '.join(errors))
-    batch = collate([good[n % len(good)] if 'error' in item else item
-                     for n, item in enumerate(items)])
+    batch = collate([good[n % len(good)] if 'error' in item else item for n, item in enumerate(items)])
     batch['skipped'] = errors
     return batch
 
@@ -705,16 +697,14 @@ class ShardStream(TrainBatches, torch.utils.data.IterableDataset):
       takes batches from its workers in turn; each role reads a contiguous run of the rank's clips
       (each by its byte range, whatever the shard boundaries) through a shuffle buffer of
       shuffle_buffer clips seeded from (seed, e, rank, role).
-    Items are AVDataset's train items of the JSON the shards were packed from (no labels:
-    pretraining reads none); a batch is
-    collate_readable's plus 'epoch' and 'batch' (its place in the rank's epoch). start=(epoch, k)
-    begins at batch k with exactly the batches an uninterrupted stream yields from there, given the
-    same layout() (train.py compares it with the checkpoint's)."""
+    Items are AVDataset's train items of the JSON the shards were packed from (no labels: pretraining
+    reads none); a batch is collate_readable's plus 'epoch' and 'batch' (its place in the rank's
+    epoch). start=(epoch, k) begins at batch k with exactly the batches an uninterrupted stream yields
+    from there, given the same layout() (train.py compares it with the checkpoint's)."""
 
-    def __init__(self, shards, batch_size, seed=0, rank=0, world_size=1,
-                 num_workers=0, start=(0, 0), shuffle_buffer=1000, audio_length=416,
-                 num_mel_bins=128, img_size=224, num_frames=16, time_shift=False,
-                 accumulation=1, skip_bad=False):
+    def __init__(self, shards, batch_size, seed=0, rank=0, world_size=1, num_workers=0, start=(0, 0),
+                 shuffle_buffer=1000, audio_length=416, num_mel_bins=128, img_size=224, num_frames=16,
+                 time_shift=False, accumulation=1, skip_bad=False):
         tables = shard_tables(shards)
         self.shards = [(path, len(rows)) for path, rows in tables]
         # clip c of shard s: bytes [starts[s][c], starts[s][c + 1]); arrays, light to fork
@@ -731,8 +721,7 @@ class ShardStream(TrainBatches, torch.utils.data.IterableDataset):
     def set_start(self, epoch, k):
         """Begin at batch k of epoch `epoch` (before making the DataLoader: workers copy it)."""
         if not 0 <= k < self.batches_per_epoch(epoch):
-            raise ValueError(f"start batch {k} is outside epoch {epoch} "
-                             f"({self.batches_per_epoch(epoch)} batches)")
+            raise ValueError(f"start batch {k} is outside epoch {epoch} ({self.batches_per_epoch(epoch)} batches)")
         self.start = (epoch, k)
 
     def layout(self):
@@ -796,8 +785,7 @@ class ShardStream(TrainBatches, torch.utils.data.IterableDataset):
                 if number < k:
                     continue
                 self.read_ahead(epoch, positions, advised)
-                items = [readable_or_error(functools.partial(self.load, epoch, p), self.skip_bad)
-                         for p in positions]
+                items = [readable_or_error(functools.partial(self.load, epoch, p), self.skip_bad) for p in positions]
                 batch = collate_readable(items)
                 batch['epoch'], batch['batch'] = epoch, number
                 yield batch
@@ -857,8 +845,7 @@ class RandomBatches:
     """The bench's data: one random (audio, image) batch again and again, nothing read; an epoch is
     `steps` optimiser steps."""
 
-    def __init__(self, batch_size, steps, accumulation=1, audio_length=416, num_mel_bins=128,
-                 img_size=224):
+    def __init__(self, batch_size, steps, accumulation=1, audio_length=416, num_mel_bins=128, img_size=224):
         self.batch_size, self.steps, self.accumulation = batch_size, steps, accumulation
         self.shape_a = (batch_size, audio_length, num_mel_bins)
         self.shape_v = (batch_size, 3, img_size, img_size)
@@ -887,7 +874,5 @@ def train_batches(spec, batch_size, seed=0, rank=0, world_size=1, num_workers=0,
         return ShardStream(spec, batch_size, seed=seed, rank=rank, world_size=world_size,
                            num_workers=num_workers, shuffle_buffer=shuffle_buffer,
                            accumulation=accumulation, skip_bad=skip_bad, **item_args)
-    dataset = AVDataset(spec, mode='train', seed=seed, skip_bad=skip_bad, bad_list=bad_list,
-                        **item_args)
-    return FileBatches(dataset, batch_size, rank, world_size, num_workers, accumulation, seed,
-                       skip_bad)
+    dataset = AVDataset(spec, mode='train', seed=seed, skip_bad=skip_bad, bad_list=bad_list, **item_args)
+    return FileBatches(dataset, batch_size, rank, world_size, num_workers, accumulation, seed, skip_bad)
