@@ -99,8 +99,7 @@ def image_file(path):  # a frame for Image.open: a path, or a ShardMember's byte
 # audio and frame features (pure functions, reused by other scripts)
 
 def segment_bounds(i, num_frames, num_fbank_frames, length):
-    """fbank rows [start, end) of the segment aligned with frame i of num_frames (CAV-MAE Sync's
-    frame-aligned segments)."""
+    """fbank rows [start, end) of the segment centred on frame i of num_frames (CAV-MAE Sync)."""
     centre = round(i * num_fbank_frames / num_frames)
     start = max(0, centre - length // 2)
     end = start + length
@@ -331,8 +330,7 @@ def eval_inputs(clip, img_size, num_frames, geometry='crop'):
 
 
 def eval_segments(waveform, num_frames, audio_length, num_mel_bins):
-    """Waveform (n,) -> the num_frames frame-aligned fbank segments (T, L, F), normalised: one fbank
-    per clip, segment i centred on frame i."""
+    """Waveform (n,) -> its T frame-aligned fbank segments (T, L, F), normalised: one fbank per clip."""
     fbank = fbank_frames(waveform, num_mel_bins)  # (1024, F)
     audio = torch.stack([fbank[slice(*segment_bounds(i, num_frames, TARGET_FRAMES, audio_length))]
                          for i in range(num_frames)])  # (T, L, F)
@@ -842,8 +840,7 @@ class FileBatches(TrainBatches):
 
 
 class RandomBatches:
-    """The bench's data: one random (audio, image) batch again and again, nothing read; an epoch is
-    `steps` optimiser steps."""
+    """The bench's data: one random (audio, image) batch again and again; an epoch is `steps` steps."""
 
     def __init__(self, batch_size, steps, accumulation=1, audio_length=416, num_mel_bins=128, img_size=224):
         self.batch_size, self.steps, self.accumulation = batch_size, steps, accumulation
