@@ -475,11 +475,10 @@ def cross_block_flops(nq, nk, dim, mlp_ratio):
 
 
 def forward_flops(c, mask_ratio, passes):
-    """Forward FLOPs per clip of each module for one kind of pass: 'reconstruction' (masked
-    encoders, fused joint pass, decoder), 'sync' (the same plus the joint audio/visual passes),
-    'contrastive' (masked encoders, joint audio/visual passes: forward's second view), 'full'
-    (forward_features), 'teacher' (forward_teacher). The embedding-only passes ('sync',
-    'contrastive', 'teacher') skip the patch tokens' outputs in the last joint block."""
+    """Forward FLOPs per clip of each module for a pass: 'reconstruction' (masked encoders, fused
+    joint pass, decoder), 'sync' (plus the joint audio/visual passes), 'contrastive' (masked
+    encoders, joint audio/visual passes: forward's second view), 'full' (forward_features),
+    'teacher' (forward_teacher); embedding-only passes skip the last joint block's patch outputs."""
     p, D, Dd, r = c.patch_size, c.embed_dim, c.decoder_embed_dim, c.mlp_ratio
     Na, Nv = (c.num_mel_bins // p) * (c.audio_length // p), (c.img_size // p) ** 2
     full = passes in ('full', 'teacher')  # unmasked
@@ -573,9 +572,8 @@ def read_checkpoint(path):
 
 
 def convert_official_state_dict(sd, config=None):
-    """Official CAV-MAE Sync / TG-DP state dict -> CAVMAESync(config or ModelConfig())'s: the
-    audio/visual LayerNorm pairs outside the joint blocks are dropped (no pass uses them); another
-    unknown key, or a missing one, is an error naming it."""
+    """Official CAV-MAE Sync / TG-DP state dict -> CAVMAESync(config)'s, less the unused
+    audio/visual LayerNorms outside the joint blocks; another unknown or missing key is an error."""
     with torch.device('meta'):
         expected = CAVMAESync(config or ModelConfig()).state_dict()
     out = {}
@@ -619,11 +617,10 @@ def _summary(names):  # block indices folded, 'decoder_blocks.* (12)', so that a
 
 
 def _mae_mapping(sd, c):
-    """ImageNet MAE ViT weights -> {model name: (MAE key, tensor)}, as CAV-MAE's
-    adapt_vmae_weights.py builds the file CAV-MAE, CAV-MAE Sync and TG-DP start from: the first
-    blocks into both encoders, the next into the joint layer (its norms copied to all three pairs),
-    the audio patch filter the SUM of the RGB ones, the audio head decoder_pred's first p*p rows.
-    pos_embed and decoder_pos_embed are not used (the same sin-cos values are fixed here)."""
+    """ImageNet MAE ViT weights -> {name: (MAE key, tensor)}, as CAV-MAE's adapt_vmae_weights.py
+    builds the file CAV-MAE (Sync) and TG-DP start from: the first blocks into both encoders, the
+    next into the joint layer (its norms copied to all three pairs), the audio patch filter the SUM
+    of the RGB ones, the audio head decoder_pred's first p*p rows. MAE's pos_embed: unused."""
     out = {}
     def put(key, value, *names):
         out.update({name: (key, value) for name in names})
@@ -695,8 +692,8 @@ def _load_by_name(model, kind, sd, name, verbose):
 def load_weights(model, source, weights='model', verbose=True, name=None):
     """Weights from source (a path or a loaded checkpoint) into a built CAVMAESync, by
     checkpoint_kind: 'train' its `weights` ('model' or 'teacher'), strict; 'official' converted,
-    strict; 'mae', 'cavmae' _load_by_name. Prints what was loaded and what stayed at init (name:
-    the source's name in it, default its path). -> dict(kind, loaded, unused, at_init)."""
+    strict; 'mae', 'cavmae' _load_by_name. Prints what was loaded and what stayed at init (name: the
+    source's, default its path) -> dict(kind, loaded, unused, at_init)."""
     if weights not in ('model', 'teacher'):
         raise ValueError(f"weights must be 'model' or 'teacher', got {weights!r}")
     name = name or (source if isinstance(source, str) else 'checkpoint')
@@ -706,8 +703,7 @@ def load_weights(model, source, weights='model', verbose=True, name=None):
     except ValueError as e:
         raise ValueError(f'{name}: {e}') from None
     if weights == 'teacher' and kind != 'train':
-        raise ValueError(f'{name}: an {KIND_NAMES[kind]} has no teacher weights '
-                         '(only train.py checkpoints keep the EMA teacher)')
+        raise ValueError(f'{name}: an {KIND_NAMES[kind]} has no teacher weights (only train.py checkpoints do)')
     if kind in ('mae', 'cavmae'):
         return _load_by_name(model, kind, ckpt.get('model', ckpt), name, verbose)
     if kind == 'train':
