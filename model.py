@@ -3,8 +3,8 @@ The CAV-MAE Sync backbone with every pass TG-DP needs: two ViT encoders (audio, 
 learned global token and register tokens, one shared joint layer run three ways (audio-only,
 visual-only, fused) and a joint MAE decoder; parameter names as the official release's. Passes:
 forward (a training step's student work), forward_teacher (full inputs -> global tokens and the
-attention of each patch to them), forward_features (unmasked inference). DiffMAViL's decoder options
-are off by default: diffused_mask_tokens, decoder_attention='cross'.
+attention of each patch to them), forward_features (unmasked inference). DiffMAViL's decoder
+options are off by default: diffused_mask_tokens, decoder_attention='cross'.
 """
 import argparse
 import collections
@@ -692,8 +692,8 @@ def _load_by_name(model, kind, sd, name, verbose):
 def load_weights(model, source, weights='model', verbose=True, name=None):
     """Weights from source (a path or a loaded checkpoint) into a built CAVMAESync, by
     checkpoint_kind: 'train' its `weights` ('model' or 'teacher'), strict; 'official' converted,
-    strict; 'mae', 'cavmae' _load_by_name. Prints what was loaded and what stayed at init (name: the
-    source's, default its path) -> dict(kind, loaded, unused, at_init)."""
+    strict; 'mae', 'cavmae' _load_by_name. Prints what was loaded and what stayed at init (name:
+    the source's name in it, default its path). -> dict(kind, loaded, unused, at_init)."""
     if weights not in ('model', 'teacher'):
         raise ValueError(f"weights must be 'model' or 'teacher', got {weights!r}")
     name = name or (source if isinstance(source, str) else 'checkpoint')
