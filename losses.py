@@ -1,8 +1,7 @@
 """
-The three TG-DP objectives: masked reconstruction (MAE), InfoNCE (symmetric with negatives from
-every rank by default, as the TG-DP release; one direction and one rank's negatives as in the
-CAV-MAE Sync release are settings), and distillation towards the teacher's full-view global
-embeddings.
+The three TG-DP objectives: masked reconstruction (MAE), InfoNCE (by default symmetric with every
+rank's negatives, as the TG-DP release; the CAV-MAE Sync release's one direction and one rank's
+negatives are settings) and distillation towards the teacher's full-view global embeddings.
 """
 import torch
 import torch.distributed as dist
@@ -11,8 +10,7 @@ import torch.nn.functional as F
 
 
 def mae_loss(pred, target, mask, norm_pix=False):
-    """Per-patch MSE averaged over masked patches only. pred, target (B, N, P); mask (B, N),
-    1 = masked. norm_pix: targets normalised per patch (MAE's option)."""
+    """Per-patch MSE, mean over masked patches: pred, target (B, N, P), mask (B, N) 1 = masked."""
     if norm_pix:
         mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
         target = (target - mean) / (var + 1e-6) ** 0.5
@@ -45,8 +43,7 @@ def info_nce(g_a, g_v, temperature=0.05, direction='both', negatives='global'):
         if direction not in ('both', name):
             continue
         all_cands, offset = gather(cands)
-        # positives: the same clip on this rank
-        target = torch.arange(query.shape[0], device=query.device) + offset
+        target = torch.arange(query.shape[0], device=query.device) + offset  # positives: the same clip on this rank
         # fp32 logits: bf16 would round cos / 0.05 by ~0.1
         with torch.autocast(query.device.type, enabled=False):
             logits = query @ all_cands.T / temperature  # (B, world*B) or (B, B)
@@ -57,8 +54,7 @@ def info_nce(g_a, g_v, temperature=0.05, direction='both', negatives='global'):
 
 
 def distill_loss(g_a, g_v, t_a, t_v):
-    """Squared error between student (g) and teacher (t) global embeddings (B, D), mean over batch
-    and features per modality, summed over the two modalities. The mean is this project's decision
-    (TG-DP does not say how the error is averaged): it keeps the loss on the scale of the
-    reconstruction loss."""
+    """Squared error between student (g) and teacher (t) global embeddings (B, D): mean over batch
+    and features, summed over the two modalities. The mean is this project's decision (TG-DP does
+    not say): it keeps the loss on the reconstruction loss's scale."""
     return F.mse_loss(g_a.float(), t_a.float()) + F.mse_loss(g_v.float(), t_v.float())

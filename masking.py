@@ -58,9 +58,8 @@ def guided_keep(priority, mask_ratio):
 
 
 def gumbel_keep(priority, mask_ratio, noise=None):
-    """contrastive_masking='gumbel_proportional' (this project's reading): sample k patches without
-    replacement with probability proportional to priority, by Gumbel-top-k on log-priorities.
-    priority (B, N) > 0, any scale; noise: optional uniform (B, N) noise from the caller."""
+    """contrastive_masking='gumbel_proportional' (this project's reading): Gumbel-top-k draws k
+    patches without replacement, with probability proportional to priority (B, N) > 0, any scale."""
     noise = torch.rand_like(priority) if noise is None else noise
     gumbel = -torch.log(-torch.log(noise.clamp(1e-20, 1.0)))
     k = num_keep(priority.shape[1], mask_ratio)

@@ -46,8 +46,7 @@ class ModelConfig:
         p = self.patch_size
         for name in ('audio_length', 'num_mel_bins', 'img_size'):
             if getattr(self, name) % p:
-                raise ValueError(f'ModelConfig.{name}={getattr(self, name)} is not a multiple of '
-                                 f'patch_size={p}')
+                raise ValueError(f'ModelConfig.{name}={getattr(self, name)} is not a multiple of patch_size={p}')
         if self.embed_dim % self.num_heads or self.decoder_embed_dim % self.decoder_num_heads:
             raise ValueError('embed dims must be divisible by their numbers of heads')
         if self.embed_dim % 4 or self.decoder_embed_dim % 4:
@@ -55,16 +54,14 @@ class ModelConfig:
         if self.joint_depth < 1:
             raise ValueError(f'ModelConfig.joint_depth must be at least 1, got {self.joint_depth}')
         if self.decoder_attention not in ('self', 'cross'):
-            raise ValueError(f"ModelConfig.decoder_attention must be 'self' or 'cross', "
-                             f"got {self.decoder_attention!r}")
+            raise ValueError(f"ModelConfig.decoder_attention must be 'self' or 'cross', got {self.decoder_attention!r}")
 
 
 # -----------------------------------------------------------------------------
 # building blocks
 
 def sincos_pos_embed_2d(dim, grid_h, grid_w):
-    """Fixed 2-D sin-cos embedding (grid_h * grid_w, dim), row-major, as MAE / CAV-MAE: the first
-    half of the channels encodes the column index, the second half the row index."""
+    """2-D sin-cos positions (grid_h * grid_w, dim), row-major, as MAE's: channels code the column, then the row."""
     def sincos_1d(d, pos):  # (M,) -> (M, d)
         omega = 1.0 / 10000 ** (torch.arange(d // 2, dtype=torch.float64) / (d / 2))
         out = pos.double()[:, None] * omega[None]  # (M, d/2)
@@ -182,8 +179,7 @@ class CrossBlock(nn.Module):
     def __init__(self, dim, num_heads, mlp_ratio):
         super().__init__()
         self.num_heads = num_heads
-        self.norm_q = nn.LayerNorm(dim)
-        self.norm_kv = nn.LayerNorm(dim)
+        self.norm_q, self.norm_kv = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.q = nn.Linear(dim, dim)
         self.kv = nn.Linear(dim, dim * 2)
         self.proj = nn.Linear(dim, dim)
@@ -204,7 +200,6 @@ class CrossBlock(nn.Module):
 # the model
 
 class CAVMAESync(nn.Module):
-
     def __init__(self, config, decoder=True):
         """decoder=False builds the encoder-only model used as the EMA teacher."""
         super().__init__()
@@ -214,25 +209,19 @@ class CAVMAESync(nn.Module):
         self.grid_v = (c.img_size // p, c.img_size // p)
         self.num_patches_a = self.grid_a[0] * self.grid_a[1]
         self.num_patches_v = self.grid_v[0] * self.grid_v[1]
-        self.patch_embed_a = PatchEmbed(1, D, p)
-        self.patch_embed_v = PatchEmbed(3, D, p)
+        self.patch_embed_a, self.patch_embed_v = PatchEmbed(1, D, p), PatchEmbed(3, D, p)
         self.register_buffer('pos_embed_a', sincos_pos_embed_2d(D, *self.grid_a)[None])  # 1, Na, D
         self.register_buffer('pos_embed_v', sincos_pos_embed_2d(D, *self.grid_v)[None])  # 1, Nv, D
-        self.modality_a = nn.Parameter(torch.zeros(1, 1, D))
-        self.modality_v = nn.Parameter(torch.zeros(1, 1, D))
+        self.modality_a, self.modality_v = nn.Parameter(torch.zeros(1, 1, D)), nn.Parameter(torch.zeros(1, 1, D))
         if c.global_token:  # the official name for the global token is cls_token
-            self.cls_token_a = nn.Parameter(torch.zeros(1, 1, D))
-            self.cls_token_v = nn.Parameter(torch.zeros(1, 1, D))
+            self.cls_token_a, self.cls_token_v = nn.Parameter(torch.zeros(1, 1, D)), nn.Parameter(torch.zeros(1, 1, D))
         if c.num_registers:  # first audio, then visual
             self.register_tokens = nn.Parameter(torch.zeros(2 * c.num_registers, D))
         blocks = lambda n, joint=False: nn.ModuleList(  # noqa: E731
             [Block(D, c.num_heads, c.mlp_ratio, joint) for _ in range(n)])
-        self.blocks_a = blocks(c.modality_depth)
-        self.blocks_v = blocks(c.modality_depth)
+        self.blocks_a, self.blocks_v = blocks(c.modality_depth), blocks(c.modality_depth)
         self.blocks_u = blocks(c.joint_depth, joint=True)
-        self.norm_a = nn.LayerNorm(D)
-        self.norm_v = nn.LayerNorm(D)
-        self.norm = nn.LayerNorm(D)
+        self.norm_a, self.norm_v, self.norm = nn.LayerNorm(D), nn.LayerNorm(D), nn.LayerNorm(D)
         self.has_decoder = decoder
         if decoder:
             self._build_decoder()
@@ -251,12 +240,10 @@ class CAVMAESync(nn.Module):
         self.decoder_blocks = nn.ModuleList([block(Dd, c.decoder_num_heads, c.mlp_ratio)
                                              for _ in range(c.decoder_depth)])
         if c.diffused_mask_tokens:  # only when on: the default state dict stays the official one
-            self.decoder_noise_embed_a = nn.Linear(p * p, Dd)
-            self.decoder_noise_embed_v = nn.Linear(p * p * 3, Dd)
+            self.decoder_noise_embed_a, self.decoder_noise_embed_v = nn.Linear(p * p, Dd), nn.Linear(p * p * 3, Dd)
             self.register_buffer('alpha_bar', diffusion_alpha_bar(), persistent=False)  # (T,)
         self.decoder_norm = nn.LayerNorm(Dd)
-        self.decoder_pred_a = nn.Linear(Dd, p * p)
-        self.decoder_pred_v = nn.Linear(Dd, p * p * 3)
+        self.decoder_pred_a, self.decoder_pred_v = nn.Linear(Dd, p * p), nn.Linear(Dd, p * p * 3)
 
     def _init_weights(self):
         """As the releases: xavier for linear layers and patch filters, N(0, 0.02) for the global,
@@ -350,45 +337,33 @@ class CAVMAESync(nn.Module):
         """The teacher's joint pass, joint(x, modality, tokens=False) -> (embedding (B, D),
         attention weights (B, H, N, N) of the last joint block): the one explicit attention."""
         if not self.config.global_token:
-            raise ValueError('teacher-guided masking needs global_token=True '
-                             '(priorities are attention to the global token)')
+            raise ValueError('teacher-guided masking needs global_token=True (priorities: attention to it)')
         for blk in self.blocks_u[:-1]:
             x = blk(x, modality)
         x, attn = self.blocks_u[-1].forward_with_attention(x, modality, n_out=1)  # (B, 1, D)
         return (self.norm_a if modality == 'a' else self.norm_v)(x[:, 0]), attn
 
-    def global_embeddings(self, enc_a, enc_v):
-        """Encodings -> (g_a, g_v) (B, D) each: the joint layer's audio and visual passes."""
-        return self.joint(enc_a, 'a', tokens=False)[0], self.joint(enc_v, 'v', tokens=False)[0]
-
     # --- decoder -----------------------------------------------------------------
 
-    def fused_decode(self, enc_a, enc_v, keep_a, keep_v, patches_a=None, patches_v=None,
-                     diffusion=None):
+    def fused_decode(self, enc_a, enc_v, keep_a, keep_v, patches_a=None, patches_v=None, diffusion=None):
         """Fused joint pass over both modalities' visible patches, then the decoder: enc_a (B, [1 +]
         ka, D), keep_a (B, ka) -> predictions (B, Na, p*p), (B, Nv, p*p*3) (the cross decoder:
         zeros at the visible ones). patches_a, patches_v, diffusion: for mask_tokens."""
-        # fused joint pass over both modalities' visible patch tokens, into the decoder's width
         G = int(self.config.global_token)
-        xa, xv = enc_a[:, G:], enc_v[:, G:]  # (B, ka, D), (B, kv, D)
-        x = torch.cat([xa, xv], dim=1)  # (B, ka + kv, D)
+        x = torch.cat([enc_a[:, G:], enc_v[:, G:]], dim=1)  # visible patch tokens (B, ka + kv, D)
         for blk in self.blocks_u:
             x = blk(x, 'av')
         x = self.decoder_embed(self.norm(x))  # (B, ka + kv, Dd)
-        # decoder input: visible latents at their positions, mask tokens (or DiffMAViL's diffused
-        # patches) at the masked ones, plus fixed positions and the modality
+        # decoder input: visible latents at keep, mask tokens (DiffMAViL: noised patches) elsewhere
         fill_a, fill_v = self.mask_tokens(x.shape[0], patches_a, patches_v, diffusion)  # (B, N, Dd)
-        ka = xa.shape[1]
-        a = masking.place(x[:, :ka], keep_a, fill_a)  # (B, Na, Dd)
-        a = a + self.decoder_pos_embed_a + self.decoder_modality_a
-        v = masking.place(x[:, ka:], keep_v, fill_v)  # (B, Nv, Dd)
-        v = v + self.decoder_pos_embed_v + self.decoder_modality_v
-        # decoder: per modality, masked queries on visible latents (DiffMAViL), or one
-        # self-attention over all positions of both modalities (CAV-MAE Sync)
+        ka = keep_a.shape[1]
+        a = masking.place(x[:, :ka], keep_a, fill_a) + self.decoder_pos_embed_a + self.decoder_modality_a
+        v = masking.place(x[:, ka:], keep_v, fill_v) + self.decoder_pos_embed_v + self.decoder_modality_v
+        # decoder: masked queries on visible latents (DiffMAViL), or self-attention (CAV-MAE Sync)
         if self.config.decoder_attention == 'cross':
             return (self.cross_decode(a, keep_a, self.decoder_pred_a),
                     self.cross_decode(v, keep_v, self.decoder_pred_v))
-        x = torch.cat([a, v], dim=1)  # (B, Na + Nv, Dd)
+        x = torch.cat([a, v], dim=1)  # all positions of both modalities (B, Na + Nv, Dd)
         for blk in self.decoder_blocks:
             x = blk(x)
         x = self.decoder_norm(x)
@@ -402,16 +377,14 @@ class CAVMAESync(nn.Module):
         if not self.config.diffused_mask_tokens:
             if diffusion is not None:
                 raise ValueError('diffusion noise given, but diffused_mask_tokens is off')
-            Dd = self.config.decoder_embed_dim
-            return (self.mask_token.expand(B, self.num_patches_a, Dd),
-                    self.mask_token.expand(B, self.num_patches_v, Dd))
+            return (self.mask_token.expand(B, self.num_patches_a, -1),
+                    self.mask_token.expand(B, self.num_patches_v, -1))
         if patches_a is None or patches_v is None:
             raise ValueError('diffused_mask_tokens needs the raw patches patches_a and patches_v')
         # decision: one t per clip for all its patches and both modalities (DiffMAViL: per sample);
         # every patch is noised and projected (simpler), the visible ones are then overwritten
         if diffusion is None:
-            B, T = patches_a.shape[0], self.alpha_bar.shape[0]
-            t = torch.randint(1, T + 1, (B,), device=patches_a.device)
+            t = torch.randint(1, self.alpha_bar.shape[0] + 1, (B,), device=patches_a.device)
             eps_a, eps_v = torch.randn_like(patches_a), torch.randn_like(patches_v)
         else:
             t, eps_a, eps_v = diffusion
@@ -435,16 +408,13 @@ class CAVMAESync(nn.Module):
 
     # --- the passes ------------------------------------------------------------------
 
-    def forward(self, audio, image, keep_a, keep_v, con_keep_a=None, con_keep_v=None,
-                diffusion=None):
+    def forward(self, audio, image, keep_a, keep_v, con_keep_a=None, con_keep_v=None, diffusion=None):
         """A training step's student work, one call so that DDP sees one forward. audio (B, L, F),
-        image (B, 3, H, W); keep_a (B, ka), keep_v (B, kv): the reconstruction view's visible
-        patches (made outside: a mask-ratio curriculum changes one dynamic size under compile);
+        image (B, 3, H, W); keep_a (B, ka), keep_v (B, kv): the reconstruction view's visible patches;
         con_keep_a, con_keep_v: the contrastive view (TG-DP), None for CAV-MAE Sync's single view.
         -> dict(loss, loss_a, loss_v, pred_a, pred_v, mask_a, mask_v (1 = masked), g_a, g_v)."""
         if (con_keep_a is None) != (con_keep_v is None):
-            raise ValueError('forward: give the contrastive view of both modalities (con_keep_a '
-                             'and con_keep_v) or neither')
+            raise ValueError('forward: the contrastive view of both modalities (con_keep_a, con_keep_v), or neither')
         # 1. embed the patches, once per modality: every view gathers from them
         emb_a, emb_v = self.embed_audio(audio), self.embed_image(image)  # (B, Na, D), (B, Nv, D)
         # 2. encoders on the visible patches
@@ -467,7 +437,7 @@ class CAVMAESync(nn.Module):
         loss_a = mae_loss(pred_a, patches_a, mask_a, self.config.norm_pix_loss)
         loss_v = mae_loss(pred_v, patches_v, mask_v, self.config.norm_pix_loss)
         # 5. global tokens: the joint layer's audio and visual passes on the contrastive view
-        g_a, g_v = self.global_embeddings(con_a, con_v)  # (B, D) each
+        g_a, g_v = self.joint(con_a, 'a', tokens=False)[0], self.joint(con_v, 'v', tokens=False)[0]  # (B, D)
         return dict(loss=loss_a + loss_v, loss_a=loss_a, loss_v=loss_v, pred_a=pred_a,
                     pred_v=pred_v, mask_a=mask_a, mask_v=mask_v, g_a=g_a, g_v=g_v)
 
@@ -505,11 +475,10 @@ def cross_block_flops(nq, nk, dim, mlp_ratio):
 
 
 def forward_flops(c, mask_ratio, passes):
-    """Forward FLOPs per clip of each module for one kind of pass: 'reconstruction' (masked
-    encoders, fused joint pass, decoder), 'sync' (the same plus the joint audio/visual passes),
-    'contrastive' (masked encoders, joint audio/visual passes: forward's second view), 'full'
-    (forward_features), 'teacher' (forward_teacher). The embedding-only passes ('sync',
-    'contrastive', 'teacher') skip the patch tokens' outputs in the last joint block."""
+    """Forward FLOPs per clip of each module for a pass: 'reconstruction' (masked encoders, fused
+    joint pass, decoder), 'sync' (plus the joint audio/visual passes), 'contrastive' (masked
+    encoders, joint audio/visual passes: forward's second view), 'full' (forward_features),
+    'teacher' (forward_teacher); embedding-only passes skip the last joint block's patch outputs."""
     p, D, Dd, r = c.patch_size, c.embed_dim, c.decoder_embed_dim, c.mlp_ratio
     Na, Nv = (c.num_mel_bins // p) * (c.audio_length // p), (c.img_size // p) ** 2
     full = passes in ('full', 'teacher')  # unmasked
@@ -517,8 +486,7 @@ def forward_flops(c, mask_ratio, passes):
     kv = Nv if full else masking.num_keep(Nv, mask_ratio)
     G, R = int(c.global_token), c.num_registers
     out = {'patch_embed': 2 * (Na * p * p + Nv * 3 * p * p) * D}  # all embedded, then gathered
-    out['encoders'] = c.modality_depth * (block_flops(G + ka + R, D, r)
-                                          + block_flops(G + kv + R, D, r))
+    out['encoders'] = c.modality_depth * (block_flops(G + ka + R, D, r) + block_flops(G + kv + R, D, r))
     if passes in ('reconstruction', 'sync'):
         out['joint_fused'] = c.joint_depth * block_flops(ka + kv, D, r)
         Pa, Pv = p * p, p * p * 3  # patch sizes: prediction heads' (and noise projections') widths
@@ -526,8 +494,7 @@ def forward_flops(c, mask_ratio, passes):
             blocks = cross_block_flops(Na - ka, ka, Dd, r) + cross_block_flops(Nv - kv, kv, Dd, r)
             out['decoder'] = c.decoder_depth * blocks + 2 * ((Na - ka) * Pa + (Nv - kv) * Pv) * Dd
         else:
-            out['decoder'] = (c.decoder_depth * block_flops(Na + Nv, Dd, r)
-                              + 2 * (Na * Pa + Nv * Pv) * Dd)
+            out['decoder'] = c.decoder_depth * block_flops(Na + Nv, Dd, r) + 2 * (Na * Pa + Nv * Pv) * Dd
         out['decoder'] += 2 * (ka + kv) * D * Dd  # decoder_embed on the visible latents
         if c.diffused_mask_tokens:
             out['decoder'] += 2 * (Na * Pa + Nv * Pv) * Dd  # decoder_noise_embed_a/v on every patch
@@ -585,8 +552,7 @@ def ema_update(teacher, student, momentum):
 # loading weights: load_weights is the one entry point, for train.py (init_from) and evaluate.py
 # (load_model), for every layout: train.py checkpoints, the releases, CAV-MAE files, ImageNet MAE
 
-_UNUSED_NORM = re.compile(
-    r'^(blocks_a|blocks_v|decoder_blocks)\.\d+\.norm[12]_[av]\.(weight|bias)$')
+_UNUSED_NORM = re.compile(r'^(blocks_a|blocks_v|decoder_blocks)\.\d+\.norm[12]_[av]\.(weight|bias)$')
 _FIXED_POSITIONS = re.compile(r'^(decoder_)?pos_embed_[av]$')  # sin-cos buffers here
 KIND_NAMES = {'train': 'train.py checkpoint', 'official': 'official CAV-MAE Sync / TG-DP release',
               'cavmae': "CAV-MAE layout (e.g. the releases' ori_mae_11_for_pretrain.pth)",
@@ -602,14 +568,12 @@ def read_checkpoint(path):
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:
-        raise ValueError(f'{path}: cannot be read as a checkpoint of tensors '
-                         f'({type(e).__name__}: {e})') from e
+        raise ValueError(f'{path}: cannot be read as a checkpoint of tensors ({type(e).__name__}: {e})') from e
 
 
 def convert_official_state_dict(sd, config=None):
-    """Official CAV-MAE Sync / TG-DP state dict -> CAVMAESync(config or ModelConfig())'s: the
-    audio/visual LayerNorm pairs outside the joint blocks are dropped (no pass uses them); another
-    unknown key, or a missing one, is an error naming it."""
+    """Official CAV-MAE Sync / TG-DP state dict -> CAVMAESync(config)'s, less the unused
+    audio/visual LayerNorms outside the joint blocks; another unknown or missing key is an error."""
     with torch.device('meta'):
         expected = CAVMAESync(config or ModelConfig()).state_dict()
     out = {}
@@ -653,16 +617,13 @@ def _summary(names):  # block indices folded, 'decoder_blocks.* (12)', so that a
 
 
 def _mae_mapping(sd, c):
-    """ImageNet MAE ViT weights -> {model name: (MAE key, tensor)}, as CAV-MAE's
-    adapt_vmae_weights.py builds the file CAV-MAE, CAV-MAE Sync and TG-DP start from: the first
-    blocks into both encoders, the next into the joint layer (its norms copied to all three pairs),
-    the audio patch filter the SUM of the RGB ones, the audio head decoder_pred's first p*p rows.
-    pos_embed and decoder_pos_embed are not used (the same sin-cos values are fixed here)."""
+    """ImageNet MAE ViT weights -> {name: (MAE key, tensor)}, as CAV-MAE's adapt_vmae_weights.py
+    builds the file CAV-MAE (Sync) and TG-DP start from: the first blocks into both encoders, the
+    next into the joint layer (its norms copied to all three pairs), the audio patch filter the SUM
+    of the RGB ones, the audio head decoder_pred's first p*p rows. MAE's pos_embed: unused."""
     out = {}
-
     def put(key, value, *names):
         out.update({name: (key, value) for name in names})
-
     for key, value in sd.items():
         block = re.match(r'(decoder_)?blocks\.(\d+)\.(.*)$', key)
         if block and block.group(1):  # decoder blocks: the same names in the self-attention decoder
@@ -742,8 +703,7 @@ def load_weights(model, source, weights='model', verbose=True, name=None):
     except ValueError as e:
         raise ValueError(f'{name}: {e}') from None
     if weights == 'teacher' and kind != 'train':
-        raise ValueError(f'{name}: an {KIND_NAMES[kind]} has no teacher weights '
-                         '(only train.py checkpoints keep the EMA teacher)')
+        raise ValueError(f'{name}: an {KIND_NAMES[kind]} has no teacher weights (only train.py checkpoints do)')
     if kind in ('mae', 'cavmae'):
         return _load_by_name(model, kind, ckpt.get('model', ckpt), name, verbose)
     if kind == 'train':

@@ -36,7 +36,7 @@ def contrastive_embeddings(m, a, v, keep_a, keep_v):
     """g_a, g_v of a view alone: its own encoder pass, the joint audio / visual passes."""
     enc_a = m.encode(masking.gather(m.embed_audio(a), keep_a), 'a')
     enc_v = m.encode(masking.gather(m.embed_image(v), keep_v), 'v')
-    return m.global_embeddings(enc_a, enc_v)
+    return m.joint(enc_a, 'a', tokens=False)[0], m.joint(enc_v, 'v', tokens=False)[0]
 
 
 # --- shapes and size -------------------------------------------------------------
