@@ -75,8 +75,7 @@ def frame_vectors(model, audio, image, embedding='joint'):
       register  the mean of the encoders' register outputs (CAVMAEFT drops them)"""
     c = model.config
     if embedding == 'joint':
-        g_a, g_v, _, _ = model.forward_features(audio, image, tokens=False)  # (B, D) each
-        return g_a, g_v
+        return model.forward_features(audio, image, tokens=False)[:2]  # g_a, g_v (B, D) each
     lacks = {'global': not c.global_token, 'patch': False, 'register': not c.num_registers}
     if lacks.get(embedding, True):
         raise ValueError(f'--probe_input {embedding!r}: not one of {PROBE_INPUTS} this model has '
@@ -94,8 +93,7 @@ def frame_vectors(model, audio, image, embedding='joint'):
 
 
 @torch.no_grad()
-def extract_features(model, dataset, batch_size=8, device='cpu', num_workers=0, dtype='float32',
-                     embedding='joint'):
+def extract_features(model, dataset, batch_size=8, device='cpu', num_workers=0, dtype='float32', embedding='joint'):
     """frame_vectors of every clip (batch_size clips x T frames per forward, autocast to dtype) ->
     dict(g_a, g_v (N, T, D) float32 on CPU, labels (N, C), ids [N], class_names [C], embedding)."""
     was_training = model.training
@@ -128,9 +126,8 @@ def _stamp(path, shards=False):
     return [os.path.abspath(path), st.st_size, st.st_mtime_ns]
 
 
-def features_for(ckpt, data_json, label_csv=None, weights='model', embedding='joint',
-                 num_frames=16, cache=None, get_model=None, dtype='float32', batch_size=8,
-                 device='cpu', num_workers=0):
+def features_for(ckpt, data_json, label_csv=None, weights='model', embedding='joint', num_frames=16, cache=None,
+                 get_model=None, dtype='float32', batch_size=8, device='cpu', num_workers=0):
     """extract_features of ckpt's `weights` on data_json (+ 'model_args'), through the cache
     directory when given (keyed by the files and settings); get_model() only when needed."""
     stamps = [_stamp(ckpt), weights, _stamp(data_json, shards=True),
@@ -170,8 +167,7 @@ def similarity(query, candidates, strategy='diag_mean', max_elements=2 ** 26):
     if strategy not in STRATEGIES:
         raise ValueError(f'unknown strategy {strategy!r}; choose from {STRATEGIES}')
     if query.dim() != 3 or candidates.dim() != 3 or query.shape[1:] != candidates.shape[1:]:
-        raise ValueError(f'expected (N, T, D) and (M, T, D), got {tuple(query.shape)} and '
-                         f'{tuple(candidates.shape)}')
+        raise ValueError(f'expected (N, T, D) and (M, T, D), got {tuple(query.shape)} and {tuple(candidates.shape)}')
     q = F.normalize(query.float(), dim=-1)  # (N, T, D): dot products are now cosines
     c = F.normalize(candidates.float(), dim=-1)  # (M, T, D)
     N, T, D = q.shape
@@ -222,13 +218,11 @@ def retrieval(features, strategies=('diag_mean',), device='cpu'):
 
 def print_table(header, rows, left=1):
     """Rows as an aligned table: floats with one decimal, the first `left` columns left-aligned."""
-    cells = [[f'{x:.1f}' if isinstance(x, float) else str(x) for x in row]
-             for row in [header] + rows]
+    cells = [[f'{x:.1f}' if isinstance(x, float) else str(x) for x in row] for row in [header] + rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
     cells.insert(1, ['-' * w for w in widths])  # the rule under the header
     for row in cells:
-        print('  '.join(c.rjust(w) if i >= left else c.ljust(w)
-                        for i, (c, w) in enumerate(zip(row, widths))))
+        print('  '.join(c.rjust(w) if i >= left else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))))
 
 
 # -----------------------------------------------------------------------------
@@ -307,13 +301,6 @@ def probe_metric(logits, targets, multilabel):
     return 100.0 * (logits.argmax(dim=1) == targets.argmax(dim=1)).double().mean().item()
 
 
-def label_type_from_csv(label_csv):
-    """'multi' (BCE, mAP) if every id of the label CSV is an AudioSet ontology id, else 'single'."""
-    mid_to_index, _ = data.read_label_csv(label_csv)
-    audioset = all(mid.startswith(('/m/', '/g/', '/t/')) for mid in mid_to_index)
-    return 'multi' if audioset else 'single'
-
-
 def class_balanced_weights(labels):
     """Per-clip sampling weights (N,) as CAV-MAE's gen_weight_file.py, summed over its classes."""
     positive = (labels > 0).double()  # (N, C)
@@ -350,15 +337,13 @@ class AugmentedClips(torch.utils.data.Dataset):
             other = ds.clips[(index + rng.integers(1, len(ds))) % len(ds)]  # never the clip itself
             lam = float(rng.beta(10, 10))
             wav2, image2 = data.eval_inputs(other, ds.img_size, ds.num_frames)
-            n = len(wav)
-            wav2 = wav2[:n] if len(wav2) >= n else F.pad(wav2, (0, n - len(wav2)))
+            wav2 = F.pad(wav2, (0, len(wav) - len(wav2)))  # cut or zero-padded to wav's length
             wav = lam * wav + (1 - lam) * wav2
             wav = wav - wav.mean()
             image = lam * image + (1 - lam) * image2
             label = lam * label + (1 - lam) * data.multi_hot(other['classes'], ds.num_classes)
         wav = torch.roll(wav, int(rng.integers(-data.MAX_TIME_SHIFT, data.MAX_TIME_SHIFT + 1)))
-        audio = data.eval_segments(wav, ds.num_frames, ds.audio_length,
-                                   ds.num_mel_bins)  # (T, L, F)
+        audio = data.eval_segments(wav, ds.num_frames, ds.audio_length, ds.num_mel_bins)  # (T, L, F)
         return dict(audio=audio, image=image, label=label, id=clip['id'])
 
 
@@ -397,8 +382,7 @@ def train_probe(train_x, train_y, eval_x, eval_y, multilabel, lr, epochs, batch_
     train_x = None if train_x is None else train_x.to(device)  # frozen features: moved once
     train_y, N = train_y.float().to(device), len(train_y)
     probe = AttentionProbe(eval_x.shape[-1], train_y.shape[1], num_heads).to(device)
-    optimizer = torch.optim.Adam(probe.parameters(), lr=lr, betas=(0.95, 0.999),
-                                 weight_decay=weight_decay)
+    optimizer = torch.optim.Adam(probe.parameters(), lr=lr, betas=(0.95, 0.999), weight_decay=weight_decay)
     total = epochs * -(-N // batch_size)  # optimiser steps
     warmup = max(1, round(warmup_frac * total))
     lr_at = functools.partial(warmup_cosine, total=total, warmup=warmup, start=lr, end=min_lr)
@@ -425,8 +409,7 @@ def train_probe(train_x, train_y, eval_x, eval_y, multilabel, lr, epochs, batch_
             total_loss += loss.item() * len(x)
             step += 1
         metric = probe_metric(_probe_scores(probe, eval_x, device), eval_y, multilabel)
-        history.append(dict(epoch=epoch, lr=lr_at(step - 1), loss=total_loss / N,
-                            **{metric_name: metric}))
+        history.append(dict(epoch=epoch, lr=lr_at(step - 1), loss=total_loss / N, **{metric_name: metric}))
         if epoch >= wa_start:  # running sum of end-of-epoch weights
             sd = {k: v.detach().clone().float() for k, v in probe.state_dict().items()}
             wa_sum = sd if wa_sum is None else {k: wa_sum[k] + sd[k] for k in sd}
@@ -440,24 +423,25 @@ def train_probe(train_x, train_y, eval_x, eval_y, multilabel, lr, epochs, batch_
 # command line
 
 def cmd_retrieval(args):
-    feats = features_for(args.ckpt, args.data, args.label_csv, args.weights, 'joint',
-                         args.num_frames, args.cache, None, args.dtype, args.batch_size,
-                         args.device, args.num_workers)
+    feats = features_for(args.ckpt, args.data, args.label_csv, args.weights, 'joint', args.num_frames, args.cache,
+                         None, args.dtype, args.batch_size, args.device, args.num_workers)
     N, T, D = feats['g_a'].shape
     t0 = time.time()
     results = retrieval(feats, args.strategy, args.device)
     print(f'\nzero-shot retrieval, {N} clips x {T} frames, scored in {time.time() - t0:.2f} s')
-    rows = [[s, d, m['R@1'], m['R@5'], m['R@10'], m['MedR']]
-            for s, r in results.items() for d, m in r.items()]
+    rows = [[s, d, m['R@1'], m['R@5'], m['R@10'], m['MedR']] for s, r in results.items() for d, m in r.items()]
     print_table(['strategy', 'direction', 'R@1', 'R@5', 'R@10', 'MedR'], rows, left=2)
     return dict(ckpt=args.ckpt, weights=args.weights, data=args.data, num_clips=N, num_frames=T,
                 dtype=args.dtype, results=results)
 
 
 def probe_settings(label_csv, label_type, balanced, train_labels, eval_labels):
-    """(multilabel, balanced). 'auto': the task from the label CSV, and class-balanced sampling for
-    single-label sets only (VGGSound yes, AS-20K no, as the supplements)."""
-    task = label_type_from_csv(label_csv) if label_type == 'auto' else label_type
+    """(multilabel, balanced). 'auto': multi-label (BCE, mAP) if every id of the label CSV is an AudioSet
+    ontology id; class-balanced sampling for single-label sets only (VGGSound yes, AS-20K no, as the supplements)."""
+    task = label_type
+    if label_type == 'auto':
+        mids = data.read_label_csv(label_csv)[0]
+        task = 'multi' if all(mid.startswith(('/m/', '/g/', '/t/')) for mid in mids) else 'single'
     if task == 'single':
         for name, labels in (('--train', train_labels), ('--eval', eval_labels)):
             several = int((labels.sum(1) > 1).sum())
@@ -534,8 +518,7 @@ def cmd_probe(args):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest='command', required=True)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument('--ckpt', required=True, help='train.py checkpoint or official release')

@@ -321,11 +321,14 @@ def write_label_csv(path, mids):
 
 
 def test_label_type_comes_from_the_label_csv(shared_dir, tmp_path):
-    assert evaluate.label_type_from_csv(os.path.join(shared_dir, 'data', 'class_labels_indices_as.csv')) == 'multi'
-    assert evaluate.label_type_from_csv(os.path.join(shared_dir, 'data', 'class_labels_indices_vgg.csv')) == 'single'
-    assert evaluate.label_type_from_csv(write_label_csv(tmp_path / 'syn.csv', ['syn_0', 'syn_1'])) == 'single'
-    audioset = write_label_csv(tmp_path / 'as.csv', ['/m/09x0r', '/t/dd00004', '/g/122z_qxw'])
     one_label_each = torch.eye(3)  # a multi-label set whose clips carry one label each
+
+    def multilabel(label_csv):  # --label_type auto: the task from the label CSV's ids
+        return evaluate.probe_settings(label_csv, 'auto', 'no', one_label_each, one_label_each)[0]
+    assert multilabel(os.path.join(shared_dir, 'data', 'class_labels_indices_as.csv')) is True
+    assert multilabel(os.path.join(shared_dir, 'data', 'class_labels_indices_vgg.csv')) is False
+    assert multilabel(write_label_csv(tmp_path / 'syn.csv', ['syn_0', 'syn_1'])) is False
+    audioset = write_label_csv(tmp_path / 'as.csv', ['/m/09x0r', '/t/dd00004', '/g/122z_qxw'])
     assert evaluate.probe_settings(audioset, 'auto', 'auto', one_label_each, one_label_each) == (True, False)
     vgg = write_label_csv(tmp_path / 'vgg.csv', ['vgg_0', 'vgg_1', 'vgg_2'])
     assert evaluate.probe_settings(vgg, 'auto', 'auto', one_label_each, one_label_each) == (False, True)
