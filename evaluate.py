@@ -39,8 +39,7 @@ PROBE_INPUTS = ('global', 'patch', 'register', 'joint')
 # model, data and features
 
 def load_model(ckpt_path, device='cpu', weights='model'):
-    """A train.py checkpoint or an official CAV-MAE Sync / TG-DP release -> CAVMAESync in eval mode,
-    loaded as train.py's init_from. 'teacher': the EMA teacher, built without a decoder (strict)."""
+    """A train.py checkpoint or official release -> CAVMAESync in eval mode; 'teacher': the EMA teacher, no decoder."""
     if weights not in ('model', 'teacher'):
         raise ValueError(f"weights must be 'model' or 'teacher', got {weights!r}")
     ckpt = read_checkpoint(ckpt_path)
@@ -180,9 +179,8 @@ def similarity(query, candidates, strategy='diag_mean', max_elements=2 ** 26):
     if strategy == 'diag_max':
         c_t = c.permute(1, 2, 0).contiguous()  # (T, D, M)
         step = max(1, max_elements // (T * M))
-        for i in range(0, N, step):
-            scores = torch.bmm(q[i:i + step].transpose(0, 1), c_t)  # (T, n, M)
-            out[i:i + step] = scores.amax(dim=0)  # (n, M)
+        for i in range(0, N, step):  # scores (T, n, M) -> their max over t (n, M)
+            out[i:i + step] = torch.bmm(q[i:i + step].transpose(0, 1), c_t).amax(dim=0)
         return out
     c_flat = c.reshape(M * T, D).T  # (D, M*T)  block_max: every frame against every frame
     step = max(1, max_elements // (T * M * T))
@@ -218,7 +216,7 @@ def retrieval(features, strategies=('diag_mean',), device='cpu'):
 
 def print_table(header, rows, left=1):
     """Rows as an aligned table: floats with one decimal, the first `left` columns left-aligned."""
-    cells = [[f'{x:.1f}' if isinstance(x, float) else str(x) for x in row] for row in [header] + rows]
+    cells = [[f'{x:.1f}' if isinstance(x, float) else str(x) for x in r] for r in [header] + rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
     cells.insert(1, ['-' * w for w in widths])  # the rule under the header
     for row in cells:
@@ -247,13 +245,6 @@ def average_precisions(scores, targets):
     return (precision * pos).sum(dim=0) / pos.sum(dim=0).clamp(min=1)  # (C,), 0 without positives
 
 
-def mean_average_precision(scores, targets):
-    """mAP (percent) over every class, one without positives counting 0 (CAV-MAE's stats.py)."""
-    if not (targets > 0).any():
-        raise ValueError('no class has a positive: mAP is undefined')
-    return 100.0 * average_precisions(scores, targets).mean().item()
-
-
 class AttentionProbe(nn.Module):
     """The CAV-MAE Sync probe: a learned CLS token prepended to the T frame vectors (no positional
     embedding), 2 pre-norm transformer layers, LayerNorm, linear head on the CLS output."""
@@ -263,10 +254,8 @@ class AttentionProbe(nn.Module):
         if dim % num_heads:
             raise ValueError(f'probe width {dim} is not divisible by num_heads={num_heads}')
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
-        self.blocks = nn.ModuleList([
-            nn.TransformerEncoderLayer(dim, num_heads, int(dim * mlp_ratio), dropout=0.0,
-                                       activation='gelu', batch_first=True, norm_first=True)
-            for _ in range(depth)])
+        self.blocks = nn.ModuleList([nn.TransformerEncoderLayer(dim, num_heads, int(dim * mlp_ratio), dropout=0.0,
+                                     activation='gelu', batch_first=True, norm_first=True) for _ in range(depth)])
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, num_classes)
         nn.init.normal_(self.cls_token, std=0.02)
@@ -290,15 +279,17 @@ def probe_inputs(features, modality='av'):
 @torch.no_grad()
 def _probe_scores(probe, x, device, batch_size=256):
     probe.eval()
-    return torch.cat([probe(x[i:i + batch_size].to(device)).float().cpu()
-                      for i in range(0, len(x), batch_size)])
+    return torch.cat([probe(x[i:i + batch_size].to(device)).float().cpu() for i in range(0, len(x), batch_size)])
 
 
 def probe_metric(logits, targets, multilabel):
-    """mAP (percent) of sigmoid scores for multi-label data, else top-1 accuracy (percent)."""
-    if multilabel:
-        return mean_average_precision(logits.sigmoid(), targets)
-    return 100.0 * (logits.argmax(dim=1) == targets.argmax(dim=1)).double().mean().item()
+    """Top-1 accuracy (percent), or multi-label: the mAP (percent) of the sigmoid scores over every
+    class, one without positives counting 0 (CAV-MAE's stats.py)."""
+    if not multilabel:
+        return 100.0 * (logits.argmax(dim=1) == targets.argmax(dim=1)).double().mean().item()
+    if not (targets > 0).any():
+        raise ValueError('no class has a positive: mAP is undefined')
+    return 100.0 * average_precisions(logits.sigmoid(), targets).mean().item()
 
 
 def class_balanced_weights(labels):
@@ -321,8 +312,7 @@ class AugmentedClips(torch.utils.data.Dataset):
     the waveform then rolls by up to data.MAX_TIME_SHIFT (the pretraining shift)."""
 
     def __init__(self, dataset, order, epoch, seed=0, mixup=0.5):
-        self.dataset, self.order, self.epoch = dataset, order.tolist(), epoch
-        self.seed, self.mixup = seed, mixup
+        self.dataset, self.order, self.epoch, self.seed, self.mixup = dataset, order.tolist(), epoch, seed, mixup
 
     def __len__(self):
         return len(self.order)
@@ -355,8 +345,7 @@ def mixed_cached_batches(train_x, train_y, order, batch_size, mixup, gen, beta):
         x, y = train_x[idx], train_y[idx]  # (B, T, dim), (B, C)
         if mixup > 0:
             B = len(idx)
-            partner = (idx + torch.randint(1, N, (B,), generator=gen)) % N  # not the clip itself
-            partner = partner.to(x.device)  # (B,)
+            partner = ((idx + torch.randint(1, N, (B,), generator=gen)) % N).to(x.device)  # (B,), never the clip
             mixed = torch.rand(B, generator=gen) < mixup
             lam = torch.where(mixed, beta.sample((B,)), torch.ones(B)).to(x.device)  # (B,)
             x = lam[:, None, None] * x + (1 - lam[:, None, None]) * train_x[partner]
@@ -436,7 +425,7 @@ def cmd_retrieval(args):
 
 
 def probe_settings(label_csv, label_type, balanced, train_labels, eval_labels):
-    """(multilabel, balanced). 'auto': multi-label (BCE, mAP) if every id of the label CSV is an AudioSet
+    """(multilabel, balanced). 'auto': multi-label (BCE, mAP) if every label CSV id is an AudioSet
     ontology id; class-balanced sampling for single-label sets only (VGGSound yes, AS-20K no, as the supplements)."""
     task = label_type
     if label_type == 'auto':
