@@ -345,7 +345,7 @@ def mixed_cached_batches(train_x, train_y, order, batch_size, mixup, gen, beta):
         x, y = train_x[idx], train_y[idx]  # (B, T, dim), (B, C)
         if mixup > 0:
             B = len(idx)
-            partner = ((idx + torch.randint(1, N, (B,), generator=gen)) % N).to(x.device)  # (B,), never the clip
+            partner = ((idx + torch.randint(1, N, (B,), generator=gen)) % N).to(x.device)  # (B,), never the clip itself
             mixed = torch.rand(B, generator=gen) < mixup
             lam = torch.where(mixed, beta.sample((B,)), torch.ones(B)).to(x.device)  # (B,)
             x = lam[:, None, None] * x + (1 - lam[:, None, None]) * train_x[partner]
