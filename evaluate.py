@@ -39,8 +39,7 @@ PROBE_INPUTS = ('global', 'patch', 'register', 'joint')
 # model, data and features
 
 def load_model(ckpt_path, device='cpu', weights='model'):
-    """A train.py checkpoint or an official CAV-MAE Sync / TG-DP release -> CAVMAESync in eval mode,
-    loaded as train.py's init_from. 'teacher': the EMA teacher, built without a decoder (strict)."""
+    """A train.py checkpoint or official release -> CAVMAESync in eval mode; 'teacher': the EMA teacher, no decoder."""
     if weights not in ('model', 'teacher'):
         raise ValueError(f"weights must be 'model' or 'teacher', got {weights!r}")
     ckpt = read_checkpoint(ckpt_path)
@@ -75,8 +74,7 @@ def frame_vectors(model, audio, image, embedding='joint'):
       register  the mean of the encoders' register outputs (CAVMAEFT drops them)"""
     c = model.config
     if embedding == 'joint':
-        g_a, g_v, _, _ = model.forward_features(audio, image, tokens=False)  # (B, D) each
-        return g_a, g_v
+        return model.forward_features(audio, image, tokens=False)[:2]  # g_a, g_v (B, D) each
     lacks = {'global': not c.global_token, 'patch': False, 'register': not c.num_registers}
     if lacks.get(embedding, True):
         raise ValueError(f'--probe_input {embedding!r}: not one of {PROBE_INPUTS} this model has '
@@ -94,8 +92,7 @@ def frame_vectors(model, audio, image, embedding='joint'):
 
 
 @torch.no_grad()
-def extract_features(model, dataset, batch_size=8, device='cpu', num_workers=0, dtype='float32',
-                     embedding='joint'):
+def extract_features(model, dataset, batch_size=8, device='cpu', num_workers=0, dtype='float32', embedding='joint'):
     """frame_vectors of every clip (batch_size clips x T frames per forward, autocast to dtype) ->
     dict(g_a, g_v (N, T, D) float32 on CPU, labels (N, C), ids [N], class_names [C], embedding)."""
     was_training = model.training
@@ -128,9 +125,8 @@ def _stamp(path, shards=False):
     return [os.path.abspath(path), st.st_size, st.st_mtime_ns]
 
 
-def features_for(ckpt, data_json, label_csv=None, weights='model', embedding='joint',
-                 num_frames=16, cache=None, get_model=None, dtype='float32', batch_size=8,
-                 device='cpu', num_workers=0):
+def features_for(ckpt, data_json, label_csv=None, weights='model', embedding='joint', num_frames=16, cache=None,
+                 get_model=None, dtype='float32', batch_size=8, device='cpu', num_workers=0):
     """extract_features of ckpt's `weights` on data_json (+ 'model_args'), through the cache
     directory when given (keyed by the files and settings); get_model() only when needed."""
     stamps = [_stamp(ckpt), weights, _stamp(data_json, shards=True),
@@ -170,8 +166,7 @@ def similarity(query, candidates, strategy='diag_mean', max_elements=2 ** 26):
     if strategy not in STRATEGIES:
         raise ValueError(f'unknown strategy {strategy!r}; choose from {STRATEGIES}')
     if query.dim() != 3 or candidates.dim() != 3 or query.shape[1:] != candidates.shape[1:]:
-        raise ValueError(f'expected (N, T, D) and (M, T, D), got {tuple(query.shape)} and '
-                         f'{tuple(candidates.shape)}')
+        raise ValueError(f'expected (N, T, D) and (M, T, D), got {tuple(query.shape)} and {tuple(candidates.shape)}')
     q = F.normalize(query.float(), dim=-1)  # (N, T, D): dot products are now cosines
     c = F.normalize(candidates.float(), dim=-1)  # (M, T, D)
     N, T, D = q.shape
@@ -184,9 +179,8 @@ def similarity(query, candidates, strategy='diag_mean', max_elements=2 ** 26):
     if strategy == 'diag_max':
         c_t = c.permute(1, 2, 0).contiguous()  # (T, D, M)
         step = max(1, max_elements // (T * M))
-        for i in range(0, N, step):
-            scores = torch.bmm(q[i:i + step].transpose(0, 1), c_t)  # (T, n, M)
-            out[i:i + step] = scores.amax(dim=0)  # (n, M)
+        for i in range(0, N, step):  # scores (T, n, M) -> their max over t (n, M)
+            out[i:i + step] = torch.bmm(q[i:i + step].transpose(0, 1), c_t).amax(dim=0)
         return out
     c_flat = c.reshape(M * T, D).T  # (D, M*T)  block_max: every frame against every frame
     step = max(1, max_elements // (T * M * T))
@@ -222,13 +216,11 @@ def retrieval(features, strategies=('diag_mean',), device='cpu'):
 
 def print_table(header, rows, left=1):
     """Rows as an aligned table: floats with one decimal, the first `left` columns left-aligned."""
-    cells = [[f'{x:.1f}' if isinstance(x, float) else str(x) for x in row]
-             for row in [header] + rows]
+    cells = [[f'{x:.1f}' if isinstance(x, float) else str(x) for x in r] for r in [header] + rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
     cells.insert(1, ['-' * w for w in widths])  # the rule under the header
     for row in cells:
-        print('  '.join(c.rjust(w) if i >= left else c.ljust(w)
-                        for i, (c, w) in enumerate(zip(row, widths))))
+        print('  '.join(c.rjust(w) if i >= left else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))))
 
 
 # -----------------------------------------------------------------------------
@@ -253,13 +245,6 @@ def average_precisions(scores, targets):
     return (precision * pos).sum(dim=0) / pos.sum(dim=0).clamp(min=1)  # (C,), 0 without positives
 
 
-def mean_average_precision(scores, targets):
-    """mAP (percent) over every class, one without positives counting 0 (CAV-MAE's stats.py)."""
-    if not (targets > 0).any():
-        raise ValueError('no class has a positive: mAP is undefined')
-    return 100.0 * average_precisions(scores, targets).mean().item()
-
-
 class AttentionProbe(nn.Module):
     """The CAV-MAE Sync probe: a learned CLS token prepended to the T frame vectors (no positional
     embedding), 2 pre-norm transformer layers, LayerNorm, linear head on the CLS output."""
@@ -269,10 +254,8 @@ class AttentionProbe(nn.Module):
         if dim % num_heads:
             raise ValueError(f'probe width {dim} is not divisible by num_heads={num_heads}')
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
-        self.blocks = nn.ModuleList([
-            nn.TransformerEncoderLayer(dim, num_heads, int(dim * mlp_ratio), dropout=0.0,
-                                       activation='gelu', batch_first=True, norm_first=True)
-            for _ in range(depth)])
+        self.blocks = nn.ModuleList([nn.TransformerEncoderLayer(dim, num_heads, int(dim * mlp_ratio), dropout=0.0,
+                                     activation='gelu', batch_first=True, norm_first=True) for _ in range(depth)])
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, num_classes)
         nn.init.normal_(self.cls_token, std=0.02)
@@ -296,22 +279,17 @@ def probe_inputs(features, modality='av'):
 @torch.no_grad()
 def _probe_scores(probe, x, device, batch_size=256):
     probe.eval()
-    return torch.cat([probe(x[i:i + batch_size].to(device)).float().cpu()
-                      for i in range(0, len(x), batch_size)])
+    return torch.cat([probe(x[i:i + batch_size].to(device)).float().cpu() for i in range(0, len(x), batch_size)])
 
 
 def probe_metric(logits, targets, multilabel):
-    """mAP (percent) of sigmoid scores for multi-label data, else top-1 accuracy (percent)."""
-    if multilabel:
-        return mean_average_precision(logits.sigmoid(), targets)
-    return 100.0 * (logits.argmax(dim=1) == targets.argmax(dim=1)).double().mean().item()
-
-
-def label_type_from_csv(label_csv):
-    """'multi' (BCE, mAP) if every id of the label CSV is an AudioSet ontology id, else 'single'."""
-    mid_to_index, _ = data.read_label_csv(label_csv)
-    audioset = all(mid.startswith(('/m/', '/g/', '/t/')) for mid in mid_to_index)
-    return 'multi' if audioset else 'single'
+    """Top-1 accuracy (percent), or multi-label: the mAP (percent) of the sigmoid scores over every
+    class, one without positives counting 0 (CAV-MAE's stats.py)."""
+    if not multilabel:
+        return 100.0 * (logits.argmax(dim=1) == targets.argmax(dim=1)).double().mean().item()
+    if not (targets > 0).any():
+        raise ValueError('no class has a positive: mAP is undefined')
+    return 100.0 * average_precisions(logits.sigmoid(), targets).mean().item()
 
 
 def class_balanced_weights(labels):
@@ -334,8 +312,7 @@ class AugmentedClips(torch.utils.data.Dataset):
     the waveform then rolls by up to data.MAX_TIME_SHIFT (the pretraining shift)."""
 
     def __init__(self, dataset, order, epoch, seed=0, mixup=0.5):
-        self.dataset, self.order, self.epoch = dataset, order.tolist(), epoch
-        self.seed, self.mixup = seed, mixup
+        self.dataset, self.order, self.epoch, self.seed, self.mixup = dataset, order.tolist(), epoch, seed, mixup
 
     def __len__(self):
         return len(self.order)
@@ -350,15 +327,13 @@ class AugmentedClips(torch.utils.data.Dataset):
             other = ds.clips[(index + rng.integers(1, len(ds))) % len(ds)]  # never the clip itself
             lam = float(rng.beta(10, 10))
             wav2, image2 = data.eval_inputs(other, ds.img_size, ds.num_frames)
-            n = len(wav)
-            wav2 = wav2[:n] if len(wav2) >= n else F.pad(wav2, (0, n - len(wav2)))
+            wav2 = F.pad(wav2, (0, len(wav) - len(wav2)))  # cut or zero-padded to wav's length
             wav = lam * wav + (1 - lam) * wav2
             wav = wav - wav.mean()
             image = lam * image + (1 - lam) * image2
             label = lam * label + (1 - lam) * data.multi_hot(other['classes'], ds.num_classes)
         wav = torch.roll(wav, int(rng.integers(-data.MAX_TIME_SHIFT, data.MAX_TIME_SHIFT + 1)))
-        audio = data.eval_segments(wav, ds.num_frames, ds.audio_length,
-                                   ds.num_mel_bins)  # (T, L, F)
+        audio = data.eval_segments(wav, ds.num_frames, ds.audio_length, ds.num_mel_bins)  # (T, L, F)
         return dict(audio=audio, image=image, label=label, id=clip['id'])
 
 
@@ -370,8 +345,7 @@ def mixed_cached_batches(train_x, train_y, order, batch_size, mixup, gen, beta):
         x, y = train_x[idx], train_y[idx]  # (B, T, dim), (B, C)
         if mixup > 0:
             B = len(idx)
-            partner = (idx + torch.randint(1, N, (B,), generator=gen)) % N  # not the clip itself
-            partner = partner.to(x.device)  # (B,)
+            partner = ((idx + torch.randint(1, N, (B,), generator=gen)) % N).to(x.device)  # (B,), never the clip itself
             mixed = torch.rand(B, generator=gen) < mixup
             lam = torch.where(mixed, beta.sample((B,)), torch.ones(B)).to(x.device)  # (B,)
             x = lam[:, None, None] * x + (1 - lam[:, None, None]) * train_x[partner]
@@ -397,8 +371,7 @@ def train_probe(train_x, train_y, eval_x, eval_y, multilabel, lr, epochs, batch_
     train_x = None if train_x is None else train_x.to(device)  # frozen features: moved once
     train_y, N = train_y.float().to(device), len(train_y)
     probe = AttentionProbe(eval_x.shape[-1], train_y.shape[1], num_heads).to(device)
-    optimizer = torch.optim.Adam(probe.parameters(), lr=lr, betas=(0.95, 0.999),
-                                 weight_decay=weight_decay)
+    optimizer = torch.optim.Adam(probe.parameters(), lr=lr, betas=(0.95, 0.999), weight_decay=weight_decay)
     total = epochs * -(-N // batch_size)  # optimiser steps
     warmup = max(1, round(warmup_frac * total))
     lr_at = functools.partial(warmup_cosine, total=total, warmup=warmup, start=lr, end=min_lr)
@@ -425,8 +398,7 @@ def train_probe(train_x, train_y, eval_x, eval_y, multilabel, lr, epochs, batch_
             total_loss += loss.item() * len(x)
             step += 1
         metric = probe_metric(_probe_scores(probe, eval_x, device), eval_y, multilabel)
-        history.append(dict(epoch=epoch, lr=lr_at(step - 1), loss=total_loss / N,
-                            **{metric_name: metric}))
+        history.append(dict(epoch=epoch, lr=lr_at(step - 1), loss=total_loss / N, **{metric_name: metric}))
         if epoch >= wa_start:  # running sum of end-of-epoch weights
             sd = {k: v.detach().clone().float() for k, v in probe.state_dict().items()}
             wa_sum = sd if wa_sum is None else {k: wa_sum[k] + sd[k] for k in sd}
@@ -440,24 +412,25 @@ def train_probe(train_x, train_y, eval_x, eval_y, multilabel, lr, epochs, batch_
 # command line
 
 def cmd_retrieval(args):
-    feats = features_for(args.ckpt, args.data, args.label_csv, args.weights, 'joint',
-                         args.num_frames, args.cache, None, args.dtype, args.batch_size,
-                         args.device, args.num_workers)
+    feats = features_for(args.ckpt, args.data, args.label_csv, args.weights, 'joint', args.num_frames, args.cache,
+                         None, args.dtype, args.batch_size, args.device, args.num_workers)
     N, T, D = feats['g_a'].shape
     t0 = time.time()
     results = retrieval(feats, args.strategy, args.device)
     print(f'\nzero-shot retrieval, {N} clips x {T} frames, scored in {time.time() - t0:.2f} s')
-    rows = [[s, d, m['R@1'], m['R@5'], m['R@10'], m['MedR']]
-            for s, r in results.items() for d, m in r.items()]
+    rows = [[s, d, m['R@1'], m['R@5'], m['R@10'], m['MedR']] for s, r in results.items() for d, m in r.items()]
     print_table(['strategy', 'direction', 'R@1', 'R@5', 'R@10', 'MedR'], rows, left=2)
     return dict(ckpt=args.ckpt, weights=args.weights, data=args.data, num_clips=N, num_frames=T,
                 dtype=args.dtype, results=results)
 
 
 def probe_settings(label_csv, label_type, balanced, train_labels, eval_labels):
-    """(multilabel, balanced). 'auto': the task from the label CSV, and class-balanced sampling for
-    single-label sets only (VGGSound yes, AS-20K no, as the supplements)."""
-    task = label_type_from_csv(label_csv) if label_type == 'auto' else label_type
+    """(multilabel, balanced). 'auto': multi-label (BCE, mAP) if every label CSV id is an AudioSet
+    ontology id; class-balanced sampling for single-label sets only (VGGSound yes, AS-20K no, as the supplements)."""
+    task = label_type
+    if label_type == 'auto':
+        mids = data.read_label_csv(label_csv)[0]
+        task = 'multi' if all(mid.startswith(('/m/', '/g/', '/t/')) for mid in mids) else 'single'
     if task == 'single':
         for name, labels in (('--train', train_labels), ('--eval', eval_labels)):
             several = int((labels.sum(1) > 1).sum())
@@ -534,8 +507,7 @@ def cmd_probe(args):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest='command', required=True)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument('--ckpt', required=True, help='train.py checkpoint or official release')

@@ -15,8 +15,7 @@ import torch.nn.functional as F
 
 import data
 import evaluate
-from evaluate import (STRATEGIES, extract_features, load_model, mean_average_precision, retrieval,
-                      retrieval_metrics, similarity, train_probe)
+from evaluate import STRATEGIES, extract_features, load_model, retrieval, retrieval_metrics, similarity, train_probe
 from model import CAVMAESync, ModelConfig, make_teacher
 from scripts.shard import write_shards
 from scripts.synth import make_synthetic
@@ -195,6 +194,11 @@ def slow_ap_threshold(scores, targets):
     return sum(precisions) / len(precisions)
 
 
+def mean_average_precision(scores, targets):
+    """probe_metric's mAP; the sigmoid keeps the ranking and the ties of scores, so they serve as logits."""
+    return evaluate.probe_metric(scores, targets, multilabel=True)
+
+
 @pytest.mark.parametrize('tied', [False, True])
 def test_mean_average_precision_matches_slow_reference(tied):
     g = torch.Generator().manual_seed(5)
@@ -321,11 +325,14 @@ def write_label_csv(path, mids):
 
 
 def test_label_type_comes_from_the_label_csv(shared_dir, tmp_path):
-    assert evaluate.label_type_from_csv(os.path.join(shared_dir, 'data', 'class_labels_indices_as.csv')) == 'multi'
-    assert evaluate.label_type_from_csv(os.path.join(shared_dir, 'data', 'class_labels_indices_vgg.csv')) == 'single'
-    assert evaluate.label_type_from_csv(write_label_csv(tmp_path / 'syn.csv', ['syn_0', 'syn_1'])) == 'single'
-    audioset = write_label_csv(tmp_path / 'as.csv', ['/m/09x0r', '/t/dd00004', '/g/122z_qxw'])
     one_label_each = torch.eye(3)  # a multi-label set whose clips carry one label each
+
+    def multilabel(label_csv):  # --label_type auto: the task from the label CSV's ids
+        return evaluate.probe_settings(label_csv, 'auto', 'no', one_label_each, one_label_each)[0]
+    assert multilabel(os.path.join(shared_dir, 'data', 'class_labels_indices_as.csv')) is True
+    assert multilabel(os.path.join(shared_dir, 'data', 'class_labels_indices_vgg.csv')) is False
+    assert multilabel(write_label_csv(tmp_path / 'syn.csv', ['syn_0', 'syn_1'])) is False
+    audioset = write_label_csv(tmp_path / 'as.csv', ['/m/09x0r', '/t/dd00004', '/g/122z_qxw'])
     assert evaluate.probe_settings(audioset, 'auto', 'auto', one_label_each, one_label_each) == (True, False)
     vgg = write_label_csv(tmp_path / 'vgg.csv', ['vgg_0', 'vgg_1', 'vgg_2'])
     assert evaluate.probe_settings(vgg, 'auto', 'auto', one_label_each, one_label_each) == (False, True)
