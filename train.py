@@ -106,8 +106,7 @@ bench_iters = 20
 bench_warmup = 5
 profile = False                # bench: torch.profiler over the timed steps, out_dir/profile.txt
 # -----------------------------------------------------------------------------
-config_keys = [k for k, v in globals().items()
-               if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
+config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
 
 
 def apply_overrides(argv):
@@ -134,21 +133,17 @@ def apply_overrides(argv):
             if isinstance(default, float) and type(value) is int:
                 value = float(value)
             if type(value) is not type(default):
-                sys.exit(f'error: setting {key} must be {type(default).__name__}, '
-                         f'got {value!r} (from {source})')
+                sys.exit(f'error: setting {key} must be {type(default).__name__}, got {value!r} (from {source})')
             globals()[key] = value
 
 
 apply_overrides(sys.argv[1:])
 config = {k: globals()[k] for k in config_keys}
-allowed = dict(method=('tgdp', 'sync', 'dualpass', 'cavmae'),
-               contrastive_masking=masking.CONTRASTIVE_MASKINGS,
-               contrastive_direction=('both', 'v2a', 'a2v'),
-               contrastive_negatives=('global', 'local'),
+allowed = dict(method=('tgdp', 'sync', 'dualpass', 'cavmae'), contrastive_masking=masking.CONTRASTIVE_MASKINGS,
+               contrastive_direction=('both', 'v2a', 'a2v'), contrastive_negatives=('global', 'local'),
                mask_ratio_schedule=('none', 'epoch', 'step'), decoder_attention=('self', 'cross'),
                dtype=('float32', 'bfloat16', 'float16'),
-               compile_mode=('default', 'max-autotune', 'max-autotune-no-cudagraphs',
-                             'reduce-overhead'))
+               compile_mode=('default', 'max-autotune', 'max-autotune-no-cudagraphs', 'reduce-overhead'))
 for key, values in allowed.items():
     if config[key] not in values:
         sys.exit(f"error: {key} must be one of {', '.join(map(repr, values))}; got {config[key]!r}")
@@ -167,15 +162,13 @@ if ddp:
         sys.exit("error: backend='nccl' needs CUDA; on CPU run with --device=cpu --backend=gloo")
     timeout = timedelta(minutes=timeout_minutes)
     # torchrun --max-restarts: under its shared agent store a restarted rank can read the keys of
-    # the attempt before, a dead peer's address (torch 2.11: gloo's connect is refused); each
-    # attempt's keys get a prefix. Several nodes (restart counts can differ): run torchrun with
-    # TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1.
+    # the attempt before, a dead peer's address (torch 2.11: gloo's connect is refused), so each
+    # attempt's keys get a prefix. Several nodes (restart counts differ): TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1.
     attempt_store = {}
     if os.environ.get('TORCHELASTIC_USE_AGENT_STORE') == 'True':
         agent, rank, world_size = next(dist.rendezvous('env://', timeout=timeout))
         prefix = f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
-        attempt_store = dict(store=dist.PrefixStore(prefix, agent), rank=rank,
-                             world_size=world_size)
+        attempt_store = dict(store=dist.PrefixStore(prefix, agent), rank=rank, world_size=world_size)
     dist.init_process_group(backend=backend, timeout=timeout, **attempt_store)
     rank, world_size = dist.get_rank(), dist.get_world_size()
     local_rank = int(os.environ['LOCAL_RANK'])
@@ -215,12 +208,10 @@ def epoch_batch_size(epoch):  # clips per rank per micro-step in an epoch
     return masking.adaptive_batch_size(batch_size, ratio, mask_ratio, mask_ratio_end)
 
 
-# train_data: one interface whatever the source (data.train_batches)
 eval_dataset = None
 data_args = dict(audio_length=audio_length, num_mel_bins=num_mel_bins, img_size=img_size)
-if bench:  # random tensors, nothing read
-    train_data = RandomBatches(batch_size, bench_warmup + bench_iters, gradient_accumulation_steps,
-                               **data_args)
+if bench:  # random tensors, nothing read; train_data has one interface whatever the source
+    train_data = RandomBatches(batch_size, bench_warmup + bench_iters, gradient_accumulation_steps, **data_args)
 else:
     for key in ('train_json',) + (('eval_json',) if eval_json else ()):
         path = globals()[key]
@@ -233,10 +224,8 @@ else:
     batch_sizes = [epoch_batch_size(e) for e in range(math.ceil(epochs) or 1)]  # the last holds on
     train_data = train_batches(train_json, batch_sizes, seed=seed, rank=rank, world_size=world_size,
                                num_workers=num_workers, accumulation=gradient_accumulation_steps,
-                               shuffle_buffer=shuffle_buffer, time_shift=time_shift,
-                               skip_bad=skip_bad,
-                               bad_list=os.path.join(out_dir, 'bad_clips.txt') if master else '',
-                               **data_args)
+                               shuffle_buffer=shuffle_buffer, time_shift=time_shift, skip_bad=skip_bad,
+                               bad_list=os.path.join(out_dir, 'bad_clips.txt') if master else '', **data_args)
     eval_dataset = AVDataset(eval_json, mode='eval', **data_args) if eval_json else None
     if eval_dataset is not None and len(eval_dataset) < world_size:
         sys.exit(f'error: eval_json={eval_json!r} has {len(eval_dataset)} clips, '
