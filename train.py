@@ -161,9 +161,9 @@ if ddp:
     if backend == 'nccl' and not torch.cuda.is_available():
         sys.exit("error: backend='nccl' needs CUDA; on CPU run with --device=cpu --backend=gloo")
     timeout = timedelta(minutes=timeout_minutes)
-    # torchrun --max-restarts: under its shared agent store a restarted rank can read the keys of
-    # the attempt before, a dead peer's address (torch 2.11: gloo's connect is refused), so each
-    # attempt's keys get a prefix. Several nodes (restart counts differ): TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1.
+    # torchrun --max-restarts: in its shared agent store a restarted rank can read the keys of the
+    # attempt before, a dead peer's address (torch 2.11: gloo's connect fails); each attempt's keys
+    # get a prefix. Several nodes (restart counts differ): TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1.
     attempt_store = {}
     if os.environ.get('TORCHELASTIC_USE_AGENT_STORE') == 'True':
         agent, rank, world_size = next(dist.rendezvous('env://', timeout=timeout))
@@ -197,15 +197,13 @@ if master:
 # -----------------------------------------------------------------------------
 # data and the schedule over it
 def epoch_mask_ratio(epoch):  # reconstruction mask ratio of an epoch under the 'epoch' curriculum
-    progress = epoch / max(1, math.ceil(epochs) - 1)
-    return masking.mask_ratio_schedule(progress, mask_ratio, mask_ratio_end)
+    return masking.mask_ratio_schedule(epoch / max(1, math.ceil(epochs) - 1), mask_ratio, mask_ratio_end)
 
 
 def epoch_batch_size(epoch):  # clips per rank per micro-step in an epoch
     if not adaptive_batch:
         return batch_size
-    ratio = epoch_mask_ratio(epoch)
-    return masking.adaptive_batch_size(batch_size, ratio, mask_ratio, mask_ratio_end)
+    return masking.adaptive_batch_size(batch_size, epoch_mask_ratio(epoch), mask_ratio, mask_ratio_end)
 
 
 eval_dataset = None
@@ -257,11 +255,8 @@ if min(epoch_iters(e) for e in range(math.ceil(epochs) or 1)) == 0:
              f'x {gradient_accumulation_steps} x {world_size} ranks); lower batch_size')
 max_iters = bench_warmup + bench_iters if bench else max_iters or iters_for(epochs)
 warmup_iters = iters_for(warmup_epochs)
-# linear warmup, then cosine decay to min_lr; the teacher's EMA momentum: a cosine ramp
-get_lr = functools.partial(warmup_cosine, total=max_iters, warmup=warmup_iters, start=learning_rate,
-                           end=min_lr)
-get_momentum = functools.partial(warmup_cosine, total=max_iters, warmup=0, start=ema_momentum,
-                                 end=ema_momentum_end)
+get_lr = functools.partial(warmup_cosine, total=max_iters, warmup=warmup_iters, start=learning_rate, end=min_lr)
+get_momentum = functools.partial(warmup_cosine, total=max_iters, warmup=0, start=ema_momentum, end=ema_momentum_end)
 
 
 def step_mask_ratio(it):  # reconstruction mask ratio of an iteration
@@ -310,22 +305,18 @@ def newest_checkpoint():
 
 
 def resume_at(path, ckpt):
-    """The checkpoint's iteration; exits unless its run is this one (the same model, schedule and
-    data) and unfinished (a finished run says so and exits 0)."""
+    """The checkpoint's iteration; exits unless its run is this one and unfinished."""
+    layout = train_data.layout()  # mid-epoch resume: the same clips, ranks, (shards) loader workers
     then = {**ckpt['config'], **ckpt['model_args'], 'world_size': ckpt.get('world_size'),
-            'train_clips': ckpt.get('train_clips')}
-    now = {**config, **model_args, 'world_size': world_size, 'train_clips': train_data.clips}
-    keys = (*model_args, *resume_fixed, 'world_size', 'train_clips')
+            'train_clips': ckpt.get('train_clips'), 'data_layout': ckpt.get('data_layout', layout)}
+    now = {**config, **model_args, 'world_size': world_size, 'train_clips': train_data.clips,
+           'data_layout': layout}
+    keys = (*model_args, *resume_fixed, 'world_size', 'train_clips', 'data_layout')
     changed = {k: (then.get(k), now[k]) for k in keys if then.get(k) != now[k]}
     if changed:
         sys.exit(f'error: cannot resume {path}: these settings differ from the checkpoint (then, '
-                 f'now): {changed}. They fix the model or which clips and schedule each step uses; '
-                 f'to start a new run from these weights use --init_from={path} and another '
-                 f'out_dir.')
-    if ckpt.get('data_layout', train_data.layout()) != train_data.layout():
-        sys.exit(f'error: cannot resume {path}: the training data or num_workers differ from the '
-                 f'checkpoint (then {ckpt["data_layout"]}, now {train_data.layout()}); a run '
-                 f'resumes mid-epoch only on the same clips, ranks and (shards) loader workers')
+                 f'now): {changed}. They fix the model or which clips and schedule each step uses; to '
+                 f'start a new run from these weights use --init_from={path} and another out_dir.')
     it = ckpt['iter_num']
     if it >= max_iters:  # the checkpoint is the run's last
         if master:
@@ -449,16 +440,6 @@ def noise(B, *shape, draw=torch.rand, **kw):  # (B, *shape): this rank's rows of
     return draw(world_size * B, *shape, generator=noise_gen, device=device, **kw)[rank::world_size]
 
 
-def diffusion_noise(B):  # DiffMAViL's timestep per clip and noise per patch, or None when off
-    if not diffused_mask_tokens:
-        return None
-    P = patch_size * patch_size
-    t = noise(B, draw=lambda n, **kw: torch.randint(1, raw_model.alpha_bar.shape[0] + 1, (n,), **kw))
-    eps_a = noise(B, raw_model.num_patches_a, P, draw=torch.randn)  # (B, Na, p*p)
-    eps_v = noise(B, raw_model.num_patches_v, 3 * P, draw=torch.randn)  # (B, Nv, p*p*3)
-    return t, eps_a, eps_v
-
-
 def dynamic_size(*tensors, dim):
     """Compiled runs: the tensors' size along dim changes (DiffMAViL's schedules); it enters the
     first step's graph as a dynamic size, else each new value compiles again (up to the limit)."""
@@ -484,7 +465,12 @@ def losses_for(audio, image, rec_mask_ratio):
     # only the length of these index tensors, which the compiled graph takes as a dynamic size
     keep_a = masking.random_masking(B, Na, rec_mask_ratio, noise=noise(B, Na))[0]  # (B, ka)
     keep_v = masking.random_masking(B, Nv, rec_mask_ratio, noise=noise(B, Nv))[0]  # (B, kv)
-    diffusion = diffusion_noise(B)
+    diffusion = None  # DiffMAViL's timestep per clip and noise per patch
+    if diffused_mask_tokens:
+        P = patch_size * patch_size
+        t = noise(B, draw=lambda n, **kw: torch.randint(1, raw_model.alpha_bar.shape[0] + 1, (n,), **kw))
+        eps_a = noise(B, Na, P, draw=torch.randn)  # (B, Na, p*p)
+        diffusion = t, eps_a, noise(B, Nv, 3 * P, draw=torch.randn)  # eps_v: (B, Nv, p*p*3)
     if mask_ratio_schedule != 'none':  # ka, kv change per step or epoch
         dynamic_size(keep_a, keep_v, dim=1)
     if adaptive_batch:
@@ -500,9 +486,6 @@ def losses_for(audio, image, rec_mask_ratio):
         loss = loss + dis_weight * terms['dis']
     terms['loss'] = loss
     return loss, {k: v.detach() for k, v in terms.items()}
-
-
-stop_requested = threading.Event()  # set by SIGTERM (pre-emption): finish the step, save, exit
 
 
 def train_step(batches, rec_mask_ratio):
@@ -597,6 +580,7 @@ def evaluate_retrieval(it):
 
 # -----------------------------------------------------------------------------
 # the loop
+stop_requested = threading.Event()  # set by SIGTERM (pre-emption): finish the step, save, exit
 signal.signal(signal.SIGTERM, lambda signum, frame: stop_requested.set())
 if ckpt is not None:
     noise_gen.set_state(ckpt['noise_gen'])
@@ -608,12 +592,10 @@ if bench and profile:
         table = prof.key_averages().table(sort_by=f'{device_type}_time_total', row_limit=30)
         with open(os.path.join(out_dir, 'profile.txt'), 'w') as f:
             f.write(table)
-    acts = [torch.profiler.ProfilerActivity.CPU]
-    if device_type == 'cuda':
-        acts.append(torch.profiler.ProfilerActivity.CUDA)
-    profiler = torch.profiler.profile(activities=acts, on_trace_ready=write_profile,
-                                      schedule=torch.profiler.schedule(wait=0, warmup=bench_warmup,
-                                                                       active=bench_iters))
+    activity = torch.profiler.ProfilerActivity
+    acts = [activity.CPU] + ([activity.CUDA] if device_type == 'cuda' else [])
+    schedule = torch.profiler.schedule(wait=0, warmup=bench_warmup, active=bench_iters)
+    profiler = torch.profiler.profile(activities=acts, on_trace_ready=write_profile, schedule=schedule)
     profiler.start()
 model.train()
 start_epoch, start_step = locate(iter_num)
@@ -670,8 +652,7 @@ while iter_num < max_iters:
     if sigterm:
         if master:
             print(f'SIGTERM: saved {ckpt_path} at iteration {iter_num}; exiting', file=sys.stderr)
-        shutdown()
-        sys.exit(0)
+        break  # to the shutdown below (bench steps never get here)
 
 if bench:
     if device_type == 'cuda':
