@@ -245,8 +245,7 @@ def locate(it):  # iteration -> (epoch, steps of it already done): epochs may di
 
 def iters_for(num_epochs):  # optimiser steps in the first num_epochs (fractional) epochs
     whole = int(num_epochs)
-    part = round((num_epochs - whole) * epoch_iters(whole))
-    return sum(epoch_iters(e) for e in range(whole)) + part
+    return sum(epoch_iters(e) for e in range(whole)) + round((num_epochs - whole) * epoch_iters(whole))
 
 
 if min(epoch_iters(e) for e in range(math.ceil(epochs) or 1)) == 0:
@@ -314,9 +313,9 @@ def resume_at(path, ckpt):
     keys = (*model_args, *resume_fixed, 'world_size', 'train_clips', 'data_layout')
     changed = {k: (then.get(k), now[k]) for k in keys if then.get(k) != now[k]}
     if changed:
-        sys.exit(f'error: cannot resume {path}: these settings differ from the checkpoint (then, '
-                 f'now): {changed}. They fix the model or which clips and schedule each step uses; to '
-                 f'start a new run from these weights use --init_from={path} and another out_dir.')
+        sys.exit(f'error: cannot resume {path}: settings differ from the checkpoint (then, now): '
+                 f'{changed}. They fix the model or which clips and schedule each step uses; for a '
+                 f'new run from these weights use --init_from={path} and another out_dir.')
     it = ckpt['iter_num']
     if it >= max_iters:  # the checkpoint is the run's last
         if master:
@@ -354,8 +353,7 @@ def start_log(path, it):
         with open(path + '.tmp', 'w') as f:
             f.writelines(line + '\n' for line in kept)
         os.replace(path + '.tmp', path)
-        print(f'{path}: dropped {len(lines) - len(kept)} records after iteration {it} '
-              f'(run again now)')
+        print(f'{path}: dropped {len(lines) - len(kept)} records after iteration {it} (run again)')
 
 
 def save_checkpoint(it):
@@ -363,12 +361,10 @@ def save_checkpoint(it):
     ckpt.pt: a crash never leaves a half-written ckpt.pt, and a bad file leaves the one before."""
     if not master:
         return
-    state = dict(model=raw_model.state_dict(),
-                 teacher=teacher.state_dict() if teacher is not None else None,
+    state = dict(model=raw_model.state_dict(), teacher=teacher.state_dict() if teacher is not None else None,
                  optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), iter_num=it,
                  epoch=locate(it)[0], model_args=model_args, config=config, world_size=world_size,
-                 train_clips=train_data.clips, data_layout=train_data.layout(),
-                 noise_gen=noise_gen.get_state())
+                 train_clips=train_data.clips, data_layout=train_data.layout(), noise_gen=noise_gen.get_state())
     with open(ckpt_path + '.tmp', 'wb') as f:
         torch.save(state, f)
         f.flush()
@@ -390,8 +386,7 @@ if ckpt is not None:
     model.load_state_dict(ckpt['model'])
 elif init_from != 'scratch':
     if not os.path.isfile(init_from):
-        sys.exit(f"error: init_from must be 'scratch', 'resume' or a checkpoint file; "
-                 f"{init_from!r} is none of these")
+        sys.exit(f"error: init_from must be 'scratch', 'resume' or a checkpoint file; {init_from!r} is none of these")
     load_weights(model, init_from, verbose=master)  # ImageNet MAE, CAV-MAE, a release or train.py
 model.to(device)
 raw_model = model  # unwrapped: EMA source, checkpoints, evaluation
@@ -476,11 +471,9 @@ def losses_for(audio, image, rec_mask_ratio):
     if adaptive_batch:
         dynamic_size(keep_a, keep_v, con_a, con_v, *(diffusion or ()), dim=0)
     out = model(audio, image, keep_a, keep_v, con_a, con_v, diffusion)
-    loss_con, con_acc = info_nce(out['g_a'], out['g_v'], temperature, contrastive_direction,
-                                 contrastive_negatives)
+    loss_con, con_acc = info_nce(out['g_a'], out['g_v'], temperature, contrastive_direction, contrastive_negatives)
     loss = rec_weight * out['loss'] + con_weight * loss_con
-    terms = dict(con_acc=con_acc, rec=out['loss'], rec_a=out['loss_a'], rec_v=out['loss_v'],
-                 con=loss_con)
+    terms = dict(con_acc=con_acc, rec=out['loss'], rec_a=out['loss_a'], rec_v=out['loss_v'], con=loss_con)
     if method == 'tgdp' and dis_weight > 0:
         terms['dis'] = distill_loss(out['g_a'], out['g_v'], t_a, t_v)
         loss = loss + dis_weight * terms['dis']
@@ -501,8 +494,7 @@ def train_step(batches, rec_mask_ratio):
             scaler.scale(loss / gradient_accumulation_steps).backward()
         for k, v in terms.items():
             terms_sum[k] = terms_sum.get(k, 0.0) + v / gradient_accumulation_steps
-    flags = torch.tensor([float(not torch.isfinite(terms_sum['loss'])),
-                          float(stop_requested.is_set())], device=device)
+    flags = torch.tensor([float(not torch.isfinite(terms_sum['loss'])), float(stop_requested.is_set())], device=device)
     if ddp:
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
     if flags[0] == 0:
@@ -634,8 +626,7 @@ while iter_num < max_iters:
         sys.exit(1)
     if teacher is not None:
         ema_update(teacher, raw_model, get_momentum(iter_num))
-    clips_since_log += (epoch_batch_size(locate(iter_num)[0]) * gradient_accumulation_steps
-                        * world_size)
+    clips_since_log += epoch_batch_size(locate(iter_num)[0]) * gradient_accumulation_steps * world_size
     iter_num += 1
     bar.update(1)
     if bench:  # no logs, evaluation or checkpoints: the report below
