@@ -106,8 +106,7 @@ bench_iters = 20
 bench_warmup = 5
 profile = False                # bench: torch.profiler over the timed steps, out_dir/profile.txt
 # -----------------------------------------------------------------------------
-config_keys = [k for k, v in globals().items()
-               if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
+config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
 
 
 def apply_overrides(argv):
@@ -134,21 +133,17 @@ def apply_overrides(argv):
             if isinstance(default, float) and type(value) is int:
                 value = float(value)
             if type(value) is not type(default):
-                sys.exit(f'error: setting {key} must be {type(default).__name__}, '
-                         f'got {value!r} (from {source})')
+                sys.exit(f'error: setting {key} must be {type(default).__name__}, got {value!r} (from {source})')
             globals()[key] = value
 
 
 apply_overrides(sys.argv[1:])
 config = {k: globals()[k] for k in config_keys}
-allowed = dict(method=('tgdp', 'sync', 'dualpass', 'cavmae'),
-               contrastive_masking=masking.CONTRASTIVE_MASKINGS,
-               contrastive_direction=('both', 'v2a', 'a2v'),
-               contrastive_negatives=('global', 'local'),
+allowed = dict(method=('tgdp', 'sync', 'dualpass', 'cavmae'), contrastive_masking=masking.CONTRASTIVE_MASKINGS,
+               contrastive_direction=('both', 'v2a', 'a2v'), contrastive_negatives=('global', 'local'),
                mask_ratio_schedule=('none', 'epoch', 'step'), decoder_attention=('self', 'cross'),
                dtype=('float32', 'bfloat16', 'float16'),
-               compile_mode=('default', 'max-autotune', 'max-autotune-no-cudagraphs',
-                             'reduce-overhead'))
+               compile_mode=('default', 'max-autotune', 'max-autotune-no-cudagraphs', 'reduce-overhead'))
 for key, values in allowed.items():
     if config[key] not in values:
         sys.exit(f"error: {key} must be one of {', '.join(map(repr, values))}; got {config[key]!r}")
@@ -166,16 +161,14 @@ if ddp:
     if backend == 'nccl' and not torch.cuda.is_available():
         sys.exit("error: backend='nccl' needs CUDA; on CPU run with --device=cpu --backend=gloo")
     timeout = timedelta(minutes=timeout_minutes)
-    # torchrun --max-restarts: under its shared agent store a restarted rank can read the keys of
-    # the attempt before, a dead peer's address (torch 2.11: gloo's connect is refused); each
-    # attempt's keys get a prefix. Several nodes (restart counts can differ): run torchrun with
-    # TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1.
+    # torchrun --max-restarts: in its shared agent store a restarted rank can read the keys of the
+    # attempt before, a dead peer's address (torch 2.11: gloo's connect fails); each attempt's keys
+    # get a prefix. Several nodes (restart counts differ): TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1.
     attempt_store = {}
     if os.environ.get('TORCHELASTIC_USE_AGENT_STORE') == 'True':
         agent, rank, world_size = next(dist.rendezvous('env://', timeout=timeout))
         prefix = f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
-        attempt_store = dict(store=dist.PrefixStore(prefix, agent), rank=rank,
-                             world_size=world_size)
+        attempt_store = dict(store=dist.PrefixStore(prefix, agent), rank=rank, world_size=world_size)
     dist.init_process_group(backend=backend, timeout=timeout, **attempt_store)
     rank, world_size = dist.get_rank(), dist.get_world_size()
     local_rank = int(os.environ['LOCAL_RANK'])
@@ -204,23 +197,19 @@ if master:
 # -----------------------------------------------------------------------------
 # data and the schedule over it
 def epoch_mask_ratio(epoch):  # reconstruction mask ratio of an epoch under the 'epoch' curriculum
-    progress = epoch / max(1, math.ceil(epochs) - 1)
-    return masking.mask_ratio_schedule(progress, mask_ratio, mask_ratio_end)
+    return masking.mask_ratio_schedule(epoch / max(1, math.ceil(epochs) - 1), mask_ratio, mask_ratio_end)
 
 
 def epoch_batch_size(epoch):  # clips per rank per micro-step in an epoch
     if not adaptive_batch:
         return batch_size
-    ratio = epoch_mask_ratio(epoch)
-    return masking.adaptive_batch_size(batch_size, ratio, mask_ratio, mask_ratio_end)
+    return masking.adaptive_batch_size(batch_size, epoch_mask_ratio(epoch), mask_ratio, mask_ratio_end)
 
 
-# train_data: one interface whatever the source (data.train_batches)
 eval_dataset = None
 data_args = dict(audio_length=audio_length, num_mel_bins=num_mel_bins, img_size=img_size)
-if bench:  # random tensors, nothing read
-    train_data = RandomBatches(batch_size, bench_warmup + bench_iters, gradient_accumulation_steps,
-                               **data_args)
+if bench:  # random tensors, nothing read; train_data has one interface whatever the source
+    train_data = RandomBatches(batch_size, bench_warmup + bench_iters, gradient_accumulation_steps, **data_args)
 else:
     for key in ('train_json',) + (('eval_json',) if eval_json else ()):
         path = globals()[key]
@@ -233,10 +222,8 @@ else:
     batch_sizes = [epoch_batch_size(e) for e in range(math.ceil(epochs) or 1)]  # the last holds on
     train_data = train_batches(train_json, batch_sizes, seed=seed, rank=rank, world_size=world_size,
                                num_workers=num_workers, accumulation=gradient_accumulation_steps,
-                               shuffle_buffer=shuffle_buffer, time_shift=time_shift,
-                               skip_bad=skip_bad,
-                               bad_list=os.path.join(out_dir, 'bad_clips.txt') if master else '',
-                               **data_args)
+                               shuffle_buffer=shuffle_buffer, time_shift=time_shift, skip_bad=skip_bad,
+                               bad_list=os.path.join(out_dir, 'bad_clips.txt') if master else '', **data_args)
     eval_dataset = AVDataset(eval_json, mode='eval', **data_args) if eval_json else None
     if eval_dataset is not None and len(eval_dataset) < world_size:
         sys.exit(f'error: eval_json={eval_json!r} has {len(eval_dataset)} clips, '
@@ -258,8 +245,7 @@ def locate(it):  # iteration -> (epoch, steps of it already done): epochs may di
 
 def iters_for(num_epochs):  # optimiser steps in the first num_epochs (fractional) epochs
     whole = int(num_epochs)
-    part = round((num_epochs - whole) * epoch_iters(whole))
-    return sum(epoch_iters(e) for e in range(whole)) + part
+    return sum(epoch_iters(e) for e in range(whole)) + round((num_epochs - whole) * epoch_iters(whole))
 
 
 if min(epoch_iters(e) for e in range(math.ceil(epochs) or 1)) == 0:
@@ -268,11 +254,8 @@ if min(epoch_iters(e) for e in range(math.ceil(epochs) or 1)) == 0:
              f'x {gradient_accumulation_steps} x {world_size} ranks); lower batch_size')
 max_iters = bench_warmup + bench_iters if bench else max_iters or iters_for(epochs)
 warmup_iters = iters_for(warmup_epochs)
-# linear warmup, then cosine decay to min_lr; the teacher's EMA momentum: a cosine ramp
-get_lr = functools.partial(warmup_cosine, total=max_iters, warmup=warmup_iters, start=learning_rate,
-                           end=min_lr)
-get_momentum = functools.partial(warmup_cosine, total=max_iters, warmup=0, start=ema_momentum,
-                                 end=ema_momentum_end)
+get_lr = functools.partial(warmup_cosine, total=max_iters, warmup=warmup_iters, start=learning_rate, end=min_lr)
+get_momentum = functools.partial(warmup_cosine, total=max_iters, warmup=0, start=ema_momentum, end=ema_momentum_end)
 
 
 def step_mask_ratio(it):  # reconstruction mask ratio of an iteration
@@ -321,22 +304,18 @@ def newest_checkpoint():
 
 
 def resume_at(path, ckpt):
-    """The checkpoint's iteration; exits unless its run is this one (the same model, schedule and
-    data) and unfinished (a finished run says so and exits 0)."""
+    """The checkpoint's iteration; exits unless its run is this one and unfinished."""
+    layout = train_data.layout()  # mid-epoch resume: the same clips, ranks, (shards) loader workers
     then = {**ckpt['config'], **ckpt['model_args'], 'world_size': ckpt.get('world_size'),
-            'train_clips': ckpt.get('train_clips')}
-    now = {**config, **model_args, 'world_size': world_size, 'train_clips': train_data.clips}
-    keys = (*model_args, *resume_fixed, 'world_size', 'train_clips')
+            'train_clips': ckpt.get('train_clips'), 'data_layout': ckpt.get('data_layout', layout)}
+    now = {**config, **model_args, 'world_size': world_size, 'train_clips': train_data.clips,
+           'data_layout': layout}
+    keys = (*model_args, *resume_fixed, 'world_size', 'train_clips', 'data_layout')
     changed = {k: (then.get(k), now[k]) for k in keys if then.get(k) != now[k]}
     if changed:
-        sys.exit(f'error: cannot resume {path}: these settings differ from the checkpoint (then, '
-                 f'now): {changed}. They fix the model or which clips and schedule each step uses; '
-                 f'to start a new run from these weights use --init_from={path} and another '
-                 f'out_dir.')
-    if ckpt.get('data_layout', train_data.layout()) != train_data.layout():
-        sys.exit(f'error: cannot resume {path}: the training data or num_workers differ from the '
-                 f'checkpoint (then {ckpt["data_layout"]}, now {train_data.layout()}); a run '
-                 f'resumes mid-epoch only on the same clips, ranks and (shards) loader workers')
+        sys.exit(f'error: cannot resume {path}: settings differ from the checkpoint (then, now): '
+                 f'{changed}. They fix the model or which clips and schedule each step uses; for a '
+                 f'new run from these weights use --init_from={path} and another out_dir.')
     it = ckpt['iter_num']
     if it >= max_iters:  # the checkpoint is the run's last
         if master:
@@ -374,8 +353,7 @@ def start_log(path, it):
         with open(path + '.tmp', 'w') as f:
             f.writelines(line + '\n' for line in kept)
         os.replace(path + '.tmp', path)
-        print(f'{path}: dropped {len(lines) - len(kept)} records after iteration {it} '
-              f'(run again now)')
+        print(f'{path}: dropped {len(lines) - len(kept)} records after iteration {it} (run again)')
 
 
 def save_checkpoint(it):
@@ -383,12 +361,10 @@ def save_checkpoint(it):
     ckpt.pt: a crash never leaves a half-written ckpt.pt, and a bad file leaves the one before."""
     if not master:
         return
-    state = dict(model=raw_model.state_dict(),
-                 teacher=teacher.state_dict() if teacher is not None else None,
+    state = dict(model=raw_model.state_dict(), teacher=teacher.state_dict() if teacher is not None else None,
                  optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), iter_num=it,
                  epoch=locate(it)[0], model_args=model_args, config=config, world_size=world_size,
-                 train_clips=train_data.clips, data_layout=train_data.layout(),
-                 noise_gen=noise_gen.get_state())
+                 train_clips=train_data.clips, data_layout=train_data.layout(), noise_gen=noise_gen.get_state())
     with open(ckpt_path + '.tmp', 'wb') as f:
         torch.save(state, f)
         f.flush()
@@ -410,8 +386,7 @@ if ckpt is not None:
     model.load_state_dict(ckpt['model'])
 elif init_from != 'scratch':
     if not os.path.isfile(init_from):
-        sys.exit(f"error: init_from must be 'scratch', 'resume' or a checkpoint file; "
-                 f"{init_from!r} is none of these")
+        sys.exit(f"error: init_from must be 'scratch', 'resume' or a checkpoint file; {init_from!r} is none of these")
     load_weights(model, init_from, verbose=master)  # ImageNet MAE, CAV-MAE, a release or train.py
 model.to(device)
 raw_model = model  # unwrapped: EMA source, checkpoints, evaluation
@@ -460,16 +435,6 @@ def noise(B, *shape, draw=torch.rand, **kw):  # (B, *shape): this rank's rows of
     return draw(world_size * B, *shape, generator=noise_gen, device=device, **kw)[rank::world_size]
 
 
-def diffusion_noise(B):  # DiffMAViL's timestep per clip and noise per patch, or None when off
-    if not diffused_mask_tokens:
-        return None
-    P = patch_size * patch_size
-    t = noise(B, draw=lambda n, **kw: torch.randint(1, raw_model.alpha_bar.shape[0] + 1, (n,), **kw))
-    eps_a = noise(B, raw_model.num_patches_a, P, draw=torch.randn)  # (B, Na, p*p)
-    eps_v = noise(B, raw_model.num_patches_v, 3 * P, draw=torch.randn)  # (B, Nv, p*p*3)
-    return t, eps_a, eps_v
-
-
 def dynamic_size(*tensors, dim):
     """Compiled runs: the tensors' size along dim changes (DiffMAViL's schedules); it enters the
     first step's graph as a dynamic size, else each new value compiles again (up to the limit)."""
@@ -495,25 +460,25 @@ def losses_for(audio, image, rec_mask_ratio):
     # only the length of these index tensors, which the compiled graph takes as a dynamic size
     keep_a = masking.random_masking(B, Na, rec_mask_ratio, noise=noise(B, Na))[0]  # (B, ka)
     keep_v = masking.random_masking(B, Nv, rec_mask_ratio, noise=noise(B, Nv))[0]  # (B, kv)
-    diffusion = diffusion_noise(B)
+    diffusion = None  # DiffMAViL's timestep per clip and noise per patch
+    if diffused_mask_tokens:
+        P = patch_size * patch_size
+        t = noise(B, draw=lambda n, **kw: torch.randint(1, raw_model.alpha_bar.shape[0] + 1, (n,), **kw))
+        eps_a = noise(B, Na, P, draw=torch.randn)  # (B, Na, p*p)
+        diffusion = t, eps_a, noise(B, Nv, 3 * P, draw=torch.randn)  # eps_v: (B, Nv, p*p*3)
     if mask_ratio_schedule != 'none':  # ka, kv change per step or epoch
         dynamic_size(keep_a, keep_v, dim=1)
     if adaptive_batch:
         dynamic_size(keep_a, keep_v, con_a, con_v, *(diffusion or ()), dim=0)
     out = model(audio, image, keep_a, keep_v, con_a, con_v, diffusion)
-    loss_con, con_acc = info_nce(out['g_a'], out['g_v'], temperature, contrastive_direction,
-                                 contrastive_negatives)
+    loss_con, con_acc = info_nce(out['g_a'], out['g_v'], temperature, contrastive_direction, contrastive_negatives)
     loss = rec_weight * out['loss'] + con_weight * loss_con
-    terms = dict(con_acc=con_acc, rec=out['loss'], rec_a=out['loss_a'], rec_v=out['loss_v'],
-                 con=loss_con)
+    terms = dict(con_acc=con_acc, rec=out['loss'], rec_a=out['loss_a'], rec_v=out['loss_v'], con=loss_con)
     if method == 'tgdp' and dis_weight > 0:
         terms['dis'] = distill_loss(out['g_a'], out['g_v'], t_a, t_v)
         loss = loss + dis_weight * terms['dis']
     terms['loss'] = loss
     return loss, {k: v.detach() for k, v in terms.items()}
-
-
-stop_requested = threading.Event()  # set by SIGTERM (pre-emption): finish the step, save, exit
 
 
 def train_step(batches, rec_mask_ratio):
@@ -529,8 +494,7 @@ def train_step(batches, rec_mask_ratio):
             scaler.scale(loss / gradient_accumulation_steps).backward()
         for k, v in terms.items():
             terms_sum[k] = terms_sum.get(k, 0.0) + v / gradient_accumulation_steps
-    flags = torch.tensor([float(not torch.isfinite(terms_sum['loss'])),
-                          float(stop_requested.is_set())], device=device)
+    flags = torch.tensor([float(not torch.isfinite(terms_sum['loss'])), float(stop_requested.is_set())], device=device)
     if ddp:
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
     if flags[0] == 0:
@@ -608,6 +572,7 @@ def evaluate_retrieval(it):
 
 # -----------------------------------------------------------------------------
 # the loop
+stop_requested = threading.Event()  # set by SIGTERM (pre-emption): finish the step, save, exit
 signal.signal(signal.SIGTERM, lambda signum, frame: stop_requested.set())
 if ckpt is not None:
     noise_gen.set_state(ckpt['noise_gen'])
@@ -619,12 +584,10 @@ if bench and profile:
         table = prof.key_averages().table(sort_by=f'{device_type}_time_total', row_limit=30)
         with open(os.path.join(out_dir, 'profile.txt'), 'w') as f:
             f.write(table)
-    acts = [torch.profiler.ProfilerActivity.CPU]
-    if device_type == 'cuda':
-        acts.append(torch.profiler.ProfilerActivity.CUDA)
-    profiler = torch.profiler.profile(activities=acts, on_trace_ready=write_profile,
-                                      schedule=torch.profiler.schedule(wait=0, warmup=bench_warmup,
-                                                                       active=bench_iters))
+    activity = torch.profiler.ProfilerActivity
+    acts = [activity.CPU] + ([activity.CUDA] if device_type == 'cuda' else [])
+    schedule = torch.profiler.schedule(wait=0, warmup=bench_warmup, active=bench_iters)
+    profiler = torch.profiler.profile(activities=acts, on_trace_ready=write_profile, schedule=schedule)
     profiler.start()
 model.train()
 start_epoch, start_step = locate(iter_num)
@@ -663,8 +626,7 @@ while iter_num < max_iters:
         sys.exit(1)
     if teacher is not None:
         ema_update(teacher, raw_model, get_momentum(iter_num))
-    clips_since_log += (epoch_batch_size(locate(iter_num)[0]) * gradient_accumulation_steps
-                        * world_size)
+    clips_since_log += epoch_batch_size(locate(iter_num)[0]) * gradient_accumulation_steps * world_size
     iter_num += 1
     bar.update(1)
     if bench:  # no logs, evaluation or checkpoints: the report below
@@ -681,8 +643,7 @@ while iter_num < max_iters:
     if sigterm:
         if master:
             print(f'SIGTERM: saved {ckpt_path} at iteration {iter_num}; exiting', file=sys.stderr)
-        shutdown()
-        sys.exit(0)
+        break  # to the shutdown below (bench steps never get here)
 
 if bench:
     if device_type == 'cuda':
