@@ -839,28 +839,6 @@ class FileBatches(TrainBatches):
                                        collate_fn=collate_readable)
 
 
-class RandomBatches:
-    """The bench's data: one random (audio, image) batch again and again; an epoch is `steps` steps."""
-
-    def __init__(self, batch_size, steps, accumulation=1, audio_length=416, num_mel_bins=128, img_size=224):
-        self.batch_size, self.steps, self.accumulation = batch_size, steps, accumulation
-        self.shape_a = (batch_size, audio_length, num_mel_bins)
-        self.shape_v = (batch_size, 3, img_size, img_size)
-        self.clips, self.skipped = batch_size, 0
-
-    def batches_per_epoch(self, epoch):
-        return self.steps * self.accumulation
-
-    def layout(self):
-        return {}
-
-    def loader(self, epoch, batch, device):
-        audio = torch.randn(*self.shape_a, device=device)  # (B, L, F)
-        image = torch.randn(*self.shape_v, device=device)  # (B, 3, H, W)
-        while True:
-            yield audio, image
-
-
 def train_batches(spec, batch_size, seed=0, rank=0, world_size=1, num_workers=0, accumulation=1,
                   shuffle_buffer=1000, skip_bad=False, bad_list=None, **item_args):
     """Pretraining batches, one interface for every source: a shard set -> ShardStream, a dataset

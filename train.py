@@ -25,7 +25,7 @@ from torch.utils.data import Subset
 from tqdm import tqdm
 
 import masking
-from data import AVDataset, RandomBatches, is_shard_set, train_batches
+from data import AVDataset, is_shard_set, train_batches
 from evaluate import extract_features, retrieval
 from losses import distill_loss, info_nce
 from model import (CAVMAESync, ModelConfig, autocast, ema_update, forward_flops, load_weights,
@@ -204,6 +204,26 @@ def epoch_batch_size(epoch):  # clips per rank per micro-step in an epoch
     if not adaptive_batch:
         return batch_size
     return masking.adaptive_batch_size(batch_size, epoch_mask_ratio(epoch), mask_ratio, mask_ratio_end)
+
+
+class RandomBatches:
+    """The bench's data through the data sources' interface (data.train_batches): one random (audio,
+    image) batch again and again, nothing read; an epoch is `steps` optimiser steps."""
+
+    def __init__(self, batch_size, steps, accumulation, audio_length, num_mel_bins, img_size):
+        self.clips, self.skipped, self.batches = batch_size, 0, steps * accumulation
+        self.shapes = (batch_size, audio_length, num_mel_bins), (batch_size, 3, img_size, img_size)
+
+    def batches_per_epoch(self, epoch):
+        return self.batches
+
+    def layout(self):
+        return {}
+
+    def loader(self, epoch, batch, device):
+        audio, image = (torch.randn(*shape, device=device) for shape in self.shapes)  # (B, L, F), (B, 3, H, W)
+        while True:
+            yield audio, image
 
 
 eval_dataset = None
