@@ -437,8 +437,9 @@ def train_flops_per_clip(rec_mask_ratio):  # analytic: 3x forward for the studen
     c = raw_model.config
     if method in ('sync', 'cavmae'):
         return 3 * sum(forward_flops(c, rec_mask_ratio, 'sync').values())
-    student = (sum(forward_flops(c, rec_mask_ratio, 'reconstruction').values())
-               + sum(forward_flops(c, contrastive_mask_ratio, 'contrastive').values()))
+    contrastive = forward_flops(c, contrastive_mask_ratio, 'contrastive')
+    contrastive.pop('patch_embed')  # forward embeds the patches once; both views gather from them
+    student = sum(forward_flops(c, rec_mask_ratio, 'reconstruction').values()) + sum(contrastive.values())
     return 3 * student + (sum(forward_flops(c, 0.0, 'teacher').values()) if method == 'tgdp' else 0)
 
 
