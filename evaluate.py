@@ -118,9 +118,8 @@ def extract_features(model, dataset, batch_size=8, device='cpu', num_workers=0, 
 def _stamp(path, shards=False):
     """[path, size, mtime] of a file; a shard set (shards=True): those of its shards, index.json."""
     if shards and data.is_shard_set(path):
-        paths = [p for p, _ in data.shard_tables(path)]
-        index = os.path.join(os.path.dirname(paths[0]), 'index.json')
-        return [_stamp(p) for p in paths + ([index] if os.path.isfile(index) else [])]
+        paths = [p for p, _ in data.shard_tables(path)]  # shard_tables needs the index.json beside them
+        return [_stamp(p) for p in paths + [os.path.join(os.path.dirname(paths[0]), 'index.json')]]
     st = os.stat(path)
     return [os.path.abspath(path), st.st_size, st.st_mtime_ns]
 

@@ -19,8 +19,8 @@ def mae_loss(pred, target, mask, norm_pix=False):
 
 
 def gather_across_ranks(x):
-    """(B, D) -> (world * B, D), differentiable: the backward pass sums every rank's gradient into
-    the local slice, so each rank's embeddings get the gradient of every rank's loss terms."""
+    """(B, D) -> ((world * B, D), this rank's first row in it), differentiable: the backward pass
+    sums every rank's gradient into the local slice (each rank's embeddings get every rank's terms)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x, 0
     return torch.cat(dist_nn.all_gather(x), dim=0), dist.get_rank() * x.shape[0]

@@ -93,6 +93,19 @@ def test_webdataset_reads_the_shards(synth):
         assert sample['frame_15.jpg'] == read_bytes(data.frame_path(root, 15, meta['id']))
 
 
+def test_shards_are_read_through_their_index(synth, tmp_path):
+    """A shard set without its index.json, or a pattern naming a shard the index does not list, is an
+    error naming the index (the reader never scans shards for clips)."""
+    bare = tmp_path / 'bare'
+    shutil.copytree(synth['shards'], bare)
+    with pytest.raises(FileNotFoundError, match='not in .*index.json'):
+        data.shard_tables(str(bare / 'shards-{00000..00008}.tar'))  # 8 shards: 00008 does not exist
+    os.remove(bare / 'index.json')
+    for spec in (bare, bare / 'shards-00001.tar'):
+        with pytest.raises(FileNotFoundError, match='index.json not found'):
+            data.AVDataset(str(spec), **SMALL)
+
+
 @pytest.mark.parametrize('mode', ['train', 'eval'])
 def test_shard_items_equal_json_items(synth, mode):
     ref = data.AVDataset(synth['json'], synth['labels'], mode=mode, **SMALL)
